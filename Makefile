@@ -1,0 +1,32 @@
+# `make demo` and `make test` create or reuse .venv/ with the pinned dependencies.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dynaseg-installed
+DEMO_DATA := datasets/synth
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DATA)/annotations/instances_val.json: | $(STAMP)
+	$(BIN)/dynaseg data synth --out $(DEMO_DATA) --num-train 400 --num-val 50 --image-size 256 --max-objects 6
+
+demo: $(STAMP) $(DEMO_DATA)/annotations/instances_val.json
+	rm -rf runs/demo
+	$(BIN)/dynaseg train --config blendmask_r18_synth_cpu output_dir=runs/demo
+	$(BIN)/dynaseg predict --config runs/demo/config.yaml --weights runs/demo/model_final.safetensors \
+		--input $(DEMO_DATA)/val --output runs/demo/predictions
+	@echo "demo run folder: runs/demo (metrics.json, loss_curve.png, predictions/*.png)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/demo runs/tiny .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from dynaseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""Command line: ``dynaseg {train,eval,predict,data,config} ...`` (also ``python -m dynaseg``).
+
+Every subcommand is a thin wrapper over an importable function; ``key=value`` arguments override
+config fields (``dynaseg config --config NAME`` prints them all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+logger = logging.getLogger("dynaseg")
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed as one line."""
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="preset name or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=1000")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dynaseg.config.presets import load_config
+    from dynaseg.engine.distributed import cleanup, is_main_process
+    from dynaseg.engine.trainer import train
+    from dynaseg.evaluation.coco import format_metrics_table
+
+    cfg = load_config(args.config, args.overrides)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    logging.getLogger().addHandler(_file_handler(Path(cfg.output_dir) / "log.txt"))
+    try:
+        result = train(cfg, resume=args.resume)
+    finally:
+        cleanup()
+    if is_main_process():
+        if result.metrics:
+            print(format_metrics_table(result.metrics))
+        print(f"run folder: {result.output_dir}\nweights: {result.weights}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
+
+    if args.gt or args.results:
+        if not (args.gt and args.results):
+            raise UserError("--gt and --results go together")
+        metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
+    else:
+        if not (args.config and args.weights):
+            raise UserError("give --config and --weights (evaluate a model) or --gt and --results (evaluate a file)")
+        from dynaseg.config.presets import load_config
+        from dynaseg.engine.distributed import cleanup
+        from dynaseg.engine.evaluate import evaluate_model
+        from dynaseg.inference.predictor import Predictor
+
+        cfg = load_config(args.config, args.overrides)
+        predictor = Predictor(cfg, args.weights)
+        out = Path(args.output or cfg.output_dir)
+        try:
+            metrics = evaluate_model(predictor.cfg, predictor.model, predictor.device, out)
+        finally:
+            cleanup()
+        if not metrics:
+            return 0
+        metrics = {t: metrics[t] for t in args.iou_types if t in metrics}
+        if not args.json:
+            print(f"wrote {out / 'results_val.json'} and {out / 'metrics.json'}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}))
+    else:
+        print(format_metrics_table(metrics))
+        for iou_type in metrics:
+            print(format_per_class_table(metrics, iou_type))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from dynaseg.config.presets import load_config
+    from dynaseg.data.image_io import read_image
+    from dynaseg.inference.predictor import Predictor
+    from dynaseg.inference.visualize import save_overlay
+
+    cfg = load_config(args.config, args.overrides)
+    predictor = Predictor(cfg, args.weights)
+    source = Path(args.input)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"))
+    elif source.is_file():
+        files = [source]
+    else:
+        raise UserError(f"{source}: no such file or folder")
+    if not files:
+        raise UserError(f"{source}: no images found")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    from dynaseg.evaluation.coco import CategoryMap, instances_to_coco_results
+    category_map = CategoryMap(category_ids=predictor.category_ids, names=predictor.class_names)
+    results = []
+    from tqdm import tqdm
+    for image_id, path in enumerate(tqdm(files, desc="predict", mininterval=5), start=1):
+        image = read_image(path)
+        instances = predictor(image)
+        instances = instances[instances.scores >= args.score_threshold]
+        for r in instances_to_coco_results(instances, image_id, category_map):
+            results.append({**r, "file_name": path.name})
+        save_overlay(out / f"{path.stem}.png", image, instances, predictor.class_names)
+    (out / "results.json").write_text(json.dumps(results))
+    print(f"wrote {len(files)} overlays and {out / 'results.json'} ({len(results)} instances)")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from dynaseg.data.synthetic import generate_synthetic
+
+    paths = generate_synthetic(args.out, num_train=args.num_train, num_val=args.num_val,
+                               image_size=args.image_size, seed=args.seed, max_objects=args.max_objects,
+                               progress=True)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dynaseg.config.overrides import to_dict
+    from dynaseg.config.presets import PRESETS, load_config
+    if not args.config:
+        print("\n".join(PRESETS))
+        return 0
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynaseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (torchrun --nproc-per-node N -m dynaseg train ... for DDP)")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="COCO box/mask AP of a model, or of an existing results file")
+    _add_config(p, required=False)
+    p.add_argument("--weights", help="model weights (.safetensors)")
+    p.add_argument("--output", help="folder for results_val.json and metrics.json (default: output_dir)")
+    p.add_argument("--gt", help="COCO ground-truth JSON (file mode)")
+    p.add_argument("--results", help="COCO results JSON (file mode)")
+    p.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="segment images: overlay PNGs and COCO results JSON")
+    _add_config(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--input", required=True, help="an image or a folder of images")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep instances scoring at least this")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write the built-in synthetic COCO dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-train", type=int, default=200)
+    s.add_argument("--num-val", type=int, default=50)
+    s.add_argument("--image-size", type=int, default=320)
+    s.add_argument("--max-objects", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("config", help="print a preset's resolved config (no --config: list presets)")
+    _add_config(p, required=False)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from dynaseg.errors import USER_ERRORS
+    try:
+        return args.func(args)
+    except (UserError, *USER_ERRORS) as e:
+        print(f"dynaseg: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

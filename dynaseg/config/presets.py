@@ -1,0 +1,106 @@
+"""Named experiment presets: plain functions that start from a base and override fields."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict, to_dict, with_overrides
+from dynaseg.config.schema import ExperimentConfig
+
+__all__ = ["PRESETS", "load_config", "save_config"]
+
+# Synthetic dataset: 7 thing classes (see dynaseg/data/synthetic.py).
+_SYNTH_CLASSES = 7
+
+
+def blendmask_r50_fpn_1x() -> ExperimentConfig:
+    """AdelaiDet's BlendMask R_50_1x: bs16, LR 0.01, 90k iterations, short side 640-800."""
+    return ExperimentConfig(output_dir="runs/blendmask_r50_fpn_1x")
+
+
+def blendmask_r50_fpn_3x() -> ExperimentConfig:
+    return with_overrides(blendmask_r50_fpn_1x(), {
+        "solver.max_iter": 270_000, "solver.steps": (210_000, 250_000), "output_dir": "runs/blendmask_r50_fpn_3x"})
+
+
+def blendmask_r101_fpn_3x() -> ExperimentConfig:
+    return with_overrides(blendmask_r50_fpn_3x(), {
+        "model.backbone.depth": 101, "output_dir": "runs/blendmask_r101_fpn_3x"})
+
+
+def blendmask_r18_synth_cpu() -> ExperimentConfig:
+    """The demo: a narrow ResNet-18 BlendMask trained from scratch on the synthetic set on a CPU."""
+    return with_overrides(ExperimentConfig(), {
+        "model.num_classes": _SYNTH_CLASSES,
+        "model.backbone.depth": 18, "model.backbone.width": 16, "model.backbone.norm": "BN",
+        "model.backbone.freeze_at": 0, "model.backbone.fpn_channels": 64,
+        "model.fcos.num_convs": 2, "model.fcos.strides": (8, 16, 32, 64, 128),
+        "model.fcos.sizes_of_interest": (32, 64, 128, 256),
+        "model.basis.channels": 64, "model.basis.num_convs": 2, "model.basis.semantic_channels": 32,
+        "model.blender.resolution": 56,
+        "data.train_json": "datasets/synth/annotations/instances_train.json",
+        "data.train_images": "datasets/synth/train",
+        "data.val_json": "datasets/synth/annotations/instances_val.json",
+        "data.val_images": "datasets/synth/val",
+        "data.min_size_train": (224, 240, 256, 272, 288), "data.max_size_train": 480,
+        "data.min_size_test": 256, "data.max_size_test": 480,
+        "data.batch_size": 8, "data.num_workers": 1, "data.max_instances": 0,
+        "solver.base_lr": 0.02, "solver.max_iter": 1500, "solver.lr_schedule": "cosine",
+        "solver.warmup_iters": 100, "solver.clip_grad_norm": 5.0, "solver.weight_decay": 1e-4,
+        "solver.checkpoint_period": 250, "solver.log_period": 10,
+        "output_dir": "runs/blendmask_r18_synth_cpu", "device": "cpu",
+    })
+
+
+def blendmask_tiny() -> ExperimentConfig:
+    """The smallest sensible model, for tests: trains a few iterations in seconds."""
+    return with_overrides(blendmask_r18_synth_cpu(), {
+        "model.backbone.width": 8, "model.backbone.fpn_channels": 32, "model.fcos.num_convs": 1,
+        "model.basis.channels": 32, "model.basis.num_convs": 1, "model.basis.semantic_channels": 16,
+        "model.blender.resolution": 28, "model.blender.attention_size": 7,
+        "data.min_size_train": (128,), "data.max_size_train": 192, "data.min_size_test": 128,
+        "data.max_size_test": 192, "data.batch_size": 2, "data.num_workers": 0,
+        "solver.max_iter": 20, "solver.warmup_iters": 5, "solver.checkpoint_period": 10,
+        "solver.log_period": 5, "output_dir": "runs/tiny",
+    })
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "blendmask_r50_fpn_1x": blendmask_r50_fpn_1x,
+    "blendmask_r50_fpn_3x": blendmask_r50_fpn_3x,
+    "blendmask_r101_fpn_3x": blendmask_r101_fpn_3x,
+    "blendmask_r18_synth_cpu": blendmask_r18_synth_cpu,
+    "blendmask_tiny": blendmask_tiny,
+}
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """A preset name or a YAML file (e.g. a run's ``config.yaml``), then ``key=value`` overrides."""
+    if name_or_path in PRESETS:
+        cfg = PRESETS[name_or_path]()
+    elif Path(name_or_path).suffix in (".yaml", ".yml"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            cfg = from_dict(ExperimentConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    else:
+        import difflib
+        close = difflib.get_close_matches(name_or_path, PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; presets: {', '.join(PRESETS)}"
+        raise ConfigError(f"unknown config '{name_or_path}' (not a preset or a .yaml file){hint}")
+    return apply_overrides(cfg, list(overrides))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

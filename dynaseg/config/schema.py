@@ -1,0 +1,124 @@
+"""Typed experiment configuration: frozen dataclasses, one per component.
+
+Only builder functions read these; modules take plain keyword arguments. Every field can be
+overridden from the command line as ``section.field=value`` (see ``config/overrides.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "BackboneConfig", "FCOSConfig", "BasisConfig", "BlenderConfig", "BlendMaskConfig",
+    "DataConfig", "SolverConfig", "ExperimentConfig",
+]
+
+Norm = Literal["FrozenBN", "BN", "GN", "SyncBN", "none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    depth: Literal[18, 34, 50, 101] = 50
+    width: int = 64                      # stem / first-stage width; 64 = torchvision ResNet, smaller = CPU presets
+    norm: Norm = "FrozenBN"              # FrozenBN for pretrained weights; BN or GN from scratch
+    freeze_at: int = 2                   # 0: train all; 1: freeze stem; k: freeze stem + stages res2..res{k}
+    fpn_channels: int = 256
+    fpn_norm: Norm = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FCOSConfig:
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)        # P3..P7
+    sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512)
+    num_convs: int = 4                   # per tower (cls and box)
+    norm: Norm = "GN"
+    prior_prob: float = 0.01
+    center_sampling_radius: float = 1.5  # in strides; 0 disables centre sampling
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    use_scale: bool = False              # BlendMask turns off the per-level Scale
+    # Inference parameters
+    score_threshold: float = 0.05        # applied to sqrt-free cls*ctr when thresh_with_ctr
+    thresh_with_ctr: bool = True
+    pre_nms_topk: int = 1000             # per level per image
+    nms_threshold: float = 0.6
+    max_detections: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class BasisConfig:
+    num_bases: int = 4                   # K
+    channels: int = 128
+    num_convs: int = 3
+    norm: Norm = "BN"                    # SyncBN only under DDP on CUDA (falls back to BN otherwise)
+    semantic_loss_weight: float = 0.3    # 0 disables the auxiliary semantic head
+    semantic_channels: int = 128
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlenderConfig:
+    attention_size: int = 14             # M
+    resolution: int = 56                 # R
+    sampling_ratio: int = 1
+    mask_loss_weight: float = 1.0
+    mask_threshold: float = 0.5          # paste-back threshold
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlendMaskConfig:
+    kind: Literal["blendmask"] = "blendmask"
+    num_classes: int = 80
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone_weights: str = ""           # local torchvision ResNet checkpoint (.pth / .safetensors)
+    fcos: FCOSConfig = field(default_factory=FCOSConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    blender: BlenderConfig = field(default_factory=BlenderConfig)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)   # RGB, 0-255
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_json: str = "datasets/synth/annotations/instances_train.json"
+    train_images: str = "datasets/synth/train"
+    val_json: str = "datasets/synth/annotations/instances_val.json"
+    val_images: str = "datasets/synth/val"
+    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)   # short side, sampled per image
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    hflip_prob: float = 0.5
+    batch_size: int = 16                 # total over all processes
+    num_workers: int = 4
+    aspect_ratio_grouping: bool = True
+    max_instances: int = 0               # cap per training image (largest kept); 0 = no cap
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverConfig:
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    max_iter: int = 90_000
+    lr_schedule: Literal["multistep", "cosine"] = "multistep"
+    steps: tuple[int, ...] = (60_000, 80_000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0          # 0 disables
+    amp: bool = False                    # CUDA autocast (bf16 where supported, else fp16 + GradScaler)
+    checkpoint_period: int = 5000
+    eval_period: int = 0                 # 0: evaluate only at the end
+    log_period: int = 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    model: BlendMaskConfig = field(default_factory=BlendMaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N

@@ -1,0 +1,356 @@
+"""Load and validate a COCO instances JSON into typed, immutable records.
+
+Policy: an *inconsistent* file (unknown category, annotation of an unknown image, duplicated image
+id, RLE of the wrong size, missing images on disk, wrong field types) raises :class:`DatasetError`
+naming the file and the offending entry. *Degenerate* annotations (zero-area boxes, polygons with
+fewer than 3 points or no area, empty RLEs) are dropped; boxes reaching outside the image are
+clipped. Every drop or fix is counted in :attr:`CocoInstances.stats` and logged as one summary line
+per reason on the ``dynaseg.data`` logger, so nothing disappears silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DatasetError", "AnnotationRecord", "ImageRecord", "CocoInstances", "load_coco_instances",
+    "STAT_REASONS",
+]
+
+logger = logging.getLogger("dynaseg.data")
+
+# stats key -> (log level, description); dropped_* are annotations (or polygon parts) removed.
+STAT_REASONS: dict[str, tuple[int, str]] = {
+    "clipped_bbox": (logging.INFO, "boxes clipped to the image"),
+    "dropped_degenerate_bbox": (logging.WARNING, "annotations dropped: zero-area box after clipping"),
+    "dropped_nonfinite_bbox": (logging.WARNING, "annotations dropped: NaN/inf box coordinates"),
+    "dropped_polygon_parts": (logging.WARNING,
+                              "polygon parts dropped: < 3 points, odd length, NaN/inf or zero area"),
+    "dropped_no_valid_polygon": (logging.WARNING, "annotations dropped: no valid polygon left"),
+    "dropped_empty_rle": (logging.WARNING, "annotations dropped: RLE mask with zero area"),
+    "dropped_missing_segmentation": (logging.WARNING, "annotations dropped: no 'segmentation'"),
+    "duplicate_annotation_ids": (logging.WARNING, "annotation ids used more than once (kept)"),
+}
+_MAX_LISTED = 5  # missing files named in an error message
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnnotationRecord:
+    """One object.
+
+    Attributes:
+        category: contiguous class id in [0, num_classes).
+        bbox_xyxy: (x0, y0, x1, y1) absolute pixels, clipped to the image, x1 > x0, y1 > y0.
+        segmentation: list of polygons ``[[x, y, x, y, ...], ...]`` (only valid parts kept) or an
+            RLE dict ``{"size": [h, w], "counts": str | list[int]}`` of the image's size.
+        iscrowd: COCO crowd region; not a positive for training.
+    """
+
+    category: int
+    bbox_xyxy: tuple[float, float, float, float]
+    segmentation: list | dict
+    iscrowd: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One image and its valid annotations (possibly none: a negative example)."""
+
+    image_id: int
+    file_name: str  # absolute path
+    height: int
+    width: int
+    annotations: tuple[AnnotationRecord, ...]
+
+
+@dataclass(frozen=True)
+class CocoInstances:
+    """A validated dataset.
+
+    Attributes:
+        records: one per image, in the JSON's image order.
+        category_ids: COCO category id of each contiguous id (sorted ascending).
+        class_names: name of each contiguous id.
+        stats: counts per reason (see ``STAT_REASONS``) plus ``images``, ``annotations`` (kept),
+            ``crowd_annotations`` and ``images_without_annotations``.
+    """
+
+    records: list[ImageRecord]
+    category_ids: list[int]
+    class_names: list[str]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+
+def load_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike, *,
+                        check_files: bool = True, log: logging.Logger = logger) -> CocoInstances:
+    """Parse, validate and clean a COCO instances file.
+
+    Args:
+        json_path: the annotation JSON.
+        image_root: directory the images' ``file_name`` are relative to.
+        check_files: raise if any listed image is missing on disk.
+        log: where the per-reason summary lines go.
+
+    Raises:
+        DatasetError: the file is missing, not JSON, or inconsistent (see module docstring).
+    """
+    json_path, image_root = os.fspath(json_path), os.fspath(image_root)
+    data = _read_json(json_path)
+    category_ids, class_names = _parse_categories(data["categories"], json_path)
+    images = _parse_images(data["images"], json_path, image_root)
+    stats: Counter[str] = Counter({k: 0 for k in STAT_REASONS})
+    per_image = _parse_annotations(data["annotations"], json_path, images,
+                                   {c: i for i, c in enumerate(category_ids)}, stats)
+    if check_files:
+        _check_files(json_path, image_root, [im["file_name"] for im in images.values()])
+
+    records = [ImageRecord(image_id=i, file_name=im["file_name"], height=im["height"],
+                           width=im["width"], annotations=tuple(per_image.get(i, ())))
+               for i, im in images.items()]
+    stats["images"] = len(records)
+    stats["annotations"] = sum(len(r.annotations) for r in records)
+    stats["crowd_annotations"] = sum(a.iscrowd for r in records for a in r.annotations)
+    stats["images_without_annotations"] = sum(not r.annotations for r in records)
+    _log_stats(log, json_path, stats)
+    return CocoInstances(records=records, category_ids=category_ids, class_names=class_names,
+                         stats=dict(stats))
+
+
+# ----------------------------------------------------------------------------- file level
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, expected a COCO JSON file") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise DatasetError(f"{path}: missing top-level key(s) {missing}; a COCO instances file "
+                           f"needs 'images', 'annotations' and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise DatasetError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def _check_files(json_path: str, image_root: str, paths: list[str]) -> None:
+    if paths and not os.path.isdir(image_root):
+        raise DatasetError(f"{json_path}: image directory {image_root} does not exist")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")
+        raise DatasetError(f"{json_path}: {len(missing)} of {len(paths)} images are missing on disk "
+                           f"(image root {image_root}): {listed}")
+
+
+def _log_stats(log: logging.Logger, json_path: str, stats: Counter[str]) -> None:
+    log.info("%s: %d images (%d without annotations), %d annotations kept (%d crowd)", json_path,
+             stats["images"], stats["images_without_annotations"], stats["annotations"],
+             stats["crowd_annotations"])
+    for key, (level, text) in STAT_REASONS.items():
+        if stats[key]:
+            log.log(level, "%s: %d %s [%s]", json_path, stats[key], text, key)
+
+
+# ----------------------------------------------------------------------------- field helpers
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_int(v: Any, what: str, where: str) -> int:
+    if _is_number(v) and math.isfinite(v) and v == int(v):
+        return int(v)
+    raise DatasetError(f"{where}: '{what}' must be an integer, got {v!r}")
+
+
+def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where}: expected an object, got {type(entry).__name__}")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DatasetError(f"{where}: missing field(s) {missing}")
+
+
+def _parse_categories(cats: list, path: str) -> tuple[list[int], list[str]]:
+    names: dict[int, str] = {}
+    for k, cat in enumerate(cats):
+        where = f"{path}: categories[{k}]"
+        _require(cat, ("id",), where)
+        cid = _as_int(cat["id"], "id", where)
+        if cid in names:
+            raise DatasetError(f"{where}: duplicated category id {cid}")
+        names[cid] = str(cat.get("name", cid))
+    if not names:
+        raise DatasetError(f"{path}: 'categories' is empty")
+    ids = sorted(names)
+    return ids, [names[c] for c in ids]
+
+
+def _parse_images(imgs: list, path: str, image_root: str) -> dict[int, dict[str, Any]]:
+    images: dict[int, dict[str, Any]] = {}
+    for k, im in enumerate(imgs):
+        where = f"{path}: images[{k}]"
+        _require(im, ("id", "file_name", "height", "width"), where)
+        iid = _as_int(im["id"], "id", where)
+        where = f"{path}: image id={iid}"
+        if iid in images:
+            raise DatasetError(f"{where}: duplicated image id")
+        h, w = _as_int(im["height"], "height", where), _as_int(im["width"], "width", where)
+        if h <= 0 or w <= 0:
+            raise DatasetError(f"{where}: non-positive size {h}x{w}")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
+        images[iid] = {"file_name": os.path.abspath(os.path.join(image_root, im["file_name"])),
+                       "height": h, "width": w}
+    return images
+
+
+# ----------------------------------------------------------------------------- annotations
+
+def _parse_annotations(anns: list, path: str, images: dict[int, dict[str, Any]],
+                       cat_to_contiguous: dict[int, int],
+                       stats: Counter[str]) -> dict[int, list[AnnotationRecord]]:
+    per_image: dict[int, list[AnnotationRecord]] = {}
+    seen_ids: set[Any] = set()
+    for k, ann in enumerate(anns):
+        where = f"{path}: annotations[{k}]"
+        _require(ann, ("image_id", "category_id", "bbox"), where)
+        if "id" in ann:
+            where = f"{path}: annotation id={ann['id']}"
+            if ann["id"] in seen_ids:
+                stats["duplicate_annotation_ids"] += 1
+            seen_ids.add(ann["id"])
+        image_id = ann["image_id"]
+        if not _is_number(image_id) or image_id not in images:
+            raise DatasetError(f"{where}: image_id {image_id!r} is not in 'images'")
+        category_id = ann["category_id"]
+        if not _is_number(category_id) or category_id not in cat_to_contiguous:
+            raise DatasetError(f"{where}: unknown category_id {category_id!r} "
+                               f"(known: {sorted(cat_to_contiguous)[:20]})")
+        record = _parse_annotation(ann, where, images[image_id], cat_to_contiguous[category_id], stats)
+        if record is not None:
+            per_image.setdefault(int(image_id), []).append(record)
+    return per_image
+
+
+def _parse_annotation(ann: dict, where: str, image: dict[str, Any], category: int,
+                      stats: Counter[str]) -> AnnotationRecord | None:
+    """One annotation -> record, or None (counted in stats) when it is degenerate."""
+    h, w = image["height"], image["width"]
+    box = _clip_bbox(ann["bbox"], h, w, where, stats)
+    if box is None:
+        return None
+    seg = ann.get("segmentation")
+    if seg is None:
+        stats["dropped_missing_segmentation"] += 1
+        return None
+    if isinstance(seg, dict):
+        seg = _check_rle(seg, h, w, where)
+        if seg is None:
+            stats["dropped_empty_rle"] += 1
+            return None
+    elif isinstance(seg, list):
+        seg = _valid_polygons(seg, where, stats)
+        if not seg:
+            stats["dropped_no_valid_polygon"] += 1
+            return None
+    else:
+        raise DatasetError(f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
+                           f"got {type(seg).__name__}")
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1, True, False):
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+    return AnnotationRecord(category=category, bbox_xyxy=box, segmentation=seg, iscrowd=bool(iscrowd))
+
+
+def _clip_bbox(bbox: Any, h: int, w: int, where: str,
+               stats: Counter[str]) -> tuple[float, float, float, float] | None:
+    """COCO XYWH -> XYXY clipped to [0, w] x [0, h]; None (counted) when degenerate."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        raise DatasetError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+    if not all(math.isfinite(v) for v in bbox):
+        stats["dropped_nonfinite_bbox"] += 1
+        return None
+    x, y, bw, bh = (float(v) for v in bbox)
+    raw = (x, y, x + bw, y + bh)
+    box = (min(max(raw[0], 0.0), w), min(max(raw[1], 0.0), h),
+           min(max(raw[2], 0.0), w), min(max(raw[3], 0.0), h))
+    if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
+        stats["dropped_degenerate_bbox"] += 1
+        return None
+    if box != raw:
+        stats["clipped_bbox"] += 1
+    return box
+
+
+def _valid_polygons(polys: list, where: str, stats: Counter[str]) -> list[list[float]]:
+    """Keep polygon parts with >= 3 finite points and non-zero area; count the others."""
+    kept = []
+    for part in polys:
+        try:  # sum() doubles as a fast type check: it raises TypeError on non-numbers
+            total = sum(part) if isinstance(part, list) else None
+        except TypeError:
+            total = None
+        if total is None:
+            raise DatasetError(f"{where}: polygon parts must be lists of numbers "
+                               f"[x0, y0, x1, y1, ...], got {str(part)[:80]}")
+        if len(part) < 6 or len(part) % 2 or not math.isfinite(total) or _polygon_area(part) < 1e-6:
+            stats["dropped_polygon_parts"] += 1
+            continue
+        kept.append(part)
+    return kept
+
+
+def _polygon_area(coords: list[float]) -> float:
+    xs, ys = coords[0::2], coords[1::2]  # shoelace formula
+    twice = sum(map(operator.mul, xs, ys[1:] + ys[:1])) - sum(map(operator.mul, ys, xs[1:] + xs[:1]))
+    return abs(twice) / 2.0
+
+
+def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
+    """Validate an RLE dict; None when its area is zero."""
+    _require(rle, ("size", "counts"), where + " RLE")
+    size = rle["size"]
+    if not isinstance(size, (list, tuple)) or list(size) != [h, w]:
+        raise DatasetError(f"{where}: RLE size {size!r} does not match the image size [{h}, {w}] (h, w)")
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed: alternating background/foreground run lengths
+        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
+            raise DatasetError(f"{where}: uncompressed RLE counts must be non-negative integers "
+                               f"summing to h*w = {h * w}")
+        area = sum(counts[1::2])
+    elif isinstance(counts, str):
+        from pycocotools import mask as mask_util
+        try:
+            area = int(mask_util.area({"size": [h, w], "counts": counts.encode("ascii")}))
+        except Exception as e:  # pycocotools raises bare errors on garbage strings
+            raise DatasetError(f"{where}: undecodable RLE counts ({e})") from None
+    else:
+        raise DatasetError(f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}")
+    return {"size": [h, w], "counts": counts} if area > 0 else None

@@ -1,0 +1,47 @@
+"""Collate :class:`~dynaseg.data.dataset.Sample` lists into a padded :class:`~dynaseg.structures.Batch`."""
+from __future__ import annotations
+
+import torch
+
+from dynaseg.data.dataset import Sample
+from dynaseg.structures.batch import Batch
+
+__all__ = ["BatchCollator", "padded_size"]
+
+
+def padded_size(sizes: list[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
+    """Max (h, w) over ``sizes``, each rounded up to a multiple of ``size_divisibility`` (if > 1)."""
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    if size_divisibility > 1:
+        d = size_divisibility
+        h, w = -(-h // d) * d, -(-w // d) * d
+    return h, w
+
+
+class BatchCollator:
+    """``collate_fn``: images -> (B, 3, Hp, Wp) float32 in [0, 255], zero-padded at bottom/right.
+
+    Targets stay at each image's own (h, w) (masks are not padded); ``image_sizes`` are the
+    transformed sizes, ``original_sizes`` the on-disk ones. File names are not carried: map results
+    back through ``image_ids``.
+    """
+
+    def __init__(self, size_divisibility: int = 32) -> None:
+        self.size_divisibility = size_divisibility
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        if not samples:
+            raise ValueError("BatchCollator got an empty list of samples")
+        sizes = [(int(s.image.shape[-2]), int(s.image.shape[-1])) for s in samples]
+        hp, wp = padded_size(sizes, self.size_divisibility)
+        images = torch.zeros(len(samples), 3, hp, wp, dtype=torch.float32)
+        for k, (s, (h, w)) in enumerate(zip(samples, sizes)):
+            images[k, :, :h, :w].copy_(s.image)
+        return Batch(
+            images=images,
+            image_sizes=sizes,
+            original_sizes=[tuple(s.original_size) for s in samples],
+            image_ids=[s.image_id for s in samples],
+            targets=[s.target for s in samples],
+        )

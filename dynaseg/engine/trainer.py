@@ -1,0 +1,192 @@
+"""The training loop: iteration-based, resumable, DDP-aware, with progress, logging and evaluation."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dynaseg.config.presets import save_config
+from dynaseg.config.schema import ExperimentConfig
+from dynaseg.data.coco import load_coco_instances
+from dynaseg.data.dataset import InstanceDataset
+from dynaseg.data.samplers import build_train_loader
+from dynaseg.data.transforms import build_train_transforms
+from dynaseg.engine import distributed as dist_utils
+from dynaseg.engine.checkpoint import (find_last_checkpoint, load_training_state, save_training_state,
+                                       save_weights)
+from dynaseg.engine.evaluate import evaluate_model
+from dynaseg.engine.events import EventWriter, read_history
+from dynaseg.engine.optim import build_lr_scheduler, build_optimizer
+from dynaseg.modeling.build import build_model
+
+__all__ = ["train", "TrainingResult"]
+
+logger = logging.getLogger("dynaseg.train")
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    weights: Path                 # model_final.safetensors
+    metrics: dict                 # evaluate_coco output ({} when there is no validation set)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite loss at iteration {iteration}: {', '.join(bad)} "
+                                 f"({', '.join(f'{k}={losses[k].item()}' for k in bad)})")
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.solver.max_iter`` iterations.
+
+    Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard events),
+    ``model_XXXXXXX.pt`` training states (resumable), ``model_final.safetensors``, and after the
+    final evaluation ``metrics.json`` and ``results_val.json``. With ``resume`` it continues from the
+    last complete training state in the output directory.
+    """
+    device = dist_utils.init_distributed(cfg.device)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    main = dist_utils.is_main_process()
+    out = Path(cfg.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    data = load_coco_instances(cfg.data.train_json, cfg.data.train_images)
+    if len(data.class_names) != cfg.model.num_classes:
+        raise ValueError(f"{cfg.data.train_json}: {len(data.class_names)} categories but model.num_classes="
+                         f"{cfg.model.num_classes}; set model.num_classes={len(data.class_names)}")
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} processes")
+    dataset = InstanceDataset(data, build_train_transforms(cfg.data.min_size_train, cfg.data.max_size_train,
+                                                           cfg.data.hflip_prob),
+                              train=True, max_instances=cfg.data.max_instances, seed=cfg.seed)
+
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = build_lr_scheduler(optimizer, cfg.solver)
+    autocast, scaler = _autocast(device, cfg.solver.amp)
+    start_iter = 0
+    if resume:
+        last = find_last_checkpoint(out)
+        if last is None:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
+        else:
+            state = load_training_state(last)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            start_iter = int(state["iteration"])
+            logger.info("resumed from %s at iteration %d", last, start_iter)
+    if world > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader = build_train_loader(dataset, batch_size_per_rank=cfg.data.batch_size // world,
+                                num_workers=cfg.data.num_workers, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+                                seed=cfg.seed, rank=rank, world_size=world, start_iter=start_iter,
+                                size_divisibility=cfg.model.size_divisibility)
+    events = EventWriter(out, start_iter=start_iter) if main else None
+    weights_meta = {"class_names": data.class_names, "category_ids": data.category_ids, "model": cfg.model.kind}
+
+    def checkpoint(iteration: int) -> None:
+        if main:
+            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_training_state(out, iteration, state)
+
+    model.train()
+    bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="train", disable=not main, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 15)
+    data_iter = iter(loader)
+    start = time.perf_counter()
+    for iteration in range(start_iter, cfg.solver.max_iter):
+        batch = next(data_iter).to(device)
+        with autocast:
+            losses = model(batch)
+        _check_finite(losses, iteration)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        grad_norm = None
+        if cfg.solver.clip_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        done = iteration + 1
+
+        if done % cfg.solver.log_period == 0 or done == cfg.solver.max_iter:
+            reduced = {k: dist_utils.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
+            if main:
+                scalars = {"loss": sum(reduced.values()), **reduced, "lr": optimizer.param_groups[0]["lr"],
+                           "time_per_iter": (time.perf_counter() - start) / max(done - start_iter, 1)}
+                if grad_norm is not None:
+                    scalars["grad_norm"] = float(grad_norm)
+                events.write(done, scalars)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")})
+        bar.update(1)
+        if done % cfg.solver.checkpoint_period == 0 and done < cfg.solver.max_iter:
+            checkpoint(done)
+        if cfg.solver.eval_period and done % cfg.solver.eval_period == 0 and done < cfg.solver.max_iter and cfg.data.val_json:
+            metrics = evaluate_model(cfg, _unwrap(model), device)
+            if main:
+                events.write(done, {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k != "per_class"})
+    bar.close()
+    checkpoint(cfg.solver.max_iter)
+    weights = out / "model_final.safetensors"
+    if main:
+        save_weights(model, weights, weights_meta)
+        logger.info("training done in %.1f s; weights: %s", time.perf_counter() - start, weights)
+    dist_utils.barrier()
+    metrics = evaluate_model(cfg, _unwrap(model), device, out) if cfg.data.val_json else {}
+    if main:
+        events.close()
+        _plot_history(out)
+    return TrainingResult(output_dir=out, weights=weights, metrics=metrics)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _plot_history(out: Path) -> None:
+    from dynaseg.inference.visualize import plot_loss_curves
+    history = [h for h in read_history(out / "metrics.jsonl") if "loss" in h]
+    if history:
+        plot_loss_curves(history, out / "loss_curve.png")
+

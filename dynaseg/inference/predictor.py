@@ -1,0 +1,70 @@
+"""``Predictor(cfg, weights)(image) -> Instances``: the Python inference API."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torchvision import tv_tensors
+
+from dynaseg.config.presets import load_config
+from dynaseg.config.schema import ExperimentConfig
+from dynaseg.data.image_io import read_image
+from dynaseg.data.transforms import build_test_transforms
+from dynaseg.engine.checkpoint import load_weights, read_metadata
+from dynaseg.engine.distributed import init_distributed
+from dynaseg.modeling.build import build_model
+from dynaseg.structures import Batch, Instances
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """Load a trained model once and segment images with it.
+
+    Args:
+        cfg: an :class:`ExperimentConfig`, a preset name or a YAML path (e.g. a run's ``config.yaml``).
+        weights: ``model_final.safetensors`` (or any state dict file of the same model).
+        device: "auto", "cpu" or "cuda[:N]".
+
+    Calling it with a path, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor returns
+    :class:`Instances` at the image's size: boxes, labels, scores and (N, H, W) bool masks, sorted
+    by score. ``class_names`` maps labels to names.
+    """
+
+    def __init__(self, cfg: ExperimentConfig | str, weights: str | Path, *, device: str = "auto") -> None:
+        cfg = load_config(cfg) if isinstance(cfg, str) else cfg
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
+        self.device = init_distributed(device if device != "auto" else cfg.device)
+        self.model = build_model(self.cfg.model)
+        load_weights(self.model, weights)
+        self.model.to(self.device).eval()
+        meta = read_metadata(weights)
+        self.class_names: list[str] = list(meta.get("class_names") or
+                                           [f"class_{i}" for i in range(self.cfg.model.num_classes)])
+        self.category_ids: list[int] = list(meta.get("category_ids") or range(1, self.cfg.model.num_classes + 1))
+        self._transform = build_test_transforms(self.cfg.data.min_size_test, self.cfg.data.max_size_test)
+
+    def _to_tensor(self, image: str | Path | np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            return read_image(image)
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+        return image
+
+    @torch.no_grad()
+    def __call__(self, image: str | Path | np.ndarray | torch.Tensor) -> Instances:
+        original = self._to_tensor(image)
+        resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
+        h, w = resized.shape[-2:]
+        div = self.cfg.model.size_divisibility
+        padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
+        batch = Batch(images=padded[None], image_sizes=[(h, w)], original_sizes=[tuple(original.shape[-2:])],
+                      image_ids=[-1])
+        return self.model(batch.to(self.device))[0].to("cpu")

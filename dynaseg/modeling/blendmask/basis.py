@@ -1,0 +1,48 @@
+"""BlendMask's bottom module (ProtoNet-style bases) and its auxiliary semantic head."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from dynaseg.layers.norm import get_norm
+
+__all__ = ["BasisModule", "conv_norm_relu"]
+
+
+def conv_norm_relu(in_channels: int, out_channels: int, norm: str, kernel_size: int = 3) -> nn.Sequential:
+    """[conv (no bias when normed), norm, ReLU], kaiming-uniform (a=1) initialised."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none")
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, get_norm(norm, out_channels), nn.ReLU(inplace=True))
+
+
+class BasisModule(nn.Module):
+    """K bases at stride 4 from P3-P5.
+
+    Each input level is refined to ``channels`` wide, resized to P3's size and summed; then
+    ``num_convs`` conv blocks, ×2 bilinear upsampling, one more block and a 1×1 conv to K bases.
+
+    Args:
+        in_channels: FPN width. channels: tower width (128 in the paper). num_bases: K.
+        num_convs: tower depth before upsampling. norm: tower norm.
+        num_levels: how many pyramid levels (from P3) feed the module (3 = P3-P5).
+    """
+
+    def __init__(self, *, in_channels: int, channels: int = 128, num_bases: int = 4, num_convs: int = 3,
+                 norm: str = "BN", num_levels: int = 3) -> None:
+        super().__init__()
+        self.refine = nn.ModuleList(conv_norm_relu(in_channels, channels, norm) for _ in range(num_levels))
+        self.tower = nn.Sequential(*(conv_norm_relu(channels, channels, norm) for _ in range(num_convs)))
+        self.post_upsample = conv_norm_relu(channels, channels, norm)
+        self.predictor = nn.Conv2d(channels, num_bases, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """features: [P3 (B, F, H/8, W/8), P4, P5] → bases (B, K, H/4, W/4)."""
+        x = self.refine[0](features[0])
+        for refine, feat in zip(self.refine[1:], features[1:]):
+            x = x + F.interpolate(refine(feat), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.tower(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.predictor(self.post_upsample(x))

@@ -1,0 +1,172 @@
+"""BlendMask meta-architecture: ResNet-FPN → FCOS + attention (top) + bases (bottom) → blender."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dynaseg.modeling.backbone.fpn import ResNetFPN
+from dynaseg.modeling.blendmask.attention import AttentionTopLayer
+from dynaseg.modeling.blendmask.basis import BasisModule
+from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss, pool_bases
+from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
+from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
+from dynaseg.modeling.fcos.inference import decode_fcos
+from dynaseg.modeling.fcos.locations import compute_locations, flatten_levels
+from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers
+from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target, level_size_ranges
+from dynaseg.layers.roi_align import boxes_with_batch_index
+from dynaseg.structures import Batch, Instances
+from dynaseg.structures.masks import clip_boxes, crop_and_resize, paste_masks, scale_boxes
+
+__all__ = ["BlendMask"]
+
+
+class BlendMask(nn.Module):
+    """BlendMask on FCOS (Chen et al., CVPR 2020).
+
+    ``forward(batch)`` returns a dict of weighted ``loss_*`` tensors in training and a list of
+    :class:`Instances` at each image's original size (full-image bool masks) in evaluation.
+
+    Args:
+        backbone: ResNet-FPN giving P3-P7.
+        fcos_head: FCOS towers and predictors on P3-P7.
+        attention: top layer on the box tower (K·M·M logits per location).
+        basis: bottom module giving K bases at stride 4 from P3-P5.
+        semantic_head: auxiliary semantic head on P3, or None.
+        num_classes: C.
+        strides, sizes_of_interest, center_sampling_radius, focal_alpha, focal_gamma: FCOS training.
+        score_threshold, thresh_with_ctr, pre_nms_topk, nms_threshold, max_detections: FCOS inference.
+        resolution, sampling_ratio: blender RoIAlign R and samples per bin.
+        mask_loss_weight, semantic_loss_weight: loss weights. mask_threshold: paste-back threshold.
+        pixel_mean, pixel_std: RGB normalisation (0-255 scale).
+    """
+
+    def __init__(self, *, backbone: ResNetFPN, fcos_head: FCOSHead, attention: AttentionTopLayer,
+                 basis: BasisModule, semantic_head: SemanticHead | None, num_classes: int,
+                 strides: tuple[int, ...], sizes_of_interest: tuple[int, ...], center_sampling_radius: float,
+                 focal_alpha: float, focal_gamma: float,
+                 score_threshold: float, thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float,
+                 max_detections: int,
+                 resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
+                 mask_threshold: float,
+                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.backbone, self.fcos_head, self.attention = backbone, fcos_head, attention
+        self.basis, self.semantic_head = basis, semantic_head
+        self.num_classes = num_classes
+        # Loss parameters
+        self.strides, self.size_ranges = list(strides), level_size_ranges(sizes_of_interest)
+        self.center_sampling_radius = center_sampling_radius
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
+        # Inference parameters
+        self.inference_params = dict(score_threshold=score_threshold, thresh_with_ctr=thresh_with_ctr,
+                                     pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
+                                     max_detections=max_detections)
+        self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
+        features = self.backbone(self.normalize(batch.images, batch.image_sizes))
+        levels = [features[f"p{i}"] for i in range(3, 3 + len(self.strides))]
+        head = self.fcos_head(levels)
+        bases = self.basis(levels[: len(self.basis.refine)])
+        if self.training:
+            return self.losses(batch, levels, head, bases)
+        return self.inference(batch, head, bases)
+
+    def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+        """(B, 3, Hp, Wp) 0-255 → normalised, with the padding set to 0 after normalisation."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        valid = torch.zeros_like(x[:, :1])
+        for i, (h, w) in enumerate(image_sizes):
+            valid[i, :, :h, :w] = 1
+        return x * valid
+
+    def _locations(self, head: FCOSOutputs) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        sizes = [tuple(x.shape[-2:]) for x in head.cls_logits]
+        device = head.cls_logits[0].device
+        per_level = compute_locations(sizes, self.strides, device)
+        counts = [len(p) for p in per_level]
+        strides = torch.cat([torch.full((n,), float(s), device=device) for n, s in zip(counts, self.strides)])
+        ranges = torch.cat([torch.tensor([r], device=device).expand(n, 2) for n, r in zip(counts, self.size_ranges)])
+        return per_level, torch.cat(per_level), strides, ranges
+
+    def losses(self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, bases: Tensor) -> dict[str, Tensor]:
+        assert batch.targets is not None, "training needs batch.targets"
+        _, locations, strides, ranges = self._locations(head)
+        num_loc = locations.shape[0]
+        targets = [assign_fcos_targets(locations=locations, strides=strides, size_ranges=ranges,
+                                       gt_boxes=t.boxes, gt_labels=t.labels, num_classes=self.num_classes,
+                                       center_sampling_radius=self.center_sampling_radius)
+                   for t in batch.targets]
+        gt_offsets = torch.tensor([0] + [len(t) for t in batch.targets], device=locations.device).cumsum(0)
+        labels = torch.cat([t.labels for t in targets])                                     # (B·R,)
+        positive = (labels != self.num_classes).nonzero().squeeze(1)                         # (P,)
+        gt_global = torch.cat([t.gt_inds + off for t, off in zip(targets, gt_offsets)])[positive]
+        box_targets = torch.cat([t.box_ltrb for t in targets])[positive]
+        ctr_targets = centerness_target(box_targets)
+        num_pos_avg, ctr_sum_avg = fcos_normalizers(torch.tensor(float(len(positive)), device=labels.device), ctr_targets)
+
+        box_ltrb = flatten_levels(head.box_ltrb).reshape(-1, 4)[positive]
+        centerness = flatten_levels(head.centerness).reshape(-1)[positive]
+        losses = fcos_losses(cls_logits=flatten_levels(head.cls_logits).reshape(-1, self.num_classes),
+                             box_ltrb=box_ltrb, centerness=centerness, labels=labels, box_targets=box_targets,
+                             ctr_targets=ctr_targets, num_pos_avg=num_pos_avg, ctr_sum_avg=ctr_sum_avg,
+                             focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma)
+
+        attention = self.attention(head.box_tower, positive // num_loc, positive % num_loc)     # (P, K, M, M)
+        gt_boxes = torch.cat([t.boxes for t in batch.targets])
+        gt_image = torch.cat([torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)])
+        pooled = pool_bases(bases, boxes_with_batch_index(gt_boxes, gt_image), resolution=self.resolution,
+                            sampling_ratio=self.sampling_ratio)                                # (M, K, R, R)
+        mask_targets = torch.cat([crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets])
+        mask_logits = blend(pooled[gt_global], attention)
+        losses["loss_mask"] = self.mask_loss_weight * blender_mask_loss(
+            mask_logits, mask_targets[gt_global], ctr_targets, ctr_sum_avg)
+        if self.semantic_head is not None:
+            logits = self.semantic_head(levels[0])
+            sem = semantic_targets([t.masks for t in batch.targets], [t.labels for t in batch.targets],
+                                   tuple(batch.images.shape[-2:]), self.strides[0])
+            sem = sem[:, : logits.shape[-2], : logits.shape[-1]]
+            losses["loss_basis_sem"] = semantic_loss(logits, sem, self.semantic_loss_weight)
+        return losses
+
+    @torch.no_grad()
+    def inference(self, batch: Batch, head: FCOSOutputs, bases: Tensor) -> list[Instances]:
+        per_level_locations, _, _, _ = self._locations(head)
+        detections = []
+        for i in range(len(batch)):
+            detections.append(decode_fcos(
+                cls_logits=[x[i].flatten(1).T for x in head.cls_logits],
+                box_ltrb=[x[i].flatten(1).T for x in head.box_ltrb],
+                centerness=[x[i].flatten() for x in head.centerness],
+                locations=per_level_locations, strides=self.strides, **self.inference_params))
+        image_index = torch.cat([torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)])
+        attention = self.attention(head.box_tower, image_index, torch.cat([d.location_index for d in detections]))
+        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)])
+        pooled = pool_bases(bases, boxes_with_batch_index(boxes, image_index), resolution=self.resolution,
+                            sampling_ratio=self.sampling_ratio)
+        mask_probs = blend(pooled, attention).sigmoid()
+        return [
+            blendmask_postprocess(boxes[image_index == i], d.scores, d.labels, mask_probs[image_index == i],
+                                  input_size=batch.image_sizes[i], output_size=batch.original_sizes[i],
+                                  mask_threshold=self.mask_threshold)
+            for i, d in enumerate(detections)
+        ]
+
+
+def blendmask_postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, mask_probs: Tensor, *,
+                          input_size: tuple[int, int], output_size: tuple[int, int],
+                          mask_threshold: float) -> Instances:
+    """Rescale one image's detections to its original size and paste the masks.
+
+    boxes: (N, 4) clipped to ``input_size``; mask_probs: (N, R, R) → Instances with (N', H, W) bool
+    masks at ``output_size`` (boxes empty after rescaling are dropped).
+    """
+    boxes = clip_boxes(scale_boxes(boxes, input_size, output_size), output_size)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores, labels, mask_probs = boxes[keep], scores[keep], labels[keep], mask_probs[keep]
+    masks = paste_masks(mask_probs, boxes, output_size, mask_threshold)
+    return Instances(image_size=output_size, boxes=boxes, labels=labels, scores=scores, masks=masks)

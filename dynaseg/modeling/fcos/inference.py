@@ -1,0 +1,53 @@
+"""FCOS decoding: threshold, per-level top-k, class-aware NMS, top-N."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+__all__ = ["FCOSDetections", "decode_fcos"]
+
+
+class FCOSDetections(NamedTuple):
+    """Detections of one image, in network-input pixel coordinates (not clipped)."""
+
+    boxes: Tensor          # (N, 4) XYXY
+    scores: Tensor         # (N,) sqrt(p_cls · p_ctr)
+    labels: Tensor         # (N,) int64
+    location_index: Tensor  # (N,) int64 index into the image's concatenated locations (all levels)
+
+
+def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness: list[Tensor],
+                locations: list[Tensor], strides: list[int], score_threshold: float, thresh_with_ctr: bool,
+                pre_nms_topk: int, nms_threshold: float, max_detections: int) -> FCOSDetections:
+    """Decode one image's head outputs.
+
+    Args (per level l, one image):
+        cls_logits: (H_l·W_l, C). box_ltrb: (H_l·W_l, 4) stride units. centerness: (H_l·W_l,) logits.
+        locations: (H_l·W_l, 2) (x, y).
+    """
+    boxes_all, scores_all, labels_all, index_all = [], [], [], []
+    offset = 0
+    for cls, ltrb, ctr, loc, stride in zip(cls_logits, box_ltrb, centerness, locations, strides):
+        p_cls = cls.float().sigmoid()
+        p_ctr = ctr.float().sigmoid()
+        ranking = p_cls * p_ctr[:, None]                                      # (HW, C)
+        candidates = (ranking if thresh_with_ctr else p_cls) > score_threshold
+        loc_idx, cls_idx = candidates.nonzero(as_tuple=True)
+        rank = ranking[loc_idx, cls_idx]
+        if rank.numel() > pre_nms_topk:
+            rank, top = rank.topk(pre_nms_topk)
+            loc_idx, cls_idx = loc_idx[top], cls_idx[top]
+        d = ltrb[loc_idx].float() * stride
+        xy = loc[loc_idx]
+        boxes_all.append(torch.cat([xy - d[:, :2], xy + d[:, 2:]], dim=1))
+        scores_all.append(rank.sqrt())
+        labels_all.append(cls_idx)
+        index_all.append(loc_idx + offset)
+        offset += cls.shape[0]
+    boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+    labels, index = torch.cat(labels_all), torch.cat(index_all)
+    keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]   # sorted by score
+    return FCOSDetections(boxes[keep], scores[keep], labels[keep], index[keep])

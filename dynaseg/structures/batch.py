@@ -1,0 +1,38 @@
+"""A padded batch of images with their sizes and (optional) targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from dynaseg.structures.instances import Instances
+
+__all__ = ["Batch"]
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """What every meta-architecture's ``forward`` takes.
+
+    Attributes:
+        images: (B, 3, Hp, Wp) float32 RGB in [0, 255], zero-padded at bottom/right,
+            not normalised (the model normalises, so exported graphs take raw pixels).
+        image_sizes: valid (h, w) of each image inside the padding, after resizing.
+        original_sizes: (h, w) of each image as read from disk; predictions are returned at this size.
+        image_ids: dataset image ids (COCO ``id``), -1 when unknown.
+        targets: ground truth at ``image_sizes`` (masks (N, h, w) bool), or None at inference.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    image_ids: list[int]
+    targets: list[Instances] | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        targets = None if self.targets is None else [t.to(device) for t in self.targets]
+        return replace(self, images=self.images.to(device, non_blocking=True), targets=targets)

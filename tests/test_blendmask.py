@@ -1,0 +1,164 @@
+"""BlendMask: blender equation, sparse top layer, targets, and whole-model behaviour on tiny inputs."""
+import torch
+from torch.nn import functional as F
+
+from dynaseg.config.presets import load_config
+from dynaseg.modeling.blendmask.attention import AttentionTopLayer
+from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss
+from dynaseg.modeling.blendmask.semantic import IGNORE_INDEX, semantic_targets
+from dynaseg.modeling.build import build_model
+from dynaseg.structures import Batch, Instances
+from dynaseg.structures.masks import crop_and_resize, paste_masks
+
+
+def slow_blend(pooled, attention):
+    """Per instance, per pixel: Σ_k softmax_k(bilinear(a))[k, y, x] · r[k, y, x]."""
+    n, k, r, _ = pooled.shape
+    out = torch.zeros(n, r, r, dtype=pooled.dtype)
+    for i in range(n):
+        up = F.interpolate(attention[i:i + 1], size=(r, r), mode="bilinear", align_corners=False)[0]
+        for y in range(r):
+            for x in range(r):
+                w = torch.exp(up[:, y, x]) / torch.exp(up[:, y, x]).sum()
+                out[i, y, x] = (w * pooled[i, :, y, x]).sum()
+    return out
+
+
+def test_blend_matches_slow_reference_and_gradcheck():
+    torch.manual_seed(0)
+    pooled = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    attention = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    assert torch.allclose(blend(pooled, attention), slow_blend(pooled, attention), atol=1e-10)
+    assert torch.autograd.gradcheck(blend, (pooled[:1, :, :4, :4].clone().requires_grad_(),
+                                            attention[:1, :, :2, :2].clone().requires_grad_()))
+    assert blend(pooled[:0], attention[:0]).shape == (0, 8, 8)
+
+
+def test_uniform_attention_averages_the_bases():
+    pooled = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(blend(pooled, torch.zeros(2, 4, 3, 3)), pooled.mean(dim=1), atol=1e-6)
+
+
+def test_sparse_top_layer_equals_dense_conv():
+    torch.manual_seed(0)
+    layer = AttentionTopLayer(in_channels=5, num_bases=2, attention_size=3)
+    torch.nn.init.normal_(layer.conv.weight)
+    torch.nn.init.normal_(layer.conv.bias)
+    tower = [torch.randn(2, 5, 6, 7), torch.randn(2, 5, 3, 4)]
+    dense = [d.flatten(2).transpose(1, 2) for d in layer.forward_dense(tower)]     # (B, HW, KMM)
+    dense = torch.cat(dense, dim=1)
+    image = torch.tensor([0, 1, 1, 0, 1])
+    location = torch.tensor([0, 41, 6 * 7 + 11, 6 * 7, 20])                       # corners, both levels
+    sparse = layer(tower, image, location)
+    assert sparse.shape == (5, 2, 3, 3)
+    assert torch.allclose(sparse.flatten(1), dense[image, location], atol=1e-5)
+
+
+def test_mask_loss_weighting():
+    logits = torch.zeros(2, 4, 4)
+    targets = torch.ones(2, 4, 4)
+    loss = blender_mask_loss(logits, targets, torch.tensor([1.0, 0.0]), torch.tensor(2.0))
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0)) / 2)
+    assert blender_mask_loss(logits[:0], targets[:0], torch.zeros(0), torch.tensor(1.0)) == 0
+
+
+def test_crop_and_resize_and_paste_round_trip():
+    masks = torch.zeros(1, 40, 50, dtype=torch.bool)
+    masks[0, 10:30, 5:45] = True
+    box = torch.tensor([[5.0, 10.0, 45.0, 30.0]])
+    crop = crop_and_resize(masks, box, 16)
+    assert crop.shape == (1, 16, 16) and crop.min() == 1              # the box is all foreground
+    pasted = paste_masks(crop, box, (40, 50))
+    assert torch.equal(pasted, masks)
+
+
+def test_paste_keeps_border_objects_unsquashed():
+    # A mask predicted on a box clipped to the image must land exactly on the clipped box.
+    probs = torch.ones(1, 8, 8)
+    pasted = paste_masks(probs, torch.tensor([[0.0, 0.0, 10.0, 20.0]]), (20, 30))
+    assert pasted[0].sum() == 200 and pasted[0, :, 10:].sum() == 0
+
+
+def test_semantic_targets_centres_and_ignore():
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, :8, :8] = True
+    masks[1, 4:12, 4:12] = True                          # painted later: wins where they overlap
+    sem = semantic_targets([masks], [torch.tensor([0, 2])], (24, 24), stride=8)
+    assert sem.shape == (1, 3, 3)
+    # cell centres at 4, 12, 20; (4, 4) is under both masks; x or y = 20 lies in the padding
+    i = IGNORE_INDEX
+    assert sem[0].tolist() == [[3, 0, i], [0, 0, i], [i, i, i]]
+
+
+def tiny_model(**overrides):
+    cfg = load_config("blendmask_tiny", [f"{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(0)
+    return build_model(cfg.model), cfg
+
+
+def make_batch(sizes=((96, 128), (90, 117)), with_targets=True, empty=False):
+    torch.manual_seed(1)
+    hp = max(h for h, _ in sizes) + (-max(h for h, _ in sizes)) % 32
+    wp = max(w for _, w in sizes) + (-max(w for _, w in sizes)) % 32
+    images = torch.zeros(len(sizes), 3, hp, wp)
+    targets = []
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.rand(3, h, w) * 255
+        masks = torch.zeros(0 if empty else 2, h, w, dtype=torch.bool)
+        boxes = torch.zeros(0, 4) if empty else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+            m[y0:y1, x0:x1] = True
+        targets.append(Instances(image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks))
+    return Batch(images=images, image_sizes=list(sizes), original_sizes=[(2 * h, 2 * w) for h, w in sizes],
+                 image_ids=list(range(len(sizes))), targets=targets if with_targets else None)
+
+
+def test_every_parameter_gets_a_gradient():
+    model, _ = tiny_model()
+    model.train()
+    losses = model(make_batch())
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask", "loss_basis_sem"}
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_empty_ground_truth_losses():
+    model, _ = tiny_model()
+    model.train()
+    losses = model(make_batch(empty=True))
+    assert losses["loss_fcos_cls"] > 0
+    assert losses["loss_fcos_loc"] == 0 and losses["loss_fcos_ctr"] == 0 and losses["loss_mask"] == 0
+    sum(losses.values()).backward()
+
+
+def test_odd_sizes_inference_at_original_resolution():
+    model, _ = tiny_model(**{"model.fcos.score_threshold": 0.0})
+    model.eval()
+    out = model(make_batch(sizes=((97, 131), (64, 65)), with_targets=False))
+    assert [o.image_size for o in out] == [(194, 262), (128, 130)]
+    for o in out:
+        assert 0 < len(o) <= 100 and o.masks.shape[1:] == o.image_size and o.masks.dtype == torch.bool
+        assert (o.boxes[:, 2] <= o.image_size[1]).all() and (o.boxes[:, 3] <= o.image_size[0]).all()
+        assert (o.scores[:-1] >= o.scores[1:]).all()
+
+
+def test_no_detections_gives_empty_typed_output():
+    model, _ = tiny_model(**{"model.fcos.score_threshold": 1.0})
+    model.eval()
+    out = model(make_batch(with_targets=False))
+    assert len(out[0]) == 0 and out[0].masks.shape == (0, 192, 256) and out[0].masks.dtype == torch.bool
+
+
+# Loss lock: update deliberately (print shows the new values) when the model's maths changes.
+EXPECTED_LOSSES = {'loss_fcos_cls': 1.1191, 'loss_fcos_loc': 0.9997, 'loss_fcos_ctr': 0.6891,
+                   'loss_mask': 0.8263, 'loss_basis_sem': 0.6413}
+
+
+def test_loss_lock():
+    model, _ = tiny_model()
+    model.train()
+    losses = {k: round(v.item(), 4) for k, v in model(make_batch()).items()}
+    same = losses.keys() == EXPECTED_LOSSES.keys() and all(
+        abs(losses[k] - EXPECTED_LOSSES[k]) < 2e-3 for k in losses)
+    assert same, f"Losses have changed! New losses: {losses}"
