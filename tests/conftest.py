@@ -29,5 +29,5 @@ def tiny_run(synth_dir, tmp_path_factory):
     from dynaseg.engine.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = load_config("blendmask_tiny", data_overrides(synth_dir) + [f"output_dir={out}"])
+    cfg = load_config("blendmask_tiny", data_overrides(synth_dir) + [f"output_dir={out}", "deterministic=true"])
     return train(cfg)

@@ -44,7 +44,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_run, synth_d
     # Resume from the iteration-10 state the uninterrupted run wrote, as if it had been killed there.
     shutil.copy(tiny_run.output_dir / "model_0000010.pt", tmp_path / "model_0000010.pt")
     (tmp_path / "last_checkpoint").write_text("model_0000010.pt")
-    cfg = load_config("blendmask_tiny", data_overrides(synth_dir) + [f"output_dir={tmp_path}", "data.val_json="])
+    cfg = load_config("blendmask_tiny", data_overrides(synth_dir) + [f"output_dir={tmp_path}", "data.val_json=",
+                                                                     "deterministic=true"])
     resumed = train(cfg, resume=True)
     a = load_file(str(tiny_run.weights))
     b = load_file(str(resumed.weights))

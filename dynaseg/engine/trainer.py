@@ -73,6 +73,9 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if cfg.deterministic:
+        # Multi-threaded CPU kernels (e.g. index_put with accumulation) otherwise sum in varying order.
+        torch.use_deterministic_algorithms(True)
 
     data = load_coco_instances(cfg.data.train_json, cfg.data.train_images)
     if len(data.class_names) != cfg.model.num_classes:
@@ -85,6 +88,8 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
                               train=True, max_instances=cfg.data.max_instances, seed=cfg.seed)
 
     model = build_model(cfg.model).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
     autocast, scaler = _autocast(device, cfg.solver.amp)
@@ -128,7 +133,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     data_iter = iter(loader)
     start = time.perf_counter()
     for iteration in range(start_iter, cfg.solver.max_iter):
-        batch = next(data_iter).to(device)
+        batch = next(data_iter).to(device, memory_format=memory_format)
         with autocast:
             losses = model(batch)
         _check_finite(losses, iteration)

@@ -40,7 +40,8 @@ class Predictor:
         self.device = init_distributed(device if device != "auto" else cfg.device)
         self.model = build_model(self.cfg.model)
         load_weights(self.model, weights)
-        self.model.to(self.device).eval()
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format).eval()
         meta = read_metadata(weights)
         self.class_names: list[str] = list(meta.get("class_names") or
                                            [f"class_{i}" for i in range(self.cfg.model.num_classes)])
@@ -53,7 +54,7 @@ class Predictor:
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
-            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            return torch.from_numpy(image.copy()).permute(2, 0, 1)
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise ValueError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
         return image
@@ -67,4 +68,4 @@ class Predictor:
         padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
         batch = Batch(images=padded[None], image_sizes=[(h, w)], original_sizes=[tuple(original.shape[-2:])],
                       image_ids=[-1])
-        return self.model(batch.to(self.device))[0].to("cpu")
+        return self.model(batch.to(self.device, memory_format=self.memory_format))[0].to("cpu")

@@ -33,6 +33,7 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
         targets = None if self.targets is None else [t.to(device) for t in self.targets]
-        return replace(self, images=self.images.to(device, non_blocking=True), targets=targets)
+        images = self.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return replace(self, images=images, targets=targets)
