@@ -48,7 +48,7 @@ def blendmask_r18_synth_cpu() -> ExperimentConfig:
         # Testing above the training scales helps the many small objects (+5 mask AP measured).
         "data.min_size_test": 320, "data.max_size_test": 600,
         "data.batch_size": 8, "data.num_workers": 1, "data.max_instances": 0,
-        "solver.base_lr": 0.05, "solver.max_iter": 1700, "solver.lr_schedule": "cosine",
+        "solver.base_lr": 0.05, "solver.max_iter": 2000, "solver.lr_schedule": "cosine",
         "solver.warmup_iters": 100, "solver.clip_grad_norm": 5.0, "solver.weight_decay": 1e-4,
         "solver.checkpoint_period": 250, "solver.log_period": 10,
         "output_dir": "runs/blendmask_r18_synth_cpu", "device": "cpu", "channels_last": True,

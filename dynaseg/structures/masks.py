@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from dynaseg.layers.roi_align import roi_align_aligned
 
-__all__ = ["crop_and_resize", "paste_masks", "scale_boxes", "clip_boxes"]
+__all__ = ["crop_and_resize", "roi_mask_targets", "paste_masks", "scale_boxes", "clip_boxes"]
 
 
 def crop_and_resize(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -57,4 +57,23 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]        # (1, h', w', 2)
         crop = F.grid_sample(probs[None, None].float(), grid, align_corners=False)[0, 0]
         out[i, py0:py1, px0:px1] = crop >= threshold
+    return out
+
+
+def roi_mask_targets(gt_masks: list[Tensor], rois: Tensor, gt_index: Tensor, size: int) -> Tensor:
+    """Binary mask targets of RoIs: each RoI's matched GT mask sampled inside the RoI box at size×size.
+
+    Mask R-CNN's convention: the *proposal* box (not the GT box) defines the crop.
+    gt_masks: per image (M_i, h_i, w_i) bool; rois: (P, 5) [b, x0, y0, x1, y1]; gt_index: (P,)
+    index into image b's masks → (P, size, size) float in {0, 1}.
+    """
+    out = rois.new_zeros((rois.shape[0], size, size))
+    for b, masks in enumerate(gt_masks):
+        sel = (rois[:, 0] == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        per_mask = torch.cat([gt_index[sel, None].to(rois.dtype), rois[sel, 1:]], dim=1)   # rows index masks
+        pooled = roi_align_aligned(masks[:, None].float(), per_mask, output_size=size, spatial_scale=1.0,
+                                   sampling_ratio=0)
+        out[sel] = (pooled[:, 0] >= 0.5).float()
     return out
