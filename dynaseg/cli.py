@@ -41,6 +41,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         if result.metrics:
             print(format_metrics_table(result.metrics))
+            if "mask_resolution" in result.metrics:
+                from dynaseg.evaluation.resolutions import format_resolution_table
+                print(format_resolution_table(result.metrics["mask_resolution"]))
         print(f"run folder: {result.output_dir}\nweights: {result.weights}")
     return 0
 
@@ -69,6 +72,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             cleanup()
         if not metrics:
             return 0
+        if "mask_resolution" in metrics and not args.json:
+            from dynaseg.evaluation.resolutions import format_resolution_table
+            print(format_resolution_table(metrics["mask_resolution"]))
         metrics = {t: metrics[t] for t in args.iou_types if t in metrics}
         if not args.json:
             print(f"wrote {out / 'results_val.json'} and {out / 'metrics.json'}", file=sys.stderr)
@@ -110,10 +116,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         instances = instances[instances.scores >= args.score_threshold]
         for r in instances_to_coco_results(instances, image_id, category_map):
             results.append({**r, "file_name": path.name})
-        save_overlay(out / f"{path.stem}.png", image, instances, predictor.class_names)
+        style = {}
+        if args.color_by == "resolution":
+            style = resolution_style(instances, path)
+        save_overlay(out / f"{path.stem}.png", image, instances, predictor.class_names, **style)
     (out / "results.json").write_text(json.dumps(results))
     print(f"wrote {len(files)} overlays and {out / 'results.json'} ({len(results)} instances)")
     return 0
+
+
+# The DynaMask paper's Fig. 7 colours: red 112, blue 56, green 28, yellow 14.
+RESOLUTION_COLORS = {112: (230, 30, 30), 56: (40, 90, 240), 28: (30, 190, 60), 14: (245, 210, 20)}
+
+
+def resolution_style(instances, path: Path) -> dict:
+    """Overlay colours by each instance's chosen mask resolution, with a legend."""
+    sides = getattr(instances, "mask_resolutions", None)
+    if sides is None:
+        raise UserError(f"{path}: --color-by resolution needs a two-stage model (mask_rcnn / dynamask)")
+    colors = [RESOLUTION_COLORS.get(int(s), (128, 128, 128)) for s in sides.tolist()]
+    legend = {f"{side}×{side}": color for side, color in RESOLUTION_COLORS.items()}
+    return {"colors": colors, "legend": legend}
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -136,6 +159,60 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print("\n".join(PRESETS))
         return 0
     print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def _bench_model(args: argparse.Namespace):
+    import dataclasses
+
+    from dynaseg.config.presets import load_config
+    from dynaseg.config.schema import RCNNConfig
+    from dynaseg.modeling.build import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    if not isinstance(cfg.model, RCNNConfig):
+        raise UserError(f"bench {args.bench_command} measures two-stage mask heads; '{args.config}' is {cfg.model.kind}")
+    model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
+    return model_cfg, build_model(model_cfg)
+
+
+def _cmd_bench_flops(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dynaseg.bench.mask_head import mask_head_flops
+    from dynaseg.modeling.build import build_model
+
+    model_cfg, model = _bench_model(args)
+    reference = build_model(dataclasses.replace(model_cfg, kind="mask_rcnn"))
+    result = {"model": model_cfg.kind, **mask_head_flops(model, reference)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    ours, paper = result["mask_head_gmac_per_instance"], result["paper_table7_gflops"]
+    print(f"{'mask side':>10} {'ours (GMAC)':>12} {'paper Table 7 (G)':>18}")
+    for side, g in ours.items():
+        print(f"{side + '²':>10} {g:12.3f} {paper.get(side, float('nan')):18.2f}")
+    print(f"per-instance overhead (MSM): {result['per_instance_overhead_gmac']:.3f} GMAC")
+    print(f"Mask R-CNN 28×28 head: ours {result['mask_rcnn_28_gmac_per_instance']:.3f} GMAC, "
+          f"paper {result['paper_mask_rcnn_gflops']} G")
+    return 0
+
+
+def _cmd_bench_maskhead(args: argparse.Namespace) -> int:
+    from dynaseg.bench.mask_head import time_mask_head
+
+    _, model = _bench_model(args)
+    mix = [float(x) for x in args.mix.split(",")] if args.mix else None
+    if mix is not None and (len(mix) != 4 or abs(sum(mix) - 1) > 1e-6 or min(mix) < 0):
+        raise UserError(f"--mix needs four non-negative fractions for 14,28,56,112 summing to 1, got {args.mix}")
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    result = time_mask_head(model, policy=args.policy, num_instances=args.instances, image_size=(h, w), mix=mix,
+                            repeats=args.repeats)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("ms_per_instance", "gmac_per_instance")} | result))
+    else:
+        print(f"policy {result['policy']}: {result['ms_per_instance']:.3f} ms and "
+              f"{result['gmac_per_instance']:.3f} GMAC per instance; resolutions {result['resolution_counts']}")
     return 0
 
 
@@ -170,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep instances scoring at least this")
+    p.add_argument("--color-by", choices=["instance", "resolution"], default="instance",
+                   help="overlay colours: one per instance, or by chosen mask resolution (DynaMask Fig. 7)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -182,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-objects", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    b = bench_sub.add_parser("flops", help="mask-head multiply-accumulates per instance at each resolution")
+    _add_config(b)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench_flops)
+    b = bench_sub.add_parser("maskhead", help="time the mask head alone on fixed random RoI features")
+    _add_config(b)
+    b.add_argument("--policy", default="msm", choices=["14", "28", "56", "112", "msm", "size"])
+    b.add_argument("--mix", help="force the MSM's choices to these fractions of 14,28,56,112, e.g. 0.35,0.34,0.21,0.10")
+    b.add_argument("--instances", type=int, default=100)
+    b.add_argument("--size", default="800x1216", help="image size HxW of the random FPN features")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench_maskhead)
 
     p = sub.add_parser("config", help="print a preset's resolved config (no --config: list presets)")
     _add_config(p, required=False)

@@ -39,6 +39,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, dict) and "kind" in value:
+            # Discriminated union of configs: pick the dataclass whose ``kind`` admits the value.
+            for arg in args:
+                if dataclasses.is_dataclass(arg) and value["kind"] in typing.get_args(typing.get_type_hints(arg).get("kind")):
+                    return _coerce(value, arg, key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -1,13 +1,14 @@
 """Named experiment presets: plain functions that start from a base and override fields."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict, to_dict, with_overrides
-from dynaseg.config.schema import ExperimentConfig
+from dynaseg.config.schema import ExperimentConfig, RCNNConfig, SolverConfig
 
 __all__ = ["PRESETS", "load_config", "save_config"]
 
@@ -68,12 +69,82 @@ def blendmask_tiny() -> ExperimentConfig:
     })
 
 
+def mask_rcnn_r50_fpn_1x() -> ExperimentConfig:
+    """detectron2's Mask R-CNN R50-FPN 1x: bs16, LR 0.02, 90k iterations, 28×28 masks."""
+    return ExperimentConfig(model=RCNNConfig(kind="mask_rcnn"), solver=SolverConfig(base_lr=0.02),
+                            output_dir="runs/mask_rcnn_r50_fpn_1x")
+
+
+def dynamask_r50_fpn_1x() -> ExperimentConfig:
+    """DynaMask R50-FPN 1x (paper §4.1): one epoch without the MSM, then all modules together."""
+    return ExperimentConfig(model=RCNNConfig(kind="dynamask"), solver=SolverConfig(base_lr=0.02),
+                            output_dir="runs/dynamask_r50_fpn_1x")
+
+
+def _rcnn_synth_cpu(kind: str) -> ExperimentConfig:
+    """Narrow two-stage model for the synthetic set on a CPU: few sampled RoIs, capped mask RoIs."""
+    base = blendmask_r18_synth_cpu()
+    cfg = ExperimentConfig(model=RCNNConfig(kind=kind), data=base.data, solver=base.solver, device="cpu",
+                           channels_last=True, output_dir=f"runs/{kind}_r18_synth_cpu")
+    return with_overrides(cfg, {
+        "model.num_classes": _SYNTH_CLASSES,
+        "model.backbone.depth": 18, "model.backbone.width": 16, "model.backbone.norm": "BN",
+        "model.backbone.freeze_at": 0, "model.backbone.fpn_channels": 64,
+        "model.rpn.anchor_sizes": (16, 32, 64, 128, 256),
+        "model.rpn.pre_nms_topk_train": 600, "model.rpn.post_nms_topk_train": 300,
+        "model.rpn.pre_nms_topk_test": 300, "model.rpn.post_nms_topk_test": 150,
+        "model.box_head.fc_dim": 256, "model.box_head.batch_size_per_image": 128,
+        "model.mask_head.conv_dim": 64,
+        "model.dynamask.stage_channels": (64, 32, 16, 8), "model.dynamask.msm_conv_channels": 32,
+        "model.dynamask.msm_fc_channels": 128, "model.dynamask.msm_start_iter": 600,
+        "model.max_mask_rois_per_image": 24, "solver.base_lr": 0.02,
+    })
+
+
+def mask_rcnn_r18_synth_cpu() -> ExperimentConfig:
+    return _rcnn_synth_cpu("mask_rcnn")
+
+
+def dynamask_r18_synth_cpu() -> ExperimentConfig:
+    return _rcnn_synth_cpu("dynamask")
+
+
+def _rcnn_tiny(kind: str) -> ExperimentConfig:
+    tiny = blendmask_tiny()
+    cfg = dataclasses.replace(_rcnn_synth_cpu(kind), data=tiny.data, solver=tiny.solver)
+    return with_overrides(cfg, {
+        "output_dir": f"runs/{kind}_tiny",
+        "model.backbone.width": 8, "model.backbone.fpn_channels": 32,
+        "model.rpn.pre_nms_topk_train": 200, "model.rpn.post_nms_topk_train": 100,
+        "model.rpn.pre_nms_topk_test": 100, "model.rpn.post_nms_topk_test": 50,
+        "model.box_head.fc_dim": 64, "model.box_head.batch_size_per_image": 32,
+        "model.mask_head.conv_dim": 16, "model.mask_head.num_convs": 2,
+        "model.dynamask.stage_channels": (32, 16, 8, 8), "model.dynamask.msm_conv_channels": 8,
+        "model.dynamask.msm_fc_channels": 32, "model.dynamask.msm_start_iter": 10,
+        "model.max_mask_rois_per_image": 8,
+    })
+
+
+def mask_rcnn_tiny() -> ExperimentConfig:
+    return _rcnn_tiny("mask_rcnn")
+
+
+def dynamask_tiny() -> ExperimentConfig:
+    return _rcnn_tiny("dynamask")
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "blendmask_r50_fpn_1x": blendmask_r50_fpn_1x,
     "blendmask_r50_fpn_3x": blendmask_r50_fpn_3x,
     "blendmask_r101_fpn_3x": blendmask_r101_fpn_3x,
     "blendmask_r18_synth_cpu": blendmask_r18_synth_cpu,
     "blendmask_tiny": blendmask_tiny,
+    "mask_rcnn_r50_fpn_1x": mask_rcnn_r50_fpn_1x,
+    "dynamask_r50_fpn_1x": dynamask_r50_fpn_1x,
+    "mask_rcnn_r18_synth_cpu": mask_rcnn_r18_synth_cpu,
+    "dynamask_r18_synth_cpu": dynamask_r18_synth_cpu,
+    "mask_rcnn_tiny": mask_rcnn_tiny,
+    "dynamask_tiny": dynamask_tiny,
 }
 
 

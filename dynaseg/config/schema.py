@@ -10,6 +10,7 @@ from typing import Literal
 
 __all__ = [
     "BackboneConfig", "FCOSConfig", "BasisConfig", "BlenderConfig", "BlendMaskConfig",
+    "RPNConfig", "BoxHeadConfig", "FCNMaskHeadConfig", "DynaMaskHeadConfig", "RCNNConfig",
     "DataConfig", "SolverConfig", "ExperimentConfig",
 ]
 
@@ -79,6 +80,83 @@ class BlendMaskConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RPNConfig:
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)      # one per level P2..P6
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    pre_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 1000
+    post_nms_topk_test: int = 1000
+    nms_threshold: float = 0.7
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    fg_iou_threshold: float = 0.7
+    bg_iou_threshold: float = 0.3
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoxHeadConfig:
+    pooler_resolution: int = 7
+    fc_dim: int = 1024
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_threshold: float = 0.5
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # Inference parameters
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class FCNMaskHeadConfig:
+    """Mask R-CNN's mask head: 4 convs, deconv ×2, class-specific 28×28 masks."""
+
+    pooler_resolution: int = 14
+    num_convs: int = 4
+    conv_dim: int = 256
+    mask_threshold: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class DynaMaskHeadConfig:
+    """DynaMask's r-FPN mask head and Mask Switch Module (paper §3)."""
+
+    pooler_resolution: int = 14
+    num_instance_convs: int = 2
+    stage_channels: tuple[int, int, int, int] = (256, 128, 64, 32)    # L_tiny, L_small, L_medium, L_large
+    class_specific: bool = True
+    fuse_after_upsample: bool = True     # the paper's order (FAM on the upsampled L_r); False: fuse, then upsample
+    msm_conv_channels: int = 128
+    msm_fc_channels: int = 512
+    gumbel_tau: float = 0.5
+    budget_target: float = 1.0           # C_t (fraction of the all-112 cost; Table 5: 0.4 … 1.0)
+    lambda_edge: float = 0.1             # λ1 (Eq. 7)
+    lambda_reg: float = 0.4              # λ2 (Eq. 7)
+    msm_start_iter: int = 7330           # phase 1 without the MSM: one COCO epoch at batch 16
+    policy: Literal["msm", "size", "14", "28", "56", "112"] = "msm"   # inference resolution choice
+    mask_threshold: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class RCNNConfig:
+    """Two-stage detectors: plain Mask R-CNN (``kind="mask_rcnn"``) and DynaMask (``kind="dynamask"``)."""
+
+    kind: Literal["mask_rcnn", "dynamask"] = "mask_rcnn"
+    num_classes: int = 80
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(freeze_at=2))
+    backbone_weights: str = ""
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: FCNMaskHeadConfig = field(default_factory=FCNMaskHeadConfig)
+    dynamask: DynaMaskHeadConfig = field(default_factory=DynaMaskHeadConfig)
+    max_mask_rois_per_image: int = 0     # cap positive RoIs fed to the mask branch (CPU presets); 0 = all
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train_json: str = "datasets/synth/annotations/instances_train.json"
     train_images: str = "datasets/synth/train"
@@ -116,7 +194,7 @@ class SolverConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    model: BlendMaskConfig = field(default_factory=BlendMaskConfig)
+    model: BlendMaskConfig | RCNNConfig = field(default_factory=BlendMaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     output_dir: str = "runs/default"

@@ -18,6 +18,7 @@ from dynaseg.data.transforms import build_test_transforms
 from dynaseg.engine.checkpoint import atomic_write
 from dynaseg.engine.distributed import all_gather_objects, get_rank, get_world_size, is_main_process
 from dynaseg.evaluation.coco import CategoryMap, evaluate_coco, instances_to_coco_results
+from dynaseg.evaluation.resolutions import format_resolution_table, resolution_statistics
 
 __all__ = ["evaluate_model", "predict_coco_results"]
 
@@ -33,7 +34,12 @@ def predict_coco_results(model: nn.Module, loader, category_map: CategoryMap, de
     results = []
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, mininterval=5):
         for instances, image_id in zip(model(batch.to(device)), batch.image_ids):
-            results += instances_to_coco_results(instances.to("cpu"), image_id, category_map)
+            per_image = instances_to_coco_results(instances.to("cpu"), image_id, category_map)
+            sides = getattr(instances, "mask_resolutions", None)
+            if sides is not None:   # two-stage detectors: which mask resolution each detection used
+                for r, side in zip(per_image, sides.tolist()):
+                    r["mask_resolution"] = side
+            results += per_image
     model.train(was_training)
     return results
 
@@ -63,4 +69,12 @@ def evaluate_model(cfg: ExperimentConfig, model: nn.Module, device: torch.device
         per_class = {t: m.get("per_class", {}) for t, m in metrics.items()}
         atomic_write(output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         atomic_write(output_dir / "metrics_per_class.json", lambda tmp: Path(tmp).write_text(json.dumps(per_class, indent=2)))
+    if any("mask_resolution" in r for r in gathered):
+        costs = model.mask_gmac_per_resolution() if hasattr(model, "mask_gmac_per_resolution") else None
+        names = dict(zip(category_map.category_ids, category_map.names))
+        metrics["mask_resolution"] = resolution_statistics(gathered, names, costs)
+        logger.info("mask resolutions chosen:\n%s", format_resolution_table(metrics["mask_resolution"]))
+        if output_dir is not None:
+            text = json.dumps(metrics["mask_resolution"], indent=2)
+            atomic_write(Path(output_dir) / "mask_resolutions.json", lambda tmp: Path(tmp).write_text(text))
     return metrics

@@ -170,7 +170,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
         if cfg.solver.eval_period and done % cfg.solver.eval_period == 0 and done < cfg.solver.max_iter and cfg.data.val_json:
             metrics = evaluate_model(cfg, _unwrap(model), device)
             if main:
-                events.write(done, {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k != "per_class"})
+                events.write(done, {f"{t}/{k}": metrics[t][k] for t in ("bbox", "segm") for k in metrics[t] if k != "per_class"})
     bar.close()
     checkpoint(cfg.solver.max_iter)
     weights = out / "model_final.safetensors"

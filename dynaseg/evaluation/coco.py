@@ -417,8 +417,7 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Plain-text table: one row per iou type, columns AP AP50 AP75 APs APm APl (one decimal)."""
     header = f"{'':<6}" + "".join(f"{s:>7}" for s in STAT_NAMES)
     lines = [header, "-" * len(header)]
-    for iou_type in [t for t in _IOU_TYPES if t in metrics] + \
-            [t for t in metrics if t not in _IOU_TYPES]:
+    for iou_type in [t for t in _IOU_TYPES if t in metrics]:
         row = metrics[iou_type]
         lines.append(f"{iou_type:<6}" + "".join(_fmt(row.get(s, math.nan), 7) for s in STAT_NAMES))
     return "\n".join(lines)

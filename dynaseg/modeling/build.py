@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dynaseg.config.schema import BlendMaskConfig
+from dynaseg.config.schema import BlendMaskConfig, RCNNConfig
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.backbone.pretrained import load_backbone_weights
 from dynaseg.modeling.backbone.resnet import ResNet
@@ -11,18 +11,65 @@ from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
 from dynaseg.modeling.blendmask.model import BlendMask
 from dynaseg.modeling.blendmask.semantic import SemanticHead
+from dynaseg.modeling.dynamask.branch import DynaMaskBranch
+from dynaseg.modeling.dynamask.head import DynaMaskHead
+from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule
 from dynaseg.modeling.fcos.head import FCOSHead
+from dynaseg.modeling.rcnn.box_head import BoxHead
+from dynaseg.modeling.rcnn.fcn_mask_head import FCNMaskHead
+from dynaseg.modeling.rcnn.model import TwoStageDetector
+from dynaseg.modeling.rcnn.rpn import RPN
 
 __all__ = ["build_model", "build_backbone"]
 
 
-def build_backbone(cfg: BlendMaskConfig) -> ResNetFPN:
+def build_backbone(cfg: BlendMaskConfig | RCNNConfig, layout: str = "p3p7") -> ResNetFPN:
     b = cfg.backbone
     body = ResNet(depth=b.depth, width=b.width, norm=b.norm, freeze_at=0)
     if cfg.backbone_weights:
         load_backbone_weights(body, cfg.backbone_weights)
     body._freeze(b.freeze_at)
-    return ResNetFPN(body=body, out_channels=b.fpn_channels, norm=b.fpn_norm)
+    return ResNetFPN(body=body, out_channels=b.fpn_channels, norm=b.fpn_norm, layout=layout)
+
+
+def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
+    channels = cfg.backbone.fpn_channels
+    if cfg.kind == "mask_rcnn":
+        m = cfg.mask_head
+        return FCNMaskHead(in_channels=channels, num_classes=cfg.num_classes, conv_dim=m.conv_dim,
+                           num_convs=m.num_convs, pooler_resolution=m.pooler_resolution)
+    d = cfg.dynamask
+    head = DynaMaskHead(in_channels=channels, num_classes=cfg.num_classes, stage_channels=d.stage_channels,
+                        num_instance_convs=d.num_instance_convs, class_specific=d.class_specific,
+                        fuse_after_upsample=d.fuse_after_upsample)
+    msm = MaskSwitchModule(in_channels=channels, num_choices=4, conv_channels=d.msm_conv_channels,
+                           fc_channels=d.msm_fc_channels, input_size=d.pooler_resolution)
+    return DynaMaskBranch(head=head, msm=msm, num_classes=cfg.num_classes, gumbel_tau=d.gumbel_tau,
+                          budget_target=d.budget_target, lambda_edge=d.lambda_edge, lambda_reg=d.lambda_reg,
+                          msm_start_iter=d.msm_start_iter, policy=d.policy)
+
+
+def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
+    channels = cfg.backbone.fpn_channels
+    r, b = cfg.rpn, cfg.box_head
+    return TwoStageDetector(
+        backbone=build_backbone(cfg, layout="p2p6"),
+        rpn=RPN(in_channels=channels, anchor_sizes=r.anchor_sizes, aspect_ratios=r.aspect_ratios,
+                pre_nms_topk_train=r.pre_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
+                post_nms_topk_train=r.post_nms_topk_train, post_nms_topk_test=r.post_nms_topk_test,
+                nms_threshold=r.nms_threshold, batch_size_per_image=r.batch_size_per_image,
+                positive_fraction=r.positive_fraction, fg_iou_threshold=r.fg_iou_threshold,
+                bg_iou_threshold=r.bg_iou_threshold),
+        box_head=BoxHead(in_channels=channels, num_classes=cfg.num_classes, fc_dim=b.fc_dim,
+                         pooler_resolution=b.pooler_resolution, batch_size_per_image=b.batch_size_per_image,
+                         positive_fraction=b.positive_fraction, iou_threshold=b.iou_threshold,
+                         bbox_reg_weights=b.bbox_reg_weights, score_threshold=b.score_threshold,
+                         nms_threshold=b.nms_threshold, detections_per_image=b.detections_per_image),
+        mask_branch=build_mask_branch(cfg),
+        num_classes=cfg.num_classes, max_mask_rois_per_image=cfg.max_mask_rois_per_image,
+        mask_threshold=cfg.dynamask.mask_threshold if cfg.kind == "dynamask" else cfg.mask_head.mask_threshold,
+        pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+    )
 
 
 def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
@@ -49,9 +96,11 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
     )
 
 
-def build_model(cfg: BlendMaskConfig) -> nn.Module:
+def build_model(cfg: BlendMaskConfig | RCNNConfig) -> nn.Module:
     """Build the meta-architecture ``cfg`` describes (a ``match`` on the config type)."""
     match cfg:
         case BlendMaskConfig():
             return build_blendmask(cfg)
+        case RCNNConfig():
+            return build_rcnn(cfg)
     raise TypeError(f"unsupported model config: {type(cfg).__name__}")

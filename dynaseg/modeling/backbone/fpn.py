@@ -1,11 +1,12 @@
-"""ResNet + FPN producing P3-P7 (FCOS / BlendMask layout)."""
+"""ResNet + FPN in two layouts: P3-P7 (FCOS / BlendMask) and P2-P6 (Mask R-CNN)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from dynaseg.layers.norm import norm_factory
 from dynaseg.modeling.backbone.resnet import ResNet
@@ -14,25 +15,35 @@ __all__ = ["ResNetFPN"]
 
 
 class ResNetFPN(nn.Module):
-    """FPN on res3-res5 with P6 from P5 and P7 from ReLU(P6), every level ``out_channels`` wide.
+    """FPN on a ResNet, every level ``out_channels`` wide.
 
-    Returns ``{"p3": stride 8, ..., "p7": stride 128}``, each (B, out_channels, H/s, W/s).
+    ``layout="p3p7"`` (default, FCOS/BlendMask): FPN on res3-res5, P6 = conv(P5), P7 = conv(ReLU(P6));
+    returns ``{"p3": stride 8, ..., "p7": stride 128}``.
+    ``layout="p2p6"`` (R-CNN): FPN on res2-res5, P6 = stride-2 subsampling of P5 (torchvision
+    ``LastLevelMaxPool``, no parameters); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
+    Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
     """
 
-    def __init__(self, *, body: ResNet, out_channels: int, norm: str = "none") -> None:
+    def __init__(self, *, body: ResNet, out_channels: int, norm: str = "none",
+                 layout: Literal["p3p7", "p2p6"] = "p3p7") -> None:
         super().__init__()
+        if layout not in ("p3p7", "p2p6"):
+            raise ValueError(f"unknown FPN layout '{layout}'; expected 'p3p7' or 'p2p6'")
         self.body = body
-        in_channels = [body.out_channels[k] for k in ("c3", "c4", "c5")]
+        self.layout = layout
+        self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")
+        self.first_level = 3 if layout == "p3p7" else 2
+        extra = LastLevelP6P7(out_channels, out_channels) if layout == "p3p7" else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(
-            in_channels_list=in_channels,
+            in_channels_list=[body.out_channels[k] for k in self.in_features],
             out_channels=out_channels,
-            extra_blocks=LastLevelP6P7(out_channels, out_channels),
+            extra_blocks=extra,
             norm_layer=None if norm == "none" else norm_factory(norm),
         )
         self.out_channels = out_channels
-        self.strides = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+        self.strides = {f"p{i}": 2**i for i in range(self.first_level, self.first_level + 5)}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = self.body(images)
-        pyramid = self.fpn(OrderedDict((k, feats[k]) for k in ("c3", "c4", "c5")))
-        return {f"p{i + 3}": v for i, v in enumerate(pyramid.values())}
+        pyramid = self.fpn(OrderedDict((k, feats[k]) for k in self.in_features))
+        return {f"p{i + self.first_level}": v for i, v in enumerate(pyramid.values())}

@@ -1,0 +1,54 @@
+"""Which mask resolution each detection used, overall and per class, and what it cost (DynaMask Table 9, Fig. 8)."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any, Mapping, Sequence
+
+__all__ = ["resolution_statistics", "format_resolution_table"]
+
+
+def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: Mapping[int, str],
+                          gmac_per_resolution: Mapping[int, float] | None = None,
+                          *, score_threshold: float = 0.0) -> dict[str, Any]:
+    """Distribution of ``mask_resolution`` over COCO results.
+
+    Args:
+        results: COCO result dicts carrying ``mask_resolution`` (mask side, e.g. 14/28/56/112).
+        category_names: COCO category id → name.
+        gmac_per_resolution: mask-head GMACs per instance for each side; gives the mean cost spent.
+        score_threshold: count only detections scoring at least this.
+    Returns:
+        ``{"num_instances", "overall": {side: fraction}, "per_class": {name: {side: fraction}},
+        "mean_gmac_per_instance"}`` (sides as strings, for JSON).
+    """
+    kept = [r for r in results if "mask_resolution" in r and r.get("score", 1.0) >= score_threshold]
+    overall = Counter(int(r["mask_resolution"]) for r in kept)
+    per_class: dict[str, Counter] = defaultdict(Counter)
+    for r in kept:
+        per_class[category_names.get(r["category_id"], str(r["category_id"]))][int(r["mask_resolution"])] += 1
+    sides = sorted(set(overall) | set(gmac_per_resolution or {}))
+
+    def fractions(counter: Counter) -> dict[str, float]:
+        total = sum(counter.values())
+        return {str(s): (counter[s] / total if total else 0.0) for s in sides}
+
+    mean_cost = None
+    if gmac_per_resolution and kept:
+        mean_cost = sum(gmac_per_resolution[s] * n for s, n in overall.items()) / len(kept)
+    return {"num_instances": len(kept), "overall": fractions(overall),
+            "per_class": {name: fractions(c) for name, c in sorted(per_class.items())},
+            "mean_gmac_per_instance": mean_cost}
+
+
+def format_resolution_table(stats: Mapping[str, Any]) -> str:
+    """Plain-text table: one row overall, one per class, columns = mask sides (percent)."""
+    sides = list(stats["overall"])
+    width = max([len("overall"), *map(len, stats["per_class"])]) + 2
+    lines = ["mask resolution".ljust(width) + "".join(f"{s + '²':>8}" for s in sides)]
+    rows = [("overall", stats["overall"]), *stats["per_class"].items()]
+    for name, fr in rows:
+        lines.append(name.ljust(width) + "".join(f"{100 * fr[s]:7.1f}%" for s in sides))
+    if stats.get("mean_gmac_per_instance") is not None:
+        lines.append(f"mean mask-head cost: {stats['mean_gmac_per_instance']:.3f} GMAC per instance "
+                     f"({stats['num_instances']} instances)")
+    return "\n".join(lines)

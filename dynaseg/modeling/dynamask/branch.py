@@ -1,0 +1,198 @@
+"""DynaMask's mask branch for the two-stage detector (the ``MaskBranch`` protocol, rcnn/mask_branch.py).
+
+Training (paper §3.3, §4.1): for ``msm_start_iter`` iterations the MSM is off and every RoI is trained
+at all four resolutions; from then on the MSM draws a hard Gumbel-softmax selection per RoI and the
+objective is Eq. 7. Inference: a policy (MSM argmax, the size rule of Eq. 8, or a fixed resolution)
+picks one resolution per RoI and the head stops there.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
+from dynaseg.modeling.dynamask.head import DynaMaskHead
+from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, entropy_loss, selected_edge_loss,
+                                              selected_mask_loss)
+from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
+from dynaseg.modeling.dynamask.size_rule import size_based_resolution
+from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
+from dynaseg.structures.masks import roi_mask_targets
+
+__all__ = ["DynaMaskBranch"]
+
+Pooler = Callable[[dict[str, Tensor], Tensor], Tensor]
+_NORMALIZERS = ("instances", "none")
+
+
+def _detector_pool(features: dict[str, Tensor], rois: Tensor, output_size: int) -> Tensor:
+    """The detector's multi-level RoIAlign (FPN level rule on p2..p5), imported when first used."""
+    from dynaseg.modeling.rcnn.pooler import multilevel_roi_align
+
+    return multilevel_roi_align(features, rois, output_size=output_size, sampling_ratio=0)
+
+
+class DynaMaskBranch(nn.Module):
+    """Mask branch = 14×14 RoI pooler + r-FPN head (``DynaMaskHead``) + Mask Switch Module.
+
+    Losses, as separate weighted terms whose sum is Eq. 7
+    (L_mask + λ1 L_edge + λ2 (L_budget + L_entropy)):
+    ``loss_mask`` (Eq. 3), ``loss_edge`` = λ1·Eq. 4, ``loss_budget`` = λ2·Eq. 5, ``loss_entropy`` = λ2·Eq. 6.
+
+    * Phase 1 (the first ``msm_start_iter`` calls of ``losses``; §4.1 "We first pre-train the model
+      without MSM using mask loss at all resolutions for one epoch"): y_i^k = 1 for every RoI and
+      resolution, so Eq. 3/4 train all four predictions; the MSM is not run (no gradient, and the
+      budget/entropy terms are 0). Under DDP this phase needs ``find_unused_parameters=True``.
+    * Phase 2: MSM logits on the 14×14 RoI features, y = hard straight-through Gumbel-softmax sample
+      (Eq. 2, τ = ``gumbel_tau``), Eq. 3/4 weighted by y, Eq. 5 on the soft probabilities p with the
+      head's measured per-resolution MACs (relative to the 112×112 cost, so C_t is a fraction of the
+      all-112 cost), Eq. 6 on p.
+
+    The phase is read from the persistent buffer ``num_updates`` (calls of ``losses`` so far), so it
+    survives checkpoint/resume. Every branch parameter gets a gradient in phase 2.
+
+    Args:
+        head: the r-FPN head. msm: the MSM, on the same C×14×14 RoI features.
+        num_classes: C, must equal the head's.
+        pooler: ``(features, rois) -> (N, C, 14, 14)`` RoI features; None uses the detector's
+            ``rcnn.pooler.multilevel_roi_align`` (FPN level rule on p2..p5, sampling ratio 0).
+        gumbel_tau: Eq. 2's τ. The paper gives no value; 0.5 is the official code's.
+        budget_target: C_t of Eq. 5, a fraction of the all-112×112 cost (Table 5: 1.0 … 0.4).
+        lambda_edge: λ1 (0.1, §4.1). lambda_reg: λ2 (0.4 in Table 5's −19 % and −54 % models).
+        msm_start_iter: iterations of phase 1 (one epoch in the paper; 0 = MSM from the start).
+        policy: inference resolution policy, a plain attribute that may be changed at any time:
+            "msm" (argmax of the MSM logits, no noise), "size" (Eq. 8 with √(w0·h0) of each RoI's
+            input image), or a fixed side "14" / "28" / "56" / "112".
+        mask_normalizer: "instances" divides the Eq. 3/4 sums over RoIs by P (MMDetection's
+            per-instance mean, which §4.1's "loss functions are set the same as Mask R-CNN" implies);
+            "none" keeps the sums as printed.
+        detach_msm_input: feed the MSM a detached copy of the RoI features. The paper is silent; the
+            official code detaches its MSM input. Detaching keeps the budget/entropy terms and the
+            selection gradient (which are about compute, not segmentation) out of the shared FPN.
+        edge_threshold: threshold of the Laplacian GT edges.
+    """
+
+    resolution_macs: Tensor
+    num_updates: Tensor
+
+    def __init__(self, *, head: DynaMaskHead, msm: MaskSwitchModule, num_classes: int, pooler: Pooler | None = None,
+                 gumbel_tau: float = 0.5, budget_target: float = 1.0, lambda_edge: float = 0.1,
+                 lambda_reg: float = 0.4, msm_start_iter: int = 0, policy: str = "msm",
+                 mask_normalizer: str = "instances", detach_msm_input: bool = True,
+                 edge_threshold: float = 0.1) -> None:
+        super().__init__()
+        if num_classes != head.num_classes:
+            raise ValueError(f"num_classes={num_classes} but the head has {head.num_classes}")
+        if mask_normalizer not in _NORMALIZERS:
+            raise ValueError(f"mask_normalizer must be one of {_NORMALIZERS}, got '{mask_normalizer}'")
+        self.head, self.msm, self.num_classes = head, msm, num_classes
+        self.pooler = pooler
+        self.edges = LaplacianEdges(threshold=edge_threshold)
+        # Loss parameters
+        self.gumbel_tau, self.budget_target = gumbel_tau, budget_target
+        self.lambda_edge, self.lambda_reg = lambda_edge, lambda_reg
+        self.msm_start_iter, self.mask_normalizer = msm_start_iter, mask_normalizer
+        self.detach_msm_input = detach_msm_input
+        # Inference parameters
+        self._check_policy(policy)
+        self.policy = policy
+        # Per-instance cost of exiting at 14/28/56/112 (GMAC), measured on this head; Eq. 5's C.
+        macs = mask_head_macs(head, channels=head.in_channels, num_classes=num_classes)
+        self.register_buffer("resolution_macs", torch.tensor([macs[s] for s in head.sides]), persistent=False)
+        self.msm_gmacs = msm_macs(msm, channels=head.in_channels, input_size=head.sides[0])
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def gmac_per_resolution(self) -> dict[int, float]:
+        """Mask-head GMAC per instance exiting at each side (the MSM's cost not included)."""
+        return {side: float(c) for side, c in zip(self.head.sides, self.resolution_macs.tolist())}
+
+    def overhead_gmac(self) -> float:
+        """GMAC every instance pays whatever its resolution: the MSM."""
+        return self.msm_gmacs
+
+    # ------------------------------------------------------------------ shared
+
+    def _check_policy(self, policy: str) -> None:
+        allowed = ("msm", "size", *(str(s) for s in self.head.sides))
+        if policy not in allowed:
+            raise ValueError(f"policy must be one of {allowed}, got '{policy}'")
+
+    def roi_features(self, features: dict[str, Tensor], rois: Tensor) -> Tensor:
+        """features: FPN maps; rois: (N, 5) → (N, C, 14, 14) RoI features (pooler output)."""
+        if self.pooler is None:
+            return _detector_pool(features, rois, self.head.sides[0])
+        return self.pooler(features, rois)
+
+    @property
+    def msm_active(self) -> bool:
+        """Whether the next ``losses`` call is in phase 2 (MSM on)."""
+        return int(self.num_updates) >= self.msm_start_iter
+
+    # ------------------------------------------------------------------ training
+
+    def losses(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
+               gt_masks: list[Tensor], gt_index: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms for P positive RoIs (see the class docstring); one call = one iteration.
+
+        features: {"p2": (B, C, Hp/4, Wp/4), ...}; rois: (P, 5) input pixels; labels: (P,) GT classes;
+        gt_masks: per image (M_i, h, w) bool; gt_index: (P,) → {"loss_mask", "loss_edge",
+        "loss_budget", "loss_entropy"}: scalars. P = 0 gives zeros connected to every parameter.
+        """
+        msm_on = self.msm_active
+        with torch.no_grad():
+            self.num_updates += 1
+        num_rois = rois.shape[0]
+        if num_rois == 0:
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return {"loss_mask": zero, "loss_edge": zero.clone(), "loss_budget": zero.clone(),
+                    "loss_entropy": zero.clone()}
+
+        roi_feats = self.roi_features(features, rois)
+        mask_logits, edge_logits = self.head.forward_all(roi_feats, features, rois, labels)
+        mask_targets = [roi_mask_targets(gt_masks, rois, gt_index, side) for side in self.head.sides]
+        edge_targets = [self.edges(target) for target in mask_targets]
+        normalizer = float(num_rois) if self.mask_normalizer == "instances" else 1.0
+
+        if msm_on:
+            msm_logits = self.msm(roi_feats.detach() if self.detach_msm_input else roi_feats)   # (P, K)
+            selection = gumbel_softmax_select(msm_logits, tau=self.gumbel_tau, hard=True)
+            probs = msm_logits.float().softmax(dim=1)
+            l_budget = budget_loss(probs, self.resolution_macs, self.budget_target)
+            l_entropy = entropy_loss(probs)
+        else:
+            selection = roi_feats.new_ones((num_rois, self.head.num_resolutions))
+            l_budget = l_entropy = roi_feats.new_zeros((), dtype=torch.float32)
+        l_mask = selected_mask_loss(mask_logits, mask_targets, selection, normalizer=normalizer)
+        l_edge = selected_edge_loss(edge_logits, edge_targets, selection, normalizer=normalizer)
+        return {"loss_mask": l_mask, "loss_edge": self.lambda_edge * l_edge,
+                "loss_budget": self.lambda_reg * l_budget, "loss_entropy": self.lambda_reg * l_entropy}
+
+    # ------------------------------------------------------------------ inference
+
+    def select(self, roi_feats: Tensor, rois: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Resolution index per RoI under ``self.policy``: (N, C, 14, 14), (N, 5) → (N,) int64 in 0..K-1."""
+        self._check_policy(self.policy)
+        if self.policy == "msm":
+            return select_resolution(self.msm(roi_feats))
+        if self.policy == "size":
+            sizes = torch.tensor([float(h * w) ** 0.5 for h, w in image_sizes], dtype=torch.float64,
+                                 device=rois.device)
+            canonical = sizes.index_select(0, rois[:, 0].long())
+            return size_based_resolution(rois[:, 1:], canonical_size=canonical,
+                                         num_choices=self.head.num_resolutions)
+        index = self.head.sides.index(int(self.policy))
+        return torch.full((rois.shape[0],), index, dtype=torch.long, device=rois.device)
+
+    def predict(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
+                image_sizes: list[tuple[int, int]]) -> MaskBranchOutput:
+        """Masks for N detections (rois (N, 5), labels (N,) predicted classes, image_sizes (h, w) per
+        image) → ``MaskBranchOutput``: N probability maps (r_i, r_i) and r_i (N,) int64 in 14/28/56/112."""
+        if rois.shape[0] == 0:
+            return MaskBranchOutput([], torch.zeros((0,), dtype=torch.long, device=rois.device))
+        roi_feats = self.roi_features(features, rois)
+        choice = self.select(roi_feats, rois, image_sizes)
+        logits = self.head.forward_early_exit(roi_feats, features, rois, labels, choice)
+        sides = torch.tensor(self.head.sides, dtype=torch.long, device=rois.device)
+        return MaskBranchOutput([m.sigmoid() for m in logits], sides.index_select(0, choice))
