@@ -57,3 +57,31 @@ def test_dynamask_policy_switch_without_retraining(runs, policy):
     costs = predictor.model.mask_gmac_per_resolution()
     if policy == "14":
         assert metrics["mask_resolution"]["mean_gmac_per_instance"] == pytest.approx(costs[14])
+
+
+def test_bench_commands_json_shapes():
+    from test_cli import dynaseg
+
+    flops = json.loads(dynaseg("bench", "flops", "--config", "dynamask_tiny", "--json").stdout)
+    per_side = flops["mask_head_gmac_per_instance"]
+    assert list(per_side) == ["14", "28", "56", "112"]
+    assert per_side["14"] < per_side["28"] < per_side["56"] < per_side["112"]
+    assert flops["mask_rcnn_28_gmac_per_instance"] > 0
+    timing = json.loads(dynaseg("bench", "maskhead", "--config", "dynamask_tiny", "--policy", "msm", "--mix",
+                                "0.35,0.34,0.21,0.10", "--instances", "20", "--size", "128x128", "--repeats", "1",
+                                "--json").stdout)
+    assert timing["ms_per_instance"] > 0 and timing["resolution_counts"] == {"14": 7, "28": 7, "56": 4, "112": 2}
+    expected = (7 * per_side["14"] + 7 * per_side["28"] + 4 * per_side["56"] + 2 * per_side["112"]) / 20
+    assert timing["gmac_per_instance"] == pytest.approx(expected + flops["per_instance_overhead_gmac"])
+    bad = dynaseg("bench", "maskhead", "--config", "dynamask_tiny", "--mix", "0.5,0.5", check=False)
+    assert bad.returncode != 0 and "--mix" in bad.stderr
+
+
+def test_predict_colours_by_resolution(runs, synth_dir, tmp_path):
+    from test_cli import dynaseg
+
+    result = runs("dynamask_tiny")
+    out = tmp_path / "vis"
+    dynaseg("predict", "--config", result.output_dir / "config.yaml", "--weights", result.weights, "--input",
+            synth_dir / "val" / "000000.png", "--output", out, "--score-threshold", "0", "--color-by", "resolution")
+    assert (out / "000000.png").is_file()

@@ -97,7 +97,7 @@ def _rcnn_synth_cpu(kind: str) -> ExperimentConfig:
         "model.mask_head.conv_dim": 64,
         "model.dynamask.stage_channels": (64, 32, 16, 8), "model.dynamask.msm_conv_channels": 32,
         "model.dynamask.msm_fc_channels": 128, "model.dynamask.msm_start_iter": 600,
-        "model.max_mask_rois_per_image": 24, "solver.base_lr": 0.02,
+        "model.max_mask_rois_per_image": 12, "solver.base_lr": 0.02,
     })
 
 

@@ -110,7 +110,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     if world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # DynaMask's first phase leaves the Mask Switch Module unused.
+        unused = getattr(cfg.model, "kind", "") == "dynamask"
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=unused)
 
     loader = build_train_loader(dataset, batch_size_per_rank=cfg.data.batch_size // world,
                                 num_workers=cfg.data.num_workers, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,

@@ -15,6 +15,7 @@ from dynaseg.modeling.fcos.locations import compute_locations, flatten_levels
 from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers
 from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target, level_size_ranges
 from dynaseg.layers.roi_align import boxes_with_batch_index
+from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import clip_boxes, crop_and_resize, paste_masks, scale_boxes
 
@@ -77,12 +78,8 @@ class BlendMask(nn.Module):
         return self.inference(batch, head, bases)
 
     def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
-        """(B, 3, Hp, Wp) 0-255 → normalised, with the padding set to 0 after normalisation."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        valid = torch.zeros_like(x[:, :1])
-        for i, (h, w) in enumerate(image_sizes):
-            valid[i, :, :h, :w] = 1
-        return x * valid
+        """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
+        return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
     def _locations(self, head: FCOSOutputs) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         sizes = [tuple(x.shape[-2:]) for x in head.cls_logits]

@@ -2,13 +2,13 @@
 
 It fuses an r-FPN region feature L_r (upsampled from the previous r-FPN stage) with the RoI crop
 P_i of an i-FPN level at the same size, using two deformable convolutions (DCNv1, the paper's
-[8]; ``torchvision.ops.DeformConv2d`` with no modulation mask).
+[8]; torchvision's op via ``layers/deform_conv.py``, no modulation mask).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d
+from dynaseg.layers.deform_conv import DeformConv2d
 
 from dynaseg.layers.norm import get_norm
 

@@ -14,6 +14,7 @@ from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois
 from dynaseg.modeling.rcnn.rpn import RPN
+from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import clip_boxes, paste_masks, scale_boxes
 
@@ -83,12 +84,8 @@ class TwoStageDetector(nn.Module):
         return self.inference(batch, features, proposals)
 
     def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
-        """(B, 3, Hp, Wp) 0-255 → normalised, with the padding set to 0 after normalisation."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        valid = torch.zeros_like(x[:, :1])
-        for i, (h, w) in enumerate(image_sizes):
-            valid[i, :, :h, :w] = 1
-        return x * valid
+        """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
+        return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
     def losses(self, batch: Batch, features: dict[str, Tensor], proposals: list[Tensor],
                rpn_losses: dict[str, Tensor]) -> dict[str, Tensor]:

