@@ -93,7 +93,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
     autocast, scaler = _autocast(device, cfg.solver.amp)
-    start_iter = 0
+    start_iter, resume_rng = 0, None
     if resume:
         last = find_last_checkpoint(out)
         if last is None:
@@ -105,6 +105,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
+            resume_rng = state.get("rng")
             start_iter = int(state["iteration"])
             logger.info("resumed from %s at iteration %d", last, start_iter)
     if world > 1:
@@ -124,8 +125,9 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
 
     def checkpoint(iteration: int) -> None:
         if main:
+            # The global RNG drives RoI sampling and Gumbel noise: saving it makes resumes exact.
             state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict()}
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             save_training_state(out, iteration, state)
@@ -134,6 +136,8 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="train", disable=not main, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 15)
     data_iter = iter(loader)
+    if resume_rng is not None:   # after iter(loader), which draws a seed from the global RNG
+        torch.set_rng_state(resume_rng)
     start = time.perf_counter()
     for iteration in range(start_iter, cfg.solver.max_iter):
         batch = next(data_iter).to(device, memory_format=memory_format)
