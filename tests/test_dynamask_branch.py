@@ -8,7 +8,7 @@ from dynaseg.layers.roi_align import roi_align_aligned
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
 from dynaseg.layers.flop_count import count_gmacs
 from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
-from dynaseg.modeling.dynamask.head import DynaMaskHead
+from dynaseg.modeling.dynamask.head import DynaMaskHead, project_level_first
 from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, combine_losses, entropy_loss,
                                               selected_edge_loss, selected_mask_loss)
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
@@ -43,10 +43,10 @@ def _branch(**kwargs) -> DynaMaskBranch:
     return DynaMaskBranch(head=head, msm=msm, num_classes=NUM_CLASSES, pooler=_pooler, **kwargs)
 
 
-def _features(seed=0, requires_grad=False):
-    """Random P2..P5 of a batch of two 64×64 images (strides 4..32)."""
+def _features(seed=0, requires_grad=False, image=IMAGE):
+    """Random P2..P5 of a batch of two image×image images (strides 4..32)."""
     g = torch.Generator().manual_seed(seed)
-    return {f"p{l}": torch.randn(2, C, IMAGE >> l, IMAGE >> l, generator=g).requires_grad_(requires_grad)
+    return {f"p{l}": torch.randn(2, C, image >> l, image >> l, generator=g).requires_grad_(requires_grad)
             for l in range(2, 6)}
 
 
@@ -141,6 +141,21 @@ def test_crops_sample_each_level_at_its_own_stride():
     assert _head().crop(0, features, rois).shape[-1] == 28          # the paper's order crops at 2·r_s
 
 
+def test_lateral_then_crop_equals_crop_then_lateral_for_boxes_inside_the_image():
+    """lateral_crop picks the cheaper order by pixel count; both orders give the same crop."""
+    head, features = _head(), _features(seed=3)
+    for s in range(3):
+        block, side = head.stages[s], head.crop_sides[s]
+        torch.nn.init.normal_(block.lateral.bias)                   # the bias must commute too
+        crop_first = torch.relu(block.lateral(head.crop(s, features, ROIS)))
+        level = features[head.stage_levels[s]]
+        project_first = torch.relu(head.crop(s, {head.stage_levels[s]: block.lateral(level)}, ROIS))
+        assert torch.allclose(crop_first, project_first, atol=1e-5)
+        assert torch.allclose(head.lateral_crop(s, features, ROIS), crop_first, atol=1e-5)
+    assert project_level_first(8, 112, torch.Size((2, 256, 50, 76)))        # training: many RoIs
+    assert not project_level_first(3, 112, torch.Size((1, 256, 200, 304)))  # inference: few reach 112
+
+
 def test_reducing_before_upsampling_equals_upsampling_before_reducing():
     """The stage reduces channels at r_s, then upsamples: the same as upsample-then-1×1, 4× cheaper."""
     block = _head(fuse_after_upsample=False).stages[0]
@@ -159,8 +174,9 @@ def test_costs_are_measured_increasing_and_not_checkpointed():
     assert "resolution_macs" not in branch.state_dict()
     # L_tiny = 3×3 C→16 and 16→16 at 14²; the 14×14 exit adds the label-picked 1×1 (16 MACs per pixel)
     assert macs[0].item() == pytest.approx((16 * 16 * 9 * 196 * 2 + 16 * 196) / 1e9, rel=1e-6)
-    # the sum of pieces equals counting the early-exit path itself
-    features, roi = _features(), ROIS[:1]
+    # the sum of pieces equals counting the early-exit path itself (an image large enough that
+    # the head crops before its lateral conv, as it does for one RoI at inference)
+    features, roi = _features(image=512), ROIS[:1]
     roi_feats = _pooler(features, roi)
     for k in range(4):
         choice = torch.tensor([k])

@@ -41,7 +41,9 @@ def mask_head_macs(head: nn.Module, *, channels: int, num_classes: int) -> dict[
 
     Exiting at r_k runs what ``head.forward_early_exit`` runs for that instance: L_tiny, stages
     0..k-1 (crops counted as 0) and the mask predictor at k. Each piece is counted once on one dummy
-    RoI (one pass through the head instead of K) and the pieces are summed. The 14×14 RoI pooling
+    RoI (one pass through the head instead of K) and the pieces are summed. The lateral 1×1 conv is
+    counted on the RoI's own crop (its marginal cost; with many RoIs the head may project the whole
+    level once instead, which is cheaper in total). The 14×14 RoI pooling
     before the head and the MSM are not included (see ``msm_macs``).
 
     head: a ``DynaMaskHead``; channels: its input width C; num_classes: its class count
@@ -57,7 +59,7 @@ def mask_head_macs(head: nn.Module, *, channels: int, num_classes: int) -> dict[
         for k, side in enumerate(head.sides):
             costs[side] = path + count_gmacs(lambda: head.mask_logits_at(k, region, labels))[0]
             if k < head.num_resolutions - 1:
-                stage_cost, region = count_gmacs(lambda: head.stage(k, region, features, rois))
+                stage_cost, region = count_gmacs(lambda: head.stage(k, region, features, rois, project_first=False))
                 path += stage_cost
     return costs
 

@@ -19,7 +19,7 @@ from dynaseg.layers.norm import get_norm
 from dynaseg.layers.roi_align import roi_align_aligned
 from dynaseg.modeling.dynamask.fam import FeatureAggregationModule
 
-__all__ = ["DynaMaskHead"]
+__all__ = ["DynaMaskHead", "project_level_first"]
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
@@ -36,6 +36,11 @@ def _level_stride(level: str) -> int:
     if not (level.startswith("p") and level[1:].isdigit()):
         raise ValueError(f"FPN level names look like 'p2'..'p5', got '{level}'")
     return 2 ** int(level[1:])
+
+
+def project_level_first(num_rois: int, crop_side: int, level_shape: torch.Size) -> bool:
+    """Whether a 1×1 conv costs less on the whole level (B, C, H, W) than on N crops of side² pixels."""
+    return num_rois * crop_side * crop_side > level_shape[0] * level_shape[2] * level_shape[3]
 
 
 class _InstanceLogits(nn.Module):
@@ -171,14 +176,32 @@ class DynaMaskHead(nn.Module):
         return roi_align_aligned(features[self.stage_levels[s]], rois, output_size=self.crop_sides[s],
                                  spatial_scale=1.0 / self.strides[s], sampling_ratio=self.crop_sampling_ratio)
 
-    def stage(self, s: int, region: Tensor, features: dict[str, Tensor], rois: Tensor) -> Tensor:
-        """Stage s: L at r_s (N, w_s, r_s, r_s) and its N RoIs → L at 2·r_s (N, w_{s+1}, 2r_s, 2r_s)."""
+    def lateral_crop(self, s: int, features: dict[str, Tensor], rois: Tensor,
+                     project_first: bool | None = None) -> Tensor:
+        """ReLU(lateral(P_i crop)) of stage s: (N, w, crop_sides[s], crop_sides[s]).
+
+        RoIAlign is a per-channel weighted sum of pixels whose weights sum to 1 for boxes inside the
+        image, so it commutes exactly with the 1×1 lateral conv (bias included). The cheaper order is
+        taken: crop C channels per RoI, or project the whole level once and crop only w channels
+        (training, with many RoIs and C ≫ w, is several times faster this way). ``project_first``
+        forces an order (None: the cheaper one).
+        """
+        block, level, side = self.stages[s], features[self.stage_levels[s]], self.crop_sides[s]
+        if project_first is None:
+            project_first = project_level_first(rois.shape[0], side, level.shape)
+        if not project_first:
+            return torch.relu(block.lateral(self.crop(s, features, rois)))
+        projected = {self.stage_levels[s]: block.lateral(level)}
+        return torch.relu(self.crop(s, projected, rois))
+
+    def stage(self, s: int, region: Tensor, features: dict[str, Tensor], rois: Tensor,
+              project_first: bool | None = None) -> Tensor:
+        """Stage s: L at r_s (N, w_s, r_s, r_s) and its N RoIs → L at 2·r_s (N, w_{s+1}, 2r_s, 2r_s).
+        ``project_first``: see ``lateral_crop``."""
         block = self.stages[s]
         if self.fuse_after_upsample:
-            region = block.upsample(region)
-            return block.fam(region, torch.relu(block.lateral(self.crop(s, features, rois))))
-        region = block.fam(region, torch.relu(block.lateral(self.crop(s, features, rois))))
-        return block.upsample(region)
+            return block.fam(block.upsample(region), self.lateral_crop(s, features, rois, project_first))
+        return block.upsample(block.fam(region, self.lateral_crop(s, features, rois, project_first)))
 
     def mask_logits_at(self, k: int, region: Tensor, labels: Tensor) -> Tensor:
         """Mask logits at resolution k: L (N, w_k, r_k, r_k), labels (N,) → (N, r_k, r_k)."""
