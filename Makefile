@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	# Test-only oracle for PQ (the COCO panoptic API); its metadata pins numpy<2, which it does not need.
+	$(BIN)/python -m pip install -q --no-deps panopticapi-lite==0.2.0
 	touch $(STAMP)
 
 install: $(STAMP)

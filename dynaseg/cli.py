@@ -41,6 +41,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         if result.metrics:
             print(format_metrics_table(result.metrics))
+            if "panoptic" in result.metrics:
+                from dynaseg.evaluation.panoptic import format_panoptic_table
+                print(format_panoptic_table(result.metrics["panoptic"]))
             if "mask_resolution" in result.metrics:
                 from dynaseg.evaluation.resolutions import format_resolution_table
                 print(format_resolution_table(result.metrics["mask_resolution"]))
@@ -48,9 +51,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_PANOPTIC_FLAGS = (("gt_json", "--gt-json"), ("gt_dir", "--gt-dir"), ("pred_json", "--pred-json"),
+                   ("pred_dir", "--pred-dir"))
+
+
+def _cmd_eval_panoptic(args: argparse.Namespace) -> int:
+    """``eval --panoptic``: COCO panoptic PQ of prediction files; --json prints one JSON object."""
+    import math
+
+    from dynaseg.evaluation.panoptic import format_panoptic_table, pq_compute
+
+    missing = [flag for attr, flag in _PANOPTIC_FLAGS if not getattr(args, attr)]
+    if missing:
+        raise UserError("--panoptic needs --gt-json, --gt-dir, --pred-json and --pred-dir "
+                        f"(missing {', '.join(missing)})")
+    metrics = pq_compute(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+    if args.json:
+        def finite(v):  # strict JSON: undefined numbers (no gt, no prediction) become null
+            if isinstance(v, dict):
+                return {k: finite(x) for k, x in v.items()}
+            return None if isinstance(v, float) and math.isnan(v) else v
+        print(json.dumps(finite(metrics), allow_nan=False))
+    else:
+        print(format_panoptic_table(metrics))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
 
+    if args.panoptic:
+        return _cmd_eval_panoptic(args)
+    used = [flag for attr, flag in _PANOPTIC_FLAGS if getattr(args, attr)]
+    if used:
+        raise UserError(f"{', '.join(used)} go with --panoptic")
     if args.gt or args.results:
         if not (args.gt and args.results):
             raise UserError("--gt and --results go together")
@@ -75,12 +109,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if "mask_resolution" in metrics and not args.json:
             from dynaseg.evaluation.resolutions import format_resolution_table
             print(format_resolution_table(metrics["mask_resolution"]))
+        panoptic = metrics.get("panoptic")
+        if panoptic is not None and not args.json:
+            from dynaseg.evaluation.panoptic import format_panoptic_table
+            print(format_panoptic_table(panoptic))
         metrics = {t: metrics[t] for t in args.iou_types if t in metrics}
+        if panoptic is not None:
+            metrics["panoptic"] = panoptic
         if not args.json:
             print(f"wrote {out / 'results_val.json'} and {out / 'metrics.json'}", file=sys.stderr)
     if args.json:
         print(json.dumps({t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}))
     else:
+        metrics = {t: m for t, m in metrics.items() if t != "panoptic"}
         print(format_metrics_table(metrics))
         for iou_type in metrics:
             print(format_per_class_table(metrics, iou_type))
@@ -88,13 +129,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import itertools
+
     from dynaseg.config.presets import load_config
     from dynaseg.data.image_io import read_image
     from dynaseg.inference.predictor import Predictor
-    from dynaseg.inference.visualize import save_overlay
+    from dynaseg.inference.visualize import save_overlay, save_panoptic_overlay
+    from dynaseg.structures.panoptic import PanopticSegmentation
 
     cfg = load_config(args.config, args.overrides)
     predictor = Predictor(cfg, args.weights)
+    if predictor.is_panoptic and args.color_by == "resolution":
+        raise UserError("--color-by resolution needs a two-stage instance model, not a panoptic one")
     source = Path(args.input)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"))
@@ -107,21 +153,51 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     from dynaseg.evaluation.coco import CategoryMap, instances_to_coco_results
+    from dynaseg.evaluation.panoptic_io import panoptic_to_coco, write_panoptic_predictions
     category_map = CategoryMap(category_ids=predictor.category_ids, names=predictor.class_names)
+    # Stuff categories: from the weights' metadata, else numbered on from the thing ids.
+    num_stuff = max(len(predictor.stuff_category_ids), len(predictor.stuff_names),
+                    getattr(predictor.cfg.model, "num_stuff_classes", 0))
+    first_stuff_id = max(predictor.category_ids, default=0) + 1
+    stuff_ids = predictor.stuff_category_ids or list(range(first_stuff_id, first_stuff_id + num_stuff))
+    stuff_names = predictor.stuff_names or [f"stuff_{i}" for i in range(num_stuff)]
+    categories = ([{"id": c, "name": n, "isthing": 1} for c, n in zip(predictor.category_ids, predictor.class_names)]
+                  + [{"id": c, "name": n, "isthing": 0} for c, n in zip(stuff_ids, stuff_names)])
     results = []
     from tqdm import tqdm
-    for image_id, path in enumerate(tqdm(files, desc="predict", mininterval=5), start=1):
-        image = read_image(path)
-        instances = predictor(image)
-        instances = instances[instances.scores >= args.score_threshold]
-        for r in instances_to_coco_results(instances, image_id, category_map):
-            results.append({**r, "file_name": path.name})
-        style = {}
-        if args.color_by == "resolution":
-            style = resolution_style(instances, path)
-        save_overlay(out / f"{path.stem}.png", image, instances, predictor.class_names, **style)
+
+    def predict_all():
+        """Segment every image: overlays written, thing detections into ``results``; yields the
+        (annotation, png) of each panoptic prediction (the panoptic map is final: no threshold)."""
+        for image_id, path in enumerate(tqdm(files, desc="predict", mininterval=5), start=1):
+            image = read_image(path)
+            prediction = predictor(image)
+            panoptic = isinstance(prediction, PanopticSegmentation)
+            instances = prediction.instances if panoptic else prediction
+            if instances is not None:
+                instances = instances[instances.scores >= args.score_threshold]
+                for r in instances_to_coco_results(instances, image_id, category_map):
+                    results.append({**r, "file_name": path.name})
+            if panoptic:
+                png, ann = panoptic_to_coco(prediction, image_id=image_id, file_name=path.name,
+                                            thing_category_ids=predictor.category_ids, stuff_category_ids=stuff_ids)
+                yield ann, png
+                save_panoptic_overlay(out / f"{path.stem}.png", image, prediction,
+                                      thing_names=predictor.class_names, stuff_names=stuff_names)
+            else:
+                style = resolution_style(instances, path) if args.color_by == "resolution" else {}
+                save_overlay(out / f"{path.stem}.png", image, instances, predictor.class_names, **style)
+
+    # Instance models run to the end in next(); panoptic ones stream their PNGs to disk.
+    steps = predict_all()
+    first = next(steps, None)
+    if first is not None:
+        write_panoptic_predictions(itertools.chain([first], steps), json_path=out / "panoptic.json",
+                                   png_dir=out / "panoptic", categories=categories)
     (out / "results.json").write_text(json.dumps(results))
     print(f"wrote {len(files)} overlays and {out / 'results.json'} ({len(results)} instances)")
+    if first is not None:
+        print(f"wrote {out / 'panoptic.json'} and its PNGs in {out / 'panoptic'}")
     return 0
 
 
@@ -231,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="COCO box/mask AP of a model, or of an existing results file")
+    p = sub.add_parser("eval", help="COCO box/mask AP of a model, or of an existing results file "
+                       "(--panoptic: PQ of COCO panoptic prediction files)")
     _add_config(p, required=False)
     p.add_argument("--weights", help="model weights (.safetensors)")
     p.add_argument("--output", help="folder for results_val.json and metrics.json (default: output_dir)")
@@ -239,9 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="COCO results JSON (file mode)")
     p.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    p.add_argument("--panoptic", action="store_true",
+                   help="COCO panoptic PQ of prediction files (with --gt-json, --gt-dir, --pred-json, --pred-dir)")
+    p.add_argument("--gt-json", help="COCO panoptic ground-truth JSON (--panoptic)")
+    p.add_argument("--gt-dir", help="folder of the ground-truth panoptic PNGs (--panoptic)")
+    p.add_argument("--pred-json", help="COCO panoptic predictions JSON (--panoptic)")
+    p.add_argument("--pred-dir", help="folder of the predicted panoptic PNGs (--panoptic)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="segment images: overlay PNGs and COCO results JSON")
+    p = sub.add_parser("predict", help="segment images: overlay PNGs and COCO results JSON "
+                       "(panoptic models: also COCO panoptic PNGs and panoptic.json)")
     _add_config(p)
     p.add_argument("--weights", required=True)
     p.add_argument("--input", required=True, help="an image or a folder of images")

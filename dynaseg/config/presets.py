@@ -8,12 +8,13 @@ from typing import Callable
 import yaml
 
 from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict, to_dict, with_overrides
-from dynaseg.config.schema import ExperimentConfig, RCNNConfig, SolverConfig
+from dynaseg.config.schema import DR1MaskConfig, ExperimentConfig, RCNNConfig, SolverConfig
 
 __all__ = ["PRESETS", "load_config", "save_config"]
 
-# Synthetic dataset: 7 thing classes (see dynaseg/data/synthetic.py).
+# Synthetic dataset: 7 thing classes and 2 stuff classes (see dynaseg/data/synthetic.py).
 _SYNTH_CLASSES = 7
+_SYNTH_STUFF_CLASSES = 2
 
 
 def blendmask_r50_fpn_1x() -> ExperimentConfig:
@@ -134,6 +135,62 @@ def dynamask_tiny() -> ExperimentConfig:
     return _rcnn_tiny("dynamask")
 
 
+def dr1mask_r50_fpn_1x() -> ExperimentConfig:
+    """DR1Mask R50 1x (paper §4.1): BlendMask's schedule (bs16, LR 0.01, 90k), C_F = 32, factored attention."""
+    return ExperimentConfig(model=DR1MaskConfig(), output_dir="runs/dr1mask_r50_fpn_1x")
+
+
+def dr1mask_panoptic_r50_fpn_1x() -> ExperimentConfig:
+    """Panoptic DR1Mask R50 1x on COCO panoptic: 53 stuff classes, C_F = 64, vector embedding (Table 7)."""
+    return with_overrides(dr1mask_r50_fpn_1x(), {
+        "model.num_stuff_classes": 53, "model.dr1.basis_channels": 64, "model.dr1.attention": "vector",
+        "model.dr1.semantic_loss_weight": 0.0,
+        "data.panoptic_train_json": "datasets/coco/annotations/panoptic_train2017.json",
+        "data.panoptic_train_dir": "datasets/coco/annotations/panoptic_train2017",
+        "data.panoptic_val_json": "datasets/coco/annotations/panoptic_val2017.json",
+        "data.panoptic_val_dir": "datasets/coco/annotations/panoptic_val2017",
+        "output_dir": "runs/dr1mask_panoptic_r50_fpn_1x",
+    })
+
+
+def dr1mask_r18_synth_cpu() -> ExperimentConfig:
+    """DR1Mask with the demo's backbone, FCOS, data and schedule (same budget as blendmask_r18_synth_cpu)."""
+    base = blendmask_r18_synth_cpu()
+    cfg = ExperimentConfig(model=DR1MaskConfig(), data=base.data, solver=base.solver, device="cpu",
+                           channels_last=True, output_dir="runs/dr1mask_r18_synth_cpu")
+    return with_overrides(cfg, {
+        "model.num_classes": _SYNTH_CLASSES, "model.backbone": to_dict(base.model.backbone),
+        "model.fcos": to_dict(base.model.fcos), "model.dr1.semantic_channels": 32,
+    })
+
+
+def dr1mask_panoptic_r18_synth_cpu() -> ExperimentConfig:
+    """Panoptic DR1Mask on the synthetic set's panoptic annotations (2 stuff classes: sky, ground)."""
+    return with_overrides(dr1mask_r18_synth_cpu(), {
+        "model.num_stuff_classes": _SYNTH_STUFF_CLASSES, "model.dr1.basis_channels": 64,
+        "model.dr1.attention": "vector", "model.dr1.semantic_loss_weight": 0.0,
+        "output_dir": "runs/dr1mask_panoptic_r18_synth_cpu",
+    })
+
+
+def _dr1mask_tiny(cfg: ExperimentConfig, output_dir: str) -> ExperimentConfig:
+    tiny = blendmask_tiny()
+    cfg = dataclasses.replace(cfg, data=tiny.data, solver=tiny.solver)
+    return with_overrides(cfg, {
+        "model.backbone.width": 8, "model.backbone.fpn_channels": 32, "model.fcos.num_convs": 1,
+        "model.dr1.basis_channels": 16, "model.dr1.resolution": 28, "model.dr1.attention_size": 7,
+        "model.dr1.semantic_channels": 16, "output_dir": output_dir,
+    })
+
+
+def dr1mask_tiny() -> ExperimentConfig:
+    return _dr1mask_tiny(dr1mask_r18_synth_cpu(), "runs/dr1mask_tiny")
+
+
+def dr1mask_panoptic_tiny() -> ExperimentConfig:
+    return _dr1mask_tiny(dr1mask_panoptic_r18_synth_cpu(), "runs/dr1mask_panoptic_tiny")
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "blendmask_r50_fpn_1x": blendmask_r50_fpn_1x,
     "blendmask_r50_fpn_3x": blendmask_r50_fpn_3x,
@@ -146,6 +203,12 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "dynamask_r18_synth_cpu": dynamask_r18_synth_cpu,
     "mask_rcnn_tiny": mask_rcnn_tiny,
     "dynamask_tiny": dynamask_tiny,
+    "dr1mask_r50_fpn_1x": dr1mask_r50_fpn_1x,
+    "dr1mask_panoptic_r50_fpn_1x": dr1mask_panoptic_r50_fpn_1x,
+    "dr1mask_r18_synth_cpu": dr1mask_r18_synth_cpu,
+    "dr1mask_panoptic_r18_synth_cpu": dr1mask_panoptic_r18_synth_cpu,
+    "dr1mask_tiny": dr1mask_tiny,
+    "dr1mask_panoptic_tiny": dr1mask_panoptic_tiny,
 }
 
 

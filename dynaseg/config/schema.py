@@ -11,6 +11,7 @@ from typing import Literal
 __all__ = [
     "BackboneConfig", "FCOSConfig", "BasisConfig", "BlenderConfig", "BlendMaskConfig",
     "RPNConfig", "BoxHeadConfig", "FCNMaskHeadConfig", "DynaMaskHeadConfig", "RCNNConfig",
+    "DR1HeadConfig", "DR1MaskConfig",
     "DataConfig", "SolverConfig", "ExperimentConfig",
 ]
 
@@ -157,6 +158,48 @@ class RCNNConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DR1HeadConfig:
+    """DR1Mask's top layer, DR1Basis, instance predictor and panoptic layer (paper §3)."""
+
+    basis_channels: int = 32             # C_F: 32 for instances, 64 for panoptic (paper Table 6)
+    basis_norm: Norm = "BN"
+    aligned_upsample: bool = True        # ×2 aligned with strided convs + crop (Table 5); False: bilinear resize
+    dynamic_factors: Literal["both", "pre", "post", "none"] = "both"   # Table 1 ablation: A, B, both, neither
+    context_position: Literal["box_tower", "cls_tower", "fpn"] = "box_tower"   # Table 3 ablation
+    attention: Literal["factored", "full", "vector"] = "factored"      # Table 4 (panoptic: vector, Table 7)
+    num_bases: int = 4                   # K
+    attention_size: int = 14             # M
+    attention_rank: int = 4              # D of Eq. 8
+    resolution: int = 56                 # R, RoIAlign of the basis
+    sampling_ratio: int = 1
+    mask_loss_weight: float = 1.0
+    mask_threshold: float = 0.5
+    semantic_loss_weight: float = 0.3    # BlendMask's auxiliary thing-semantic head on P3 (0: off)
+    semantic_channels: int = 128
+    panoptic_loss_weight: float = 1.0
+    # Panoptic inference
+    panoptic_score_threshold: float = 0.3   # detections that become thing rows of the panoptic layer
+    panoptic_restrict_to_boxes: bool = False  # thing maps count only inside their box (not in the paper)
+    panoptic_min_stuff_area: int = 0     # stuff segments smaller than this become void (pixels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DR1MaskConfig:
+    """DR1Mask on FCOS: instance segmentation, plus panoptic with ``num_stuff_classes > 0``."""
+
+    kind: Literal["dr1mask"] = "dr1mask"
+    num_classes: int = 80                # thing classes
+    num_stuff_classes: int = 0           # S; 0 = instance segmentation only (COCO panoptic: 53)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone_weights: str = ""
+    fcos: FCOSConfig = field(default_factory=FCOSConfig)
+    dr1: DR1HeadConfig = field(default_factory=DR1HeadConfig)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 4           # paper §3.3: 4 with aligned upsampling instead of 32
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train_json: str = "datasets/synth/annotations/instances_train.json"
     train_images: str = "datasets/synth/train"
@@ -171,6 +214,11 @@ class DataConfig:
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
     max_instances: int = 0               # cap per training image (largest kept); 0 = no cap
+    # COCO panoptic annotations (panoptic models): JSON + folder of PNGs per split
+    panoptic_train_json: str = "datasets/synth/annotations/panoptic_train.json"
+    panoptic_train_dir: str = "datasets/synth/annotations/panoptic_train"
+    panoptic_val_json: str = "datasets/synth/annotations/panoptic_val.json"
+    panoptic_val_dir: str = "datasets/synth/annotations/panoptic_val"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +242,7 @@ class SolverConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    model: BlendMaskConfig | RCNNConfig = field(default_factory=BlendMaskConfig)
+    model: BlendMaskConfig | RCNNConfig | DR1MaskConfig = field(default_factory=BlendMaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     output_dir: str = "runs/default"

@@ -45,6 +45,8 @@ class Sample:
         image_id: COCO image id.
         original_size: (H, W) as stored on disk.
         file_name: absolute image path.
+        sem_seg: (h, w) int64 semantic map at the transformed size (panoptic data: contiguous stuff
+            id, or ``IGNORE_LABEL`` = 255 on void, crowd and thing pixels); None for instance data.
     """
 
     image: Tensor
@@ -52,6 +54,7 @@ class Sample:
     image_id: int
     original_size: tuple[int, int]
     file_name: str
+    sem_seg: Tensor | None = None
 
 
 def derive_seed(*values: int) -> int:
@@ -151,6 +154,8 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _to_sample(rec: ImageRecord, sample: dict[str, Any]) -> Sample:
+        """Transformed sample dict -> :class:`Sample`; an optional ``sem_seg`` (h, w) map must have
+        followed the image through the transforms."""
         image = sample["image"].as_subclass(Tensor)
         size = (int(image.shape[-2]), int(image.shape[-1]))
         target = Instances(
@@ -159,5 +164,11 @@ class InstanceDataset(torch.utils.data.Dataset):
             labels=sample["labels"].as_subclass(Tensor).long(),
             masks=sample["masks"].as_subclass(Tensor).bool(),
         )
+        sem_seg = sample.get("sem_seg")
+        if sem_seg is not None:
+            sem_seg = sem_seg.as_subclass(Tensor).long()
+            if tuple(sem_seg.shape) != size:
+                raise ValueError(f"{rec.file_name}: sem_seg is {tuple(sem_seg.shape)} after the transforms "
+                                 f"but the image is {size}; pass it as a tv_tensors.Mask")
         return Sample(image=image, target=target, image_id=rec.image_id,
-                      original_size=(rec.height, rec.width), file_name=rec.file_name)
+                      original_size=(rec.height, rec.width), file_name=rec.file_name, sem_seg=sem_seg)

@@ -6,12 +6,14 @@ A sample is a dict::
      "boxes": tv_tensors.BoundingBoxes (N, 4) XYXY float32, canvas_size=(H, W),
      "masks": tv_tensors.Mask (N, H, W) bool,
      "labels": Tensor (N,) int64,
-     "iscrowd": Tensor (N,) bool (optional)}
+     "iscrowd": Tensor (N,) bool (optional),
+     "sem_seg": tv_tensors.Mask (H, W) uint8 (optional, panoptic data: one label per pixel)}
 
 v2 moves image, boxes and masks together (masks with nearest-neighbour sampling) and passes the
-plain ``labels`` / ``iscrowd`` tensors through; :class:`~torchvision.transforms.v2.SanitizeBoundingBoxes`
-keeps them aligned when boxes are removed. All randomness comes from torch's global RNG, which the
-dataset seeds per sample.
+plain ``labels`` / ``iscrowd`` tensors through; :class:`SanitizeInstances` keeps them aligned when
+boxes are removed. ``sem_seg`` is a per-pixel map, not a per-instance field (``DENSE_KEYS``): it is
+resized (nearest) and flipped with the image but never filtered with the boxes. All randomness comes
+from torch's global RNG, which the dataset seeds per sample.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "ResizeShortestEdge", "build_train_transforms", "build_test_transforms", "resized_shape",
-    "ALIGNED_KEYS",
+    "ResizeShortestEdge", "SanitizeInstances", "build_train_transforms", "build_test_transforms",
+    "resized_shape", "ALIGNED_KEYS", "DENSE_KEYS",
 ]
 
 ALIGNED_KEYS = ("labels", "iscrowd")  # per-instance plain tensors kept aligned with the boxes
+DENSE_KEYS = ("sem_seg",)  # per-pixel tv_tensors.Mask maps: transformed with the image, never sanitised
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -91,14 +94,29 @@ def _aligned_tensors(sample: Any) -> tuple[Tensor, ...]:
     return tuple(sample[k] for k in ALIGNED_KEYS if k in sample)
 
 
+class SanitizeInstances(v2.SanitizeBoundingBoxes):
+    """``SanitizeBoundingBoxes`` that leaves the dense maps of ``DENSE_KEYS`` untouched.
+
+    The parent indexes every ``tv_tensors.Mask`` with the (N,) keep-mask of the boxes, which is right
+    for (N, H, W) instance masks and wrong for an (H, W) semantic map, so those are set aside.
+    """
+
+    def forward(self, *inputs: Any) -> Any:
+        sample = inputs[0] if len(inputs) == 1 else None
+        if not isinstance(sample, dict) or not any(k in sample for k in DENSE_KEYS):
+            return super().forward(*inputs)
+        out = super().forward({k: v for k, v in sample.items() if k not in DENSE_KEYS})
+        return {k: sample[k] if k in DENSE_KEYS else out[k] for k in sample}
+
+
 def build_train_transforms(min_sizes: Sequence[int], max_size: int, hflip_prob: float) -> v2.Compose:
     """Random short side in ``min_sizes`` (long side <= ``max_size``), horizontal flip with
     ``hflip_prob``, then drop boxes narrower/shorter than 1 px (or under 1 px^2) with their masks,
-    labels and crowd flags."""
+    labels and crowd flags (a ``sem_seg`` map is resized and flipped, not filtered)."""
     ops: list[v2.Transform] = [ResizeShortestEdge(tuple(min_sizes), max_size)]
     if hflip_prob > 0:
         ops.append(v2.RandomHorizontalFlip(p=hflip_prob))
-    ops += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_aligned_tensors)]
+    ops += [v2.ClampBoundingBoxes(), SanitizeInstances(min_size=1, labels_getter=_aligned_tensors)]
     return v2.Compose(ops)
 
 

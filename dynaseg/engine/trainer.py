@@ -15,10 +15,8 @@ from tqdm import tqdm
 
 from dynaseg.config.presets import save_config
 from dynaseg.config.schema import ExperimentConfig
-from dynaseg.data.coco import load_coco_instances
-from dynaseg.data.dataset import InstanceDataset
+from dynaseg.data.build import build_dataset, dataset_metadata, load_split
 from dynaseg.data.samplers import build_train_loader
-from dynaseg.data.transforms import build_train_transforms
 from dynaseg.engine import distributed as dist_utils
 from dynaseg.engine.checkpoint import (find_last_checkpoint, load_training_state, save_training_state,
                                        save_weights)
@@ -77,15 +75,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
         # Multi-threaded CPU kernels (e.g. index_put with accumulation) otherwise sum in varying order.
         torch.use_deterministic_algorithms(True)
 
-    data = load_coco_instances(cfg.data.train_json, cfg.data.train_images)
-    if len(data.class_names) != cfg.model.num_classes:
-        raise ValueError(f"{cfg.data.train_json}: {len(data.class_names)} categories but model.num_classes="
-                         f"{cfg.model.num_classes}; set model.num_classes={len(data.class_names)}")
+    data = load_split(cfg, "train")
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} processes")
-    dataset = InstanceDataset(data, build_train_transforms(cfg.data.min_size_train, cfg.data.max_size_train,
-                                                           cfg.data.hflip_prob),
-                              train=True, max_instances=cfg.data.max_instances, seed=cfg.seed)
+    dataset = build_dataset(cfg, data, train=True)
 
     model = build_model(cfg.model).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -121,7 +114,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
                                 seed=cfg.seed, rank=rank, world_size=world, start_iter=start_iter,
                                 size_divisibility=cfg.model.size_divisibility)
     events = EventWriter(out, start_iter=start_iter) if main else None
-    weights_meta = {"class_names": data.class_names, "category_ids": data.category_ids, "model": cfg.model.kind}
+    weights_meta = {**dataset_metadata(data), "model": cfg.model.kind}
 
     def checkpoint(iteration: int) -> None:
         if main:
@@ -177,7 +170,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
         if cfg.solver.eval_period and done % cfg.solver.eval_period == 0 and done < cfg.solver.max_iter and cfg.data.val_json:
             metrics = evaluate_model(cfg, _unwrap(model), device)
             if main:
-                events.write(done, {f"{t}/{k}": metrics[t][k] for t in ("bbox", "segm") for k in metrics[t] if k != "per_class"})
+                events.write(done, _metric_scalars(metrics))
     bar.close()
     checkpoint(cfg.solver.max_iter)
     weights = out / "model_final.safetensors"
@@ -190,6 +183,16 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
         events.close()
         _plot_history(out)
     return TrainingResult(output_dir=out, weights=weights, metrics=metrics)
+
+
+def _metric_scalars(metrics: dict) -> dict[str, float]:
+    """Flat scalars for the event log: bbox/AP…, segm/AP…, panoptic/PQ, panoptic/PQ_Things…"""
+    out = {f"{t}/{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t].items() if k != "per_class"}
+    for group, values in metrics.get("panoptic", {}).items():
+        if group != "per_class":
+            suffix = "" if group == "All" else f"_{group}"
+            out |= {f"panoptic/{k}{suffix}": v for k, v in values.items() if k != "N"}
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""``Predictor(cfg, weights)(image) -> Instances``: the Python inference API."""
+"""``Predictor(cfg, weights)(image) -> Instances | PanopticSegmentation``: the Python inference API."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +17,7 @@ from dynaseg.engine.checkpoint import load_weights, read_metadata
 from dynaseg.engine.distributed import init_distributed
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
+from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = ["Predictor"]
 
@@ -29,9 +30,17 @@ class Predictor:
         weights: ``model_final.safetensors`` (or any state dict file of the same model).
         device: "auto", "cpu" or "cuda[:N]".
 
-    Calling it with a path, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor returns
-    :class:`Instances` at the image's size: boxes, labels, scores and (N, H, W) bool masks, sorted
-    by score. ``class_names`` maps labels to names.
+    Calling it with a path, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor returns, on
+    the CPU and at the image's size, what the model returns:
+
+    * instance models: :class:`Instances` with boxes, labels, scores and (N, H, W) bool masks,
+      sorted by score;
+    * panoptic models (``is_panoptic``): a :class:`PanopticSegmentation`, (H, W) segment ids plus
+      its segments and the thing detections they came from.
+
+    ``class_names`` / ``category_ids`` map (thing) labels to names / COCO category ids;
+    ``stuff_names`` / ``stuff_category_ids`` do the same for stuff labels (from the weights'
+    metadata; empty when it has none).
     """
 
     def __init__(self, cfg: ExperimentConfig | str, weights: str | Path, *, device: str = "auto") -> None:
@@ -46,6 +55,8 @@ class Predictor:
         self.class_names: list[str] = list(meta.get("class_names") or
                                            [f"class_{i}" for i in range(self.cfg.model.num_classes)])
         self.category_ids: list[int] = list(meta.get("category_ids") or range(1, self.cfg.model.num_classes + 1))
+        self.stuff_names: list[str] = list(meta.get("stuff_names") or [])
+        self.stuff_category_ids: list[int] = list(meta.get("stuff_category_ids") or [])
         self._transform = build_test_transforms(self.cfg.data.min_size_test, self.cfg.data.max_size_test)
 
     def _to_tensor(self, image: str | Path | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -59,8 +70,13 @@ class Predictor:
             raise ValueError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
         return image
 
+    @property
+    def is_panoptic(self) -> bool:
+        """Whether the model segments stuff too, i.e. returns :class:`PanopticSegmentation`."""
+        return bool(getattr(self.cfg.model, "num_stuff_classes", 0))
+
     @torch.no_grad()
-    def __call__(self, image: str | Path | np.ndarray | torch.Tensor) -> Instances:
+    def __call__(self, image: str | Path | np.ndarray | torch.Tensor) -> Instances | PanopticSegmentation:
         original = self._to_tensor(image)
         resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
         h, w = resized.shape[-2:]
@@ -68,4 +84,12 @@ class Predictor:
         padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
         batch = Batch(images=padded[None], image_sizes=[(h, w)], original_sizes=[tuple(original.shape[-2:])],
                       image_ids=[-1])
-        return self.model(batch.to(self.device, memory_format=self.memory_format))[0].to("cpu")
+        return _to_cpu(self.model(batch.to(self.device, memory_format=self.memory_format))[0])
+
+
+def _to_cpu(result: Instances | PanopticSegmentation) -> Instances | PanopticSegmentation:
+    """The prediction with every tensor moved to the CPU."""
+    if isinstance(result, PanopticSegmentation):
+        instances = None if result.instances is None else result.instances.to("cpu")
+        return dataclasses.replace(result, ids=result.ids.cpu(), instances=instances)
+    return result.to("cpu")

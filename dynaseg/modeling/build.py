@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dynaseg.config.schema import BlendMaskConfig, RCNNConfig
+from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, RCNNConfig
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.backbone.pretrained import load_backbone_weights
 from dynaseg.modeling.backbone.resnet import ResNet
@@ -11,6 +11,11 @@ from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
 from dynaseg.modeling.blendmask.model import BlendMask
 from dynaseg.modeling.blendmask.semantic import SemanticHead
+from dynaseg.modeling.dr1mask.basis import DR1Basis
+from dynaseg.modeling.dr1mask.instance_head import InstancePredictor
+from dynaseg.modeling.dr1mask.model import DR1Mask
+from dynaseg.modeling.dr1mask.panoptic import PanopticLayer
+from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
 from dynaseg.modeling.dynamask.head import DynaMaskHead
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule
@@ -23,7 +28,7 @@ from dynaseg.modeling.rcnn.rpn import RPN
 __all__ = ["build_model", "build_backbone"]
 
 
-def build_backbone(cfg: BlendMaskConfig | RCNNConfig, layout: str = "p3p7") -> ResNetFPN:
+def build_backbone(cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, layout: str = "p3p7") -> ResNetFPN:
     b = cfg.backbone
     body = ResNet(depth=b.depth, width=b.width, norm=b.norm, freeze_at=0)
     if cfg.backbone_weights:
@@ -96,11 +101,44 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
     )
 
 
-def build_model(cfg: BlendMaskConfig | RCNNConfig) -> nn.Module:
+def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
+    channels = cfg.backbone.fpn_channels
+    f, d = cfg.fcos, cfg.dr1
+    predictor = InstancePredictor(kind=d.attention, channels=d.basis_channels, num_bases=d.num_bases,
+                                  attention_size=d.attention_size, rank=d.attention_rank,
+                                  panoptic=cfg.num_stuff_classes > 0)
+    return DR1Mask(
+        backbone=build_backbone(cfg),
+        fcos_head=FCOSHead(in_channels=channels, num_classes=cfg.num_classes, num_levels=len(f.strides),
+                           num_convs=f.num_convs, norm=f.norm, prior_prob=f.prior_prob, use_scale=f.use_scale),
+        top_layer=DR1TopLayer(in_channels=channels, embedding_dim=predictor.embedding_dim,
+                              basis_channels=d.basis_channels, context_position=d.context_position),
+        basis=DR1Basis(in_channels=channels, channels=d.basis_channels, num_levels=len(f.strides), norm=d.basis_norm,
+                       aligned_upsample=d.aligned_upsample, factors=d.dynamic_factors),
+        predictor=predictor,
+        panoptic_layer=PanopticLayer(channels=d.basis_channels, num_stuff_classes=cfg.num_stuff_classes)
+        if cfg.num_stuff_classes > 0 else None,
+        semantic_head=SemanticHead(in_channels=channels, channels=d.semantic_channels, num_classes=cfg.num_classes,
+                                   norm=d.basis_norm) if d.semantic_loss_weight > 0 else None,
+        num_classes=cfg.num_classes, strides=f.strides, sizes_of_interest=f.sizes_of_interest,
+        center_sampling_radius=f.center_sampling_radius, focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma,
+        score_threshold=f.score_threshold, thresh_with_ctr=f.thresh_with_ctr, pre_nms_topk=f.pre_nms_topk,
+        nms_threshold=f.nms_threshold, max_detections=f.max_detections,
+        resolution=d.resolution, sampling_ratio=d.sampling_ratio, mask_loss_weight=d.mask_loss_weight,
+        semantic_loss_weight=d.semantic_loss_weight, panoptic_loss_weight=d.panoptic_loss_weight,
+        mask_threshold=d.mask_threshold, panoptic_score_threshold=d.panoptic_score_threshold,
+        panoptic_restrict_to_boxes=d.panoptic_restrict_to_boxes, panoptic_min_stuff_area=d.panoptic_min_stuff_area,
+        pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+    )
+
+
+def build_model(cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig) -> nn.Module:
     """Build the meta-architecture ``cfg`` describes (a ``match`` on the config type)."""
     match cfg:
         case BlendMaskConfig():
             return build_blendmask(cfg)
         case RCNNConfig():
             return build_rcnn(cfg)
+        case DR1MaskConfig():
+            return build_dr1mask(cfg)
     raise TypeError(f"unsupported model config: {type(cfg).__name__}")

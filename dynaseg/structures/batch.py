@@ -22,6 +22,9 @@ class Batch:
         original_sizes: (h, w) of each image as read from disk; predictions are returned at this size.
         image_ids: dataset image ids (COCO ``id``), -1 when unknown.
         targets: ground truth at ``image_sizes`` (masks (N, h, w) bool), or None at inference.
+        sem_seg: (B, Hp, Wp) int64 semantic targets aligned with ``images`` (panoptic data: contiguous
+            stuff id per pixel, ``IGNORE_LABEL`` = 255 on void, crowd, thing and padding pixels), or
+            None when the data has no semantic map.
     """
 
     images: Tensor
@@ -29,6 +32,7 @@ class Batch:
     original_sizes: list[tuple[int, int]]
     image_ids: list[int]
     targets: list[Instances] | None = None
+    sem_seg: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -36,4 +40,5 @@ class Batch:
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
         targets = None if self.targets is None else [t.to(device) for t in self.targets]
         images = self.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        return replace(self, images=images, targets=targets)
+        sem_seg = None if self.sem_seg is None else self.sem_seg.to(device, non_blocking=True)
+        return replace(self, images=images, targets=targets, sem_seg=sem_seg)

@@ -8,10 +8,32 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from dynaseg.layers.aligned_upsample import nearest_upsample_crop
 from dynaseg.layers.norm import norm_factory
 from dynaseg.modeling.backbone.resnet import ResNet
 
 __all__ = ["ResNetFPN"]
+
+
+class _CroppingFPN(FeaturePyramidNetwork):
+    """torchvision's FPN whose top-down path upsamples ×2 and crops the bottom/right edge.
+
+    torchvision resizes the coarser map to the finer one's size, which for odd sizes (size
+    divisibility below 32, DR1Mask §3.3) stretches it off its cells; ×2 + crop keeps coarse cell i
+    on fine cells 2i, 2i + 1. For even sizes the two are the same operation.
+    """
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        names, feats = list(x.keys()), list(x.values())
+        last_inner = self.get_result_from_inner_blocks(feats[-1], -1)
+        results = [self.get_result_from_layer_blocks(last_inner, -1)]
+        for idx in range(len(feats) - 2, -1, -1):
+            lateral = self.get_result_from_inner_blocks(feats[idx], idx)
+            last_inner = lateral + nearest_upsample_crop(last_inner, tuple(lateral.shape[-2:]))
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, feats, names)
+        return OrderedDict(zip(names, results))
 
 
 class ResNetFPN(nn.Module):
@@ -34,7 +56,7 @@ class ResNetFPN(nn.Module):
         self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")
         self.first_level = 3 if layout == "p3p7" else 2
         extra = LastLevelP6P7(out_channels, out_channels) if layout == "p3p7" else LastLevelMaxPool()
-        self.fpn = FeaturePyramidNetwork(
+        self.fpn = _CroppingFPN(
             in_channels_list=[body.out_channels[k] for k in self.in_features],
             out_channels=out_channels,
             extra_blocks=extra,

@@ -1,14 +1,13 @@
 """BlendMask's top layer: a 3×3 conv on the box tower giving K·M·M attention logits per location.
 
 It is evaluated only at the locations that need it (positives in training, kept detections at
-inference) by gathering each location's 3×3 neighbourhood and applying the conv as a matrix
-product; the result equals the dense convolution at those locations exactly.
+inference) with ``conv3x3_at_locations``: exactly the dense convolution at those locations.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from dynaseg.layers.sparse_conv import conv3x3_at_locations
 
 __all__ = ["AttentionTopLayer"]
 
@@ -38,21 +37,5 @@ class AttentionTopLayer(nn.Module):
             (N, K, M, M) attention logits.
         """
         n, k, m = location_index.shape[0], self.num_bases, self.attention_size
-        weight = self.conv.weight.flatten(1)                                        # (KMM, F·9)
-        out = box_tower[0].new_empty((n, weight.shape[0]))
-        offset = 0
-        for feat in box_tower:
-            h, w = feat.shape[-2:]
-            in_level = (location_index >= offset) & (location_index < offset + h * w)
-            if in_level.any():
-                local = location_index[in_level] - offset
-                ys, xs = local // w, local % w
-                padded = F.pad(feat, (1, 1, 1, 1))
-                dy = torch.arange(3, device=feat.device)
-                rows = (ys[:, None] + dy)[:, :, None]                                  # (n, 3, 1)
-                cols = (xs[:, None] + dy)[:, None, :]                                  # (n, 1, 3)
-                patches = padded[image_index[in_level][:, None, None], :, rows, cols]  # (n, 3, 3, F)
-                patches = patches.permute(0, 3, 1, 2).flatten(1)                       # (n, F·9)
-                out[in_level] = F.linear(patches, weight, self.conv.bias).to(out.dtype)
-            offset += h * w
-        return out.view(n, k, m, m)
+        return conv3x3_at_locations(box_tower, self.conv.weight, self.conv.bias, image_index,
+                                    location_index).view(n, k, m, m)

@@ -9,17 +9,15 @@ from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
 from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss, pool_bases
 from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
+from dynaseg.modeling.fcos.detector import fcos_detections, fcos_training
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
-from dynaseg.modeling.fcos.inference import decode_fcos
-from dynaseg.modeling.fcos.locations import compute_locations, flatten_levels
-from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers
-from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target, level_size_ranges
+from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import clip_boxes, crop_and_resize, paste_masks, scale_boxes
 
-__all__ = ["BlendMask"]
+__all__ = ["BlendMask", "blendmask_postprocess", "nonempty_boxes"]
 
 
 class BlendMask(nn.Module):
@@ -81,47 +79,21 @@ class BlendMask(nn.Module):
         """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def _locations(self, head: FCOSOutputs) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-        sizes = [tuple(x.shape[-2:]) for x in head.cls_logits]
-        device = head.cls_logits[0].device
-        per_level = compute_locations(sizes, self.strides, device)
-        counts = [len(p) for p in per_level]
-        strides = torch.cat([torch.full((n,), float(s), device=device) for n, s in zip(counts, self.strides)])
-        ranges = torch.cat([torch.tensor([r], device=device).expand(n, 2) for n, r in zip(counts, self.size_ranges)])
-        return per_level, torch.cat(per_level), strides, ranges
-
     def losses(self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, bases: Tensor) -> dict[str, Tensor]:
         assert batch.targets is not None, "training needs batch.targets"
-        _, locations, strides, ranges = self._locations(head)
-        num_loc = locations.shape[0]
-        targets = [assign_fcos_targets(locations=locations, strides=strides, size_ranges=ranges,
-                                       gt_boxes=t.boxes, gt_labels=t.labels, num_classes=self.num_classes,
-                                       center_sampling_radius=self.center_sampling_radius)
-                   for t in batch.targets]
-        gt_offsets = torch.tensor([0] + [len(t) for t in batch.targets], device=locations.device).cumsum(0)
-        labels = torch.cat([t.labels for t in targets])                                     # (B·R,)
-        positive = (labels != self.num_classes).nonzero().squeeze(1)                         # (P,)
-        gt_global = torch.cat([t.gt_inds + off for t, off in zip(targets, gt_offsets)])[positive]
-        box_targets = torch.cat([t.box_ltrb for t in targets])[positive]
-        ctr_targets = centerness_target(box_targets)
-        num_pos_avg, ctr_sum_avg = fcos_normalizers(torch.tensor(float(len(positive)), device=labels.device), ctr_targets)
-
-        box_ltrb = flatten_levels(head.box_ltrb).reshape(-1, 4)[positive]
-        centerness = flatten_levels(head.centerness).reshape(-1)[positive]
-        losses = fcos_losses(cls_logits=flatten_levels(head.cls_logits).reshape(-1, self.num_classes),
-                             box_ltrb=box_ltrb, centerness=centerness, labels=labels, box_targets=box_targets,
-                             ctr_targets=ctr_targets, num_pos_avg=num_pos_avg, ctr_sum_avg=ctr_sum_avg,
-                             focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma)
-
-        attention = self.attention(head.box_tower, positive // num_loc, positive % num_loc)     # (P, K, M, M)
+        pos = fcos_training(head, batch.targets, strides=self.strides, size_ranges=self.size_ranges,
+                            num_classes=self.num_classes, center_sampling_radius=self.center_sampling_radius,
+                            focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma)
+        losses = dict(pos.losses)
+        attention = self.attention(head.box_tower, pos.image_index, pos.location_index)       # (P, K, M, M)
         gt_boxes = torch.cat([t.boxes for t in batch.targets])
         gt_image = torch.cat([torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)])
         pooled = pool_bases(bases, boxes_with_batch_index(gt_boxes, gt_image), resolution=self.resolution,
-                            sampling_ratio=self.sampling_ratio)                                # (M, K, R, R)
+                            sampling_ratio=self.sampling_ratio)                                # (G, K, R, R)
         mask_targets = torch.cat([crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets])
-        mask_logits = blend(pooled[gt_global], attention)
+        mask_logits = blend(pooled[pos.gt_index], attention)
         losses["loss_mask"] = self.mask_loss_weight * blender_mask_loss(
-            mask_logits, mask_targets[gt_global], ctr_targets, ctr_sum_avg)
+            mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg)
         if self.semantic_head is not None:
             logits = self.semantic_head(levels[0])
             sem = semantic_targets([t.masks for t in batch.targets], [t.labels for t in batch.targets],
@@ -132,14 +104,7 @@ class BlendMask(nn.Module):
 
     @torch.no_grad()
     def inference(self, batch: Batch, head: FCOSOutputs, bases: Tensor) -> list[Instances]:
-        per_level_locations, _, _, _ = self._locations(head)
-        detections = []
-        for i in range(len(batch)):
-            detections.append(decode_fcos(
-                cls_logits=[x[i].flatten(1).T for x in head.cls_logits],
-                box_ltrb=[x[i].flatten(1).T for x in head.box_ltrb],
-                centerness=[x[i].flatten() for x in head.centerness],
-                locations=per_level_locations, strides=self.strides, **self.inference_params))
+        detections = fcos_detections(head, strides=self.strides, **self.inference_params)
         image_index = torch.cat([torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)])
         attention = self.attention(head.box_tower, image_index, torch.cat([d.location_index for d in detections]))
         boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)])
@@ -154,6 +119,11 @@ class BlendMask(nn.Module):
         ]
 
 
+def nonempty_boxes(boxes: Tensor) -> Tensor:
+    """(N, 4) XYXY → (N,) bool: positive width and height."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def blendmask_postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, mask_probs: Tensor, *,
                           input_size: tuple[int, int], output_size: tuple[int, int],
                           mask_threshold: float) -> Instances:
@@ -163,7 +133,7 @@ def blendmask_postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, mask_pr
     masks at ``output_size`` (boxes empty after rescaling are dropped).
     """
     boxes = clip_boxes(scale_boxes(boxes, input_size, output_size), output_size)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = nonempty_boxes(boxes)
     boxes, scores, labels, mask_probs = boxes[keep], scores[keep], labels[keep], mask_probs[keep]
     masks = paste_masks(mask_probs, boxes, output_size, mask_threshold)
     return Instances(image_size=output_size, boxes=boxes, labels=labels, scores=scores, masks=masks)

@@ -20,6 +20,7 @@ class FCOSOutputs(NamedTuple):
     box_ltrb: list[Tensor]     # per level (B, 4, H_l, W_l): distances to box sides / stride, >= 0
     centerness: list[Tensor]   # per level (B, 1, H_l, W_l) logits
     box_tower: list[Tensor]    # per level (B, F, H_l, W_l): box-tower features (BlendMask's top layer input)
+    cls_tower: list[Tensor]    # per level (B, F, H_l, W_l): class-tower features
 
 
 class _Tower(nn.Module):
@@ -72,7 +73,7 @@ class FCOSHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, features: list[Tensor]) -> FCOSOutputs:
-        cls_logits, box_ltrb, centerness, box_tower = [], [], [], []
+        cls_logits, box_ltrb, centerness, box_tower, cls_tower = [], [], [], [], []
         for level, x in enumerate(features):
             cls_feat = self.cls_tower(x, level)
             box_feat = self.box_tower(x, level)
@@ -83,4 +84,5 @@ class FCOSHead(nn.Module):
             box_ltrb.append(F.relu(reg))
             centerness.append(self.ctrness(box_feat))
             box_tower.append(box_feat)
-        return FCOSOutputs(cls_logits, box_ltrb, centerness, box_tower)
+            cls_tower.append(cls_feat)
+        return FCOSOutputs(cls_logits, box_ltrb, centerness, box_tower, cls_tower)

@@ -1,0 +1,57 @@
+"""Config → dataset: COCO instances, or COCO panoptic for models with stuff classes."""
+from __future__ import annotations
+
+from typing import Literal
+
+from dynaseg.config.schema import ExperimentConfig
+from dynaseg.data.coco import CocoInstances, load_coco_instances
+from dynaseg.data.coco_panoptic import CocoPanoptic, load_coco_panoptic
+from dynaseg.data.dataset import InstanceDataset
+from dynaseg.data.panoptic_dataset import PanopticDataset
+from dynaseg.data.transforms import build_test_transforms, build_train_transforms
+
+__all__ = ["is_panoptic", "load_split", "build_dataset", "dataset_metadata"]
+
+
+def is_panoptic(cfg: ExperimentConfig) -> bool:
+    """Whether the model predicts stuff classes too (and so trains and evaluates on panoptic data)."""
+    return getattr(cfg.model, "num_stuff_classes", 0) > 0
+
+
+def load_split(cfg: ExperimentConfig, split: Literal["train", "val"]) -> CocoInstances | CocoPanoptic:
+    """The validated annotations of a split; checks the class counts against the model."""
+    d = cfg.data
+    images = d.train_images if split == "train" else d.val_images
+    if is_panoptic(cfg):
+        json_path = d.panoptic_train_json if split == "train" else d.panoptic_val_json
+        data: CocoInstances | CocoPanoptic = load_coco_panoptic(
+            json_path, images, d.panoptic_train_dir if split == "train" else d.panoptic_val_dir)
+        if data.num_stuff_classes != cfg.model.num_stuff_classes:   # type: ignore[union-attr]
+            raise ValueError(f"{json_path}: {data.num_stuff_classes} stuff categories but model.num_stuff_classes="
+                             f"{cfg.model.num_stuff_classes}; set model.num_stuff_classes={data.num_stuff_classes}")
+    else:
+        json_path = d.train_json if split == "train" else d.val_json
+        data = load_coco_instances(json_path, images)
+    if data.num_classes != cfg.model.num_classes:
+        raise ValueError(f"{json_path}: {data.num_classes} thing categories but model.num_classes="
+                         f"{cfg.model.num_classes}; set model.num_classes={data.num_classes}")
+    return data
+
+
+def build_dataset(cfg: ExperimentConfig, data: CocoInstances | CocoPanoptic, *, train: bool) -> InstanceDataset:
+    """The map-style dataset over ``data`` with the config's train or test transforms."""
+    d = cfg.data
+    transforms = (build_train_transforms(d.min_size_train, d.max_size_train, d.hflip_prob) if train
+                  else build_test_transforms(d.min_size_test, d.max_size_test))
+    max_instances = d.max_instances if train else 0
+    if isinstance(data, CocoPanoptic):
+        return PanopticDataset(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed)
+    return InstanceDataset(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed)
+
+
+def dataset_metadata(data: CocoInstances | CocoPanoptic) -> dict:
+    """Class names and COCO ids stored with the weights (stuff ones for panoptic data)."""
+    meta = {"class_names": data.class_names, "category_ids": data.category_ids}
+    if isinstance(data, CocoPanoptic):
+        meta |= {"stuff_names": data.stuff_names, "stuff_category_ids": data.stuff_category_ids}
+    return meta
