@@ -292,6 +292,47 @@ def _cmd_bench_maskhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    """``bench speed``: end-to-end inference ms of configs and a torchvision peer; --json prints a list."""
+    from dynaseg.bench.speed import check_device, format_speed_table, parse_size, run_speed_benchmark
+
+    try:
+        size, device = parse_size(args.size), check_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rows, notes = run_speed_benchmark(args.configs, overrides=args.overrides,
+                                      peer=None if args.peer == "none" else args.peer, image_size=size,
+                                      detections=args.detections, device=device, repeats=args.repeats,
+                                      warmup=args.warmup)
+    if args.json:
+        keys = ("model", "median_ms", "p90_ms", "ratio_to_peer", "detections", "stages_ms")
+        print(json.dumps([{k: r[k] for k in keys} | r for r in rows]))
+        print("\n".join(notes), file=sys.stderr)
+    else:
+        print(format_speed_table(rows, notes))
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    """``bench train``: training images/s of configs and torchvision's Mask R-CNN; --json prints a list."""
+    from dynaseg.bench.speed import check_device, parse_size
+    from dynaseg.bench.train_speed import format_train_table, run_train_benchmark
+
+    try:
+        size, device = parse_size(args.size), check_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rows, notes = run_train_benchmark(args.configs, overrides=args.overrides,
+                                      peer=None if args.peer == "none" else args.peer, image_size=size,
+                                      batch_size=args.batch, iters=args.iters, warmup=args.warmup, device=device)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("model", "images_per_s", "ms_per_iter")} | r for r in rows]))
+        print("\n".join(notes), file=sys.stderr)
+    else:
+        print(format_train_table(rows, notes))
+    return 0
+
+
 def _file_handler(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -361,6 +402,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench_maskhead)
+    b = bench_sub.add_parser("speed", help="end-to-end inference time per image against a torchvision peer "
+                             "(untrained weights, N detections forced, interleaved runs)")
+    b.add_argument("--config", dest="configs", action="append", required=True,
+                   help="preset name or YAML file (repeat for several models)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
+    b.add_argument("--peer", default="torchvision-maskrcnn",
+                   choices=["torchvision-maskrcnn", "torchvision-fcos", "none"])
+    b.add_argument("--size", default="800x1216", help="image size HxW (seeded random image)")
+    b.add_argument("--detections", type=int, default=100, help="instances every model is forced to output")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every model once)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench_speed)
+    b = bench_sub.add_parser("train", help="training images/s (forward + backward + SGD step) against "
+                             "torchvision's Mask R-CNN on a fixed synthetic batch")
+    b.add_argument("--config", dest="configs", action="append", required=True,
+                   help="preset name or YAML file (repeat for several models)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
+    b.add_argument("--peer", default="torchvision-maskrcnn", choices=["torchvision-maskrcnn", "none"])
+    b.add_argument("--size", default="512x512", help="image size HxW")
+    b.add_argument("--batch", type=int, default=2, help="images per iteration")
+    b.add_argument("--iters", type=int, default=10, help="timed iterations (each runs every model once)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench_train)
 
     p = sub.add_parser("config", help="print a preset's resolved config (no --config: list presets)")
     _add_config(p, required=False)

@@ -4,7 +4,17 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
-__all__ = ["resolution_statistics", "format_resolution_table"]
+__all__ = ["resolution_statistics", "format_resolution_table", "size_bucket", "SIZE_BUCKETS"]
+
+
+# COCO's object-size buckets by area in pixels (box area here): small < 32², medium < 96², large.
+SIZE_BUCKETS = {"small": (0.0, 32.0 ** 2), "medium": (32.0 ** 2, 96.0 ** 2), "large": (96.0 ** 2, float("inf"))}
+
+
+def size_bucket(bbox_xywh: Sequence[float]) -> str:
+    """COCO size bucket of an [x, y, w, h] box by its area."""
+    area = float(bbox_xywh[2]) * float(bbox_xywh[3])
+    return next(name for name, (lo, hi) in SIZE_BUCKETS.items() if lo <= area < hi)
 
 
 def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: Mapping[int, str],
@@ -19,13 +29,16 @@ def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: 
         score_threshold: count only detections scoring at least this.
     Returns:
         ``{"num_instances", "overall": {side: fraction}, "per_class": {name: {side: fraction}},
-        "mean_gmac_per_instance"}`` (sides as strings, for JSON).
+        "per_size": {small|medium|large: {side: fraction}}, "mean_gmac_per_instance"}`` (sides as
+        strings, for JSON; sizes by box area, COCO's 32² / 96² thresholds).
     """
     kept = [r for r in results if "mask_resolution" in r and r.get("score", 1.0) >= score_threshold]
     overall = Counter(int(r["mask_resolution"]) for r in kept)
     per_class: dict[str, Counter] = defaultdict(Counter)
+    per_size: dict[str, Counter] = {name: Counter() for name in SIZE_BUCKETS}
     for r in kept:
         per_class[category_names.get(r["category_id"], str(r["category_id"]))][int(r["mask_resolution"])] += 1
+        per_size[size_bucket(r["bbox"])][int(r["mask_resolution"])] += 1
     sides = sorted(set(overall) | set(gmac_per_resolution or {}))
 
     def fractions(counter: Counter) -> dict[str, float]:
@@ -37,15 +50,17 @@ def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: 
         mean_cost = sum(gmac_per_resolution[s] * n for s, n in overall.items()) / len(kept)
     return {"num_instances": len(kept), "overall": fractions(overall),
             "per_class": {name: fractions(c) for name, c in sorted(per_class.items())},
+            "per_size": {name: fractions(c) for name, c in per_size.items()},
             "mean_gmac_per_instance": mean_cost}
 
 
 def format_resolution_table(stats: Mapping[str, Any]) -> str:
     """Plain-text table: one row overall, one per class, columns = mask sides (percent)."""
     sides = list(stats["overall"])
-    width = max([len("overall"), *map(len, stats["per_class"])]) + 2
+    width = max([len("overall"), len("[medium]"), *map(len, stats["per_class"])]) + 2
     lines = ["mask resolution".ljust(width) + "".join(f"{s + '²':>8}" for s in sides)]
-    rows = [("overall", stats["overall"]), *stats["per_class"].items()]
+    rows = [("overall", stats["overall"]), *stats["per_class"].items(),
+            *((f"[{name}]", fr) for name, fr in stats.get("per_size", {}).items())]
     for name, fr in rows:
         lines.append(name.ljust(width) + "".join(f"{100 * fr[s]:7.1f}%" for s in sides))
     if stats.get("mean_gmac_per_instance") is not None:

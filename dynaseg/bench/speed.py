@@ -1,0 +1,552 @@
+"""End-to-end inference speed against torchvision peers (``dynaseg bench speed``).
+
+Every model segments the same seeded random image at batch 1: preprocessing (to float, pad /
+torchvision's transform) → postprocessed output with full-image masks. Weights are untrained, so
+score thresholds are set to 0 and the detection cap to N: every model then does the work of N
+instances (the count each run really produced is recorded and reported). All models live in one
+process and run interleaved (round-robin per repeat), so drift (thermal, other load) hits all alike.
+
+Per-stage times come from forward pre/post hooks (or, where the work is done outside ``forward``,
+a wrapped method) on the models' submodules, with exclusive accounting: time inside a hooked module
+that is nested in another (torchvision's mask heads inside ``roi_heads``) counts for the inner one.
+Stages: ``pre`` (our padding and batching / torchvision's ``transform``), ``backbone+fpn``, ``head``
+(FCOS head / RPN + box head with its box decoding and NMS, as in torchvision's ``roi_heads``), ``mask``
+(basis + attention / mask branch / DR1 top layer, basis and predictor) and ``post`` = total − the
+others (FCOS decoding and NMS, BlendMask's blending, rescaling, mask paste).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from dynaseg.config.presets import load_config
+from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, ExperimentConfig, RCNNConfig
+from dynaseg.config.overrides import with_overrides
+from dynaseg.modeling.build import build_model
+from dynaseg.structures import Batch, Instances
+from dynaseg.structures.panoptic import PanopticSegmentation
+
+__all__ = [
+    "STAGES", "OUR_STAGE_TARGETS", "TORCHVISION_STAGE_TARGETS", "PEERS", "StageTimer", "parse_size",
+    "check_device", "sync_function", "force_detections", "nondegenerate_fcos_boxes", "build_peer",
+    "random_image", "stage_hooks", "count_detections", "our_inference_fn", "peer_inference_fn",
+    "time_inference", "describe_backbone", "unique_names", "run_speed_benchmark", "format_speed_table",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pre", "backbone+fpn", "head", "mask", "post")
+
+# Where each stage's time is spent: dotted submodule paths (timed by forward hooks), or
+# "path:method" for a method doing its work outside ``forward``. Absent paths are skipped.
+OUR_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
+    "backbone+fpn": ("backbone",),
+    "head": ("fcos_head", "rpn", "box_head", "box_head:inference"),  # two-stage: box decoding + NMS too
+    "mask": ("basis", "attention",                                     # BlendMask (the blend itself: post)
+             "top_layer:context_factors", "top_layer:embeddings_at",  # DR1Mask
+             "predictor", "panoptic_layer",
+             "mask_branch:predict"),                                   # Mask R-CNN / DynaMask (RoIAlign included)
+}
+TORCHVISION_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
+    "pre": ("transform",),                                             # forward only: postprocess / paste is post
+    "backbone+fpn": ("backbone",),
+    "head": ("rpn", "roi_heads", "head"),                              # roi_heads (incl. box NMS) minus mask heads
+    "mask": ("roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor"),
+}
+
+PEER_DEPTHS = (18, 34, 50, 101)
+
+
+# ---------------------------------------------------------------------------------------- stage timing
+
+
+class StageTimer:
+    """Exclusive wall time per stage (seconds), fed by ``enter`` / ``exit`` calls that may nest.
+
+    Args:
+        sync: called before every clock reading (``torch.cuda.synchronize`` on CUDA), or None.
+    """
+
+    def __init__(self, *, sync: Callable[[], None] | None = None) -> None:
+        self.sync = sync
+        self.totals: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._since = 0.0
+
+    def reset(self) -> None:
+        """Forget the totals (and any stage left open by an exception)."""
+        self.totals, self._stack = {}, []
+
+    @property
+    def open(self) -> bool:
+        """Whether a stage is still entered."""
+        return bool(self._stack)
+
+    def _switch(self) -> None:
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        if self._stack:
+            stage = self._stack[-1]
+            self.totals[stage] = self.totals.get(stage, 0.0) + now - self._since
+        self._since = now
+
+    def enter(self, stage: str) -> None:
+        """Start ``stage``, pausing the stage it is nested in."""
+        self._switch()
+        self._stack.append(stage)
+
+    def exit(self) -> None:
+        """End the innermost stage, resuming the one it was nested in."""
+        self._switch()
+        if self._stack:
+            self._stack.pop()
+
+    @contextlib.contextmanager
+    def section(self, stage: str):
+        """``with timer.section("pre"): ...`` times a block as ``stage``."""
+        self.enter(stage)
+        try:
+            yield
+        finally:
+            self.exit()
+
+
+def _resolve(model: nn.Module, path: str) -> Any:
+    """``model`` itself for "", else the object at dotted ``path`` or None."""
+    obj: Any = model
+    if not path:
+        return obj
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def stage_hooks(model: nn.Module, *, targets: Mapping[str, Sequence[str]], timer: StageTimer) -> contextlib.ExitStack:
+    """Attach ``timer`` to ``model``'s submodules: ``{stage: ("path", "path:method", ...)}``.
+
+    Module paths get a forward pre-hook (``timer.enter(stage)``) and an always-called forward hook
+    (``timer.exit()``); ``path:method`` replaces that method on the instance by a timed wrapper.
+    Paths the model does not have are skipped. Returns an ``ExitStack`` that removes everything:
+    use it in a ``with`` block or call ``.close()``.
+    """
+    stack = contextlib.ExitStack()
+    for stage, paths in targets.items():
+        for target in paths:
+            path, _, method = target.partition(":")
+            module = _resolve(model, path)
+            if not isinstance(module, nn.Module):
+                continue
+            if method:
+                if not callable(getattr(module, method, None)):
+                    continue
+                stack.callback(_wrap_method(module, method, stage, timer))
+            else:
+                pre = module.register_forward_pre_hook(lambda _m, _a, stage=stage: timer.enter(stage))
+                post = module.register_forward_hook(lambda _m, _a, _o: timer.exit(), always_call=True)
+                stack.callback(pre.remove)
+                stack.callback(post.remove)
+    return stack
+
+
+def _wrap_method(module: nn.Module, name: str, stage: str, timer: StageTimer) -> Callable[[], None]:
+    """Replace ``module.name`` by a timed call of the original; returns the function that undoes it."""
+    own = name in vars(module)
+    previous = vars(module).get(name)
+    original = getattr(module, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with timer.section(stage):
+            return original(*args, **kwargs)
+
+    object.__setattr__(module, name, timed)
+
+    def undo() -> None:
+        if own:
+            object.__setattr__(module, name, previous)
+        else:
+            object.__delattr__(module, name)
+    return undo
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"800x1216"`` → (800, 1216) = (height, width) in pixels; ValueError if malformed."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be HxW, e.g. 800x1216, got '{text}'") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive, got '{text}'")
+    return h, w
+
+
+def check_device(name: str) -> torch.device:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` → a usable device; ValueError when CUDA is missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got '{name}'")
+    return device
+
+
+def sync_function(device: torch.device) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` for a CUDA device (timings wait for queued kernels), None on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def force_detections(cfg: ExperimentConfig, n: int) -> ExperimentConfig:
+    """``cfg`` with score thresholds 0 and the detection cap ``n``, so that an untrained model outputs
+    (up to NMS and empty boxes) exactly ``n`` instances; candidate pools are widened to at least ``n``."""
+    model = cfg.model
+    if isinstance(model, (BlendMaskConfig, DR1MaskConfig)):
+        return with_overrides(cfg, {"model.fcos.score_threshold": 0.0, "model.fcos.max_detections": n,
+                                    "model.fcos.pre_nms_topk": max(model.fcos.pre_nms_topk, n)})
+    if isinstance(model, RCNNConfig):
+        post = max(model.rpn.post_nms_topk_test, n)
+        return with_overrides(cfg, {"model.box_head.score_threshold": 0.0, "model.box_head.detections_per_image": n,
+                                    "model.rpn.post_nms_topk_test": post,
+                                    "model.rpn.pre_nms_topk_test": max(model.rpn.pre_nms_topk_test, post)})
+    raise TypeError(f"unsupported model config: {type(model).__name__}")
+
+
+def _tv_maskrcnn(*, num_classes: int, depth: int, image_size: tuple[int, int], detections: int | None,
+                 frozen_bn: bool, trainable_layers: int) -> nn.Module:
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
+    if detections is not None:
+        top = max(1000, detections)
+        kwargs |= {"box_score_thresh": 0.0, "box_detections_per_img": detections,
+                   "rpn_pre_nms_top_n_test": top, "rpn_post_nms_top_n_test": top}
+    if depth == 50 and not frozen_bn and trainable_layers == 5:
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=trainable_layers,
+                                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+    return MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
+
+
+def _tv_fcos(*, num_classes: int, depth: int, image_size: tuple[int, int], detections: int | None,
+             frozen_bn: bool, trainable_layers: int) -> nn.Module:
+    from torchvision.models.detection import FCOS, fcos_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
+    if detections is not None:
+        kwargs |= {"score_thresh": 0.0, "detections_per_img": detections,
+                   "topk_candidates": max(1000, detections)}
+    if depth == 50 and not frozen_bn and trainable_layers == 5:
+        return fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=trainable_layers,
+                                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+                                   returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    return FCOS(backbone, num_classes=num_classes + 1, **kwargs)
+
+
+# FCOS box regressors (``relu(conv)``, distances in strides / anchor sizes): ours, torchvision's.
+FCOS_BOX_REGRESSORS = ("fcos_head.bbox_pred", "head.regression_head.bbox_reg")
+
+
+def nondegenerate_fcos_boxes(model: nn.Module, *, distance: float = 1.5) -> bool:
+    """Give an untrained FCOS-based model boxes of real size: its box regressor's bias := ``distance``.
+
+    Untrained, ``relu(conv)`` gives side distances ≈ 0, i.e. empty boxes, which postprocessing drops
+    (fewer than N detections) and whose masks cost nothing to paste. With ``distance`` strides to every
+    side, boxes are 2·distance strides wide (24-384 px on P3-P7 for 1.5, like the RPN's 32-512 px
+    anchors) and neighbours overlap at IoU 0.5, under FCOS's NMS threshold of 0.6.
+    Returns whether ``model`` had an FCOS box regressor.
+    """
+    for path in FCOS_BOX_REGRESSORS:
+        conv = _resolve(model, path)
+        if isinstance(conv, nn.Conv2d) and conv.bias is not None:
+            with torch.no_grad():
+                conv.bias.fill_(distance)
+            return True
+    return False
+
+
+# Peer name → constructor (keyword arguments as ``build_peer``'s).
+PEERS: dict[str, Callable[..., nn.Module]] = {"torchvision-maskrcnn": _tv_maskrcnn, "torchvision-fcos": _tv_fcos}
+PEERS_WITH_MASKS = ("torchvision-maskrcnn",)
+
+
+def build_peer(name: str, *, num_classes: int, device: torch.device | str,
+               image_size: tuple[int, int] = (800, 1216), detections: int | None = None, depth: int = 50, frozen_bn: bool = False,
+               trainable_layers: int = 5) -> nn.Module:
+    """A torchvision detector with random weights (``weights=None, weights_backbone=None``).
+
+    Args:
+        name: a key of ``PEERS``.
+        num_classes: C without background (torchvision gets C + 1).
+        image_size: (H, W) the peer will see; its transform's ``min_size`` / ``max_size`` are set to
+            it so that it does not rescale (to 800 by default).
+        detections: force exactly this many outputs (score threshold 0, cap N, ≥ max(1000, N)
+            proposals / candidates), or None for torchvision's defaults.
+        depth: ResNet depth of the FPN backbone (50: torchvision's own ``*_resnet50_fpn``).
+        frozen_bn, trainable_layers: backbone norm and trainable stages (0-5) for training benchmarks;
+            the defaults are what the constructors do without pretrained weights.
+    """
+    if name not in PEERS:
+        raise ValueError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
+    if depth not in PEER_DEPTHS:
+        raise ValueError(f"peer backbone depth must be one of {PEER_DEPTHS}, got {depth}")
+    model = PEERS[name](num_classes=num_classes, depth=depth, image_size=image_size, detections=detections,
+                        frozen_bn=frozen_bn, trainable_layers=trainable_layers)
+    return model.to(device)
+
+
+def random_image(image_size: tuple[int, int], *, seed: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """A fixed (seeded) random RGB image: (3, H, W) uint8 on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *image_size), generator=g, dtype=torch.uint8).to(device)
+
+
+def count_detections(output: Instances | PanopticSegmentation | dict[str, Tensor]) -> int:
+    """Instances in one image's output (ours, panoptic or a torchvision dict)."""
+    if isinstance(output, dict):
+        return int(output["boxes"].shape[0])
+    if isinstance(output, PanopticSegmentation):
+        return 0 if output.instances is None else len(output.instances)
+    return len(output)
+
+
+def our_inference_fn(model: nn.Module, *, image: Tensor, size_divisibility: int,
+                     memory_format: torch.memory_format = torch.contiguous_format,
+                     timer: StageTimer | None = None) -> Callable[[], int]:
+    """One end-to-end run of our model on ``image`` ((3, H, W) uint8, no resizing) → detection count.
+
+    Preprocessing (to float, zero-pad to ``size_divisibility``, ``Batch``) is timed as stage ``pre``;
+    the model normalises inside ``forward`` (counted in ``post``).
+    """
+    h, w = image.shape[-2:]
+    timer = timer or StageTimer()
+
+    def run() -> int:
+        with timer.section("pre"):
+            padded = F.pad(image.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility))
+            batch = Batch(images=padded[None].contiguous(memory_format=memory_format), image_sizes=[(h, w)],
+                          original_sizes=[(h, w)], image_ids=[-1])
+        return count_detections(model(batch)[0])
+    return run
+
+
+def peer_inference_fn(model: nn.Module, *, image: Tensor) -> Callable[[], int]:
+    """One end-to-end run of a torchvision detector on ``image`` ((3, H, W) uint8) → detection count."""
+    def run() -> int:
+        return count_detections(model([image.float() / 255.0])[0])
+    return run
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an ascending list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_inference(models: Mapping[str, Callable[[], int]], *, repeats: int, warmup: int = 1,
+                   device: torch.device | str = "cpu", timers: Mapping[str, StageTimer] | None = None,
+                   peer: str | None = None, expected_detections: int | None = None) -> list[dict[str, Any]]:
+    """Time zero-argument callables (each one inference, returning its detection count), interleaved.
+
+    ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every model once in
+    the mapping's order, under ``torch.inference_mode()``, with CUDA synchronised around each call.
+
+    Args:
+        timers: the ``StageTimer`` hooked into each model (models without one report only ``post``).
+        peer: the key of the reference model for ``ratio_to_peer`` (None: no ratios).
+        expected_detections: N; rows whose count differs get ``detections_ok = False``.
+    Returns:
+        one row per model, in order: ``model``, ``median_ms``, ``p90_ms``, ``q1_ms``, ``q3_ms`` (IQR),
+        ``min_ms``, ``max_ms``, ``ratio_to_peer`` (median / peer median, None for the peer),
+        ``detections`` (fewest of the timed runs), ``detections_max``, ``detections_ok``, ``repeats``,
+        ``stages_ms`` ({stage: median ms} over ``STAGES``; ``post`` = median total − the others).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    device = torch.device(device)
+    sync = sync_function(device) or (lambda: None)
+    timers = timers or {}
+    totals: dict[str, list[float]] = {name: [] for name in models}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    counts: dict[str, list[int]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for name, fn in models.items():
+                timer = timers.get(name)
+                if timer is not None:
+                    timer.reset()
+                sync()
+                start = time.perf_counter()
+                n = fn()
+                sync()
+                elapsed = time.perf_counter() - start
+                if round_index < warmup:
+                    continue
+                totals[name].append(elapsed * 1000)
+                stages[name].append({} if timer is None else {k: v * 1000 for k, v in timer.totals.items()})
+                counts[name].append(int(n))
+    rows = []
+    for name in models:
+        times = sorted(totals[name])
+        median = statistics.median(times)
+        stage_ms = {s: statistics.median(run.get(s, 0.0) for run in stages[name]) for s in STAGES if s != "post"}
+        stage_ms["post"] = max(0.0, median - sum(stage_ms.values()))
+        rows.append({
+            "model": name, "median_ms": median, "p90_ms": _quantile(times, 0.9),
+            "q1_ms": _quantile(times, 0.25), "q3_ms": _quantile(times, 0.75), "min_ms": times[0], "max_ms": times[-1],
+            "ratio_to_peer": None, "detections": min(counts[name]), "detections_max": max(counts[name]),
+            "detections_ok": expected_detections is None or set(counts[name]) == {expected_detections},
+            "repeats": repeats, "stages_ms": stage_ms,
+        })
+    by_name = {r["model"]: r for r in rows}
+    if peer is not None and peer in by_name:
+        for r in rows:
+            if r["model"] != peer:
+                r["ratio_to_peer"] = r["median_ms"] / by_name[peer]["median_ms"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+
+def describe_backbone(cfg_model: BlendMaskConfig | RCNNConfig | DR1MaskConfig | None = None, *,
+                      depth: int = 50) -> str:
+    """Short backbone label for tables: ``R-50 FPN-256`` (torchvision's, width 64) or ours with its width."""
+    if cfg_model is None:
+        return f"R-{depth} FPN-256"
+    b = cfg_model.backbone
+    width = "" if b.width == 64 else f" w{b.width}"
+    return f"R-{b.depth}{width} FPN-{b.fpn_channels}"
+
+
+def unique_names(configs: Sequence[str]) -> list[str]:
+    """Row names for config arguments: the name itself, ``#2``, ``#3`` … for repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in configs:
+        seen[c] = seen.get(c, 0) + 1
+        out.append(c if seen[c] == 1 else f"{c}#{seen[c]}")
+    return out
+
+
+def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = (),
+                        peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
+                        detections: int = 100, device: torch.device | str = "cpu", repeats: int = 10,
+                        warmup: int = 2, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """``dynaseg bench speed``: build every config (untrained, detections forced) and the peer, time them.
+
+    Args:
+        configs: preset names or YAML paths; ``overrides`` (``key=value``) apply to all.
+        peer: a ``PEERS`` key or None; built with the first config's ResNet depth and class count.
+        image_size: (H, W) of the random image, pixels. detections: N forced on every model.
+        device: "cpu" / "cuda". repeats, warmup: timed / untimed interleaved rounds. seed: image and weights.
+    Returns:
+        (rows as ``time_inference``'s plus ``backbone``, ``has_masks``; notes to print under the table).
+    """
+    if not configs:
+        raise ValueError("give at least one --config")
+    if detections < 1:
+        raise ValueError(f"detections must be at least 1, got {detections}")
+    device = torch.device(device)
+    image = random_image(image_size, seed=seed, device=device)
+    models: dict[str, Callable[[], int]] = {}
+    timers: dict[str, StageTimer] = {}
+    backbones: dict[str, str] = {}
+    depths: dict[str, int] = {}
+    hooks = contextlib.ExitStack()
+    first_model_cfg = None
+    for name, config in zip(unique_names(configs), configs):
+        cfg = force_detections(load_config(config, list(overrides)), detections)
+        model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
+        first_model_cfg = first_model_cfg or model_cfg
+        torch.manual_seed(seed)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = build_model(model_cfg).to(device, memory_format=memory_format).eval()
+        nondegenerate_fcos_boxes(model)
+        timers[name] = StageTimer(sync=sync_function(device))
+        hooks.enter_context(stage_hooks(model, targets=OUR_STAGE_TARGETS, timer=timers[name]))
+        models[name] = our_inference_fn(model, image=image, size_divisibility=model_cfg.size_divisibility,
+                                        memory_format=memory_format, timer=timers[name])
+        backbones[name], depths[name] = describe_backbone(model_cfg), model_cfg.backbone.depth
+    notes = [f"batch 1, image {image_size[0]}x{image_size[1]} (seeded random), {device.type}, "
+             f"{repeats} interleaved repeats after {warmup} warm-up, untrained weights, N = {detections} forced "
+             "(score thresholds 0; FCOS box regressors biased to non-empty boxes)"]
+    if device.type == "cuda":
+        notes.append("stage hooks synchronise CUDA at every stage boundary (included in the totals)")
+    if peer is not None:
+        depth = first_model_cfg.backbone.depth
+        torch.manual_seed(seed)
+        peer_model = build_peer(peer, num_classes=first_model_cfg.num_classes, device=device, image_size=image_size,
+                                detections=detections, depth=depth).eval()
+        nondegenerate_fcos_boxes(peer_model)
+        timers[peer] = StageTimer(sync=sync_function(device))
+        hooks.enter_context(stage_hooks(peer_model, targets=TORCHVISION_STAGE_TARGETS, timer=timers[peer]))
+        models[peer] = peer_inference_fn(peer_model, image=image)
+        backbones[peer], depths[peer] = describe_backbone(depth=depth), depth
+        if peer not in PEERS_WITH_MASKS:
+            notes.append(f"{peer} has no mask branch: boxes only (its 'mask' stage is empty)")
+        for name, d in depths.items():
+            if d != depth:
+                notes.append(f"{name} has a ResNet-{d} backbone, the peer ResNet-{depth}")
+        widths = {n: b for n, b in backbones.items() if n != peer and b != backbones[peer]}
+        if widths:
+            notes.append("peer backbone is torchvision's standard width (64) with 256 FPN channels; "
+                         "backbones differ: " + ", ".join(f"{n} {b}" for n, b in widths.items()))
+    logger.info("timing %s", ", ".join(models))
+    with hooks:
+        rows = time_inference(models, repeats=repeats, warmup=warmup, device=device, timers=timers, peer=peer,
+                              expected_detections=detections)
+    for r in rows:
+        r["backbone"] = backbones[r["model"]]
+        r["has_masks"] = r["model"] != peer or peer in PEERS_WITH_MASKS
+        if not r["detections_ok"]:
+            got = (str(r["detections"]) if r["detections"] == r["detections_max"]
+                   else f"{r['detections']}-{r['detections_max']}")
+            notes.append(f"WARNING: {r['model']} output {got} detections, not {detections}")
+    return rows, notes
+
+
+def format_speed_table(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
+    """Markdown table of ``time_inference`` rows (times in ms), followed by the notes as a list."""
+    head = ["model", "backbone", "median ms", "p90 ms", "IQR ms", "× peer", "detections", *STAGES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for r in rows:
+        ratio = "—" if r.get("ratio_to_peer") is None else f"{r['ratio_to_peer']:.2f}"
+        dets = str(r["detections"]) if r["detections"] == r.get("detections_max", r["detections"]) \
+            else f"{r['detections']}-{r['detections_max']}"
+        if not r.get("detections_ok", True):
+            dets += " ⚠"
+        if not r.get("has_masks", True):
+            dets += " (boxes)"
+        cells = [str(r["model"]), str(r.get("backbone", "")), f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
+                 f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f}", ratio, dets,
+                 *(f"{r['stages_ms'].get(s, 0.0):.1f}" for s in STAGES)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
+    return "\n".join(lines)
