@@ -40,11 +40,11 @@ def dynamic_projection(pooled: Tensor, weights: Tensor, source_index: Tensor | N
     n, k, _ = weights.shape
     if source_index is None:
         return torch.bmm(weights, pooled.flatten(2)).view(n, k, r, r)
-    out = pooled.new_empty((n, k, r * r))
     order = torch.argsort(source_index)
     sources, counts = torch.unique_consecutive(source_index[order], return_counts=True)
-    for src, rows in zip(sources.tolist(), order.split(counts.tolist())):
-        out[rows] = torch.matmul(weights[rows], pooled[src].flatten(1))
+    crops = pooled.flatten(2).unbind(0)            # views; backward is one stack, not a zero-fill per crop
+    grouped = [torch.matmul(weights[rows], crops[src]) for src, rows in zip(sources.tolist(), order.split(counts.tolist()))]
+    out = torch.cat(grouped)[torch.argsort(order)] if grouped else pooled.new_zeros((0, k, r * r))
     return out.view(n, k, r, r)
 
 
