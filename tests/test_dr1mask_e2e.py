@@ -1,5 +1,8 @@
 """DR1Mask through the whole engine on the synthetic panoptic data: train, PQ evaluation, predict, eval --panoptic."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from dynaseg.data.synthetic import generate_synthetic
 from dynaseg.engine.checkpoint import read_metadata
 from dynaseg.engine.trainer import train
 from dynaseg.structures.panoptic import rgb_to_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +76,16 @@ def test_predict_writes_panoptic_png_json_and_overlay(panoptic_run, panoptic_syn
         ids = rgb_to_id(np.asarray(Image.open(out / "panoptic" / ann["file_name"])))
         assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in ann["segments_info"]}
         assert (out / ann["file_name"]).is_file()                                # the overlay
+
+
+@pytest.mark.slow
+def test_ddp_panoptic_training_gathers_every_rank_s_predictions(panoptic_synth, tmp_path):
+    """2 gloo processes: each rank predicts half of the val images into one folder; rank 0 scores all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dynaseg",
+           "train", "--config", "dr1mask_panoptic_tiny", *_overrides(panoptic_synth, tmp_path), "solver.max_iter=4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predicted = json.loads((tmp_path / "panoptic_val.json").read_text())
+    assert sorted(a["image_id"] for a in predicted["annotations"]) == [1, 2, 3, 4]
+    assert "panoptic" in json.loads((tmp_path / "metrics.json").read_text())
