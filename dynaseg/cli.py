@@ -137,8 +137,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from dynaseg.inference.visualize import save_overlay, save_panoptic_overlay
     from dynaseg.structures.panoptic import PanopticSegmentation
 
-    cfg = load_config(args.config, args.overrides)
-    predictor = Predictor(cfg, args.weights)
+    if args.onnx:
+        if args.weights:
+            raise UserError("give --weights (eager model) or --onnx (exported model), not both")
+        from dynaseg.export.onnx_runtime import OnnxPredictor
+        predictor = OnnxPredictor(args.onnx, args.config, args.overrides)
+    else:
+        if not (args.config and args.weights):
+            raise UserError("predict needs --config and --weights (or --onnx MODEL.onnx, config optional)")
+        predictor = Predictor(load_config(args.config, args.overrides), args.weights)
     if predictor.is_panoptic and args.color_by == "resolution":
         raise UserError("--color-by resolution needs a two-stage instance model, not a panoptic one")
     source = Path(args.input)
@@ -213,6 +220,22 @@ def resolution_style(instances, path: Path) -> dict:
     colors = [RESOLUTION_COLORS.get(int(s), (128, 128, 128)) for s in sides.tolist()]
     legend = {f"{side}×{side}": color for side, color in RESOLUTION_COLORS.items()}
     return {"colors": colors, "legend": legend}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export --format onnx``: the model with decoding, NMS and mask prediction (see dynaseg/export/onnx.py)."""
+    from dynaseg.config.presets import load_config
+    from dynaseg.export.onnx import ExportError, export_onnx
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        path = export_onnx(cfg, args.weights, args.output, opset=args.opset)
+    except (ExportError, ImportError) as e:
+        raise UserError(f"{e} (ONNX export needs the 'export' extra: pip install 'dynaseg[export]')"
+                        if isinstance(e, ImportError) else str(e)) from None
+    print(f"wrote {path} ({cfg.model.kind}, opset {args.opset}); run it with: dynaseg predict --onnx {path} "
+          "--input IMAGES --output FOLDER")
+    return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -367,14 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images: overlay PNGs and COCO results JSON "
                        "(panoptic models: also COCO panoptic PNGs and panoptic.json)")
-    _add_config(p)
-    p.add_argument("--weights", required=True)
+    _add_config(p, required=False)
+    p.add_argument("--weights", help="model weights (.safetensors); or --onnx")
+    p.add_argument("--onnx", help="run a model exported by `dynaseg export --format onnx` in onnxruntime "
+                   "instead (--config optional: the file holds its config)")
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep instances scoring at least this")
     p.add_argument("--color-by", choices=["instance", "resolution"], default="instance",
                    help="overlay colours: one per instance, or by chosen mask resolution (DynaMask Fig. 7)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a model with its decoding, NMS and mask prediction (ONNX)")
+    _add_config(p)
+    p.add_argument("--weights", required=True, help="model weights (.safetensors)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--output", required=True, help="output file, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (16-20)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -11,8 +11,8 @@ from dynaseg.modeling.blendmask.blender import blend
 from dynaseg.modeling.build import build_model
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor, dynamic_projection
-from dynaseg.modeling.dr1mask.panoptic import (mean_embeddings_per_instance, panoptic_logits, panoptic_loss,
-                                               panoptic_postprocess, panoptic_targets)
+from dynaseg.modeling.dr1mask.panoptic import (group_duplicate_detections, mean_embeddings_per_instance,
+                                               panoptic_logits, panoptic_loss, panoptic_postprocess, panoptic_targets)
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
@@ -201,6 +201,15 @@ def test_mean_embeddings_per_instance():
     means, present = mean_embeddings_per_instance(e, torch.tensor([0, 0, 2, 2]), 3)
     assert present.tolist() == [True, False, True]
     assert torch.equal(means, torch.tensor([[2.0, 1.0], [2.5, 4.5]]))
+
+
+def test_duplicates_of_one_object_of_any_class_form_one_test_time_instance():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 6], [30, 30, 40, 40]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    kept, group = group_duplicate_detections(boxes, scores, 0.5)
+    assert kept.tolist() == [0, 2, 4] and group.tolist() == [0, 0, 1, 0, 2]    # box 3: IoU 0.6 with box 0
+    kept, group = group_duplicate_detections(boxes, scores, 0.65)
+    assert kept.tolist() == [0, 2, 3, 4] and group.tolist() == [0, 0, 1, 2, 3]
 
 
 def test_panoptic_targets_paint_instances_with_rows_and_ignore_the_rest():

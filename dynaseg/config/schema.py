@@ -179,6 +179,7 @@ class DR1HeadConfig:
     panoptic_loss_weight: float = 1.0
     # Panoptic inference
     panoptic_score_threshold: float = 0.3   # detections that become thing rows of the panoptic layer
+    panoptic_group_iou: float = 0.5      # detections of any class overlapping more (box IoU) are one instance: one mean row
     panoptic_restrict_to_boxes: bool = False  # thing maps count only inside their box (not in the paper)
     panoptic_min_stuff_area: int = 0     # stuff segments smaller than this become void (pixels)
 

@@ -127,6 +127,7 @@ def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
         resolution=d.resolution, sampling_ratio=d.sampling_ratio, mask_loss_weight=d.mask_loss_weight,
         semantic_loss_weight=d.semantic_loss_weight, panoptic_loss_weight=d.panoptic_loss_weight,
         mask_threshold=d.mask_threshold, panoptic_score_threshold=d.panoptic_score_threshold,
+        panoptic_group_iou=d.panoptic_group_iou,
         panoptic_restrict_to_boxes=d.panoptic_restrict_to_boxes, panoptic_min_stuff_area=d.panoptic_min_stuff_area,
         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
     )

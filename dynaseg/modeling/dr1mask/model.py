@@ -14,8 +14,9 @@ from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_box
 from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor
-from dynaseg.modeling.dr1mask.panoptic import (PanopticLayer, mean_embeddings_per_instance, panoptic_loss,
-                                               panoptic_postprocess, panoptic_targets)
+from dynaseg.modeling.dr1mask.panoptic import (PanopticLayer, group_duplicate_detections,
+                                               mean_embeddings_per_instance, panoptic_loss, panoptic_postprocess,
+                                               panoptic_targets)
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.modeling.fcos.detector import FCOSPositives, fcos_detections, fcos_training
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
@@ -46,7 +47,8 @@ class DR1Mask(nn.Module):
         num_classes: thing classes. strides … max_detections: FCOS training and inference.
         resolution, sampling_ratio: RoIAlign of F. mask_loss_weight, semantic_loss_weight,
         panoptic_loss_weight: loss weights. mask_threshold: paste-back threshold.
-        panoptic_score_threshold, panoptic_restrict_to_boxes, panoptic_min_stuff_area: panoptic inference.
+        panoptic_score_threshold, panoptic_group_iou, panoptic_restrict_to_boxes, panoptic_min_stuff_area:
+        panoptic inference (see ``DR1HeadConfig``).
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
     """
 
@@ -58,7 +60,7 @@ class DR1Mask(nn.Module):
                  pre_nms_topk: int, nms_threshold: float, max_detections: int,
                  resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
                  panoptic_loss_weight: float, mask_threshold: float, panoptic_score_threshold: float,
-                 panoptic_restrict_to_boxes: bool, panoptic_min_stuff_area: int,
+                 panoptic_group_iou: float, panoptic_restrict_to_boxes: bool, panoptic_min_stuff_area: int,
                  pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
         super().__init__()
         self.backbone, self.fcos_head, self.top_layer = backbone, fcos_head, top_layer
@@ -75,7 +77,7 @@ class DR1Mask(nn.Module):
         self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         self.panoptic_loss_weight = panoptic_loss_weight
-        self.panoptic_score_threshold = panoptic_score_threshold
+        self.panoptic_score_threshold, self.panoptic_group_iou = panoptic_score_threshold, panoptic_group_iou
         self.panoptic_restrict_to_boxes, self.panoptic_min_stuff_area = panoptic_restrict_to_boxes, panoptic_min_stuff_area
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
@@ -164,10 +166,14 @@ class DR1Mask(nn.Module):
             if self.panoptic_layer is None:
                 results.append(instances)
                 continue
-            things = instances.scores >= self.panoptic_score_threshold
-            rows = self.predictor.panoptic_columns(embeddings[here][keep][things])
+            things = (instances.scores >= self.panoptic_score_threshold).nonzero().squeeze(1)
+            kept, group = group_duplicate_detections(instances.boxes[things], instances.scores[things],
+                                                     self.panoptic_group_iou)
+            columns = self.predictor.panoptic_columns(embeddings[here][keep][things])
+            joined = group >= 0
+            rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
             logits = self.panoptic_layer(basis[i], rows)
-            panoptic = panoptic_postprocess(logits, instances[things], num_stuff=self.num_stuff, stride=BASIS_STRIDE,
+            panoptic = panoptic_postprocess(logits, instances[things[kept]], num_stuff=self.num_stuff, stride=BASIS_STRIDE,
                                             input_size=batch.image_sizes[i], min_stuff_area=self.panoptic_min_stuff_area,
                                             restrict_to_boxes=self.panoptic_restrict_to_boxes)
             results.append(dataclasses.replace(panoptic, instances=instances))   # every detection, for mask AP

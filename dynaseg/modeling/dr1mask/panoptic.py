@@ -5,18 +5,20 @@ W = [W_stuff; W_thing]: the first S rows are static (one per stuff class), the r
 dynamic, one per instance: the mean ē_j of the panoptic embeddings of the predictions assigned to
 instance j. The logits are one matrix product Y = W F, (S + N) maps; argmax over them is the
 panoptic map. In training, N is the number of ground-truth instances with at least one positive
-location; at inference, one row per kept detection (its own embedding).
+location; at inference, the detections are grouped into instances (duplicates of one object, of
+any class, join the best-scoring one) and each group's mean embedding is a row.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import box_iou, nms
 
 from dynaseg.structures import Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation, Segment
 
-__all__ = ["PanopticLayer", "mean_embeddings_per_instance", "panoptic_logits", "panoptic_targets",
+__all__ = ["PanopticLayer", "group_duplicate_detections", "mean_embeddings_per_instance", "panoptic_logits", "panoptic_targets",
            "panoptic_loss", "panoptic_postprocess"]
 
 
@@ -41,6 +43,23 @@ def panoptic_logits(features: Tensor, stuff_weight: Tensor, thing_weights: Tenso
     c, h, w = features.shape
     weight = torch.cat([stuff_weight, thing_weights.to(stuff_weight.dtype)], dim=0)
     return (weight @ features.reshape(c, h * w)).view(-1, h, w)
+
+
+@torch.no_grad()
+def group_duplicate_detections(boxes: Tensor, scores: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor]:
+    """Test-time instances: detections that cover the same object, whatever their class, form one group.
+
+    Class-agnostic NMS keeps the highest-scoring detection of each object; every detection then
+    joins the kept one it overlaps most, if that IoU exceeds ``iou_threshold`` (else it is dropped).
+    boxes: (N, 4); scores: (N,) → (kept (K,) indices, group (N,) in [0, K) or -1).
+    """
+    kept = nms(boxes, scores, iou_threshold)
+    if kept.numel() == 0:
+        return kept, torch.full_like(scores, -1, dtype=torch.long)
+    iou, group = box_iou(boxes[kept], boxes).max(dim=0)
+    group = torch.where(iou > iou_threshold, group, torch.full_like(group, -1))
+    group[kept] = torch.arange(len(kept), device=kept.device)
+    return kept, group
 
 
 def mean_embeddings_per_instance(embeddings: Tensor, instance_index: Tensor, num_instances: int) -> tuple[Tensor, Tensor]:

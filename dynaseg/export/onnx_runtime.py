@@ -1,0 +1,158 @@
+"""``OnnxPredictor(model.onnx)(image) -> Instances | PanopticSegmentation``: an exported model in onnxruntime.
+
+It is a drop-in for :class:`dynaseg.inference.predictor.Predictor` (same call, ``class_names``,
+``category_ids``, ``stuff_names``, ``stuff_category_ids``, ``cfg``, ``is_panoptic``) and does the
+same pre- and post-processing as eager inference, with the same functions: the test resize
+(``build_test_transforms``), zero padding to the model's size divisibility, then on the graph's
+outputs (see ``dynaseg/export/onnx.py``) ``blendmask_postprocess`` (BlendMask, DR1Mask) or
+``rcnn_postprocess`` (Mask R-CNN, DynaMask), which rescale the boxes to the original image, drop
+the ones empty there and paste the masks with ``paste_masks``; panoptic DR1Mask then picks the
+thing rows of the panoptic logits and runs ``panoptic_postprocess``.
+
+Everything the model needs is in the ONNX file's ``metadata_props`` (class names, category ids,
+size divisibility, test sizes, mask threshold, the whole config), so a config is optional; one
+given (a preset, a YAML file, overrides) sets the test sizes and thresholds of the post-processing
+(the graph's own thresholds, e.g. the detection score threshold, are fixed at export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torchvision import tv_tensors
+
+from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict
+from dynaseg.config.presets import load_config
+from dynaseg.config.schema import ExperimentConfig
+from dynaseg.data.transforms import build_test_transforms
+from dynaseg.inference.predictor import Predictor
+from dynaseg.structures import Instances
+from dynaseg.structures.panoptic import PanopticSegmentation
+
+__all__ = ["OnnxPredictor", "read_onnx_metadata"]
+
+_PREFIX = "dynaseg."
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON-decoded ``dynaseg.*`` metadata_props of an exported model (prefix removed)."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return _decode(session.get_modelmeta().custom_metadata_map)
+
+
+def _decode(props: dict[str, str]) -> dict[str, Any]:
+    return {k[len(_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(_PREFIX)}
+
+
+def mask_threshold_of(model_cfg) -> float:
+    """The paste-back threshold the eager model of ``model_cfg`` uses."""
+    if model_cfg.kind == "blendmask":
+        return model_cfg.blender.mask_threshold
+    if model_cfg.kind == "dr1mask":
+        return model_cfg.dr1.mask_threshold
+    return model_cfg.dynamask.mask_threshold if model_cfg.kind == "dynamask" else model_cfg.mask_head.mask_threshold
+
+
+class OnnxPredictor(Predictor):
+    """Segment images with an ONNX file written by ``dynaseg export --format onnx``.
+
+    Args:
+        path: the .onnx file.
+        cfg: None (the config stored in the file), a preset name / YAML path, or an
+            :class:`ExperimentConfig`; it must be of the exported model's kind.
+        overrides: ``key=value`` config overrides (e.g. ``data.min_size_test=640``).
+        providers: onnxruntime execution providers (default: CPU).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    """
+
+    def __init__(self, path: str | Path, cfg: ExperimentConfig | str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 *, providers: list[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        meta = _decode(self.session.get_modelmeta().custom_metadata_map)
+        if "config" not in meta:
+            raise ConfigError(f"{path}: not a dynaseg export (no dynaseg.config in its metadata_props)")
+        if cfg is None:
+            cfg = apply_overrides(from_dict(ExperimentConfig, meta["config"]), list(overrides))
+        elif isinstance(cfg, str):
+            cfg = load_config(cfg, overrides)
+        else:
+            cfg = apply_overrides(cfg, list(overrides))
+        if cfg.model.kind != meta["model_kind"]:
+            raise ConfigError(f"{path} holds a {meta['model_kind']} model, the config is {cfg.model.kind}")
+        self.cfg = cfg
+        self.path = Path(path)
+        self.metadata = meta
+        self.model = None
+        self.device = torch.device("cpu")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.class_names: list[str] = list(meta["class_names"])
+        self.category_ids: list[int] = list(meta["category_ids"])
+        self.stuff_names: list[str] = list(meta.get("stuff_names") or [])
+        self.stuff_category_ids: list[int] = list(meta.get("stuff_category_ids") or [])
+        self.size_divisibility = int(meta["size_divisibility"])
+        self.mask_threshold = mask_threshold_of(cfg.model)
+        self._transform = build_test_transforms(cfg.data.min_size_test, cfg.data.max_size_test)
+
+    def run(self, padded: torch.Tensor, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The graph on one (3, Hp, Wp) float 0-255 padded image with valid size (h, w) → its outputs by name."""
+        feed = {"image": padded[None].contiguous().numpy(), "image_size": np.asarray(image_size, dtype=np.int64)}
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+    @torch.no_grad()
+    def __call__(self, image) -> Instances | PanopticSegmentation:
+        original = self._to_tensor(image)
+        resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
+        h, w = resized.shape[-2:]
+        div = self.size_divisibility
+        padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
+        outputs = self.run(padded, (h, w))
+        return self.postprocess(outputs, input_size=(h, w), output_size=tuple(original.shape[-2:]))
+
+    def postprocess(self, outputs: dict[str, np.ndarray], *, input_size: tuple[int, int],
+                    output_size: tuple[int, int]) -> Instances | PanopticSegmentation:
+        """The graph's outputs for an image resized to ``input_size`` → the eager model's result at ``output_size``."""
+        from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
+        from dynaseg.modeling.rcnn.model import rcnn_postprocess
+        from dynaseg.structures.masks import clip_boxes, scale_boxes
+
+        boxes, scores, labels, probs = (torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "mask_probs"))
+        if "mask_resolutions" in outputs:                                   # two-stage
+            sides = torch.from_numpy(outputs["mask_resolutions"])
+            detections = Instances(image_size=input_size, boxes=boxes, labels=labels, scores=scores)
+            mask_probs = [probs[i, :r, :r] for i, r in enumerate(sides.tolist())]
+            return rcnn_postprocess(detections, mask_probs, sides, output_size=output_size,
+                                    mask_threshold=self.mask_threshold)
+        if "panoptic_logits" not in outputs:
+            return blendmask_postprocess(boxes, scores, labels, probs, input_size=input_size, output_size=output_size,
+                                         mask_threshold=self.mask_threshold)
+        from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
+        from dynaseg.modeling.dr1mask.panoptic import panoptic_postprocess
+
+        keep = nonempty_boxes(clip_boxes(scale_boxes(boxes, input_size, output_size), output_size))
+        instances = blendmask_postprocess(boxes[keep], scores[keep], labels[keep], probs[keep], input_size=input_size,
+                                          output_size=output_size, mask_threshold=self.mask_threshold)
+        d, num_stuff = self.cfg.model.dr1, self.cfg.model.num_stuff_classes
+        things = instances.scores >= d.panoptic_score_threshold
+        logits = torch.from_numpy(outputs["panoptic_logits"])
+        rows = keep.nonzero().squeeze(1)[things]
+        logits = torch.cat([logits[:num_stuff], logits[num_stuff + rows]])
+        panoptic = panoptic_postprocess(logits, instances[things], num_stuff=num_stuff, stride=BASIS_STRIDE,
+                                        input_size=input_size, min_stuff_area=d.panoptic_min_stuff_area,
+                                        restrict_to_boxes=d.panoptic_restrict_to_boxes)
+        return dataclasses.replace(panoptic, instances=instances)
