@@ -12,14 +12,19 @@ Graph contract (one image of any size; names are the ONNX input / output names):
   Two-stage models (Mask R-CNN, DynaMask) also give ``mask_resolutions`` (N,) int64, the side r_i of
   each mask: its values are ``mask_probs[i, :r_i, :r_i]``, the rest is zero (DynaMask's MSM and size
   policies choose r_i per instance, so R is the largest side, 112). Panoptic DR1Mask also gives
-  ``panoptic_logits`` (S + N, H/4, W/4): the stuff rows, then one row per detection.
+  ``panoptic_columns`` (N, C_F), each detection's dynamic column of the panoptic layer,
+  ``panoptic_features`` (C_F, H/4, W/4), the map F they multiply, and ``panoptic_stuff_logits``
+  (S, H/4, W/4), the static stuff rows times F.
 
 What stays outside the graph (``dynaseg.export.onnx_runtime``), with the very functions eager
 inference uses: the test resize and the padding; rescaling the boxes to the original image,
 dropping boxes empty there and pasting the masks (``paste_masks`` in ``blendmask_postprocess`` /
-``rcnn_postprocess``); for panoptic models, picking the thing rows and ``panoptic_postprocess``.
-Pasting is left out on purpose: it works at the original image size, and thresholding after a
-bilinear resample per box is where a fused graph would drift from eager.
+``rcnn_postprocess``); for panoptic models, grouping the detections into instances
+(``group_duplicate_detections``), their mean columns (``mean_embeddings_per_instance``) times F
+(``panoptic_logits``) after the stuff logits, and ``panoptic_postprocess``.
+Pasting stays outside because eager ``paste_masks`` loops over the boxes with Python pixel ranges
+and returns N full masks at the *original* image size, which the graph never sees; applying the
+same function to the graph's outputs keeps the results identical to eager's.
 
 Exporter: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``), whose
 torchvision symbolics cover ``roi_align`` (opset >= 16 for ``aligned=True``: RoiAlign with
@@ -27,7 +32,14 @@ torchvision symbolics cover ``roi_align`` (opset >= 16 for ``aligned=True``: Roi
 ``NonMaxSuppression`` over classes (``_PerClassNMS``), not through torchvision's symbolic, so that
 it matches torchvision's ``batched_nms`` exactly (see ``_batched_nms``). DCNv1 (DynaMask's FAM)
 exports through the model's own CPU path (``deform_conv2d_sampled``: GridSample + MatMul),
-GroupNorm as InstanceNormalization. Opset 16-20; 17 by default.
+GroupNorm as InstanceNormalization. Opset 16-20; 17 by default. (torch >= 2.9 marks this exporter
+deprecated; the torch.export-based one would need the data-dependent shapes below as unbacked
+sizes and ONNX translations of torchvision's ops, and is not used.)
+
+Where the graph can differ from eager PyTorch on the CPU: float rounding (onnxruntime's kernels;
+measured on the tiny models: boxes < 1e-4 px, scores < 3e-6, mask probabilities < 1e-4); exact
+score ties (top-k and NMS order among equal scores); an IoU or a level-assignment ratio within
+rounding of its threshold. Eager ``batched_nms`` on CUDA switches algorithm at another size.
 
 Traced pieces. Tracing records tensor operations and bakes every Python value computed from
 tensors. These parts of the eager code are not traceable for a dynamic image size / detection
@@ -43,8 +55,11 @@ are never copied):
 5. ``conv3x3_at_locations`` (BlendMask attention, DR1Mask embeddings): ``if in_level.any()`` and
    boolean-mask assignment → ``_conv3x3_at_locations`` (the 3×3 patch of each location on every
    level, the right level's product kept with ``where``).
-6. ``blend``: ``if attention.shape[0] == 0`` → ``_blend``; so ``InstancePredictor.forward``, which
-   calls it, → ``_dr1_mask_logits`` (the predictor's ``attention`` and ``dynamic_projection``).
+6. ``blend`` has ``if attention.shape[0] == 0`` (a Python branch on N), and onnxruntime fails on
+   some empty tensors (a SIGFPE in Einsum, DR1Mask's factored attention; a broadcast error in
+   MatMul, DynaMask's deformable convs; -1 in Reshape): the mask heads get one extra all-zero row
+   (``_append_zero_row``; DynaMask: a dummy RoI [0, 0, 1, 1]) that is dropped from their output,
+   so ``blend``, ``InstancePredictor`` and the DynaMask head run unchanged, never on 0 rows.
 7. ``RPN.forward`` (torchvision's ``RegionProposalNetwork.filter_proposals`` clips with
    ``torch.tensor(width)``, a constant once traced, and uses its ``batched_nms``) →
    ``_rpn_proposals`` (the RPN's head, anchor generator and box coder).
@@ -264,7 +279,13 @@ class FCOSFamilyExport(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return ("boxes", "scores", "labels", "mask_probs") + (("panoptic_logits",) if self.panoptic else ())
+        panoptic = ("panoptic_columns", "panoptic_features", "panoptic_stuff_logits") if self.panoptic else ()
+        return ("boxes", "scores", "labels", "mask_probs") + panoptic
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return ({name: {0: "detections"} for name in ("boxes", "scores", "labels", "mask_probs", "panoptic_columns")}
+                | {name: {1: "height_4", 2: "width_4"} for name in ("panoptic_features", "panoptic_stuff_logits")})
 
     def forward(self, image: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
         m = self.model
@@ -294,7 +315,9 @@ class FCOSFamilyExport(nn.Module):
         logits = m.predictor(_append_zero_row(pooled), _append_zero_row(embeddings))[:-1]
         outputs = (boxes, det.scores, det.labels, logits.sigmoid())
         if self.panoptic:
-            outputs += (m.panoptic_layer(basis[0], m.predictor.panoptic_columns(embeddings)),)
+            features = basis[0]
+            stuff_logits = m.panoptic_layer(features, features.new_zeros((1, features.shape[0])))[:-1]
+            outputs += (m.predictor.panoptic_columns(embeddings), features, stuff_logits)
         return outputs
 
 
@@ -411,6 +434,7 @@ class TwoStageExport(nn.Module):
     """Mask R-CNN or DynaMask inference on one image, traceable."""
 
     output_names = ("boxes", "scores", "labels", "mask_probs", "mask_resolutions")
+    dynamic_axes = {name: {0: "detections"} for name in output_names}
 
     def __init__(self, model: TwoStageDetector) -> None:
         super().__init__()
@@ -520,7 +544,7 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
     os.close(fd)
     try:
         names = module.output_names
-        dynamic = {"image": {2: "height", 3: "width"}} | {name: {0: "detections"} for name in names}
+        dynamic = {"image": {2: "height", 3: "width"}} | module.dynamic_axes
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             torch.onnx.export(module, (image, image_size), tmp, dynamo=False, opset_version=opset,

@@ -6,8 +6,9 @@ same pre- and post-processing as eager inference, with the same functions: the t
 (``build_test_transforms``), zero padding to the model's size divisibility, then on the graph's
 outputs (see ``dynaseg/export/onnx.py``) ``blendmask_postprocess`` (BlendMask, DR1Mask) or
 ``rcnn_postprocess`` (Mask R-CNN, DynaMask), which rescale the boxes to the original image, drop
-the ones empty there and paste the masks with ``paste_masks``; panoptic DR1Mask then picks the
-thing rows of the panoptic logits and runs ``panoptic_postprocess``.
+the ones empty there and paste the masks with ``paste_masks``; panoptic DR1Mask then follows
+``DR1Mask.inference``: detections grouped into instances, one mean column per instance, thing
+logits after the graph's stuff logits, ``panoptic_postprocess``.
 
 Everything the model needs is in the ONNX file's ``metadata_props`` (class names, category ids,
 size divisibility, test sizes, mask threshold, the whole config), so a config is optional; one
@@ -39,10 +40,17 @@ __all__ = ["OnnxPredictor", "read_onnx_metadata"]
 _PREFIX = "dynaseg."
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("onnxruntime is not installed (pip install 'dynaseg[export]')") from e
+    return onnxruntime
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON-decoded ``dynaseg.*`` metadata_props of an exported model (prefix removed)."""
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -76,8 +84,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, path: str | Path, cfg: ExperimentConfig | str | None = None, overrides: list[str] | tuple[str, ...] = (),
                  *, providers: list[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file")
         options = ort.SessionOptions()
@@ -127,9 +134,8 @@ class OnnxPredictor(Predictor):
     def postprocess(self, outputs: dict[str, np.ndarray], *, input_size: tuple[int, int],
                     output_size: tuple[int, int]) -> Instances | PanopticSegmentation:
         """The graph's outputs for an image resized to ``input_size`` → the eager model's result at ``output_size``."""
-        from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
+        from dynaseg.modeling.blendmask.model import blendmask_postprocess
         from dynaseg.modeling.rcnn.model import rcnn_postprocess
-        from dynaseg.structures.masks import clip_boxes, scale_boxes
 
         boxes, scores, labels, probs = (torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "mask_probs"))
         if "mask_resolutions" in outputs:                                   # two-stage
@@ -138,21 +144,33 @@ class OnnxPredictor(Predictor):
             mask_probs = [probs[i, :r, :r] for i, r in enumerate(sides.tolist())]
             return rcnn_postprocess(detections, mask_probs, sides, output_size=output_size,
                                     mask_threshold=self.mask_threshold)
-        if "panoptic_logits" not in outputs:
+        if "panoptic_columns" not in outputs:
             return blendmask_postprocess(boxes, scores, labels, probs, input_size=input_size, output_size=output_size,
                                          mask_threshold=self.mask_threshold)
+        return self._panoptic(outputs, boxes, scores, labels, probs, input_size=input_size, output_size=output_size)
+
+    def _panoptic(self, outputs: dict[str, np.ndarray], boxes, scores, labels, probs, *, input_size: tuple[int, int],
+                  output_size: tuple[int, int]) -> PanopticSegmentation:
+        """The panoptic part of ``DR1Mask.inference`` on the graph's outputs (same functions, same steps)."""
+        from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
         from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
-        from dynaseg.modeling.dr1mask.panoptic import panoptic_postprocess
+        from dynaseg.modeling.dr1mask.panoptic import (group_duplicate_detections, mean_embeddings_per_instance,
+                                                       panoptic_logits, panoptic_postprocess)
+        from dynaseg.structures.masks import clip_boxes, scale_boxes
 
         keep = nonempty_boxes(clip_boxes(scale_boxes(boxes, input_size, output_size), output_size))
         instances = blendmask_postprocess(boxes[keep], scores[keep], labels[keep], probs[keep], input_size=input_size,
                                           output_size=output_size, mask_threshold=self.mask_threshold)
         d, num_stuff = self.cfg.model.dr1, self.cfg.model.num_stuff_classes
-        things = instances.scores >= d.panoptic_score_threshold
-        logits = torch.from_numpy(outputs["panoptic_logits"])
-        rows = keep.nonzero().squeeze(1)[things]
-        logits = torch.cat([logits[:num_stuff], logits[num_stuff + rows]])
-        panoptic = panoptic_postprocess(logits, instances[things], num_stuff=num_stuff, stride=BASIS_STRIDE,
+        things = (instances.scores >= d.panoptic_score_threshold).nonzero().squeeze(1)
+        kept, group = group_duplicate_detections(instances.boxes[things], instances.scores[things], d.panoptic_group_iou)
+        columns = torch.from_numpy(outputs["panoptic_columns"])[keep][things]
+        joined = group >= 0
+        rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
+        features = torch.from_numpy(outputs["panoptic_features"])
+        thing_logits = panoptic_logits(features, features.new_zeros((0, features.shape[0])), rows)
+        logits = torch.cat([torch.from_numpy(outputs["panoptic_stuff_logits"]), thing_logits])
+        panoptic = panoptic_postprocess(logits, instances[things[kept]], num_stuff=num_stuff, stride=BASIS_STRIDE,
                                         input_size=input_size, min_stuff_area=d.panoptic_min_stuff_area,
                                         restrict_to_boxes=d.panoptic_restrict_to_boxes)
         return dataclasses.replace(panoptic, instances=instances)
