@@ -463,7 +463,7 @@ def test_matches_the_coco_panoptic_api(tmp_path, capsys):
     try:
         from panopticapi.evaluation import pq_compute as api_pq_compute
     except ImportError as e:  # test-only oracle: pip install --no-deps panopticapi-lite
-        pytest.skip(f"COCO panoptic API not importable: {e}")
+        pytest.skip(f"oracle not installed ({e}); `make test` installs it: pip install --no-deps panopticapi-lite==0.2.0")
     images = random_fixture(np.random.default_rng(0), n_images=12)
     gt_json, gt_dir = write_panoptic(tmp_path, "gt", [(i + 1, g, gs) for i, (g, gs, _, _) in enumerate(images)])
     pred_json, pred_dir = write_panoptic(tmp_path, "pred", [(i + 1, p, ps) for i, (_, _, p, ps) in enumerate(images)])
