@@ -276,24 +276,44 @@ def _bench_model(args: argparse.Namespace):
 
 
 def _cmd_bench_flops(args: argparse.Namespace) -> int:
+    """``bench flops``: GMAC per model and stage; a two-stage first config adds its mask head per
+    resolution beside the paper's Table 7 (the JSON keeps those keys at the top level)."""
     import dataclasses
 
+    from dynaseg.bench.flops import format_flops_table, run_flops_benchmark
     from dynaseg.bench.mask_head import mask_head_flops
+    from dynaseg.bench.speed import parse_size
+    from dynaseg.config.presets import load_config
+    from dynaseg.config.schema import RCNNConfig
     from dynaseg.modeling.build import build_model
 
-    model_cfg, model = _bench_model(args)
-    reference = build_model(dataclasses.replace(model_cfg, kind="mask_rcnn"))
-    result = {"model": model_cfg.kind, **mask_head_flops(model, reference)}
+    try:
+        size = parse_size(args.size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rows, notes = run_flops_benchmark(args.configs, overrides=args.overrides,
+                                      peer=None if args.peer == "none" else args.peer,
+                                      image_size=size, detections=args.detections)
+    first = load_config(args.configs[0].split()[0], [*args.overrides, *args.configs[0].split()[1:]])
+    result: dict = {}
+    if isinstance(first.model, RCNNConfig):
+        model_cfg = dataclasses.replace(first.model, backbone_weights="")
+        reference = build_model(dataclasses.replace(model_cfg, kind="mask_rcnn"))
+        result = {"model": model_cfg.kind, **mask_head_flops(build_model(model_cfg), reference)}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result | {"models": rows}))
+        print("\n".join(notes), file=sys.stderr)
         return 0
-    ours, paper = result["mask_head_gmac_per_instance"], result["paper_table7_gflops"]
-    print(f"{'mask side':>10} {'ours (GMAC)':>12} {'paper Table 7 (G)':>18}")
-    for side, g in ours.items():
-        print(f"{side + '²':>10} {g:12.3f} {paper.get(side, float('nan')):18.2f}")
-    print(f"per-instance overhead (MSM): {result['per_instance_overhead_gmac']:.3f} GMAC")
-    print(f"Mask R-CNN 28×28 head: ours {result['mask_rcnn_28_gmac_per_instance']:.3f} GMAC, "
-          f"paper {result['paper_mask_rcnn_gflops']} G")
+    print(format_flops_table(rows, notes))
+    if result:
+        ours, paper = result["mask_head_gmac_per_instance"], result["paper_table7_gflops"]
+        print(f"\nmask head of {args.configs[0]} per instance:")
+        print(f"{'mask side':>10} {'ours (GMAC)':>12} {'paper Table 7 (G)':>18}")
+        for side, g in ours.items():
+            print(f"{side + '²':>10} {g:12.3f} {paper.get(side, float('nan')):18.2f}")
+        print(f"per-instance overhead (MSM): {result['per_instance_overhead_gmac']:.3f} GMAC")
+        print(f"Mask R-CNN 28×28 head: ours {result['mask_rcnn_28_gmac_per_instance']:.3f} GMAC, "
+              f"paper {result['paper_mask_rcnn_gflops']} G")
     return 0
 
 
@@ -323,16 +343,29 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
         size, device = parse_size(args.size), check_device(args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    rows, notes = run_speed_benchmark(args.configs, overrides=args.overrides,
-                                      peer=None if args.peer == "none" else args.peer, image_size=size,
+    from dynaseg.bench.report import parse_ap_values, write_speed_report
+    from dynaseg.bench.speed import unique_names
+
+    peer = None if args.peer == "none" else args.peer
+    try:
+        ap = parse_ap_values(args.ap or [], models=[*unique_names(args.configs), *([peer] if peer else [])])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if ap and not args.output:
+        raise UserError("--ap draws the AP-vs-latency plot into --output DIR; give --output too")
+    rows, notes = run_speed_benchmark(args.configs, overrides=args.overrides, peer=peer, image_size=size,
                                       detections=args.detections, device=device, repeats=args.repeats,
                                       warmup=args.warmup)
+    table = format_speed_table(rows, notes)
     if args.json:
         keys = ("model", "median_ms", "p90_ms", "ratio_to_peer", "detections", "stages_ms")
         print(json.dumps([{k: r[k] for k in keys} | r for r in rows]))
         print("\n".join(notes), file=sys.stderr)
     else:
-        print(format_speed_table(rows, notes))
+        print(table)
+    if args.output:
+        for path in write_speed_report(rows, notes, table, args.output, ap=ap):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -353,6 +386,31 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         print("\n".join(notes), file=sys.stderr)
     else:
         print(format_train_table(rows, notes))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: HTTP inference service (FastAPI + uvicorn); see docs/serve.md."""
+    try:
+        import uvicorn
+
+        from dynaseg.serve import ServeLimits, create_app
+    except ImportError as e:
+        raise UserError(f"{e} (dynaseg serve needs the 'serve' extra: pip install 'dynaseg[serve]')") from None
+    from dynaseg.config.presets import load_config
+    from dynaseg.inference.predictor import Predictor
+
+    try:
+        limits = ServeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                             max_concurrency=args.max_concurrency, queue_size=args.queue_size,
+                             read_timeout_s=args.read_timeout)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UserError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    predictor = Predictor(load_config(args.config, args.overrides), args.weights, device=args.device)
+    app = create_app(predictor, limits=limits, score_threshold=args.score_threshold)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
     return 0
 
 
@@ -422,10 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    b = bench_sub.add_parser("flops", help="mask-head multiply-accumulates per instance at each resolution")
-    _add_config(b)
-    b.add_argument("--json", action="store_true")
+    b = bench_sub.add_parser("flops", help="multiply-accumulates per model and stage (torch's flop counter), "
+                                           "and a two-stage model's mask head per instance at each resolution")
+    b.add_argument("--config", dest="configs", action="append", required=True,
+                   help="preset name or YAML file, optionally followed by its own overrides (repeat for several)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
+    b.add_argument("--peer", default="none", choices=["torchvision-maskrcnn", "torchvision-fcos", "none"])
+    b.add_argument("--size", default="800x1216", help="image size HxW (seeded random image)")
+    b.add_argument("--detections", type=int, default=100, help="instances every model is forced to output")
+    b.add_argument("--json", action="store_true",
+                   help='print {"models": [rows], ...} (+ the first config\'s mask head per resolution when two-stage)')
     b.set_defaults(func=_cmd_bench_flops)
+
     b = bench_sub.add_parser("maskhead", help="time the mask head alone on fixed random RoI features")
     _add_config(b)
     b.add_argument("--policy", default="msm", choices=["14", "28", "56", "112", "msm", "size"])
@@ -438,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench_sub.add_parser("speed", help="end-to-end inference time per image against a torchvision peer "
                              "(untrained weights, N detections forced, interleaved runs)")
     b.add_argument("--config", dest="configs", action="append", required=True,
-                   help="preset name or YAML file (repeat for several models)")
+                   help="preset name or YAML file, optionally followed by its own overrides "
+                        "(\"dynamask_r50_fpn_1x model.dynamask.policy=112\"); repeat for several models")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
     b.add_argument("--peer", default="torchvision-maskrcnn",
                    choices=["torchvision-maskrcnn", "torchvision-fcos", "none"])
@@ -448,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every model once)")
     b.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--output", help="also write speed.md, speed.json (and with --ap ap_vs_latency.png) here")
+    b.add_argument("--ap", action="append", metavar="MODEL=AP",
+                   help="mask AP of a table row (repeat), e.g. blendmask_r50_fpn_1x=37.8: plotted against latency")
     b.set_defaults(func=_cmd_bench_speed)
     b = bench_sub.add_parser("train", help="training images/s (forward + backward + SGD step) against "
                              "torchvision's Mask R-CNN on a fixed synthetic batch")
@@ -462,6 +532,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench_train)
+
+    p = sub.add_parser("serve", help="HTTP inference service: POST /predict, GET /health, GET /model "
+                       "(needs the 'serve' extra; see docs/serve.md)")
+    _add_config(p)
+    p.add_argument("--weights", required=True, help="model weights (.safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="default of /predict's score_threshold query parameter")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--max-pixels", type=int, default=25_000_000,
+                   help="largest image width*height, checked from its header before decoding (413 beyond)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="images decoded and segmented at once")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="further requests admitted to wait; beyond them 503 with Retry-After")
+    p.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds a request has to send its body (408 beyond)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("config", help="print a preset's resolved config (no --config: list presets)")
     _add_config(p, required=False)

@@ -5,9 +5,11 @@ from dynaseg.config.overrides import ConfigError
 from dynaseg.data.coco import DatasetError
 from dynaseg.data.image_io import ImageReadError
 from dynaseg.engine.checkpoint import CheckpointError
+from dynaseg.engine.distributed import PeerRankFailed
 from dynaseg.evaluation.coco import EvaluationError
 
 __all__ = ["USER_ERRORS"]
 
+# FloatingPointError: the trainer's non-finite loss / gradient stop (names the term and iteration).
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, ImageReadError, CheckpointError,
-                                            EvaluationError, FileNotFoundError)
+                                            EvaluationError, FileNotFoundError, FloatingPointError, PeerRankFailed)

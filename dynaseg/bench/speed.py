@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, ExperimentConfig, RCNNConfig
 from dynaseg.config.overrides import with_overrides
+from dynaseg.inference.optimize import optimize_for_inference
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
@@ -38,7 +39,8 @@ __all__ = [
     "STAGES", "OUR_STAGE_TARGETS", "TORCHVISION_STAGE_TARGETS", "PEERS", "StageTimer", "parse_size",
     "check_device", "sync_function", "force_detections", "nondegenerate_fcos_boxes", "build_peer",
     "random_image", "stage_hooks", "count_detections", "our_inference_fn", "peer_inference_fn",
-    "time_inference", "describe_backbone", "unique_names", "run_speed_benchmark", "format_speed_table",
+    "time_inference", "describe_backbone", "unique_names", "BenchModel", "prepare_models", "run_speed_benchmark",
+    "format_speed_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,10 +75,13 @@ class StageTimer:
 
     Args:
         sync: called before every clock reading (``torch.cuda.synchronize`` on CUDA), or None.
+        clock: what is accumulated: ``time.perf_counter`` (seconds), or any other monotonic
+            counter, e.g. a flop counter's running total (``bench flops``).
     """
 
-    def __init__(self, *, sync: Callable[[], None] | None = None) -> None:
-        self.sync = sync
+    def __init__(self, *, sync: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.sync, self.clock = sync, clock
         self.totals: dict[str, float] = {}
         self._stack: list[str] = []
         self._since = 0.0
@@ -84,6 +89,7 @@ class StageTimer:
     def reset(self) -> None:
         """Forget the totals (and any stage left open by an exception)."""
         self.totals, self._stack = {}, []
+        self._since = self.clock()
 
     @property
     def open(self) -> bool:
@@ -93,7 +99,7 @@ class StageTimer:
     def _switch(self) -> None:
         if self.sync is not None:
             self.sync()
-        now = time.perf_counter()
+        now = self.clock()
         if self._stack:
             stage = self._stack[-1]
             self.totals[stage] = self.totals.get(stage, 0.0) + now - self._since
@@ -453,76 +459,109 @@ def unique_names(configs: Sequence[str]) -> list[str]:
     return out
 
 
-def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = (),
-                        peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
-                        detections: int = 100, device: torch.device | str = "cpu", repeats: int = 10,
-                        warmup: int = 2, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
-    """``dynaseg bench speed``: build every config (untrained, detections forced) and the peer, time them.
+@dataclasses.dataclass
+class BenchModel:
+    """One model of a benchmark, ready to run: ``run()`` segments the image and returns the count."""
+
+    name: str
+    model: nn.Module
+    run: Callable[[], int]
+    timer: StageTimer
+    targets: Mapping[str, Sequence[str]]      # stage → submodule paths, for ``stage_hooks``
+    backbone: str                             # ``describe_backbone`` label
+    depth: int
+    is_peer: bool = False
+    has_masks: bool = True
+
+
+def prepare_models(configs: Sequence[str], *, overrides: Sequence[str] = (),
+                   peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
+                   detections: int = 100, device: torch.device | str = "cpu", seed: int = 0,
+                   make_timer: Callable[[], StageTimer] | None = None) -> tuple[list[BenchModel], list[str]]:
+    """Build every config (untrained, N detections forced, ``inference`` section applied) and the peer.
 
     Args:
-        configs: preset names or YAML paths; ``overrides`` (``key=value``) apply to all.
+        configs: preset names or YAML paths, each optionally followed by its own space-separated
+            ``key=value`` overrides (``"dynamask_r50_fpn_1x model.dynamask.policy=112"``); ``overrides``
+            apply to all.
         peer: a ``PEERS`` key or None; built with the first config's ResNet depth and class count.
-        image_size: (H, W) of the random image, pixels. detections: N forced on every model.
-        device: "cpu" / "cuda". repeats, warmup: timed / untimed interleaved rounds. seed: image and weights.
+        image_size: (H, W) of the seeded random image, pixels. detections: N forced on every model.
+        make_timer: the ``StageTimer`` of each model (default: wall time, CUDA-synchronised).
     Returns:
-        (rows as ``time_inference``'s plus ``backbone``, ``has_masks``; notes to print under the table).
+        (models in order, the peer last; notes on what differs between them).
     """
     if not configs:
         raise ValueError("give at least one --config")
     if detections < 1:
         raise ValueError(f"detections must be at least 1, got {detections}")
     device = torch.device(device)
+    make_timer = make_timer or (lambda: StageTimer(sync=sync_function(device)))
     image = random_image(image_size, seed=seed, device=device)
-    models: dict[str, Callable[[], int]] = {}
-    timers: dict[str, StageTimer] = {}
-    backbones: dict[str, str] = {}
-    depths: dict[str, int] = {}
-    hooks = contextlib.ExitStack()
+    entries: list[BenchModel] = []
     first_model_cfg = None
     for name, config in zip(unique_names(configs), configs):
-        cfg = force_detections(load_config(config, list(overrides)), detections)
+        preset, *own = config.split()
+        cfg = force_detections(load_config(preset, [*overrides, *own]), detections)
         model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
         first_model_cfg = first_model_cfg or model_cfg
         torch.manual_seed(seed)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = build_model(model_cfg).to(device, memory_format=memory_format).eval()
         nondegenerate_fcos_boxes(model)
-        timers[name] = StageTimer(sync=sync_function(device))
-        hooks.enter_context(stage_hooks(model, targets=OUR_STAGE_TARGETS, timer=timers[name]))
-        models[name] = our_inference_fn(model, image=image, size_divisibility=model_cfg.size_divisibility,
-                                        memory_format=memory_format, timer=timers[name])
-        backbones[name], depths[name] = describe_backbone(model_cfg), model_cfg.backbone.depth
-    notes = [f"batch 1, image {image_size[0]}x{image_size[1]} (seeded random), {device.type}, "
-             f"{repeats} interleaved repeats after {warmup} warm-up, untrained weights, N = {detections} forced "
-             "(score thresholds 0; FCOS box regressors biased to non-empty boxes)"]
-    if device.type == "cuda":
-        notes.append("stage hooks synchronise CUDA at every stage boundary (included in the totals)")
+        optimize_for_inference(model, **dataclasses.asdict(cfg.inference))
+        timer = make_timer()
+        run = our_inference_fn(model, image=image, size_divisibility=model_cfg.size_divisibility,
+                               memory_format=memory_format, timer=timer)
+        entries.append(BenchModel(name, model, run, timer, OUR_STAGE_TARGETS, describe_backbone(model_cfg),
+                                  model_cfg.backbone.depth))
+    notes = []
     if peer is not None:
         depth = first_model_cfg.backbone.depth
         torch.manual_seed(seed)
         peer_model = build_peer(peer, num_classes=first_model_cfg.num_classes, device=device, image_size=image_size,
                                 detections=detections, depth=depth).eval()
         nondegenerate_fcos_boxes(peer_model)
-        timers[peer] = StageTimer(sync=sync_function(device))
-        hooks.enter_context(stage_hooks(peer_model, targets=TORCHVISION_STAGE_TARGETS, timer=timers[peer]))
-        models[peer] = peer_inference_fn(peer_model, image=image)
-        backbones[peer], depths[peer] = describe_backbone(depth=depth), depth
+        entries.append(BenchModel(peer, peer_model, peer_inference_fn(peer_model, image=image), make_timer(),
+                                  TORCHVISION_STAGE_TARGETS, describe_backbone(depth=depth), depth, is_peer=True,
+                                  has_masks=peer in PEERS_WITH_MASKS))
         if peer not in PEERS_WITH_MASKS:
             notes.append(f"{peer} has no mask branch: boxes only (its 'mask' stage is empty)")
-        for name, d in depths.items():
-            if d != depth:
-                notes.append(f"{name} has a ResNet-{d} backbone, the peer ResNet-{depth}")
-        widths = {n: b for n, b in backbones.items() if n != peer and b != backbones[peer]}
+        notes += [f"{e.name} has a ResNet-{e.depth} backbone, the peer ResNet-{depth}"
+                  for e in entries if e.depth != depth]
+        widths = {e.name: e.backbone for e in entries if not e.is_peer and e.backbone != entries[-1].backbone}
         if widths:
             notes.append("peer backbone is torchvision's standard width (64) with 256 FPN channels; "
                          "backbones differ: " + ", ".join(f"{n} {b}" for n, b in widths.items()))
-    logger.info("timing %s", ", ".join(models))
-    with hooks:
-        rows = time_inference(models, repeats=repeats, warmup=warmup, device=device, timers=timers, peer=peer,
-                              expected_detections=detections)
-    for r in rows:
-        r["backbone"] = backbones[r["model"]]
-        r["has_masks"] = r["model"] != peer or peer in PEERS_WITH_MASKS
+    return entries, notes
+
+
+def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = (),
+                        peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
+                        detections: int = 100, device: torch.device | str = "cpu", repeats: int = 10,
+                        warmup: int = 2, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """``dynaseg bench speed``: ``prepare_models`` (see there for the arguments), then time them.
+
+    Args:
+        device: "cpu" / "cuda". repeats, warmup: timed / untimed interleaved rounds. seed: image and weights.
+    Returns:
+        (rows as ``time_inference``'s plus ``backbone``, ``has_masks``; notes to print under the table).
+    """
+    device = torch.device(device)
+    entries, model_notes = prepare_models(configs, overrides=overrides, peer=peer, image_size=image_size,
+                                          detections=detections, device=device, seed=seed)
+    notes = [f"batch 1, image {image_size[0]}x{image_size[1]} (seeded random), {device.type}, "
+             f"{repeats} interleaved repeats after {warmup} warm-up, untrained weights, N = {detections} forced "
+             "(score thresholds 0; FCOS box regressors biased to non-empty boxes)", *model_notes]
+    if device.type == "cuda":
+        notes.append("stage hooks synchronise CUDA at every stage boundary (included in the totals)")
+    with contextlib.ExitStack() as hooks:
+        for e in entries:
+            hooks.enter_context(stage_hooks(e.model, targets=e.targets, timer=e.timer))
+        logger.info("timing %s", ", ".join(e.name for e in entries))
+        rows = time_inference({e.name: e.run for e in entries}, repeats=repeats, warmup=warmup, device=device,
+                              timers={e.name: e.timer for e in entries}, peer=peer, expected_detections=detections)
+    for r, e in zip(rows, entries):
+        r["backbone"], r["has_masks"] = e.backbone, e.has_masks
         if not r["detections_ok"]:
             got = (str(r["detections"]) if r["detections"] == r["detections_max"]
                    else f"{r['detections']}-{r['detections_max']}")

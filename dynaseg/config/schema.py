@@ -12,7 +12,7 @@ __all__ = [
     "BackboneConfig", "FCOSConfig", "BasisConfig", "BlenderConfig", "BlendMaskConfig",
     "RPNConfig", "BoxHeadConfig", "FCNMaskHeadConfig", "DynaMaskHeadConfig", "RCNNConfig",
     "DR1HeadConfig", "DR1MaskConfig",
-    "DataConfig", "SolverConfig", "ExperimentConfig",
+    "DataConfig", "SolverConfig", "InferenceConfig", "ExperimentConfig",
 ]
 
 Norm = Literal["FrozenBN", "BN", "GN", "SyncBN", "none"]
@@ -135,7 +135,10 @@ class DynaMaskHeadConfig:
     lambda_edge: float = 0.1             # λ1 (Eq. 7)
     lambda_reg: float = 0.4              # λ2 (Eq. 7)
     msm_start_iter: int = 7330           # phase 1 without the MSM: one COCO epoch at batch 16
-    policy: Literal["msm", "size", "14", "28", "56", "112"] = "msm"   # inference resolution choice
+    policy: Literal["msm", "size", "quota", "14", "28", "56", "112"] = "msm"   # inference resolution choice
+    # "quota": the MSM still runs, but fixed fractions of each image's detections get 14/28/56/112,
+    # smallest boxes first (e.g. the paper's C_t = 0.4 mix, Table 9: [0.35, 0.34, 0.21, 0.10]).
+    quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10)
     mask_threshold: float = 0.5
 
 
@@ -215,6 +218,7 @@ class DataConfig:
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
     max_instances: int = 0               # cap per training image (largest kept); 0 = no cap
+    on_error: Literal["stop", "skip"] = "stop"   # unreadable image / bad annotation: stop, or report once and skip
     # COCO panoptic annotations (panoptic models): JSON + folder of PNGs per split
     panoptic_train_json: str = "datasets/synth/annotations/panoptic_train.json"
     panoptic_train_dir: str = "datasets/synth/annotations/panoptic_train"
@@ -239,6 +243,18 @@ class SolverConfig:
     checkpoint_period: int = 5000
     eval_period: int = 0                 # 0: evaluate only at the end
     log_period: int = 20
+    on_nonfinite: Literal["stop", "skip"] = "stop"   # NaN/inf loss: stop naming the term, or skip the step
+    max_nonfinite_skips: int = 10        # with "skip": stop after this many consecutive skipped steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceConfig:
+    """Optional inference speed-ups (``dynaseg.inference.optimize``); eval, predict, serve and bench use them."""
+
+    fold_norms: bool = True              # fold eval BatchNorm / FrozenBN into the preceding conv (exact)
+    amp: Literal["none", "bf16", "fp16"] = "none"   # autocast of backbone + FPN and dense heads
+    compile: bool = False                # torch.compile of the same dense submodules
+    compile_backend: str = "inductor"    # torch.compile backend (tests use "aot_eager": no C++ build)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +262,7 @@ class ExperimentConfig:
     model: BlendMaskConfig | RCNNConfig | DR1MaskConfig = field(default_factory=BlendMaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N

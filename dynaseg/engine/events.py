@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dynaseg.engine.checkpoint import atomic_write
+
 __all__ = ["EventWriter", "read_history"]
 
 
@@ -18,7 +20,8 @@ class EventWriter:
     def __init__(self, output_dir: str | Path, *, start_iter: int = 0, tensorboard: bool = True) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = [e for e in read_history(self.path) if e.get("iter", 0) < start_iter] if start_iter else []
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        text = "".join(json.dumps(e) + "\n" for e in kept)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))   # a kill here keeps the old history
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -38,7 +41,16 @@ class EventWriter:
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The logged entries; a last line cut short by a killed process is ignored."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return entries

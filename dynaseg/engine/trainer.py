@@ -18,7 +18,8 @@ from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, dataset_metadata, load_split
 from dynaseg.data.samplers import build_train_loader
 from dynaseg.engine import distributed as dist_utils
-from dynaseg.engine.checkpoint import (find_last_checkpoint, load_training_state, save_training_state,
+from dynaseg.engine.checkpoint import (CheckpointError, find_last_checkpoint, load_model_state,
+                                       load_training_state, remove_stale_temp_files, save_training_state,
                                        save_weights)
 from dynaseg.engine.evaluate import evaluate_model
 from dynaseg.engine.events import EventWriter, read_history
@@ -47,11 +48,32 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"non-finite loss at iteration {iteration}: {', '.join(bad)} "
-                                 f"({', '.join(f'{k}={losses[k].item()}' for k in bad)})")
+def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient 2-norm, clipping to ``max_norm`` when it is positive."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, check_grads: bool,
+               iteration: int) -> str:
+    """"" when every rank's losses (and, with ``check_grads``, gradients) are finite, else what is not.
+
+    One all-reduce per step (and a single host sync) so that all ranks take the same decision.
+    """
+    loss_bad = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).any()
+    grad_bad = ~torch.isfinite(grad_norm) if check_grads else torch.zeros_like(loss_bad)
+    flags = dist_utils.reduce_max(torch.stack([loss_bad, grad_bad]).float()).tolist()
+    if not any(flags):
+        return ""
+    local = [(k, v.detach().float().flatten()[0].item() if v.numel() == 1 else float("nan"))
+             for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+    gathered = dist_utils.all_gather_objects(local)
+    where = (lambda r: f" on rank {r}") if len(gathered) > 1 else (lambda r: "")
+    terms = ", ".join(f"{k}={v}{where(r)}" for r, items in enumerate(gathered) for k, v in items)
+    if flags[0]:
+        return f"non-finite loss at iteration {iteration}: {terms}"
+    return f"non-finite gradients at iteration {iteration} (total grad norm {grad_norm.item()}) with finite losses"
 
 
 def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
@@ -60,14 +82,22 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard events),
     ``model_XXXXXXX.pt`` training states (resumable), ``model_final.safetensors``, and after the
     final evaluation ``metrics.json`` and ``results_val.json``. With ``resume`` it continues from the
-    last complete training state in the output directory.
+    last readable training state in the output directory. Under DDP an error on one rank ends all
+    ranks (see ``distributed.spread_failures``). Non-finite losses or gradients stop the run or skip
+    the step (``solver.on_nonfinite``); see docs/reliability.md.
     """
     device = dist_utils.init_distributed(cfg.device)
+    with dist_utils.spread_failures():
+        return _train(cfg, resume=resume, device=device)
+
+
+def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device) -> TrainingResult:
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     main = dist_utils.is_main_process()
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -86,20 +116,25 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
     autocast, scaler = _autocast(device, cfg.solver.amp)
-    start_iter, resume_rng = 0, None
+    start_iter, resume_rng, skips, skips_in_a_row = 0, None, 0, 0
     if resume:
         last = find_last_checkpoint(out)
         if last is None:
             logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
         else:
             state = load_training_state(last)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            load_model_state(model, state["model"], source=last)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{last}: optimizer/scheduler state does not match this config "
+                                      f"({type(e).__name__}: {e})") from None
             if scaler is not None and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
             resume_rng = state.get("rng")
             start_iter = int(state["iteration"])
+            skips, skips_in_a_row = int(state.get("nonfinite_skips", 0)), int(state.get("nonfinite_in_a_row", 0))
             logger.info("resumed from %s at iteration %d", last, start_iter)
     if world > 1:
         if device.type == "cuda":
@@ -114,14 +149,16 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
                                 num_workers=cfg.data.num_workers, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
                                 seed=cfg.seed, rank=rank, world_size=world, start_iter=start_iter,
                                 size_divisibility=cfg.model.size_divisibility)
-    events = EventWriter(out, start_iter=start_iter) if main else None
+    # The record of the resumed iteration itself was written before its checkpoint: keep it.
+    events = EventWriter(out, start_iter=start_iter + 1 if start_iter else 0) if main else None
     weights_meta = {**dataset_metadata(data), "model": cfg.model.kind}
 
     def checkpoint(iteration: int) -> None:
         if main:
             # The global RNG drives RoI sampling and Gumbel noise: saving it makes resumes exact.
             state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "nonfinite_skips": skips, "nonfinite_in_a_row": skips_in_a_row}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             save_training_state(out, iteration, state)
@@ -132,12 +169,18 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     data_iter = iter(loader)
     if resume_rng is not None:   # after iter(loader), which draws a seed from the global RNG
         torch.set_rng_state(resume_rng)
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = list(model.buffers())
+    skip_mode = cfg.solver.on_nonfinite == "skip"
+    logger.info("training iterations %d to %d", start_iter + 1, cfg.solver.max_iter)
     start = time.perf_counter()
     for iteration in range(start_iter, cfg.solver.max_iter):
+        done = iteration + 1   # iteration numbers in messages and events count steps from 1
         batch = next(data_iter).to(device, memory_format=memory_format)
+        # A skipped step must not leave BatchNorm statistics (or step counters) of its forward pass.
+        saved_buffers = [b.detach().clone() for b in buffers] if skip_mode else None
         with autocast:
             losses = model(batch)
-        _check_finite(losses, iteration)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -145,24 +188,41 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
             scaler.unscale_(optimizer)
         else:
             total.backward()
-        grad_norm = None
-        if cfg.solver.clip_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+        grad_norm = _grad_norm(params, cfg.solver.clip_grad_norm)
+        # With fp16 AMP, inf gradients are the GradScaler's business (it skips and lowers the scale).
+        problem = _nonfinite(losses, grad_norm, check_grads=scaler is None, iteration=done)
+        if problem and not skip_mode:
+            raise FloatingPointError(f"{problem} (solver.on_nonfinite=stop; \"skip\" skips such steps)")
+        if problem:
+            skips, skips_in_a_row = skips + 1, skips_in_a_row + 1
+            if skips_in_a_row > cfg.solver.max_nonfinite_skips:
+                raise FloatingPointError(f"{problem}, after {skips_in_a_row - 1} skipped steps in a row: stopping "
+                                         f"(solver.max_nonfinite_skips={cfg.solver.max_nonfinite_skips})")
+            with torch.no_grad():
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
+            if scaler is not None:
+                scaler.update()
+            if main:
+                logger.warning("%s: step skipped (%d in a row, %d in total)", problem, skips_in_a_row, skips)
+                events.write(done, {"nonfinite_skipped": 1, "nonfinite_skips": skips, "nonfinite": problem})
         else:
-            optimizer.step()
-        scheduler.step()
-        done = iteration + 1
+            skips_in_a_row = 0
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        scheduler.step()   # also after a skipped step: the schedule follows the iteration number
 
-        if done % cfg.solver.log_period == 0 or done == cfg.solver.max_iter:
+        if not problem and (done % cfg.solver.log_period == 0 or done == cfg.solver.max_iter):
             reduced = {k: dist_utils.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
             if main:
                 scalars = {"loss": sum(reduced.values()), **reduced, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": grad_norm.item(),
                            "time_per_iter": (time.perf_counter() - start) / max(done - start_iter, 1)}
-                if grad_norm is not None:
-                    scalars["grad_norm"] = float(grad_norm)
+                if skips:
+                    scalars["nonfinite_skips"] = skips
                 events.write(done, scalars)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")})
         bar.update(1)

@@ -443,6 +443,9 @@ class TwoStageExport(nn.Module):
             if branch.pooler is not None:
                 raise ExportError("DynaMask with a custom RoI pooler cannot be exported")
             branch._check_policy(branch.policy)
+            if branch.policy == "quota":
+                raise ExportError("DynaMask policy 'quota' (fixed fractions, for benchmarks) cannot be exported; "
+                                  "use model.dynamask.policy=msm, size or a fixed side")
         elif not isinstance(branch, FCNMaskHead):
             raise ExportError(f"cannot export the mask branch {type(branch).__name__}")
         self.model = model

@@ -15,6 +15,7 @@ from dynaseg.data.image_io import read_image
 from dynaseg.data.transforms import build_test_transforms
 from dynaseg.engine.checkpoint import load_weights, read_metadata
 from dynaseg.engine.distributed import init_distributed
+from dynaseg.inference.optimize import optimize_for_inference
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
@@ -29,6 +30,10 @@ class Predictor:
         cfg: an :class:`ExperimentConfig`, a preset name or a YAML path (e.g. a run's ``config.yaml``).
         weights: ``model_final.safetensors`` (or any state dict file of the same model).
         device: "auto", "cpu" or "cuda[:N]".
+
+    The model is prepared for inference as ``cfg.inference`` asks (norms folded into convolutions by
+    default; optional autocast and ``torch.compile`` of the dense parts), so ``model`` is no longer a
+    training module: its state dict keys may differ from the weights file.
 
     Calling it with a path, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor returns, on
     the CPU and at the image's size, what the model returns:
@@ -51,6 +56,7 @@ class Predictor:
         load_weights(self.model, weights)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format).eval()
+        optimize_for_inference(self.model, **dataclasses.asdict(self.cfg.inference))
         meta = read_metadata(weights)
         self.class_names: list[str] = list(meta.get("class_names") or
                                            [f"class_{i}" for i in range(self.cfg.model.num_classes)])

@@ -13,7 +13,7 @@ import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["deform_conv2d_flop", "count_gmacs", "eval_mode"]
+__all__ = ["CUSTOM_FLOP_FORMULAS", "deform_conv2d_flop", "count_gmacs", "eval_mode"]
 
 _T = TypeVar("_T")
 
@@ -29,7 +29,7 @@ def deform_conv2d_flop(input_shape: Any, weight_shape: Any, *args: Any, out_shap
     return 2 * n * c_out * h_out * w_out * c_in_per_group * k_h * k_w
 
 
-_CUSTOM_FORMULAS = {torch.ops.torchvision.deform_conv2d: deform_conv2d_flop}
+CUSTOM_FLOP_FORMULAS = {torch.ops.torchvision.deform_conv2d: deform_conv2d_flop}
 
 
 class eval_mode:
@@ -51,6 +51,6 @@ class eval_mode:
 def count_gmacs(fn: Callable[[], _T]) -> tuple[float, _T]:
     """GMAC of one call of ``fn`` (forward only, under no_grad, deform_conv2d formula included),
     and what it returned."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FORMULAS) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS) as counter:
         result = fn()
     return counter.get_total_flops() / 2 / 1e9, result

@@ -51,7 +51,8 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
                            fc_channels=d.msm_fc_channels, input_size=d.pooler_resolution)
     return DynaMaskBranch(head=head, msm=msm, num_classes=cfg.num_classes, gumbel_tau=d.gumbel_tau,
                           budget_target=d.budget_target, lambda_edge=d.lambda_edge, lambda_reg=d.lambda_reg,
-                          msm_start_iter=d.msm_start_iter, policy=d.policy)
+                          msm_start_iter=d.msm_start_iter, policy=d.policy,
+                          quota=d.quota)
 
 
 def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:

@@ -37,26 +37,47 @@ def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, i
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
 
-def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
+def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5,
+                *, batched: bool | None = None, chunk_size: int = 32) -> Tensor:
     """Paste box-relative probability maps into full images.
 
     mask_probs: (N, R, R) in [0, 1], each covering its box exactly; boxes: (N, 4) XYXY pixels of
-    the target image → (N, H, W) bool. Each mask is resampled bilinearly (pixel centres) only over
-    the pixels its box touches.
+    the target image → (N, H, W) bool. Each mask is resampled bilinearly (pixel centres, zero
+    outside the mask) over the pixels its box touches.
+
+    Two equal ways (``batched``; None: batched on CUDA only): per box, ``grid_sample`` over exactly
+    the box's pixels; or batched, boxes sorted by size and resampled ``chunk_size`` at a time by one
+    ``grid_sample`` over a window as large as the chunk's largest box. On the CPU the per-box way is
+    faster (it resamples no padding: several times faster for 100 boxes at 800×1216); on a GPU kernel
+    launches dominate.
     """
     h, w = image_size
-    out = torch.zeros((mask_probs.shape[0], h, w), dtype=torch.bool, device=mask_probs.device)
-    for i, (probs, box) in enumerate(zip(mask_probs, boxes.tolist())):
-        x0, y0, x1, y1 = box
-        px0, py0 = max(int(x0), 0), max(int(y0), 0)
-        px1, py1 = min(int(x1) + 1, w), min(int(y1) + 1, h)
-        if px1 <= px0 or py1 <= py0 or x1 <= x0 or y1 <= y0:
-            continue
-        xs = (torch.arange(px0, px1, device=probs.device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
-        ys = (torch.arange(py0, py1, device=probs.device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]        # (1, h', w', 2)
-        crop = F.grid_sample(probs[None, None].float(), grid, align_corners=False)[0, 0]
-        out[i, py0:py1, px0:px1] = crop >= threshold
+    n = mask_probs.shape[0]
+    out = torch.zeros((n, h, w), dtype=torch.bool, device=mask_probs.device)
+    if n == 0:
+        return out
+    boxes = boxes.float()
+    lo = boxes[:, :2].floor().clamp(min=0)                                         # first pixel (x, y)
+    hi = torch.minimum(boxes[:, 2:].floor() + 1, boxes.new_tensor([w, h]))        # one past the last
+    extent = (hi - lo).clamp(min=0)
+    keep = ((extent > 0).all(dim=1) & (boxes[:, 2:] > boxes[:, :2]).all(dim=1)).nonzero().squeeze(1)
+    if batched is None:
+        batched = mask_probs.is_cuda
+    if batched:
+        keep = keep[(extent[keep, 0] * extent[keep, 1]).argsort()]
+    chunks = keep.split(chunk_size if batched else 1)
+    probs = mask_probs[:, None].float()
+    for chunk in chunks:
+        win_w, win_h = (int(v) for v in extent[chunk].amax(dim=0).tolist())
+        # Pixel centres in grid_sample's [-1, 1] box coordinates, per axis: (n, win_w), (n, win_h).
+        size = boxes[chunk, 2:] - boxes[chunk, :2]
+        xs = (lo[chunk, 0:1] + torch.arange(win_w, device=boxes.device) + 0.5 - boxes[chunk, 0:1]) / size[:, 0:1]
+        ys = (lo[chunk, 1:2] + torch.arange(win_h, device=boxes.device) + 0.5 - boxes[chunk, 1:2]) / size[:, 1:2]
+        grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1) * 2 - 1
+        crops = F.grid_sample(probs[chunk], grid, align_corners=False)[:, 0] >= threshold   # (n, win_h, win_w)
+        for index, crop, (x0, y0), (x1, y1) in zip(chunk.tolist(), crops, lo[chunk].long().tolist(),
+                                                   hi[chunk].long().tolist()):
+            out[index, y0:y1, x0:x1] = crop[:y1 - y0, :x1 - x0]                  # a copy, no compute
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -24,8 +25,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / truncated / pickled code
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError:  # weights_only refuses pickled code without running it
+        raise ValueError(f"{path}: cannot read checkpoint (it holds pickled objects other than tensors and plain "
+                         "values; refused without running them)") from None
+    except Exception as e:  # corrupt / truncated
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

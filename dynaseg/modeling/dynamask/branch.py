@@ -21,10 +21,28 @@ from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
 from dynaseg.structures.masks import roi_mask_targets
 
-__all__ = ["DynaMaskBranch"]
+__all__ = ["DynaMaskBranch", "quota_resolution"]
 
 Pooler = Callable[[dict[str, Tensor], Tensor], Tensor]
 _NORMALIZERS = ("instances", "none")
+
+
+def quota_resolution(rois: Tensor, quota: tuple[float, ...]) -> Tensor:
+    """Resolution index per RoI from fixed fractions: in each image, the smallest ⌊q_0·n⌉ boxes get
+    index 0, the next ⌊q_1·n⌉ index 1, …, the largest the last. rois: (N, 5) → (N,) int64."""
+    choice = torch.empty(rois.shape[0], dtype=torch.long, device=rois.device)
+    bounds = torch.tensor(quota, dtype=torch.float64).cumsum(0)
+    for b in rois[:, 0].unique():
+        index = (rois[:, 0] == b).nonzero().squeeze(1)
+        area = (rois[index, 3] - rois[index, 1]) * (rois[index, 4] - rois[index, 2])
+        ranked = index[area.argsort(stable=True)]
+        edges = (bounds * len(ranked)).round().long().tolist()
+        start = 0
+        for k, end in enumerate(edges):
+            choice[ranked[start:end]] = k
+            start = end
+        choice[ranked[start:]] = len(quota) - 1
+    return choice
 
 
 def _detector_pool(features: dict[str, Tensor], rois: Tensor, output_size: int) -> Tensor:
@@ -64,7 +82,9 @@ class DynaMaskBranch(nn.Module):
         msm_start_iter: iterations of phase 1 (one epoch in the paper; 0 = MSM from the start).
         policy: inference resolution policy, a plain attribute that may be changed at any time:
             "msm" (argmax of the MSM logits, no noise), "size" (Eq. 8 with √(w0·h0) of each RoI's
-            input image), or a fixed side "14" / "28" / "56" / "112".
+            input image), "quota" (``quota_resolution``: fixed fractions, smallest boxes first,
+            after running the MSM, to time a known mix), or a fixed side "14" / "28" / "56" / "112".
+        quota: the "quota" policy's fractions of detections per resolution (K values summing to 1).
         mask_normalizer: "instances" divides the Eq. 3/4 sums over RoIs by P (MMDetection's
             per-instance mean, which §4.1's "loss functions are set the same as Mask R-CNN" implies);
             "none" keeps the sums as printed.
@@ -81,7 +101,7 @@ class DynaMaskBranch(nn.Module):
                  gumbel_tau: float = 0.5, budget_target: float = 1.0, lambda_edge: float = 0.1,
                  lambda_reg: float = 0.4, msm_start_iter: int = 0, policy: str = "msm",
                  mask_normalizer: str = "instances", detach_msm_input: bool = True,
-                 edge_threshold: float = 0.1) -> None:
+                 edge_threshold: float = 0.1, quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10)) -> None:
         super().__init__()
         if num_classes != head.num_classes:
             raise ValueError(f"num_classes={num_classes} but the head has {head.num_classes}")
@@ -96,8 +116,10 @@ class DynaMaskBranch(nn.Module):
         self.msm_start_iter, self.mask_normalizer = msm_start_iter, mask_normalizer
         self.detach_msm_input = detach_msm_input
         # Inference parameters
+        if len(quota) != head.num_resolutions or min(quota) < 0 or abs(sum(quota) - 1) > 1e-6:
+            raise ValueError(f"quota needs {head.num_resolutions} non-negative fractions summing to 1, got {quota}")
         self._check_policy(policy)
-        self.policy = policy
+        self.policy, self.quota = policy, tuple(quota)
         # Per-instance cost of exiting at 14/28/56/112 (GMAC), measured on this head; Eq. 5's C.
         macs = mask_head_macs(head, channels=head.in_channels, num_classes=num_classes)
         self.register_buffer("resolution_macs", torch.tensor([macs[s] for s in head.sides]), persistent=False)
@@ -115,7 +137,7 @@ class DynaMaskBranch(nn.Module):
     # ------------------------------------------------------------------ shared
 
     def _check_policy(self, policy: str) -> None:
-        allowed = ("msm", "size", *(str(s) for s in self.head.sides))
+        allowed = ("msm", "size", "quota", *(str(s) for s in self.head.sides))
         if policy not in allowed:
             raise ValueError(f"policy must be one of {allowed}, got '{policy}'")
 
@@ -176,6 +198,9 @@ class DynaMaskBranch(nn.Module):
         self._check_policy(self.policy)
         if self.policy == "msm":
             return select_resolution(self.msm(roi_feats))
+        if self.policy == "quota":
+            self.msm(roi_feats)                                  # its cost is paid; its choice is replaced
+            return quota_resolution(rois, self.quota)
         if self.policy == "size":
             sizes = torch.tensor([float(h * w) ** 0.5 for h, w in image_sizes], dtype=torch.float64,
                                  device=rois.device)
