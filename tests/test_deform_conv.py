@@ -24,6 +24,19 @@ def test_sampled_path_matches_torchvision_in_float64(groups):
     assert torch.autograd.gradcheck(lambda a, o: deform_conv2d_sampled(a, o, weight, bias), (x[:1], offset[:1]))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("band_bytes", [1, 3 * 4 * 9 * 7 * 8 * 4, 10**9])   # row bands / whole instances / all
+def test_banded_inference_path_equals_torchvision(groups, band_bytes):
+    """Without gradients the columns are built in bands (of rows, or of instances): same values."""
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, 9, 7, dtype=torch.float64)
+    weight = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    offset = torch.randn(5, 2 * groups * 9, 9, 7, dtype=torch.float64) * 3
+    with torch.no_grad():
+        ours = deform_conv2d_sampled(x, offset, weight, padding=1, band_bytes=band_bytes)
+    assert torch.allclose(ours, deform_conv2d(x, offset, weight, padding=1), atol=1e-10)
+
+
 def test_module_keeps_torchvision_parameters_and_dispatches():
     torch.manual_seed(0)
     ours = DeformConv2d(4, 6, 3, padding=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from dynaseg.layers.deform_conv import DeformConv2d
 
 from dynaseg.layers.norm import get_norm
@@ -62,7 +63,8 @@ class FeatureAggregationModule(nn.Module):
     def forward(self, region_feature: Tensor, pyramid_feature: Tensor) -> Tensor:
         """region_feature L_r: (N, C, s, s); pyramid_feature P_i: (N, C, s, s) → (N, C, s, s)."""
         offset = self.align_offset(torch.cat([region_feature, pyramid_feature], dim=1))  # Δ_o (N, 2G·9, s, s)
-        aligned = torch.relu(self.align_conv(region_feature, offset))
-        fused = torch.relu(self.fuse_norm(self.fuse(torch.cat([aligned, pyramid_feature], dim=1))))
+        # In-place ReLUs: conv, deformable conv and GroupNorm backward passes do not need their outputs.
+        aligned = F.relu(self.align_conv(region_feature, offset), inplace=True)
+        fused = F.relu(self.fuse_norm(self.fuse(torch.cat([aligned, pyramid_feature], dim=1))), inplace=True)
         attended = self.attend_conv(fused, self.attend_offset(fused))
-        return torch.relu(self.attend_norm(attended))
+        return F.relu(self.attend_norm(attended), inplace=True)
