@@ -460,3 +460,14 @@ def test_test_loader(coco):
             for (h, w), (oh, ow) in zip(batch.image_sizes, batch.original_sizes):
                 assert (h, w) == resized_shape(oh, ow, 32, 60)
     assert ids == list(range(100, 106))
+
+
+def test_build_dataset_refuses_empty_split(tmp_path: Path):
+    from dynaseg.config.presets import load_config
+    from dynaseg.data.build import build_dataset
+    path = _write_coco(tmp_path, [], [])
+    data = load_coco_instances(path, tmp_path)
+    cfg = load_config("blendmask_tiny", [])
+    for train, what in ((True, "train"), (False, "evaluate")):
+        with pytest.raises(DatasetError, match=rf"ann\.json: 'images' is empty, nothing to {what} on"):
+            build_dataset(cfg, data, train=train)

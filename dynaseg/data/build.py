@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from dynaseg.config.schema import ExperimentConfig
-from dynaseg.data.coco import CocoInstances, load_coco_instances
+from dynaseg.data.coco import CocoInstances, DatasetError, load_coco_instances
 from dynaseg.data.coco_panoptic import CocoPanoptic, load_coco_panoptic
 from dynaseg.data.dataset import InstanceDataset
 from dynaseg.data.panoptic_dataset import PanopticDataset
@@ -39,14 +39,21 @@ def load_split(cfg: ExperimentConfig, split: Literal["train", "val"]) -> CocoIns
 
 
 def build_dataset(cfg: ExperimentConfig, data: CocoInstances | CocoPanoptic, *, train: bool) -> InstanceDataset:
-    """The map-style dataset over ``data`` with the config's train or test transforms."""
+    """The map-style dataset over ``data`` with the config's train or test transforms.
+
+    ``data.on_error`` decides what an unreadable image does: "stop" raises, "skip" reports it once
+    and uses the next readable image in training, a blank image (ground truth still counted) in
+    evaluation; see :mod:`dynaseg.data.dataset`.
+    """
     d = cfg.data
+    if not data.records:
+        raise DatasetError(f"{data.json_path}: 'images' is empty, nothing to {'train' if train else 'evaluate'} on")
     transforms = (build_train_transforms(d.min_size_train, d.max_size_train, d.hflip_prob) if train
                   else build_test_transforms(d.min_size_test, d.max_size_test))
     max_instances = d.max_instances if train else 0
-    if isinstance(data, CocoPanoptic):
-        return PanopticDataset(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed)
-    return InstanceDataset(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed)
+    cls = PanopticDataset if isinstance(data, CocoPanoptic) else InstanceDataset
+    return cls(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed,  # type: ignore[arg-type]
+               on_error=d.on_error)
 
 
 def dataset_metadata(data: CocoInstances | CocoPanoptic) -> dict:

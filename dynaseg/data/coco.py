@@ -1,9 +1,12 @@
 """Load and validate a COCO instances JSON into typed, immutable records.
 
 Policy: an *inconsistent* file (unknown category, annotation of an unknown image, duplicated image
-id, RLE of the wrong size, missing images on disk, wrong field types) raises :class:`DatasetError`
-naming the file and the offending entry. *Degenerate* annotations (zero-area boxes, polygons with
-fewer than 3 points or no area, empty RLEs) are dropped; boxes reaching outside the image are
+id, RLE of the wrong size or whose run lengths do not add up to the image, missing images on disk,
+wrong field types, ids beyond 64 bits, images over ``MAX_IMAGE_PIXELS``) raises
+:class:`DatasetError` naming the file and the offending entry, and nothing else. *Degenerate*
+annotations (NaN/inf or out-of-float-range boxes, zero-area boxes, polygon parts with fewer than 3
+points, an odd number of coordinates, NaN/inf coordinates, no area, or lying outside the image or
+more than one image size beyond it, empty RLEs) are dropped; boxes reaching outside the image are
 clipped. Every drop or fix is counted in :attr:`CocoInstances.stats` and logged as one summary line
 per reason on the ``dynaseg.data`` logger, so nothing disappears silently.
 """
@@ -14,13 +17,14 @@ import logging
 import math
 import operator
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "DatasetError", "AnnotationRecord", "ImageRecord", "CocoInstances", "load_coco_instances",
-    "STAT_REASONS",
+    "STAT_REASONS", "MAX_IMAGE_PIXELS", "rle_string_counts", "unwrap_worker_message",
 ]
 
 logger = logging.getLogger("dynaseg.data")
@@ -29,19 +33,49 @@ logger = logging.getLogger("dynaseg.data")
 STAT_REASONS: dict[str, tuple[int, str]] = {
     "clipped_bbox": (logging.INFO, "boxes clipped to the image"),
     "dropped_degenerate_bbox": (logging.WARNING, "annotations dropped: zero-area box after clipping"),
-    "dropped_nonfinite_bbox": (logging.WARNING, "annotations dropped: NaN/inf box coordinates"),
+    "dropped_nonfinite_bbox": (logging.WARNING,
+                               "annotations dropped: NaN/inf (or out of float range) box coordinates"),
     "dropped_polygon_parts": (logging.WARNING,
-                              "polygon parts dropped: < 3 points, odd length, NaN/inf or zero area"),
+                              "polygon parts dropped: < 3 points, odd length, NaN/inf, zero area, or "
+                              "outside the image (or a vertex more than one image size beyond it)"),
     "dropped_no_valid_polygon": (logging.WARNING, "annotations dropped: no valid polygon left"),
     "dropped_empty_rle": (logging.WARNING, "annotations dropped: RLE mask with zero area"),
     "dropped_missing_segmentation": (logging.WARNING, "annotations dropped: no 'segmentation'"),
     "duplicate_annotation_ids": (logging.WARNING, "annotation ids used more than once (kept)"),
 }
 _MAX_LISTED = 5  # missing files named in an error message
+_MAX_ID = 2 ** 63  # ids must fit in int64
+# Compressed RLEs of larger masks need run lengths of more than 6 five-bit groups, which pycocotools'
+# decoder (32-bit int shifts) reads inconsistently.
+MAX_IMAGE_PIXELS = 2 ** 29 - 1
+
+
+def unwrap_worker_message(type_name: str, message: str) -> tuple[str, str] | None:
+    """``(original message, worker traceback)`` when ``message`` is what a DataLoader worker sends
+    for an exception of ``type_name`` ("Caught X in DataLoader worker ... Original Traceback ... X: msg");
+    None for any other message."""
+    if not message.startswith(f"Caught {type_name} ") or "\nOriginal Traceback" not in message:
+        return None
+    lines = message.rstrip().splitlines()
+    for k in range(len(lines) - 1, 0, -1):
+        m = re.match(rf"(?:[\w.]+\.)?{type_name}: (.*)", lines[k])
+        if m:
+            return "\n".join([m.group(1), *lines[k + 1:]]), "\n".join(lines[:k])
+    return None
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing, malformed or inconsistent; the message names the file."""
+    """A dataset file is missing, malformed or inconsistent; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the main process with its one-line message intact
+    (the worker's traceback becomes a note).
+    """
+
+    def __init__(self, message: str = "") -> None:
+        unwrapped = unwrap_worker_message(type(self).__name__, message) if isinstance(message, str) else None
+        super().__init__(unwrapped[0] if unwrapped else message)
+        if unwrapped:
+            self.add_note(unwrapped[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +123,7 @@ class CocoInstances:
     category_ids: list[int]
     class_names: list[str]
     stats: dict[str, int] = field(default_factory=dict)
+    json_path: str = ""  # the annotation file, named in errors raised when reading samples
 
     @property
     def num_classes(self) -> int:
@@ -127,7 +162,7 @@ def load_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathL
     stats["images_without_annotations"] = sum(not r.annotations for r in records)
     _log_stats(log, json_path, stats)
     return CocoInstances(records=records, category_ids=category_ids, class_names=class_names,
-                         stats=dict(stats))
+                         stats=dict(stats), json_path=json_path)
 
 
 # ----------------------------------------------------------------------------- file level
@@ -142,6 +177,8 @@ def _read_json(path: str) -> dict[str, Any]:
         raise DatasetError(f"{path}: is a directory, expected a COCO JSON file") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to parse") from None
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except OSError as e:
@@ -183,10 +220,24 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite(v: int | float) -> bool:
+    """Converts to a finite float (JSON integers beyond float range do not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _as_int(v: Any, what: str, where: str) -> int:
-    if _is_number(v) and math.isfinite(v) and v == int(v):
+    if _is_number(v) and _finite(v) and v == int(v) and -_MAX_ID <= v < _MAX_ID:
         return int(v)
-    raise DatasetError(f"{where}: '{what}' must be an integer, got {v!r}")
+    raise DatasetError(f"{where}: '{what}' must be a 64-bit integer, got {_short(v)}")
 
 
 def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:
@@ -224,6 +275,8 @@ def _parse_images(imgs: list, path: str, image_root: str) -> dict[int, dict[str,
         h, w = _as_int(im["height"], "height", where), _as_int(im["width"], "width", where)
         if h <= 0 or w <= 0:
             raise DatasetError(f"{where}: non-positive size {h}x{w}")
+        if h * w > MAX_IMAGE_PIXELS:
+            raise DatasetError(f"{where}: size {h}x{w} exceeds {MAX_IMAGE_PIXELS} pixels")
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
         images[iid] = {"file_name": os.path.abspath(os.path.join(image_root, im["file_name"])),
@@ -242,16 +295,18 @@ def _parse_annotations(anns: list, path: str, images: dict[int, dict[str, Any]],
         where = f"{path}: annotations[{k}]"
         _require(ann, ("image_id", "category_id", "bbox"), where)
         if "id" in ann:
-            where = f"{path}: annotation id={ann['id']}"
+            if not isinstance(ann["id"], (int, float, str)):
+                raise DatasetError(f"{where}: 'id' must be a number or a string, got {_short(ann['id'])}")
+            where = f"{path}: annotation id={_short(ann['id'], 40)}"
             if ann["id"] in seen_ids:
                 stats["duplicate_annotation_ids"] += 1
             seen_ids.add(ann["id"])
         image_id = ann["image_id"]
         if not _is_number(image_id) or image_id not in images:
-            raise DatasetError(f"{where}: image_id {image_id!r} is not in 'images'")
+            raise DatasetError(f"{where}: image_id {_short(image_id)} is not in 'images'")
         category_id = ann["category_id"]
         if not _is_number(category_id) or category_id not in cat_to_contiguous:
-            raise DatasetError(f"{where}: unknown category_id {category_id!r} "
+            raise DatasetError(f"{where}: unknown category_id {_short(category_id)} "
                                f"(known: {sorted(cat_to_contiguous)[:20]})")
         record = _parse_annotation(ann, where, images[image_id], cat_to_contiguous[category_id], stats)
         if record is not None:
@@ -276,7 +331,7 @@ def _parse_annotation(ann: dict, where: str, image: dict[str, Any], category: in
             stats["dropped_empty_rle"] += 1
             return None
     elif isinstance(seg, list):
-        seg = _valid_polygons(seg, where, stats)
+        seg = _valid_polygons(seg, h, w, where, stats)
         if not seg:
             stats["dropped_no_valid_polygon"] += 1
             return None
@@ -285,7 +340,7 @@ def _parse_annotation(ann: dict, where: str, image: dict[str, Any], category: in
                            f"got {type(seg).__name__}")
     iscrowd = ann.get("iscrowd", 0)
     if iscrowd not in (0, 1, True, False):
-        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
     return AnnotationRecord(category=category, bbox_xyxy=box, segmentation=seg, iscrowd=bool(iscrowd))
 
 
@@ -293,8 +348,8 @@ def _clip_bbox(bbox: Any, h: int, w: int, where: str,
                stats: Counter[str]) -> tuple[float, float, float, float] | None:
     """COCO XYWH -> XYXY clipped to [0, w] x [0, h]; None (counted) when degenerate."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
-        raise DatasetError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
-    if not all(math.isfinite(v) for v in bbox):
+        raise DatasetError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {_short(bbox)}")
+    if not all(map(_finite, bbox)):
         stats["dropped_nonfinite_bbox"] += 1
         return None
     x, y, bw, bh = (float(v) for v in bbox)
@@ -309,18 +364,28 @@ def _clip_bbox(bbox: Any, h: int, w: int, where: str,
     return box
 
 
-def _valid_polygons(polys: list, where: str, stats: Counter[str]) -> list[list[float]]:
-    """Keep polygon parts with >= 3 finite points and non-zero area; count the others."""
+def _valid_polygons(polys: list, h: int, w: int, where: str, stats: Counter[str]) -> list[list[float]]:
+    """Keep polygon parts with >= 3 finite points, non-zero area, overlapping the image and within
+    one image size of it (pycocotools' rasterisation time grows with the coordinates); count the
+    others."""
     kept = []
     for part in polys:
         try:  # sum() doubles as a fast type check: it raises TypeError on non-numbers
             total = sum(part) if isinstance(part, list) else None
         except TypeError:
             total = None
+        except OverflowError:  # a float plus an integer beyond float range
+            total = math.inf
         if total is None:
             raise DatasetError(f"{where}: polygon parts must be lists of numbers "
-                               f"[x0, y0, x1, y1, ...], got {str(part)[:80]}")
-        if len(part) < 6 or len(part) % 2 or not math.isfinite(total) or _polygon_area(part) < 1e-6:
+                               f"[x0, y0, x1, y1, ...], got {_short(part, 80)}")
+        if len(part) < 6 or len(part) % 2 or not _finite(total):  # a NaN/inf coordinate makes the sum so
+            stats["dropped_polygon_parts"] += 1
+            continue
+        xs, ys = part[0::2], part[1::2]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)  # exact, also for huge integers
+        if (x0 >= w or y0 >= h or x1 <= 0 or y1 <= 0 or x0 < -w or y0 < -h or x1 > 2 * w or y1 > 2 * h
+                or _polygon_area(part) < 1e-6):
             stats["dropped_polygon_parts"] += 1
             continue
         kept.append(part)
@@ -338,19 +403,46 @@ def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
     _require(rle, ("size", "counts"), where + " RLE")
     size = rle["size"]
     if not isinstance(size, (list, tuple)) or list(size) != [h, w]:
-        raise DatasetError(f"{where}: RLE size {size!r} does not match the image size [{h}, {w}] (h, w)")
+        raise DatasetError(f"{where}: RLE size {_short(size)} does not match the image size [{h}, {w}] (h, w)")
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed: alternating background/foreground run lengths
         if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
             raise DatasetError(f"{where}: uncompressed RLE counts must be non-negative integers "
                                f"summing to h*w = {h * w}")
-        area = sum(counts[1::2])
+        counts = [int(c) for c in counts]  # bools -> ints
+        runs = counts
     elif isinstance(counts, str):
-        from pycocotools import mask as mask_util
-        try:
-            area = int(mask_util.area({"size": [h, w], "counts": counts.encode("ascii")}))
-        except Exception as e:  # pycocotools raises bare errors on garbage strings
-            raise DatasetError(f"{where}: undecodable RLE counts ({e})") from None
+        # pycocotools decodes without bounds checks: run lengths that do not add up to h*w read
+        # or write past the mask, so they are checked here.
+        runs = rle_string_counts(counts)
+        if runs is None or sum(runs) != h * w:
+            raise DatasetError(f"{where}: compressed RLE counts {_short(counts, 40)} do not decode to run "
+                               f"lengths summing to h*w = {h * w}")
     else:
         raise DatasetError(f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}")
-    return {"size": [h, w], "counts": counts} if area > 0 else None
+    return {"size": [h, w], "counts": counts} if sum(runs[1::2]) > 0 else None
+
+
+def rle_string_counts(text: str) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``), or None when
+    the string is malformed: a character outside '0'..'o', a number of more than 6 characters
+    (beyond ``MAX_IMAGE_PIXELS``), a truncated last number, or a negative run length."""
+    runs: list[int] = []
+    value, shift = 0, 0
+    for ch in text:
+        c = ord(ch) - 48
+        if not 0 <= c < 64 or shift >= 30:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:  # more 5-bit groups follow
+            continue
+        if c & 0x10:  # sign bit of the last group
+            value -= 1 << shift
+        if len(runs) > 2:  # from the fourth run on, counts are stored as differences
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value, shift = 0, 0
+    return runs if shift == 0 else None

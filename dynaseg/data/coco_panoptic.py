@@ -16,13 +16,12 @@ The PNG contents are checked when a sample is read (see
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dynaseg.data.coco import (
-    DatasetError, _as_int, _check_files, _is_number, _parse_images, _read_json, _require,
+    DatasetError, _as_int, _check_files, _finite, _is_number, _parse_images, _read_json, _require, _short,
 )
 from dynaseg.structures.panoptic import IGNORE_LABEL
 
@@ -96,6 +95,7 @@ class CocoPanoptic:
     stuff_category_ids: list[int]
     stuff_names: list[str]
     stats: dict[str, int] = field(default_factory=dict)
+    json_path: str = ""  # the panoptic JSON, named in errors raised when reading samples
 
     @property
     def num_classes(self) -> int:
@@ -156,7 +156,7 @@ def load_coco_panoptic(json_path: str | os.PathLike, image_root: str | os.PathLi
     return CocoPanoptic(records=records, category_ids=thing_ids,
                         class_names=[categories[c][1] for c in thing_ids],
                         stuff_category_ids=stuff_ids, stuff_names=[categories[c][1] for c in stuff_ids],
-                        stats=stats)
+                        stats=stats, json_path=json_path)
 
 
 # ----------------------------------------------------------------------------- categories
@@ -171,7 +171,7 @@ def _parse_categories(cats: list, path: str) -> dict[int, tuple[bool, str]]:
         if cid in out:
             raise DatasetError(f"{where}: duplicated category id {cid}")
         if cat["isthing"] not in (0, 1, True, False):
-            raise DatasetError(f"{where}: 'isthing' must be 0 or 1, got {cat['isthing']!r}")
+            raise DatasetError(f"{where}: 'isthing' must be 0 or 1, got {_short(cat['isthing'])}")
         out[cid] = (bool(cat["isthing"]), str(cat.get("name", cid)))
     if not out:
         raise DatasetError(f"{path}: 'categories' is empty")
@@ -204,7 +204,7 @@ def _parse_annotations(anns: list, path: str, panoptic_root: str, images: dict[i
         _require(ann, ("image_id", "file_name", "segments_info"), where)
         image_id = ann["image_id"]
         if not _is_number(image_id) or image_id not in images:
-            raise DatasetError(f"{where}: image_id {image_id!r} is not in 'images'")
+            raise DatasetError(f"{where}: image_id {_short(image_id)} is not in 'images'")
         image_id = int(image_id)
         where = f"{path}: annotation of image id={image_id}"
         if image_id in per_image:
@@ -236,15 +236,15 @@ def _parse_segment(seg: Any, where: str, categories: dict[int, tuple[bool, str]]
         raise DatasetError(f"{where}: segment id {sid} outside [1, 256³) (0 is void)")
     category_id = seg["category_id"]
     if not _is_number(category_id) or category_id not in categories:
-        raise DatasetError(f"{where}: unknown category_id {category_id!r} (known: {sorted(categories)[:20]})")
+        raise DatasetError(f"{where}: unknown category_id {_short(category_id)} (known: {sorted(categories)[:20]})")
     iscrowd = seg.get("iscrowd", 0)
     if iscrowd not in (0, 1, True, False):
-        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
     bbox = seg.get("bbox")
     if bbox is not None:
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox))
-                or not all(math.isfinite(v) for v in bbox)):
-            raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+                or not all(map(_finite, bbox))):
+            raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}")
         x, y, w, h = (float(v) for v in bbox)
         bbox = (x, y, x + w, y + h)
     category_id = int(category_id)

@@ -6,13 +6,30 @@ process, worker count or after a resume. The epoch is carried by the index itsel
 ``dataset[epoch * len(dataset) + i]`` is image ``i`` as augmented in ``epoch`` (this is what
 :class:`~dynaseg.data.samplers.TrainingSampler` yields). Indices below ``len(dataset)`` use the
 epoch set by :meth:`InstanceDataset.set_epoch` (default 0), for use with ordinary samplers.
+
+Unreadable samples (``on_error``): with "stop" an image that cannot be read raises
+:class:`~dynaseg.data.image_io.ImageReadError` naming it (also from DataLoader workers). With "skip"
+the file is reported once (a ``dynaseg.data`` warning naming it and the reason) and remembered:
+
+* training: the item is the next readable image (``i + 1``, ``i + 2``, ... wrapping around), with
+  that image's own augmentation, so the substitution is deterministic; when no image can be read,
+  :class:`~dynaseg.data.coco.DatasetError` is raised instead of looping;
+* evaluation (``train=False``): the item is a black image of the declared size with the same
+  ``image_id`` and no targets, so the evaluator still predicts on it and its ground truth (read
+  from the annotation file by the evaluator) still counts: a bad validation image costs recall
+  instead of silently leaving the metrics.
+
+The memory of bad files lives in the dataset object, so each DataLoader worker process reports a
+bad file once (at most ``num_workers`` reports with workers, once with ``num_workers=0``), across
+epochs as long as the workers persist (they do in training).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,13 +37,17 @@ from pycocotools import mask as mask_util
 from torch import Tensor
 from torchvision import tv_tensors
 
-from dynaseg.data.coco import AnnotationRecord, CocoInstances, ImageRecord
-from dynaseg.data.image_io import read_image
+from dynaseg.data.coco import AnnotationRecord, CocoInstances, DatasetError, ImageRecord
+from dynaseg.data.image_io import ImageReadError, read_image
 from dynaseg.structures.instances import Instances
 
-__all__ = ["Sample", "InstanceDataset", "derive_seed", "rasterize_masks"]
+__all__ = ["Sample", "InstanceDataset", "derive_seed", "rasterize_masks", "SAMPLE_ERRORS"]
+
+logger = logging.getLogger("dynaseg.data")
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]  # v2 transform on the sample dict
+# What reading one sample may raise on bad files (image, panoptic PNG); ``on_error="skip"`` skips these.
+SAMPLE_ERRORS: tuple[type[Exception], ...] = (ImageReadError, DatasetError)
 
 # pycocotools' Cython decode calls np.array(copy=False) on its own buffer; NumPy 2 warns about it
 # on every call. Harmless (NumPy copies), and not ours to fix.
@@ -87,22 +108,31 @@ class InstanceDataset(torch.utils.data.Dataset):
     Args:
         instances: validated dataset (``load_coco_instances``).
         transforms: v2 transform on the sample dict (see ``dynaseg.data.transforms``); None = identity.
-        train: apply ``max_instances``.
+        train: apply ``max_instances``; with ``on_error="skip"``, substitute the next readable image
+            (else a blank one, see the module docstring).
         max_instances: keep at most this many instances (largest boxes) per training image; 0 = all.
         seed: base seed of the per-sample augmentation RNG.
+        on_error: "stop" raises image read errors (:class:`~dynaseg.data.image_io.ImageReadError`);
+            "skip" reports each bad file once and substitutes (module docstring).
 
-    Image read errors propagate as :class:`~dynaseg.data.image_io.ImageReadError`.
+    Instances whose mask is empty after the transforms (sub-pixel polygons, objects shrunk away by
+    the resize) are dropped with their box and label; boxes are clamped to the image.
     """
 
     def __init__(self, instances: CocoInstances, transforms: Transform | None, *, train: bool,
-                 max_instances: int = 0, seed: int = 0) -> None:
+                 max_instances: int = 0, seed: int = 0, on_error: Literal["stop", "skip"] = "stop") -> None:
+        if on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
         self.records: list[ImageRecord] = instances.records
         self.class_names = instances.class_names
+        self.json_path = instances.json_path
         self.transforms = transforms
         self.train = train
         self.max_instances = max_instances
         self.seed = seed
+        self.on_error = on_error
         self.epoch = 0
+        self._bad: dict[int, str] = {}  # record index -> error message, with on_error="skip"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -124,14 +154,54 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         epoch, i = self.decode_index(int(index))
+        if self.on_error == "stop":
+            return self._load(epoch, i)
+        if not self.train:
+            if i not in self._bad:
+                try:
+                    return self._load(epoch, i)
+                except SAMPLE_ERRORS as e:
+                    self._report(i, e, "evaluated as a blank image, its ground truth still counts")
+            return self._transform(epoch, i, self._blank_sample(self.records[i]))
+        n = len(self.records)
+        for j in ((i + k) % n for k in range(n)):
+            if j in self._bad:
+                continue
+            try:
+                return self._load(epoch, j)
+            except SAMPLE_ERRORS as e:
+                self._report(j, e, "the next readable image is used instead")
+        first = self._bad[min(self._bad)]
+        raise DatasetError(f"{self.json_path or 'dataset'}: none of the {n} images can be read, "
+                           f"data.on_error=skip has nothing to use instead (first: {first})")
+
+    def _load(self, epoch: int, i: int) -> Sample:
+        """Image ``i`` as augmented in ``epoch``; raises the read errors."""
         rec = self.records[i]
         image = read_image(rec.file_name, (rec.height, rec.width))
-        sample = self._raw_sample(rec, image)
+        return self._transform(epoch, i, self._raw_sample(rec, image))
+
+    def _transform(self, epoch: int, i: int, sample: dict[str, Any]) -> Sample:
         if self.transforms is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, epoch, i))
                 sample = self.transforms(sample)
-        return self._to_sample(rec, sample)
+        return self._to_sample(self.records[i], sample)
+
+    def _report(self, i: int, error: Exception, action: str) -> None:
+        """Remember record ``i`` as bad and warn, once per record (per process)."""
+        self._bad[i] = str(error)
+        logger.warning("%s [data.on_error=skip: %s; reported once]", error, action)
+
+    def _blank_sample(self, rec: ImageRecord) -> dict[str, Any]:
+        """A black image of the record's size without targets (stands in for an unreadable one)."""
+        h, w = rec.height, rec.width
+        return {
+            "image": tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)),
+            "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
+            "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.bool)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
 
     def _select(self, rec: ImageRecord) -> list[AnnotationRecord]:
         """Non-crowd annotations, capped to the largest ``max_instances`` in training."""
@@ -154,16 +224,20 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _to_sample(rec: ImageRecord, sample: dict[str, Any]) -> Sample:
-        """Transformed sample dict -> :class:`Sample`; an optional ``sem_seg`` (h, w) map must have
-        followed the image through the transforms."""
+        """Transformed sample dict -> :class:`Sample` (boxes clamped to the image, empty masks
+        dropped); an optional ``sem_seg`` (h, w) map must have followed the image through the
+        transforms."""
         image = sample["image"].as_subclass(Tensor)
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        target = Instances(
-            image_size=size,
-            boxes=sample["boxes"].as_subclass(Tensor).float(),
-            labels=sample["labels"].as_subclass(Tensor).long(),
-            masks=sample["masks"].as_subclass(Tensor).bool(),
-        )
+        boxes = sample["boxes"].as_subclass(Tensor).float()
+        limits = torch.tensor([size[1], size[0], size[1], size[0]], dtype=torch.float32)
+        boxes = torch.minimum(boxes.clamp(min=0), limits)
+        masks = sample["masks"].as_subclass(Tensor).bool()
+        keep = masks.flatten(1).any(dim=1)
+        target = Instances(image_size=size, boxes=boxes, labels=sample["labels"].as_subclass(Tensor).long(),
+                           masks=masks)
+        if not bool(keep.all()):
+            target = target[keep]
         sem_seg = sample.get("sem_seg")
         if sem_seg is not None:
             sem_seg = sem_seg.as_subclass(Tensor).long()

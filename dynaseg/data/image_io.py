@@ -1,9 +1,13 @@
 """Robust image decoding to ``(3, H, W) uint8`` RGB tensors.
 
-``torchvision.io.decode_image`` is the fast path (libjpeg-turbo / libpng, EXIF orientation applied);
-Pillow is the fallback for what it cannot decode (BMP, TIFF, ...). Every failure -- missing file,
-unknown format, truncated or corrupt data, size that disagrees with the annotation -- raises
-:class:`ImageReadError`, whose message starts with the file path.
+``torchvision.io.decode_image`` is the fast path (libjpeg-turbo, EXIF orientation applied); Pillow
+decodes PNGs (torchvision 0.29's PNG decoder crashes the process with a segmentation fault on some
+corrupt PNGs, e.g. a flipped byte in the compressed data) and what torchvision cannot decode (BMP,
+TIFF, ...). The header is read first (Pillow, lazily), so a file whose declared size disagrees with
+the annotation, or exceeds Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2), is
+refused before any pixel is decoded. Every failure -- missing file, unknown format, truncated or
+corrupt data, size that disagrees with the annotation -- raises :class:`ImageReadError`, whose
+message starts with the file path.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor
+
+from dynaseg.data.coco import unwrap_worker_message
 
 try:  # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; Pillow covers removal
     from torchvision.io import ImageReadMode, decode_image
@@ -34,19 +40,28 @@ _MAGIC = (
     (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
 )
 _TRUNCATION_HINTS = ("truncated", "incomplete", "out of bound", "premature end")
+_MESSAGE = re.compile(r"(.*): cannot read image \((.*)\)", re.DOTALL)
 
 
 class ImageReadError(OSError):
     """An image could not be read; ``str(err)`` is ``"{path}: cannot read image ({reason})"``.
 
     A single-argument call keeps the message as given, so the DataLoader can re-raise the error
-    from a worker process with its type intact.
+    from a worker process with its type intact; the DataLoader's wrapped message ("Caught
+    ImageReadError in DataLoader worker ...") is unwrapped back to the one-line original, with
+    ``path`` and ``reason`` restored and the worker's traceback as a note.
     """
 
     def __init__(self, path: str | os.PathLike, reason: str = "") -> None:
+        unwrapped = unwrap_worker_message(type(self).__name__, path) if not reason and isinstance(path, str) else None
+        if unwrapped:
+            m = _MESSAGE.fullmatch(unwrapped[0])
+            path, reason = (m.group(1), m.group(2)) if m else (unwrapped[0], "")
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: cannot read image ({reason})" if reason else self.path)
+        if unwrapped:
+            self.add_note(unwrapped[1])
 
     def __reduce__(self):
         return type(self), (self.path, self.reason)
@@ -71,6 +86,10 @@ def read_image(path: str | os.PathLike, expected_size: tuple[int, int] | None = 
     """
     path = os.fspath(path)
     data = _read_bytes(path)
+    header = _header_size(path, data)
+    if expected_size is not None and header is not None and header not in (
+            tuple(expected_size), tuple(expected_size)[::-1]):  # swapped: maybe an EXIF rotation
+        _check_size(path, header, tuple(expected_size), what="size")
     image = _decode(path, data)
     if expected_size is not None:
         _check_size(path, tuple(image.shape[-2:]), tuple(expected_size))
@@ -101,11 +120,25 @@ def _sniff_format(data: bytes) -> str:
     return "unknown format"
 
 
+def _header_size(path: str, data: bytes) -> tuple[int, int] | None:
+    """(H, W) from the file header (before any EXIF rotation), or None when Pillow cannot parse
+    it; raises for a decompression bomb."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            return pil.height, pil.width
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"too large: {e}") from None
+    except Exception:  # not parseable by Pillow: the decoders below report why
+        return None
+
+
 def _decode(path: str, data: bytes) -> Tensor:
-    """torchvision first; Pillow unless torchvision already proved the data truncated."""
+    """torchvision first (not for PNGs); Pillow unless torchvision already proved the data truncated."""
     fmt = _sniff_format(data)
     reason = ""
-    if decode_image is not None:
+    if decode_image is not None and fmt != "PNG":
         try:
             return _decode_torchvision(data)
         except RuntimeError as e:
@@ -156,10 +189,11 @@ def _decode_pil(data: bytes) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def _check_size(path: str, got: tuple[int, int], expected: tuple[int, int]) -> None:
+def _check_size(path: str, got: tuple[int, int], expected: tuple[int, int], *,
+                what: str = "decoded size") -> None:
     if got == expected:
         return
-    reason = (f"decoded size {got[0]}x{got[1]} (HxW) does not match the annotation's "
+    reason = (f"{what} {got[0]}x{got[1]} (HxW) does not match the annotation's "
               f"{expected[0]}x{expected[1]}")
     if got == expected[::-1]:
         reason += "; width and height are swapped, probably by the EXIF orientation tag"

@@ -14,7 +14,7 @@ and epoch-encoded indices are those of :class:`~dynaseg.data.dataset.InstanceDat
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,17 +41,20 @@ class PanopticDataset(InstanceDataset):
         max_instances: keep at most this many thing instances (largest masks) per training image;
             0 = all. Dropped things stay ``IGNORE_LABEL`` in ``sem_seg``.
         seed: base seed of the per-sample augmentation RNG.
+        on_error: "stop" or "skip", as for :class:`~dynaseg.data.dataset.InstanceDataset`; "skip"
+            covers both kinds of errors below (the blank stand-in of an evaluation image is all
+            ``IGNORE_LABEL``).
 
     Items are :class:`~dynaseg.data.dataset.Sample` with ``sem_seg`` set. Image and PNG read errors
-    propagate as :class:`~dynaseg.data.image_io.ImageReadError`; a PNG whose size differs from its
+    raise :class:`~dynaseg.data.image_io.ImageReadError`; a PNG whose size differs from its
     image's, or whose segment ids disagree with the JSON's ``segments_info``, raises
     :class:`~dynaseg.data.coco.DatasetError` naming the PNG.
     """
 
     def __init__(self, panoptic: CocoPanoptic, transforms: Transform | None, *, train: bool,
-                 max_instances: int = 0, seed: int = 0) -> None:
+                 max_instances: int = 0, seed: int = 0, on_error: Literal["stop", "skip"] = "stop") -> None:
         super().__init__(panoptic, transforms, train=train, max_instances=max_instances,  # type: ignore[arg-type]
-                         seed=seed)
+                         seed=seed, on_error=on_error)
         self.records: list[PanopticImageRecord] = panoptic.records  # type: ignore[assignment]
         self.stuff_names = panoptic.stuff_names
 
@@ -65,6 +68,11 @@ class PanopticDataset(InstanceDataset):
             "labels": labels,
             "sem_seg": tv_tensors.Mask(sem_seg),
         }
+
+    def _blank_sample(self, rec: PanopticImageRecord) -> dict[str, Any]:  # type: ignore[override]
+        sample = super()._blank_sample(rec)  # type: ignore[arg-type]
+        sample["sem_seg"] = tv_tensors.Mask(torch.full((rec.height, rec.width), IGNORE_LABEL, dtype=torch.uint8))
+        return sample
 
     def _targets(self, rec: PanopticImageRecord, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(H, W) segment ids -> thing masks (N, H, W) bool, labels (N,) int64, sem_seg (H, W) uint8."""

@@ -51,7 +51,8 @@ class ResizeShortestEdge(v2.Transform):
     With one length this is deterministic (the test transform). Unlike ``v2.RandomShortestSize``
     (which truncates) and ``v2.Resize(max_size=...)`` (which truncates and computes the capped short
     side separately), sizes are rounded from a single scale factor, like detectron2. Masks use
-    ``nearest-exact`` sampling (pixel centres), images ``interpolation`` with antialiasing.
+    ``nearest-exact`` sampling (pixel centres), images ``interpolation`` with antialiasing (a 1x1
+    uint8 output is computed in float: torch's uint8 antialiasing kernel asserts on it).
     """
 
     def __init__(self, short_edge_lengths: int | Sequence[int], max_size: int,
@@ -74,6 +75,12 @@ class ResizeShortestEdge(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
             return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        if (isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8 and self.antialias
+                and list(params["size"]) == [1, 1] and inpt.shape[-2] > 1):
+            # torch's uint8 antialiased kernel fails an internal assert for a 1x1 output: go via float.
+            out = F.resize(inpt.as_subclass(Tensor).float(), [1, 1], interpolation=self.interpolation,
+                           antialias=True)
+            return tv_tensors.wrap(out.round_().clamp_(0, 255).to(torch.uint8), like=inpt)
         return F.resize(inpt, params["size"], interpolation=self.interpolation, antialias=self.antialias)
 
 
