@@ -24,7 +24,7 @@ def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
     x: (N, C, H, W); offset: (N, 2·G·K, H, W) with (Δy, Δx) per kernel tap k = i·kw + j and offset
     group G (torchvision's layout); weight: (C_out, C, kh, kw) → (N, C_out, H_out, W_out).
 
-    Without gradients (inference) the sampled columns are made ``band_bytes`` at a time (a few
+    Without gradients (eager inference, not while tracing) the sampled columns are made ``band_bytes`` at a time (a few
     instances, or a band of output rows of one): the whole (N, C·K, H_out·W_out) column tensor of
     100 RoIs at 112×112 is 1.4 GB, and writing then re-reading it from main memory made this
     op 1.5-2× slower on the CPU (measured; the bands stay in cache). Same result, bit for bit.
@@ -41,9 +41,11 @@ def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
     x = x.reshape(n * groups, c // groups, h, w)
     wmat = weight.reshape(c_out, c * k)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, weight))
+    # Bands are Python loops over sizes: not under autograd, and not while tracing (ONNX export).
+    whole = needs_grad or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     row_bytes = c * k * w_out * x.element_size()
-    rows = h_out if needs_grad else max(1, min(h_out, band_bytes // row_bytes))
-    per_step = n if needs_grad else (max(1, band_bytes // (row_bytes * h_out)) if rows == h_out else 1)
+    rows = h_out if whole else max(1, min(h_out, band_bytes // row_bytes))
+    per_step = n if whole else (max(1, band_bytes // (row_bytes * h_out)) if rows == h_out else 1)
 
     def columns(i: int, j: int, r0: int, r1: int) -> Tensor:
         """Sampled inputs of instances i:j, output rows r0:r1 → (j − i, C·K, (r1 − r0)·W_out)."""
