@@ -36,13 +36,21 @@ def plot_ap_vs_latency(rows: Sequence[Mapping[str, Any]], ap: Mapping[str, float
     points = [r for r in rows if r["model"] in ap]
     if not points:
         raise ValueError("no benchmarked model has an AP value to plot")
-    fig, axis = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, axis = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    times = [r["median_ms"] for r in points]
+    log_x = max(times) > 10 * min(times)                   # e.g. full-112 DynaMask beside one-stage models
+    middle = (max(times) * min(times)) ** 0.5 if log_x else (max(times) + min(times)) / 2
     for r in points:
         x, y = r["median_ms"], ap[r["model"]]
         err = [[x - r.get("q1_ms", x)], [r.get("q3_ms", x) - x]]
         axis.errorbar([x], [y], xerr=err, fmt="o", capsize=3)
-        axis.annotate(r["model"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    axis.set_xlabel("median latency per image (ms), IQR bars")
+        right = x > middle                                    # labels of right-hand points go to their left
+        axis.annotate(r["model"], (x, y), textcoords="offset points", xytext=(-5 if right else 5, 5), fontsize=7,
+                      ha="right" if right else "left")
+    if log_x:
+        axis.set_xscale("log")
+    axis.margins(x=0.15, y=0.1)
+    axis.set_xlabel("median latency per image (ms), IQR bars" + (", log scale" if log_x else ""))
     axis.set_ylabel("mask AP")
     axis.set_title(title or "accuracy per millisecond")
     axis.grid(alpha=0.3)
