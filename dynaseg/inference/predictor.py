@@ -81,7 +81,7 @@ class Predictor:
         """Whether the model segments stuff too, i.e. returns :class:`PanopticSegmentation`."""
         return bool(getattr(self.cfg.model, "num_stuff_classes", 0))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, image: str | Path | np.ndarray | torch.Tensor) -> Instances | PanopticSegmentation:
         original = self._to_tensor(image)
         resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
