@@ -335,17 +335,22 @@ def _cmd_bench_maskhead(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_speed(args: argparse.Namespace) -> int:
-    """``bench speed``: end-to-end inference ms of configs and a torchvision peer; --json prints a list."""
-    from dynaseg.bench.speed import check_device, format_speed_table, parse_size, run_speed_benchmark
+def _bench_size_and_device(args: argparse.Namespace):
+    """``--size HxW`` and ``--device`` of a bench command, as a user error when malformed."""
+    from dynaseg.bench.speed import check_device, parse_size
 
     try:
-        size, device = parse_size(args.size), check_device(args.device)
+        return parse_size(args.size), check_device(args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    from dynaseg.bench.report import parse_ap_values, write_speed_report
-    from dynaseg.bench.speed import unique_names
 
+
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    """``bench speed``: end-to-end inference ms of configs and a torchvision peer; --json prints a list."""
+    from dynaseg.bench.report import parse_ap_values, write_speed_report
+    from dynaseg.bench.speed import format_speed_table, run_speed_benchmark, unique_names
+
+    size, device = _bench_size_and_device(args)
     peer = None if args.peer == "none" else args.peer
     try:
         ap = parse_ap_values(args.ap or [], models=[*unique_names(args.configs), *([peer] if peer else [])])
@@ -371,13 +376,9 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     """``bench train``: training images/s of configs and torchvision's Mask R-CNN; --json prints a list."""
-    from dynaseg.bench.speed import check_device, parse_size
     from dynaseg.bench.train_speed import format_train_table, run_train_benchmark
 
-    try:
-        size, device = parse_size(args.size), check_device(args.device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    size, device = _bench_size_and_device(args)
     rows, notes = run_train_benchmark(args.configs, overrides=args.overrides,
                                       peer=None if args.peer == "none" else args.peer, image_size=size,
                                       batch_size=args.batch, iters=args.iters, warmup=args.warmup, device=device)
