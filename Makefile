@@ -24,7 +24,7 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/instances_val.json
 	rm -rf runs/demo
 	$(BIN)/dynaseg train --config blendmask_r18_synth_cpu output_dir=runs/demo
 	$(BIN)/dynaseg predict --config runs/demo/config.yaml --weights runs/demo/model_final.safetensors \
-		--input $(DEMO_DATA)/val --output runs/demo/predictions
+		--input $(DEMO_DATA)/val --output runs/demo/predictions model.fcos.class_agnostic_nms=true
 	@echo "demo run folder: runs/demo (metrics.json, loss_curve.png, predictions/*.png)"
 
 test: $(STAMP)

@@ -10,6 +10,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dynaseg.config.schema import ExperimentConfig
 
 __all__ = ["main"]
 
@@ -27,15 +33,20 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dynaseg.config.presets import load_config
+
+    return _run_training(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _run_training(cfg: ExperimentConfig, *, resume: bool, model: nn.Module | None = None) -> int:
+    """Train (``model`` replaces the one ``cfg`` describes), then print the metrics and the run folder."""
     from dynaseg.engine.distributed import cleanup, is_main_process
     from dynaseg.engine.trainer import train
     from dynaseg.evaluation.coco import format_metrics_table
 
-    cfg = load_config(args.config, args.overrides)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logging.getLogger().addHandler(_file_handler(Path(cfg.output_dir) / "log.txt"))
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=resume, model=model)
     finally:
         cleanup()
     if is_main_process():
@@ -81,6 +92,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
 
     if args.panoptic:
+        if args.class_report:
+            raise UserError("--class-report reports on instance detections; it does not go with --panoptic")
         return _cmd_eval_panoptic(args)
     used = [flag for attr, flag in _PANOPTIC_FLAGS if getattr(args, attr)]
     if used:
@@ -89,6 +102,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not (args.gt and args.results):
             raise UserError("--gt and --results go together")
         metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
+        gt_json, results_json = args.gt, args.results
     else:
         if not (args.config and args.weights):
             raise UserError("give --config and --weights (evaluate a model) or --gt and --results (evaluate a file)")
@@ -104,6 +118,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             metrics = evaluate_model(predictor.cfg, predictor.model, predictor.device, out)
         finally:
             cleanup()
+        gt_json, results_json = cfg.data.val_json, out / "results_val.json"
         if not metrics:
             return 0
         if "mask_resolution" in metrics and not args.json:
@@ -118,13 +133,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             metrics["panoptic"] = panoptic
         if not args.json:
             print(f"wrote {out / 'results_val.json'} and {out / 'metrics.json'}", file=sys.stderr)
+    report = None
+    if args.class_report:
+        from dynaseg.evaluation.class_report import class_report
+
+        report = class_report(json.loads(Path(gt_json).read_text()), json.loads(Path(results_json).read_text()))
     if args.json:
-        print(json.dumps({t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}))
+        out_json = {t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}
+        print(json.dumps(out_json | ({"class_report": report} if report else {})))
     else:
         metrics = {t: m for t, m in metrics.items() if t != "panoptic"}
         print(format_metrics_table(metrics))
         for iou_type in metrics:
             print(format_per_class_table(metrics, iou_type))
+        if report:
+            from dynaseg.evaluation.class_report import format_class_report
+
+            print(format_class_report(report))
     return 0
 
 
@@ -390,6 +415,19 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_fcos_peer(args: argparse.Namespace) -> int:
+    """``bench fcos-peer``: train torchvision's FCOS with a one-stage config's backbone, data and schedule."""
+    from dynaseg.bench.fcos_peer import build_torchvision_fcos
+    from dynaseg.config.presets import load_config
+    from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig
+
+    cfg = load_config(args.config, args.overrides)
+    if not isinstance(cfg.model, (BlendMaskConfig, DR1MaskConfig)) or getattr(cfg.model, "num_stuff_classes", 0):
+        raise UserError(f"bench fcos-peer takes an instance-segmentation FCOS config (BlendMask or DR1Mask); "
+                        f"'{args.config}' is {cfg.model.kind}")
+    return _run_training(cfg, resume=args.resume, model=build_torchvision_fcos(cfg.model))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``serve``: HTTP inference service (FastAPI + uvicorn); see docs/serve.md."""
     try:
@@ -439,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="COCO results JSON (file mode)")
     p.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    p.add_argument("--class-report", action="store_true",
+                   help="also report, per object size, whether each found object's best detection has the right "
+                        "class, and the other-class duplicates (JSON key 'class_report')")
     p.add_argument("--panoptic", action="store_true",
                    help="COCO panoptic PQ of prediction files (with --gt-json, --gt-dir, --pred-json, --pred-dir)")
     p.add_argument("--gt-json", help="COCO panoptic ground-truth JSON (--panoptic)")
@@ -533,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench_train)
+
+    b = bench_sub.add_parser("fcos-peer", help="train torchvision's FCOS detector with a BlendMask / DR1Mask "
+                             "config's backbone, data, schedule and evaluation (box AP beside ours)")
+    _add_config(b)
+    b.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    b.set_defaults(func=_cmd_bench_fcos_peer)
 
     p = sub.add_parser("serve", help="HTTP inference service: POST /predict, GET /health, GET /model "
                        "(needs the 'serve' extra; see docs/serve.md)")

@@ -111,3 +111,14 @@ def test_head_output_shapes_and_prior():
     assert out.cls_logits[1].shape == (2, 3, 4, 5) and out.box_ltrb[0].shape == (2, 4, 8, 10)
     assert (out.box_ltrb[0] >= 0).all() and out.box_tower[0].shape == (2, 16, 8, 10)
     assert abs(torch.sigmoid(out.cls_logits[0]).mean().item() - 0.01) < 0.005
+
+
+def test_class_agnostic_nms_keeps_one_class_per_object():
+    loc = [torch.tensor([[10.0, 10.0], [12.0, 10.0]])]
+    logits = torch.full((2, 3), -10.0)
+    logits[0, 1], logits[1, 2] = 3.0, 2.0      # one object, two locations voting for different classes
+    ltrb = torch.ones(2, 4)
+    kw = dict(cls_logits=[logits], box_ltrb=[ltrb], centerness=[torch.zeros(2)], locations=loc, strides=[8],
+              score_threshold=0.05, thresh_with_ctr=True, pre_nms_topk=1000, nms_threshold=0.6, max_detections=100)
+    assert decode_fcos(**kw).labels.tolist() == [1, 2]                          # per-class NMS keeps both
+    assert decode_fcos(**kw, class_agnostic_nms=True).labels.tolist() == [1]    # one NMS: the better class

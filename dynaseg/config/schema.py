@@ -44,6 +44,7 @@ class FCOSConfig:
     thresh_with_ctr: bool = True
     pre_nms_topk: int = 1000             # per level per image
     nms_threshold: float = 0.6
+    class_agnostic_nms: bool = False     # one NMS over all classes: one box per object (AP: lower, measured)
     max_detections: int = 100
 
 

@@ -135,7 +135,8 @@ def evaluate_model(cfg: ExperimentConfig, model: nn.Module, device: torch.device
     gathered = [r for part in all_gather_objects(results) for r in part]
     if not is_main_process():
         return {}
-    metrics = evaluate_coco(cfg.data.val_json, gathered, ("bbox", "segm"))
+    box_only = bool(gathered) and not any("segmentation" in r for r in gathered)   # detectors without masks
+    metrics = evaluate_coco(cfg.data.val_json, gathered, ("bbox",) if box_only else ("bbox", "segm"))
     if output_dir is not None:
         atomic_write(output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(gathered)))
         _write_metrics(output_dir, metrics)

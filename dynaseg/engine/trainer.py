@@ -76,7 +76,7 @@ def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, chec
     return f"non-finite gradients at iteration {iteration} (total grad norm {grad_norm.item()}) with finite losses"
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
+def train(cfg: ExperimentConfig, *, resume: bool = False, model: nn.Module | None = None) -> TrainingResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.solver.max_iter`` iterations.
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard events),
@@ -84,14 +84,15 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainingResult:
     final evaluation ``metrics.json`` and ``results_val.json``. With ``resume`` it continues from the
     last readable training state in the output directory. Under DDP an error on one rank ends all
     ranks (see ``distributed.spread_failures``). Non-finite losses or gradients stop the run or skip
-    the step (``solver.on_nonfinite``); see docs/reliability.md.
+    the step (``solver.on_nonfinite``); see docs/reliability.md. ``model`` replaces the one
+    ``cfg.model`` describes (reference models of the benchmarks, e.g. ``bench fcos-peer``).
     """
     device = dist_utils.init_distributed(cfg.device)
     with dist_utils.spread_failures():
-        return _train(cfg, resume=resume, device=device)
+        return _train(cfg, resume=resume, device=device, model=model)
 
 
-def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device) -> TrainingResult:
+def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: nn.Module | None) -> TrainingResult:
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     main = dist_utils.is_main_process()
     out = Path(cfg.output_dir)
@@ -110,7 +111,8 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device) -> Trai
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} processes")
     dataset = build_dataset(cfg, data, train=True)
 
-    model = build_model(cfg.model).to(device)
+    model_name = cfg.model.kind if model is None else type(model).__name__
+    model = (build_model(cfg.model) if model is None else model).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.solver)
@@ -151,7 +153,7 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device) -> Trai
                                 size_divisibility=cfg.model.size_divisibility)
     # The record of the resumed iteration itself was written before its checkpoint: keep it.
     events = EventWriter(out, start_iter=start_iter + 1 if start_iter else 0) if main else None
-    weights_meta = {**dataset_metadata(data), "model": cfg.model.kind}
+    weights_meta = {**dataset_metadata(data), "model": model_name}
 
     def checkpoint(iteration: int) -> None:
         if main:

@@ -215,7 +215,8 @@ class _Detections(NamedTuple):
 
 
 def _decode_fcos(head: FCOSOutputs, strides: list[int], num_classes: int, *, score_threshold: float,
-                 thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float, max_detections: int) -> _Detections:
+                 thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float, class_agnostic_nms: bool,
+                 max_detections: int) -> _Detections:
     """``fcos_detections`` + ``decode_fcos`` for image 0 of the batch, traceable."""
     locations = compute_locations([x.shape[-2:] for x in head.cls_logits], strides, head.cls_logits[0].device)
     boxes_all, scores_all, labels_all, index_all = [], [], [], []
@@ -240,7 +241,10 @@ def _decode_fcos(head: FCOSOutputs, strides: list[int], num_classes: int, *, sco
         offset = offset + cls.shape[0]
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
-    keep = _batched_nms(boxes, scores, labels, nms_threshold, num_classes)[:max_detections]
+    if class_agnostic_nms:
+        keep = _batched_nms(boxes, scores, torch.zeros_like(labels), nms_threshold, 1)[:max_detections]
+    else:
+        keep = _batched_nms(boxes, scores, labels, nms_threshold, num_classes)[:max_detections]
     return _Detections(boxes[keep], scores[keep], labels[keep], index[keep])
 
 

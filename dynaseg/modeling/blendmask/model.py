@@ -34,7 +34,8 @@ class BlendMask(nn.Module):
         semantic_head: auxiliary semantic head on P3, or None.
         num_classes: C.
         strides, sizes_of_interest, center_sampling_radius, focal_alpha, focal_gamma: FCOS training.
-        score_threshold, thresh_with_ctr, pre_nms_topk, nms_threshold, max_detections: FCOS inference.
+        score_threshold, thresh_with_ctr, pre_nms_topk, nms_threshold, class_agnostic_nms, max_detections:
+            FCOS inference.
         resolution, sampling_ratio: blender RoIAlign R and samples per bin.
         mask_loss_weight, semantic_loss_weight: loss weights. mask_threshold: paste-back threshold.
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
@@ -45,7 +46,7 @@ class BlendMask(nn.Module):
                  strides: tuple[int, ...], sizes_of_interest: tuple[int, ...], center_sampling_radius: float,
                  focal_alpha: float, focal_gamma: float,
                  score_threshold: float, thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float,
-                 max_detections: int,
+                 class_agnostic_nms: bool, max_detections: int,
                  resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
                  mask_threshold: float,
                  pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
@@ -61,7 +62,7 @@ class BlendMask(nn.Module):
         # Inference parameters
         self.inference_params = dict(score_threshold=score_threshold, thresh_with_ctr=thresh_with_ctr,
                                      pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
-                                     max_detections=max_detections)
+                                     class_agnostic_nms=class_agnostic_nms, max_detections=max_detections)
         self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)

@@ -57,7 +57,7 @@ class DR1Mask(nn.Module):
                  semantic_head: SemanticHead | None, num_classes: int,
                  strides: tuple[int, ...], sizes_of_interest: tuple[int, ...], center_sampling_radius: float,
                  focal_alpha: float, focal_gamma: float, score_threshold: float, thresh_with_ctr: bool,
-                 pre_nms_topk: int, nms_threshold: float, max_detections: int,
+                 pre_nms_topk: int, nms_threshold: float, class_agnostic_nms: bool, max_detections: int,
                  resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
                  panoptic_loss_weight: float, mask_threshold: float, panoptic_score_threshold: float,
                  panoptic_group_iou: float, panoptic_restrict_to_boxes: bool, panoptic_min_stuff_area: int,
@@ -73,7 +73,7 @@ class DR1Mask(nn.Module):
                                 focal_gamma=focal_gamma)
         self.inference_params = dict(score_threshold=score_threshold, thresh_with_ctr=thresh_with_ctr,
                                      pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
-                                     max_detections=max_detections)
+                                     class_agnostic_nms=class_agnostic_nms, max_detections=max_detections)
         self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         self.panoptic_loss_weight = panoptic_loss_weight

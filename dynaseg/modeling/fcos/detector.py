@@ -71,7 +71,8 @@ def fcos_training(head: FCOSOutputs, targets: list[Instances], *, strides: list[
 
 
 def fcos_detections(head: FCOSOutputs, *, strides: list[int], score_threshold: float, thresh_with_ctr: bool,
-                    pre_nms_topk: int, nms_threshold: float, max_detections: int) -> list[FCOSDetections]:
+                    pre_nms_topk: int, nms_threshold: float, class_agnostic_nms: bool,
+                    max_detections: int) -> list[FCOSDetections]:
     """Decode every image of the batch (network-input pixels, boxes not clipped)."""
     per_level, _, _, _ = fcos_locations(head, strides, [(0.0, 0.0)] * len(strides))
     return [decode_fcos(cls_logits=[x[i].flatten(1).T for x in head.cls_logits],
@@ -79,5 +80,5 @@ def fcos_detections(head: FCOSOutputs, *, strides: list[int], score_threshold: f
                         centerness=[x[i].flatten() for x in head.centerness],
                         locations=per_level, strides=strides, score_threshold=score_threshold,
                         thresh_with_ctr=thresh_with_ctr, pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
-                        max_detections=max_detections)
+                        class_agnostic_nms=class_agnostic_nms, max_detections=max_detections)
             for i in range(head.cls_logits[0].shape[0])]

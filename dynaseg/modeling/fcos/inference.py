@@ -21,12 +21,15 @@ class FCOSDetections(NamedTuple):
 
 def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness: list[Tensor],
                 locations: list[Tensor], strides: list[int], score_threshold: float, thresh_with_ctr: bool,
-                pre_nms_topk: int, nms_threshold: float, max_detections: int) -> FCOSDetections:
+                pre_nms_topk: int, nms_threshold: float, max_detections: int,
+                class_agnostic_nms: bool = False) -> FCOSDetections:
     """Decode one image's head outputs.
 
     Args (per level l, one image):
         cls_logits: (H_l·W_l, C). box_ltrb: (H_l·W_l, 4) stride units. centerness: (H_l·W_l,) logits.
         locations: (H_l·W_l, 2) (x, y).
+        class_agnostic_nms: one NMS over all classes (FCOS's sigmoid classifier can keep several
+            classes on one object; AdelaiDet's NMS is per class).
     """
     boxes_all, scores_all, labels_all, index_all = [], [], [], []
     offset = 0
@@ -49,5 +52,6 @@ def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness:
         offset += cls.shape[0]
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
-    keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]   # sorted by score
+    groups = torch.zeros_like(labels) if class_agnostic_nms else labels
+    keep = batched_nms(boxes, scores, groups, nms_threshold)[:max_detections]   # sorted by score
     return FCOSDetections(boxes[keep], scores[keep], labels[keep], index[keep])
