@@ -1,7 +1,9 @@
 """BlendMask: blender equation, sparse top layer, targets, and whole-model behaviour on tiny inputs."""
+import pytest
 import torch
 from torch.nn import functional as F
 
+from dynaseg.config.overrides import ConfigError
 from dynaseg.config.presets import load_config
 from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss
@@ -162,3 +164,31 @@ def test_loss_lock():
     same = losses.keys() == EXPECTED_LOSSES.keys() and all(
         abs(losses[k] - EXPECTED_LOSSES[k]) < 2e-3 for k in losses)
     assert same, f"Losses have changed! New losses: {losses}"
+
+
+def test_stride_4_level_runs_fcos_on_p2_and_keeps_the_bases_on_p3():
+    p2 = {"model.fcos.strides": "[4,8,16,32,64]", "model.fcos.sizes_of_interest": "[16,32,64,128]"}
+    model, _ = tiny_model(**p2)
+    reference, _ = tiny_model()
+    batch = make_batch()
+    features = model.backbone(model.normalize(batch.images, batch.image_sizes))
+    assert model.backbone.strides == {f"p{i}": 2**i for i in range(2, 7)}
+    levels = model.fcos_levels(features)
+    assert [x.shape[-1] for x in levels] == [batch.images.shape[-1] // s for s in (4, 8, 16, 32, 64)]
+    assert model.basis_levels(features)[0] is features["p3"]
+    ref_features = reference.backbone(reference.normalize(batch.images, batch.image_sizes))
+    assert model.basis(model.basis_levels(features)).shape == reference.basis(reference.basis_levels(ref_features)).shape
+    model.train()
+    sum(model(batch).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_fcos_strides_are_checked():
+    with pytest.raises(ConfigError, match=r"expected \[8, 16, 32, 64, 128\] or \[4, 8"):
+        tiny_model(**{"model.fcos.strides": "[8,16,24]", "model.fcos.sizes_of_interest": "[32,64]"})
+    with pytest.raises(ConfigError, match="needs 4 bounds"):
+        tiny_model(**{"model.fcos.sizes_of_interest": "[32,64]"})
+    cfg = load_config("dr1mask_tiny", ["model.fcos.strides=[4,8,16,32,64]"])
+    with pytest.raises(ConfigError, match=r"expected \[8, 16, 32, 64, 128\]$"):
+        build_model(cfg.model)

@@ -49,6 +49,8 @@ _SPREAD = {"fcos_head.cls_logits": 0.3, "fcos_head.bbox_pred": 0.1, "fcos_head.c
 CASES = {   # id → (preset, overrides)
     "blendmask": ("blendmask_tiny", ["model.fcos.score_threshold=0.0"]),
     "blendmask_agnostic_nms": ("blendmask_tiny", ["model.fcos.score_threshold=0.0", "model.fcos.class_agnostic_nms=true"]),
+    "blendmask_p2": ("blendmask_tiny", ["model.fcos.score_threshold=0.0", "model.fcos.strides=[4,8,16,32,64]",
+                                        "model.fcos.sizes_of_interest=[16,32,64,128]"]),
     "dr1mask": ("dr1mask_tiny", ["model.fcos.score_threshold=0.0"]),
     "dr1mask_panoptic": ("dr1mask_panoptic_tiny", ["model.fcos.score_threshold=0.0"]),
     "mask_rcnn": ("mask_rcnn_tiny", ["model.box_head.score_threshold=0.0"]),

@@ -87,6 +87,8 @@ def build_torchvision_fcos(cfg: BlendMaskConfig | DR1MaskConfig) -> TorchvisionF
     (``BlendMaskConfig`` or ``DR1MaskConfig``)."""
     from dynaseg.modeling.build import build_backbone
 
+    if cfg.fcos.strides[:1] != (8,):
+        raise ConfigError("bench fcos-peer builds torchvision's FCOS on P3-P7; model.fcos.strides must start at 8")
     if cfg.backbone.fpn_channels % 32:   # torchvision's towers use GroupNorm(32, channels)
         raise ConfigError(f"model.backbone.fpn_channels={cfg.backbone.fpn_channels}: torchvision's FCOS head "
                           "needs a multiple of 32 (its towers use 32-group GroupNorm)")

@@ -295,13 +295,16 @@ class FCOSFamilyExport(nn.Module):
         m = self.model
         x = _normalize(image, image_size, m.pixel_mean, m.pixel_std)
         features = m.backbone(x)
-        levels = [features[f"p{i}"] for i in range(3, 3 + len(m.strides))]
+        if isinstance(m, BlendMask):
+            levels = m.fcos_levels(features)
+        else:
+            levels = [features[f"p{i}"] for i in range(3, 3 + len(m.strides))]
         head = m.fcos_head(levels)
         det = _decode_fcos(head, m.strides, m.num_classes, **m.inference_params)
         boxes = _clip_boxes(det.boxes, image_size.to(det.boxes.dtype))
         rois = _rois(boxes)
         if isinstance(m, BlendMask):
-            bases = m.basis(levels[: len(m.basis.refine)])
+            bases = m.basis(m.basis_levels(features))
             pooled = pool_bases(bases, rois, resolution=m.resolution, sampling_ratio=m.sampling_ratio)
             top = m.attention
             attention = _conv3x3_at_locations(head.box_tower, top.conv.weight, top.conv.bias, det.location_index)

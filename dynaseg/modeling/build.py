@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from dynaseg.config.overrides import ConfigError
 from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, RCNNConfig
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.backbone.pretrained import load_backbone_weights
@@ -35,6 +36,18 @@ def build_backbone(cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, layout: st
         load_backbone_weights(body, cfg.backbone_weights)
     body._freeze(b.freeze_at)
     return ResNetFPN(body=body, out_channels=b.fpn_channels, norm=b.fpn_norm, layout=layout)
+
+
+def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
+    """The FPN layout FCOS's strides need: P3-P7 (8 … 128), or for BlendMask P2-P6 (4 … 64)."""
+    s, soi = tuple(cfg.fcos.strides), cfg.fcos.sizes_of_interest
+    p2 = isinstance(cfg, BlendMaskConfig) and s == (4, 8, 16, 32, 64)
+    if s != (8, 16, 32, 64, 128) and not p2:
+        raise ConfigError(f"model.fcos.strides={list(s)}: expected [8, 16, 32, 64, 128]"
+                          + (" or [4, 8, 16, 32, 64]" if isinstance(cfg, BlendMaskConfig) else ""))
+    if len(soi) != len(s) - 1:
+        raise ConfigError(f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels")
+    return "p2p6conv" if p2 else "p3p7"
 
 
 def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
@@ -82,7 +95,7 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
     channels = cfg.backbone.fpn_channels
     f, basis, blender = cfg.fcos, cfg.basis, cfg.blender
     return BlendMask(
-        backbone=build_backbone(cfg),
+        backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
         fcos_head=FCOSHead(in_channels=channels, num_classes=cfg.num_classes, num_levels=len(f.strides),
                            num_convs=f.num_convs, norm=f.norm, prior_prob=f.prior_prob, use_scale=f.use_scale),
         attention=AttentionTopLayer(in_channels=channels, num_bases=basis.num_bases,
@@ -109,7 +122,7 @@ def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
                                   attention_size=d.attention_size, rank=d.attention_rank,
                                   panoptic=cfg.num_stuff_classes > 0)
     return DR1Mask(
-        backbone=build_backbone(cfg),
+        backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
         fcos_head=FCOSHead(in_channels=channels, num_classes=cfg.num_classes, num_levels=len(f.strides),
                            num_convs=f.num_convs, norm=f.norm, prior_prob=f.prior_prob, use_scale=f.use_scale),
         top_layer=DR1TopLayer(in_channels=channels, embedding_dim=predictor.embedding_dim,

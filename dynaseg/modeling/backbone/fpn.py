@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from dynaseg.layers.aligned_upsample import nearest_upsample_crop
 from dynaseg.layers.norm import norm_factory
@@ -36,6 +36,19 @@ class _CroppingFPN(FeaturePyramidNetwork):
         return OrderedDict(zip(names, results))
 
 
+class _LastLevelP6(ExtraFPNBlock):
+    """P6 = 3×3 stride-2 conv on P5 (initialised as torchvision's ``LastLevelP6P7``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
+        nn.init.kaiming_uniform_(self.p6.weight, a=1)
+        nn.init.constant_(self.p6.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        return [*results, self.p6(results[-1])], [*names, "p6"]
+
+
 class ResNetFPN(nn.Module):
     """FPN on a ResNet, every level ``out_channels`` wide.
 
@@ -43,19 +56,22 @@ class ResNetFPN(nn.Module):
     returns ``{"p3": stride 8, ..., "p7": stride 128}``.
     ``layout="p2p6"`` (R-CNN): FPN on res2-res5, P6 = stride-2 subsampling of P5 (torchvision
     ``LastLevelMaxPool``, no parameters); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
+    ``layout="p2p6conv"`` (FCOS with a stride-4 level): FPN on res2-res5, P6 = 3×3 stride-2 conv on P5
+    (AdelaiDet's ``TOP_LEVELS=1``); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
     Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
     """
 
     def __init__(self, *, body: ResNet, out_channels: int, norm: str = "none",
-                 layout: Literal["p3p7", "p2p6"] = "p3p7") -> None:
+                 layout: Literal["p3p7", "p2p6", "p2p6conv"] = "p3p7") -> None:
         super().__init__()
-        if layout not in ("p3p7", "p2p6"):
-            raise ValueError(f"unknown FPN layout '{layout}'; expected 'p3p7' or 'p2p6'")
+        if layout not in ("p3p7", "p2p6", "p2p6conv"):
+            raise ValueError(f"unknown FPN layout '{layout}'; expected 'p3p7', 'p2p6' or 'p2p6conv'")
         self.body = body
         self.layout = layout
         self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")
         self.first_level = 3 if layout == "p3p7" else 2
-        extra = LastLevelP6P7(out_channels, out_channels) if layout == "p3p7" else LastLevelMaxPool()
+        extra = {"p3p7": LastLevelP6P7(out_channels, out_channels), "p2p6": LastLevelMaxPool(),
+                 "p2p6conv": _LastLevelP6(out_channels)}[layout]
         self.fpn = _CroppingFPN(
             in_channels_list=[body.out_channels[k] for k in self.in_features],
             out_channels=out_channels,
@@ -63,7 +79,8 @@ class ResNetFPN(nn.Module):
             norm_layer=None if norm == "none" else norm_factory(norm),
         )
         self.out_channels = out_channels
-        self.strides = {f"p{i}": 2**i for i in range(self.first_level, self.first_level + 5)}
+        last_level = 7 if layout == "p3p7" else 6
+        self.strides = {f"p{i}": 2**i for i in range(self.first_level, last_level + 1)}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = self.body(images)

@@ -27,8 +27,8 @@ class BlendMask(nn.Module):
     :class:`Instances` at each image's original size (full-image bool masks) in evaluation.
 
     Args:
-        backbone: ResNet-FPN giving P3-P7.
-        fcos_head: FCOS towers and predictors on P3-P7.
+        backbone: ResNet-FPN giving P3-P7 (P2-P7 when ``strides`` start at 4).
+        fcos_head: FCOS towers and predictors on the levels of ``strides`` (P3-P7 by default).
         attention: top layer on the box tower (K·M·M logits per location).
         basis: bottom module giving K bases at stride 4 from P3-P5.
         semantic_head: auxiliary semantic head on P3, or None.
@@ -69,18 +69,26 @@ class BlendMask(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
         features = self.backbone(self.normalize(batch.images, batch.image_sizes))
-        levels = [features[f"p{i}"] for i in range(3, 3 + len(self.strides))]
-        head = self.fcos_head(levels)
-        bases = self.basis(levels[: len(self.basis.refine)])
+        head = self.fcos_head(self.fcos_levels(features))
+        bases = self.basis(self.basis_levels(features))
         if self.training:
-            return self.losses(batch, levels, head, bases)
+            return self.losses(batch, features["p3"], head, bases)
         return self.inference(batch, head, bases)
+
+    def fcos_levels(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """The pyramid levels the FCOS head runs on: P3-P7, or P2-P6 with a stride-4 first level."""
+        first = self.strides[0].bit_length() - 1
+        return [features[f"p{first + i}"] for i in range(len(self.strides))]
+
+    def basis_levels(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """The bottom module's inputs: P3, P4, ... (stride-4 bases), whatever levels FCOS uses."""
+        return [features[f"p{3 + i}"] for i in range(len(self.basis.refine))]
 
     def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
         """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def losses(self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, bases: Tensor) -> dict[str, Tensor]:
+    def losses(self, batch: Batch, p3: Tensor, head: FCOSOutputs, bases: Tensor) -> dict[str, Tensor]:
         assert batch.targets is not None, "training needs batch.targets"
         pos = fcos_training(head, batch.targets, strides=self.strides, size_ranges=self.size_ranges,
                             num_classes=self.num_classes, center_sampling_radius=self.center_sampling_radius,
@@ -96,9 +104,9 @@ class BlendMask(nn.Module):
         losses["loss_mask"] = self.mask_loss_weight * blender_mask_loss(
             mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg)
         if self.semantic_head is not None:
-            logits = self.semantic_head(levels[0])
+            logits = self.semantic_head(p3)
             sem = semantic_targets([t.masks for t in batch.targets], [t.labels for t in batch.targets],
-                                   tuple(batch.images.shape[-2:]), self.strides[0])
+                                   tuple(batch.images.shape[-2:]), 8)
             sem = sem[:, : logits.shape[-2], : logits.shape[-1]]
             losses["loss_basis_sem"] = semantic_loss(logits, sem, self.semantic_loss_weight)
         return losses
