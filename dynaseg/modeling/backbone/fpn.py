@@ -70,8 +70,10 @@ class ResNetFPN(nn.Module):
         self.layout = layout
         self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")
         self.first_level = 3 if layout == "p3p7" else 2
-        extra = {"p3p7": LastLevelP6P7(out_channels, out_channels), "p2p6": LastLevelMaxPool(),
-                 "p2p6conv": _LastLevelP6(out_channels)}[layout]
+        if layout == "p3p7":
+            extra: ExtraFPNBlock = LastLevelP6P7(out_channels, out_channels)
+        else:
+            extra = LastLevelMaxPool() if layout == "p2p6" else _LastLevelP6(out_channels)
         self.fpn = _CroppingFPN(
             in_channels_list=[body.out_channels[k] for k in self.in_features],
             out_channels=out_channels,
