@@ -17,7 +17,6 @@ from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
 
-
 # ---------------------------------------------------------------- DR1Conv (Eq. 2-4)
 
 def test_dr1conv_1x1_is_a_per_pixel_rank1_modulated_weight():
@@ -300,12 +299,28 @@ def test_every_parameter_gets_a_gradient_on_odd_sizes(name, attention):
     assert not missing, f"no gradient for {missing}"
 
 
-@pytest.mark.parametrize("position", ["cls_tower", "fpn"])
-def test_context_positions_and_factor_ablations_train(position):
-    model, _ = tiny(**{"model.dr1.context_position": position, "model.dr1.dynamic_factors": "pre"})
+@pytest.mark.parametrize(("position", "factors"), [("cls_tower", "pre"), ("fpn", "post"), ("box_tower", "none")])
+def test_context_positions_and_factor_ablations_train(position, factors):
+    """Table 3: the context conv reads the configured features; Table 1: only the configured factors
+    reach DR1Basis's DR1Convs."""
+    model, _ = tiny(**{"model.dr1.context_position": position, "model.dr1.dynamic_factors": factors})
     model.train()
+    seen = {"context": [], "merge": []}
+    captured = {}
+    model.backbone.register_forward_hook(lambda m, args, out: captured.setdefault("fpn", out))
+    model.fcos_head.register_forward_hook(lambda m, args, out: captured.setdefault("head", out))
+    model.top_layer.context.register_forward_hook(lambda m, args, out: seen["context"].append(args[0]))
+    for conv in model.basis.merge:
+        conv.register_forward_pre_hook(lambda m, args: seen["merge"].append(args[1:]))
     sum(model(make_batch()).values()).backward()
-    assert model.top_layer.context.weight.grad is not None
+    head, fpn = captured["head"], captured["fpn"]
+    source = {"cls_tower": head.cls_tower, "box_tower": head.box_tower,
+              "fpn": [fpn[f"p{i}"] for i in range(3, 3 + len(model.strides))]}[position]
+    assert len(seen["context"]) == len(source)
+    assert all(x is y for x, y in zip(seen["context"], source))
+    use_a, use_b = factors in ("both", "pre"), factors in ("both", "post")
+    assert seen["merge"] and all((a is not None) == use_a and (b is not None) == use_b for a, b in seen["merge"])
+    assert (model.top_layer.context.weight.grad is not None) == (use_a or use_b)
 
 
 def test_empty_ground_truth_and_panoptic_without_sem_seg():
@@ -353,3 +368,33 @@ def test_a_few_steps_on_one_batch_reduce_every_loss():
     assert last["loss_mask"] < 0.7 * first["loss_mask"], (first, last)
     assert last["loss_panoptic"] < 0.5 * first["loss_panoptic"], (first, last)
     assert last["loss_fcos_cls"] < first["loss_fcos_cls"], (first, last)
+
+
+def test_dr1basis_recursion_is_eq6_from_the_coarsest_level_down():
+    """F^L = σ(DR1Conv_{A^L,B^L}(Conv(P^L))), F^l = σ(DR1Conv_{A^l,B^l}(Conv(P^l) + Up(F^{l+1}))),
+    F = σ(Conv3×3(Up(F^3))), written out level by level with plain F.conv2d (norm "none")."""
+    torch.manual_seed(0)
+    basis = DR1Basis(in_channels=6, channels=4, num_levels=3, norm="none", aligned_upsample=False).eval()
+    for conv in basis.reduce:
+        torch.nn.init.normal_(conv.bias)
+    p = [torch.randn(1, 6, s, s) for s in (12, 6, 3)]                          # P3, P4, P5
+    ctx = [(1 + 0.5 * torch.randn(1, 4, s, s), 1 + 0.5 * torch.randn(1, 4, s, s)) for s in (12, 6, 3)]
+    with torch.no_grad():
+        out = basis(p, ctx, output_size=(24, 24))
+
+        def conv(l, x):
+            return F.conv2d(x, basis.reduce[l].weight, basis.reduce[l].bias, padding=1)
+
+        def dr1(l, x):
+            a, b = ctx[l]
+            return F.conv2d(x * a, basis.merge[l].weight, padding=1) * b
+
+        def up(x, s):
+            return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+
+        f5 = torch.relu(dr1(2, conv(2, p[2])))
+        f4 = torch.relu(dr1(1, conv(1, p[1]) + up(f5, 6)))
+        f3 = torch.relu(dr1(0, conv(0, p[0]) + up(f4, 12)))
+        out_conv = basis.output[0]
+        expected = torch.relu(F.conv2d(up(f3, 24), out_conv.weight, out_conv.bias, padding=1))
+    assert torch.allclose(out, expected, atol=1e-5)

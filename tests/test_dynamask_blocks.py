@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 from dynaseg.modeling.dynamask.fam import FeatureAggregationModule
 from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, combine_losses, entropy_loss,
-                                              mask_edge_targets, selected_edge_loss, selected_mask_loss)
+                                              mask_edge_targets, predicted_mask_edges, selected_edge_loss,
+                                              selected_mask_loss)
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
 from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 
@@ -173,31 +174,93 @@ def test_laplacian_kernel_is_a_non_persistent_buffer():
 
 # ---------------------------------------------------------------- Eq. 5: budget
 
-def test_budget_hinge_is_zero_below_target_and_linear_above():
-    # relative costs C/C_max = [0.1643, 0.4429, 0.7214, 1.0]
-    cheap = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, requires_grad=True)       # E = 0.164 < 0.4
+def test_budget_hinge_in_the_papers_unit():
+    # C_t in G per instance, as Table 5 prints it: all-14 (0.23 G) is under C_t = 0.4
+    cheap = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, requires_grad=True)
     loss = budget_loss(cheap, GFLOPS, 0.4)
     loss.backward()
     assert loss.item() == 0.0 and cheap.grad.abs().sum() == 0
-    large = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)                           # E = 1 → 1/0.4 − 1 = 1.5
-    assert budget_loss(large, GFLOPS, 0.4).item() == pytest.approx(1.5)
-    mixed = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])         # E = (1 + 1.01/1.4)/2
-    assert budget_loss(mixed, GFLOPS, 0.4).item() == pytest.approx((1 + 1.01 / 1.4) / 2 / 0.4 - 1, rel=1e-6)
-    mid = budget_loss((large + mixed) / 2, GFLOPS, 0.4).item()
-    assert mid == pytest.approx((budget_loss(large, GFLOPS, 0.4).item() + budget_loss(mixed, GFLOPS, 0.4).item()) / 2)
-    assert budget_loss(large, GFLOPS, 1.0).item() == 0.0                       # C_t = 1: the all-112 cost
+    large = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)                           # E = 1.40 G
+    assert budget_loss(large, GFLOPS, 0.4).item() == pytest.approx(1.40 / 0.4 - 1)
+    # the paper's default row, C_t = 1.0: all-112 exceeds it, so the budget binds (1.13 G in Table 5)
+    assert budget_loss(large, GFLOPS, 1.0).item() == pytest.approx(0.40)
+    mixed = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])         # E = (1.40 + 1.01) / 2
+    assert budget_loss(mixed, GFLOPS, 1.0).item() == pytest.approx((1.40 + 1.01) / 2 - 1, rel=1e-6)
+    assert budget_loss(mixed, GFLOPS, 1.3).item() == 0.0                        # 1.205 G ≤ 1.3 G
     assert budget_loss(torch.zeros(0, 4), GFLOPS, 0.4).item() == 0.0
+    with pytest.raises(ValueError):
+        budget_loss(large, GFLOPS, 0.0)
 
 
-def test_budget_gradient_moves_probability_to_cheaper_resolutions():
-    logits = torch.zeros(3, 4, requires_grad=True)                              # uniform: E = 0.582 > 0.4
+def test_budget_on_the_straight_through_selection():
+    """E(C) is the batch mean of the *selected* costs; its gradient reaches the logits through the
+    soft Gumbel sample s: dL/dz_j = s_j (C_j − Σ_k s_k C_k) / (τ N C_t)."""
+    logits = torch.zeros(3, 4, requires_grad=True)
+    y = gumbel_softmax_select(logits, tau=0.5, hard=True, generator=torch.Generator().manual_seed(3))
+    loss = budget_loss(y, GFLOPS, 0.2)
+    loss.backward()
+    picked = GFLOPS[y.detach().argmax(dim=1)]
+    assert loss.item() == pytest.approx(picked.mean().item() / 0.2 - 1, rel=1e-6)   # one-hot: real costs
+    soft = gumbel_softmax_select(logits.detach(), tau=0.5, hard=False, generator=torch.Generator().manual_seed(3))
+    expected = soft * (GFLOPS - (soft * GFLOPS).sum(dim=1, keepdim=True)) / (0.5 * 3 * 0.2)
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+    assert (logits.grad[:, 0] < 0).all() and (logits.grad[:, 3] > 0).all()   # towards 14, away from 112
+
+
+def test_budget_on_probabilities_moves_them_to_cheaper_resolutions():
+    logits = torch.zeros(3, 4, requires_grad=True)                              # uniform: E = 0.815 G > 0.4
     loss = budget_loss(logits.softmax(dim=1), GFLOPS, 0.4)
     loss.backward()
-    assert loss.item() == pytest.approx(GFLOPS.mean().item() / 1.4 / 0.4 - 1, rel=1e-6)
+    assert loss.item() == pytest.approx(GFLOPS.mean().item() / 0.4 - 1, rel=1e-6)
     # dL/dz_k = p_k (c_k − E) / (C_t N): negative for 14/28, positive for 56/112
-    expected = 0.25 * (GFLOPS / 1.4 - GFLOPS.mean() / 1.4) / (0.4 * 3)
+    expected = 0.25 * (GFLOPS - GFLOPS.mean()) / (0.4 * 3)
     assert torch.allclose(logits.grad, expected.expand(3, 4), atol=1e-7)
     assert (logits.grad[:, :2] < 0).all() and (logits.grad[:, 2:] > 0).all()
+
+
+# ---------------------------------------------------------------- Eq. 4: edges of the predicted masks
+
+def _disc(side: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    c = (side - 1) / 2
+    return (((yy - c) ** 2 + ((xx - c) * 1.3) ** 2) < (0.35 * side) ** 2).float()[None]
+
+
+def test_predicted_mask_edges_of_a_confident_mask_are_the_ground_truth_edges():
+    mask = _disc(20)
+    edges = predicted_mask_edges((mask * 2 - 1) * 30)                 # logits ±30: σ = 0 or 1 to 1e-13
+    assert torch.allclose(edges, mask_edge_targets(mask).clamp(1e-4, 1 - 1e-4), atol=1e-6)
+    # hand-checked pixels of a square: corner and side of the ring are edge, interior and outside not
+    square = torch.zeros(1, 8, 8)
+    square[0, 2:6, 2:6] = 1
+    e = predicted_mask_edges((square * 2 - 1) * 30)[0]
+    assert e[2, 2] > 0.999 and e[2, 4] > 0.999 and e[3, 3] < 1e-3 and e[1, 1] < 1e-3
+    blurry = torch.zeros(1, 8, 8, requires_grad=True)                 # σ = 0.5 everywhere: interior edges 0
+    e = predicted_mask_edges(blurry)
+    assert e[0, 3, 3].item() == pytest.approx(1e-4) and e[0, 0, 0].item() == pytest.approx(1 - 1e-4)  # corner: 8·½ − 3·½
+    soft = (torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.3).requires_grad_()
+    e = predicted_mask_edges(soft)
+    e.sum().backward()                          # unsaturated pixels (0 < Laplacian < 1) pass a gradient
+    inside = (e > 1e-4) & (e < 1 - 1e-4)
+    assert inside.any() and soft.grad.abs().sum() > 0
+
+
+def test_edge_loss_of_predicted_masks_separates_resolutions_more_than_the_mask_loss():
+    """Fig. 5 / §3.3: masks predicted at lower resolutions, resized to the target, have edge losses
+    much further apart than their mask losses; a sharper mask has the lower edge loss."""
+    target = _disc(112)
+    edges = mask_edge_targets(target)
+    mask_losses, edge_losses = [], []
+    for side in (14, 28, 56, 112):
+        low = F.interpolate(target[None], size=(side, side), mode="area")
+        probs = F.interpolate(low, size=(112, 112), mode="bilinear", align_corners=False)[0].clamp(1e-4, 1 - 1e-4)
+        logits = torch.log(probs / (1 - probs))
+        sel = torch.ones(1, 1)
+        mask_losses.append(selected_mask_loss([logits], [target], sel).item())
+        edge_losses.append(selected_edge_loss([predicted_mask_edges(logits)], [edges], sel, from_logits=False).item())
+    assert edge_losses == sorted(edge_losses, reverse=True)                 # 14 worst … 112 best
+    assert mask_losses == sorted(mask_losses, reverse=True)
+    assert edge_losses[0] - edge_losses[2] > 1.2 * (mask_losses[0] - mask_losses[2])   # 0.084 vs 0.055
 
 
 # ---------------------------------------------------------------- Eq. 6: entropy

@@ -4,14 +4,12 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
 
+from dynaseg.layers.flop_count import count_gmacs
 from dynaseg.layers.roi_align import roi_align_aligned
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
-from dynaseg.layers.flop_count import count_gmacs
 from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
 from dynaseg.modeling.dynamask.head import DynaMaskHead, project_level_first
-from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, combine_losses, entropy_loss,
-                                              selected_edge_loss, selected_mask_loss)
-from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
+from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, select_resolution
 from dynaseg.structures.masks import roi_mask_targets
 
 C, NUM_CLASSES, WIDTHS, IMAGE = 16, 3, (16, 8, 8, 4), 64
@@ -75,7 +73,7 @@ def _loss_inputs(features=None, n=8):
 
 # ---------------------------------------------------------------- head: stages, crops, early exit
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(class_specific=False, fuse_after_upsample=False)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(class_specific=False, fuse_after_upsample=False, edge_head=True)])
 def test_early_exit_equals_the_selected_output_of_all_stages(kwargs):
     head = _head(**kwargs).eval()
     features = _features()
@@ -84,7 +82,8 @@ def test_early_exit_equals_the_selected_output_of_all_stages(kwargs):
         masks, edges = head.forward_all(roi_feats, features, ROIS, LABELS)
         choice = torch.tensor([0, 3, 1, 2, 3, 0, 2, 1])
         early = head.forward_early_exit(roi_feats, features, ROIS, LABELS, choice)
-    assert [tuple(m.shape) for m in masks] == [tuple(e.shape) for e in edges] == [(8, s, s) for s in SIDES]
+    assert [tuple(m.shape) for m in masks] == [(8, s, s) for s in SIDES]
+    assert [tuple(e.shape) for e in edges] == ([(8, s, s) for s in SIDES] if head.edge_predictors else [])
     assert len(early) == 8
     for i, k in enumerate(choice.tolist()):
         assert early[i].shape == (SIDES[k], SIDES[k])
@@ -196,8 +195,29 @@ def test_deform_conv_is_counted_like_a_plain_conv():
 
 # ---------------------------------------------------------------- losses: phases, gradients, Eq. 7
 
-def test_phase2_loss_is_eq7_and_every_parameter_gets_a_gradient():
-    branch = _branch(msm_start_iter=0, budget_target=0.3)
+def _bce(logits_or_probs, target, from_logits):
+    """Per-pixel binary cross-entropy written out: −t log q − (1 − t) log(1 − q)."""
+    q = torch.sigmoid(logits_or_probs) if from_logits else logits_or_probs
+    return -(target * torch.log(q) + (1 - target) * torch.log(1 - q))
+
+
+def _laplacian_by_hand(x):
+    """8·centre − Σ of the 8 neighbours, zero outside the grid: (N, r, r) → (N, r, r)."""
+    padded = F.pad(x, (1, 1, 1, 1))
+    r = x.shape[-1]
+    neighbours = sum(padded[:, 1 + dy:1 + dy + r, 1 + dx:1 + dx + r]
+                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+    return 8 * x - neighbours
+
+
+@pytest.mark.parametrize("edge_source", ["mask", "head"])
+def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge_source):
+    head = _head(edge_head=edge_source == "head")
+    msm = MaskSwitchModule(in_channels=C, conv_channels=8, fc_channels=16)
+    costs = mask_head_macs(head, channels=C, num_classes=NUM_CLASSES)
+    target_cost = 0.4 * costs[112]                        # GMAC, binding for most selections
+    branch = DynaMaskBranch(head=head, msm=msm, num_classes=NUM_CLASSES, pooler=_pooler, msm_start_iter=0,
+                            budget_target=target_cost, edge_source=edge_source)
     inputs = _loss_inputs(_features(requires_grad=True))
     torch.manual_seed(7)
     losses = branch.losses(**inputs)
@@ -209,33 +229,67 @@ def test_phase2_loss_is_eq7_and_every_parameter_gets_a_gradient():
         assert sum(p.grad.abs().sum() for p in module.parameters()) > 0
     assert all(inputs["features"][level].grad is not None for level in ("p2", "p3", "p4"))   # p5: unused
 
-    # recompute Eq. 3-7 by hand with the same Gumbel draw (the only random op)
+    # Eq. 3-7 written out, with the same Gumbel draw (the only random op: u ~ U(0, 1), seed 7)
     with torch.no_grad():
         feats = inputs["features"]
         roi_feats = _pooler(feats, ROIS)
-        masks, edges = branch.head.forward_all(roi_feats, feats, ROIS, LABELS)
-        torch.manual_seed(7)
+        masks, edge_logits = branch.head.forward_all(roi_feats, feats, ROIS, LABELS)
         logits = branch.msm(roi_feats)
-        y = gumbel_softmax_select(logits, tau=0.5, hard=True)
-        targets = [roi_mask_targets(inputs["gt_masks"], ROIS, inputs["gt_index"], s) for s in SIDES]
-        edge_targets = [LaplacianEdges()(t) for t in targets]
-        p = logits.softmax(dim=1)
-        parts = (selected_mask_loss(masks, targets, y, normalizer=8),
-                 selected_edge_loss(edges, edge_targets, y, normalizer=8),
-                 budget_loss(p, branch.resolution_macs, 0.3), entropy_loss(p))
-    assert parts[2] > 0                       # the budget is binding at C_t = 0.3
-    assert losses["loss_mask"].item() == pytest.approx(parts[0].item(), rel=1e-5)
-    assert losses["loss_edge"].item() == pytest.approx(0.1 * parts[1].item(), rel=1e-5)
-    assert losses["loss_budget"].item() == pytest.approx(0.4 * parts[2].item(), rel=1e-5)
-    assert losses["loss_entropy"].item() == pytest.approx(0.4 * parts[3].item(), rel=1e-5)
-    assert sum(losses.values()).item() == pytest.approx(combine_losses(*parts).item(), rel=1e-5)
+        torch.manual_seed(7)
+        gumbel = -torch.log(-torch.log(torch.rand(8, 4)))
+        y = F.one_hot((logits.log_softmax(dim=1) + gumbel).argmax(dim=1), 4).float()      # (8, 4) one-hot
+        gt = [roi_mask_targets(inputs["gt_masks"], ROIS, inputs["gt_index"], s) for s in SIDES]
+        gt_edges = [(_laplacian_by_hand(t) > 0.1).float() for t in gt]
+        if edge_source == "mask":
+            edge_preds = [_laplacian_by_hand(m.sigmoid()).clamp(1e-4, 1 - 1e-4) for m in masks]
+        else:
+            edge_preds = edge_logits
+        per_mask = torch.stack([_bce(m, t, True).mean(dim=(1, 2)) for m, t in zip(masks, gt)], dim=1)
+        per_edge = torch.stack([_bce(e, t, edge_source == "head").mean(dim=(1, 2))
+                                for e, t in zip(edge_preds, gt_edges)], dim=1)
+        l_mask = (y * per_mask).sum() / 8                   # per-instance mean (mask_normalizer="instances")
+        l_edge = (y * per_edge).sum() / 8
+        selected_cost = (y * torch.tensor([costs[s] for s in SIDES])).sum(dim=1).mean()
+        l_budget = max(selected_cost.item() / target_cost - 1, 0.0)
+        f = logits.softmax(dim=1).mean(dim=0)
+        l_entropy = (f * f.log()).sum() / 4
+    assert l_budget > 0
+    assert losses["loss_mask"].item() == pytest.approx(l_mask.item(), rel=1e-4)
+    assert losses["loss_edge"].item() == pytest.approx(0.1 * l_edge.item(), rel=1e-4)
+    assert losses["loss_budget"].item() == pytest.approx(0.4 * l_budget, rel=1e-4)
+    assert losses["loss_entropy"].item() == pytest.approx(0.4 * l_entropy.item(), rel=1e-4)
+
+
+def test_budget_units_and_the_soft_variant():
+    gmac = _branch(msm_start_iter=0, budget_target=1.0)
+    assert torch.equal(gmac.budget_costs(), gmac.resolution_macs)
+    fraction = _branch(msm_start_iter=0, budget_target=0.4 / 1.40, budget_unit="fraction")
+    relative = fraction.budget_costs()
+    assert relative[-1] == 1.0 and torch.allclose(relative, gmac.resolution_macs / gmac.resolution_macs[-1])
+    assert gmac.losses(**_loss_inputs())["loss_budget"] == 0      # C_t = 1 GMAC ≫ this tiny head's costs
+    torch.manual_seed(0)
+    assert fraction.losses(**_loss_inputs())["loss_budget"] > 0
+    # "probs": the budget follows the softmax, not the sample; at init p ≈ uniform
+    soft = _branch(msm_start_iter=0, budget_target=0.1, budget_unit="fraction", budget_on="probs")
+    uniform_cost = (soft.budget_costs().mean() / 0.1 - 1).item()
+    assert soft.losses(**_loss_inputs())["loss_budget"].item() == pytest.approx(0.4 * uniform_cost, rel=1e-2)
+    for bad in (dict(budget_unit="G"), dict(budget_on="mean"), dict(budget_target=0.0), dict(edge_source="head"),
+                dict(size_reference=-1.0)):
+        with pytest.raises(ValueError):
+            _branch(**bad)
 
 
 def test_phase1_trains_all_resolutions_and_the_msm_gets_no_gradient():
-    branch = _branch(msm_start_iter=5)
+    branch = _branch(msm_start_iter=1, budget_target=1e-9)       # a budget every selection exceeds
     inputs = _loss_inputs()
     losses = branch.losses(**inputs)
     assert losses["loss_budget"] == 0 and losses["loss_entropy"] == 0
+    with torch.no_grad():
+        after = branch.losses(**inputs)                          # phase 2: the same budget binds
+    assert after["loss_budget"] > 0 and after["loss_entropy"] < 0
+    branch.zero_grad(set_to_none=True)
+    branch.num_updates.zero_()
+    losses = branch.losses(**inputs)
     sum(losses.values()).backward()
     # in phase 1 the MSM is not run: none of its parameters gets a gradient (not even a zero one)
     assert all(p.grad is None for p in branch.msm.parameters())
@@ -320,5 +374,12 @@ def test_policies_choose_the_expected_resolutions_and_can_be_switched():
     branch.policy = "42"
     with pytest.raises(ValueError):
         run()
+    # a fixed reference side (FPN's 224): k = ⌊4 + log2(√(wh)/224)⌋ whatever the image size
+    branch.policy, branch.size_reference = "size", 224.0
+    assert run().resolutions.tolist() == [28, 14, 14, 14, 14, 14, 14]      # 64/224 → k=2; 32/224 → 1
+    wide = torch.tensor([[0, 0.0, 0.0, 120.0, 120.0], [1, 0.0, 0.0, 230.0, 230.0]])
+    with torch.no_grad():
+        assert branch.predict(features=features, rois=wide, labels=labels[:2],
+                              image_sizes=sizes).resolutions.tolist() == [56, 112]   # 120/224 → 3; 230 → 4
     with pytest.raises(ValueError):
         _branch(policy="large")

@@ -99,6 +99,9 @@ def _rcnn_synth_cpu(kind: str) -> ExperimentConfig:
         "model.mask_head.conv_dim": 32,
         "model.dynamask.stage_channels": (32, 16, 8, 8), "model.dynamask.msm_conv_channels": 32,
         "model.dynamask.msm_fc_channels": 128, "model.dynamask.msm_start_iter": 600,
+        # The narrow head's costs are not the paper's G: C_t as a fraction of its own 112 cost,
+        # 1.0 / 1.40 = the paper's default row (C_t = 1.0, λ2 = 0.4).
+        "model.dynamask.budget_unit": "fraction", "model.dynamask.budget_target": round(1.0 / 1.40, 4),
         "model.max_mask_rois_per_image": 8, "solver.base_lr": 0.02,
     })
 

@@ -126,17 +126,32 @@ class DynaMaskHeadConfig:
 
     pooler_resolution: int = 14
     num_instance_convs: int = 2
-    stage_channels: tuple[int, int, int, int] = (256, 128, 64, 32)    # L_tiny, L_small, L_medium, L_large
+    # Widths of L_tiny, L_small, L_medium, L_large: every refinement stage costs ≈ 0.39 GMAC at C = 256,
+    # so the per-instance cost is Table 7's 0.23 / 0.62 / 1.01 / 1.40 G (the official code: 256/128/64/32).
+    stage_channels: tuple[int, int, int, int] = (256, 136, 64, 24)
     class_specific: bool = True
     fuse_after_upsample: bool = True     # the paper's order (FAM on the upsampled L_r); False: fuse, then upsample
     msm_conv_channels: int = 128
     msm_fc_channels: int = 512
     gumbel_tau: float = 0.5
-    budget_target: float = 1.0           # C_t (fraction of the all-112 cost; Table 5: 0.4 … 1.0)
+    # C_t of Eq. 5 in ``budget_unit``: "gmac" is the head's measured GMAC per instance, the paper's unit
+    # (Table 5 as printed: 1.0 … 0.4 against 1.40 for the 112 path); "fraction" is a fraction of this
+    # head's own 112 cost, for heads of other widths (paper-equivalent: C_t / 1.40).
+    budget_target: float = 1.0
+    budget_unit: Literal["gmac", "fraction"] = "gmac"
+    # E(C) of Eq. 5: over the straight-through Gumbel selection Y (the paper: "the selected mask
+    # resolution") or over the MSM's softmax probabilities ("probs", a smoother variant).
+    budget_on: Literal["selection", "probs"] = "selection"
+    # ê of Eq. 4: the Laplacian edges of each resolution's own predicted mask (Fig. 5, the paper), or
+    # a separate 1×1 edge predictor per resolution ("head", the official code).
+    edge_source: Literal["mask", "head"] = "mask"
     lambda_edge: float = 0.1             # λ1 (Eq. 7)
     lambda_reg: float = 0.4              # λ2 (Eq. 7)
     msm_start_iter: int = 7330           # phase 1 without the MSM: one COCO epoch at batch 16
     policy: Literal["msm", "size", "quota", "14", "28", "56", "112"] = "msm"   # inference resolution choice
+    # √(w0·h0) of the size rule (Eq. 8, policy "size"): "image" reads w0, h0 as each input image's size
+    # (the paper's words); a number is a fixed side, e.g. 224 (FPN's canonical size, closer to Table 8's mix).
+    size_reference: Literal["image"] | float = "image"
     # "quota": the MSM still runs, but fixed fractions of each image's detections get 14/28/56/112,
     # smallest boxes first (e.g. the paper's C_t = 0.4 mix, Table 9: [0.35, 0.34, 0.21, 0.10]).
     quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10)

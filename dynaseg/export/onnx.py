@@ -101,7 +101,6 @@ from dynaseg.modeling.blendmask.model import BlendMask
 from dynaseg.modeling.dr1mask.model import BASIS_STRIDE, DR1Mask
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
 from dynaseg.modeling.dynamask.mask_switch import select_resolution
-from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 from dynaseg.modeling.fcos.head import FCOSOutputs
 from dynaseg.modeling.fcos.locations import compute_locations
 from dynaseg.modeling.rcnn.fcn_mask_head import FCNMaskHead
@@ -417,8 +416,7 @@ def _dynamask_masks(branch: DynaMaskBranch, features: dict[str, Tensor], rois: T
     if policy == "msm":
         choice = select_resolution(branch.msm(roi_feats))
     else:
-        canonical = (image_size[0] * image_size[1]).to(torch.float64).sqrt()
-        choice = size_based_resolution(rois[:, 1:], canonical_size=canonical, num_choices=head.num_resolutions)
+        choice = branch.size_rule(rois, (image_size[0] * image_size[1]).to(torch.float64).sqrt()[None])
     choice = torch.cat([choice[:real], choice.new_full((1,), head.num_resolutions - 1)])   # the dummy goes all the way
     largest = head.sides[-1]
     out = roi_feats.new_zeros((roi_feats.shape[0], largest, largest))

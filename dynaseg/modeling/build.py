@@ -59,13 +59,14 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
     d = cfg.dynamask
     head = DynaMaskHead(in_channels=channels, num_classes=cfg.num_classes, stage_channels=d.stage_channels,
                         num_instance_convs=d.num_instance_convs, class_specific=d.class_specific,
-                        fuse_after_upsample=d.fuse_after_upsample)
+                        fuse_after_upsample=d.fuse_after_upsample, edge_head=d.edge_source == "head")
     msm = MaskSwitchModule(in_channels=channels, num_choices=4, conv_channels=d.msm_conv_channels,
                            fc_channels=d.msm_fc_channels, input_size=d.pooler_resolution)
     return DynaMaskBranch(head=head, msm=msm, num_classes=cfg.num_classes, gumbel_tau=d.gumbel_tau,
-                          budget_target=d.budget_target, lambda_edge=d.lambda_edge, lambda_reg=d.lambda_reg,
-                          msm_start_iter=d.msm_start_iter, policy=d.policy,
-                          quota=d.quota)
+                          budget_target=d.budget_target, budget_unit=d.budget_unit, budget_on=d.budget_on,
+                          edge_source=d.edge_source, lambda_edge=d.lambda_edge, lambda_reg=d.lambda_reg,
+                          msm_start_iter=d.msm_start_iter, policy=d.policy, quota=d.quota,
+                          size_reference=d.size_reference)
 
 
 def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:

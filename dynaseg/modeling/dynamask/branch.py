@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
 from dynaseg.modeling.dynamask.head import DynaMaskHead
-from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, entropy_loss, selected_edge_loss,
-                                              selected_mask_loss)
+from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, entropy_loss, predicted_mask_edges,
+                                              selected_edge_loss, selected_mask_loss)
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
 from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
@@ -25,6 +25,8 @@ __all__ = ["DynaMaskBranch", "quota_resolution"]
 
 Pooler = Callable[[dict[str, Tensor], Tensor], Tensor]
 _NORMALIZERS = ("instances", "none")
+_BUDGET_UNITS = ("gmac", "fraction")
+_BUDGET_ON = ("selection", "probs")
 
 
 def quota_resolution(rois: Tensor, quota: tuple[float, ...]) -> Tensor:
@@ -64,9 +66,11 @@ class DynaMaskBranch(nn.Module):
       resolution, so Eq. 3/4 train all four predictions; the MSM is not run (no gradient, and the
       budget/entropy terms are 0). Under DDP this phase needs ``find_unused_parameters=True``.
     * Phase 2: MSM logits on the 14×14 RoI features, y = hard straight-through Gumbel-softmax sample
-      (Eq. 2, τ = ``gumbel_tau``), Eq. 3/4 weighted by y, Eq. 5 on the soft probabilities p with the
-      head's measured per-resolution MACs (relative to the 112×112 cost, so C_t is a fraction of the
-      all-112 cost), Eq. 6 on p.
+      (Eq. 2, τ = ``gumbel_tau``), Eq. 3/4 weighted by y, Eq. 5 on the cost of the selected
+      resolutions (y, straight-through) with the head's measured per-resolution GMAC, Eq. 6 on p.
+    * Edges ê of Eq. 4 (``edge_source``): "mask" takes them from each resolution's predicted mask
+      with the ground-truth operator (``predicted_mask_edges``, Fig. 5), so the edge loss measures
+      the quality of the mask the MSM picks; "head" uses the head's separate edge logits.
 
     The phase is read from the persistent buffer ``num_updates`` (calls of ``losses`` so far), so it
     survives checkpoint/resume. Every branch parameter gets a gradient in phase 2.
@@ -77,14 +81,22 @@ class DynaMaskBranch(nn.Module):
         pooler: ``(features, rois) -> (N, C, 14, 14)`` RoI features; None uses the detector's
             ``rcnn.pooler.multilevel_roi_align`` (FPN level rule on p2..p5, sampling ratio 0).
         gumbel_tau: Eq. 2's τ. The paper gives no value; 0.5 is the official code's.
-        budget_target: C_t of Eq. 5, a fraction of the all-112×112 cost (Table 5: 1.0 … 0.4).
+        budget_target: C_t of Eq. 5 in ``budget_unit``.
+        budget_unit: "gmac": C_t in GMAC per instance, the unit of ``gmac_per_resolution`` (the paper's
+            G: Table 5's C_t = 1.0 … 0.4 against 1.40 for the 112 path, typed as printed for a head
+            built like the paper's); "fraction": C_t as a fraction of this head's own 112 cost (heads
+            of other widths; the paper-equivalent fraction is C_t / 1.40).
+        budget_on: E(C) over the selection y ("selection", the paper) or over the softmax p ("probs").
+        edge_source: where ê of Eq. 4 comes from, "mask" (the paper) or "head" (needs ``head.edge_predictors``).
         lambda_edge: λ1 (0.1, §4.1). lambda_reg: λ2 (0.4 in Table 5's −19 % and −54 % models).
         msm_start_iter: iterations of phase 1 (one epoch in the paper; 0 = MSM from the start).
         policy: inference resolution policy, a plain attribute that may be changed at any time:
-            "msm" (argmax of the MSM logits, no noise), "size" (Eq. 8 with √(w0·h0) of each RoI's
-            input image), "quota" (``quota_resolution``: fixed fractions, smallest boxes first,
+            "msm" (argmax of the MSM logits, no noise), "size" (Eq. 8 with √(w0·h0) from
+            ``size_reference``), "quota" (``quota_resolution``: fixed fractions, smallest boxes first,
             after running the MSM, to time a known mix), or a fixed side "14" / "28" / "56" / "112".
         quota: the "quota" policy's fractions of detections per resolution (K values summing to 1).
+        size_reference: √(w0·h0) of Eq. 8: "image" (each RoI's input image, the paper's words) or a
+            fixed side in pixels (224: FPN's canonical size).
         mask_normalizer: "instances" divides the Eq. 3/4 sums over RoIs by P (MMDetection's
             per-instance mean, which §4.1's "loss functions are set the same as Mask R-CNN" implies);
             "none" keeps the sums as printed.
@@ -98,20 +110,32 @@ class DynaMaskBranch(nn.Module):
     num_updates: Tensor
 
     def __init__(self, *, head: DynaMaskHead, msm: MaskSwitchModule, num_classes: int, pooler: Pooler | None = None,
-                 gumbel_tau: float = 0.5, budget_target: float = 1.0, lambda_edge: float = 0.1,
+                 gumbel_tau: float = 0.5, budget_target: float = 1.0, budget_unit: str = "gmac",
+                 budget_on: str = "selection", edge_source: str = "mask", lambda_edge: float = 0.1,
                  lambda_reg: float = 0.4, msm_start_iter: int = 0, policy: str = "msm",
                  mask_normalizer: str = "instances", detach_msm_input: bool = True,
-                 edge_threshold: float = 0.1, quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10)) -> None:
+                 edge_threshold: float = 0.1, quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10),
+                 size_reference: str | float = "image") -> None:
         super().__init__()
         if num_classes != head.num_classes:
             raise ValueError(f"num_classes={num_classes} but the head has {head.num_classes}")
         if mask_normalizer not in _NORMALIZERS:
             raise ValueError(f"mask_normalizer must be one of {_NORMALIZERS}, got '{mask_normalizer}'")
+        if budget_unit not in _BUDGET_UNITS or budget_on not in _BUDGET_ON:
+            raise ValueError(f"budget_unit must be one of {_BUDGET_UNITS} and budget_on one of {_BUDGET_ON}, "
+                             f"got '{budget_unit}', '{budget_on}'")
+        if budget_target <= 0:
+            raise ValueError(f"budget_target must be > 0, got {budget_target}")
+        if edge_source not in ("mask", "head") or (edge_source == "head") != (head.edge_predictors is not None):
+            raise ValueError(f"edge_source='{edge_source}' needs a head with edge predictors exactly when it is 'head'")
+        if size_reference != "image" and not (isinstance(size_reference, (int, float)) and size_reference > 0):
+            raise ValueError(f"size_reference must be 'image' or a side > 0, got {size_reference!r}")
         self.head, self.msm, self.num_classes = head, msm, num_classes
         self.pooler = pooler
         self.edges = LaplacianEdges(threshold=edge_threshold)
         # Loss parameters
         self.gumbel_tau, self.budget_target = gumbel_tau, budget_target
+        self.budget_unit, self.budget_on, self.edge_source = budget_unit, budget_on, edge_source
         self.lambda_edge, self.lambda_reg = lambda_edge, lambda_reg
         self.msm_start_iter, self.mask_normalizer = msm_start_iter, mask_normalizer
         self.detach_msm_input = detach_msm_input
@@ -119,7 +143,7 @@ class DynaMaskBranch(nn.Module):
         if len(quota) != head.num_resolutions or min(quota) < 0 or abs(sum(quota) - 1) > 1e-6:
             raise ValueError(f"quota needs {head.num_resolutions} non-negative fractions summing to 1, got {quota}")
         self._check_policy(policy)
-        self.policy, self.quota = policy, tuple(quota)
+        self.policy, self.quota, self.size_reference = policy, tuple(quota), size_reference
         # Per-instance cost of exiting at 14/28/56/112 (GMAC), measured on this head; Eq. 5's C.
         macs = mask_head_macs(head, channels=head.in_channels, num_classes=num_classes)
         self.register_buffer("resolution_macs", torch.tensor([macs[s] for s in head.sides]), persistent=False)
@@ -129,6 +153,12 @@ class DynaMaskBranch(nn.Module):
     def gmac_per_resolution(self) -> dict[int, float]:
         """Mask-head GMAC per instance exiting at each side (the MSM's cost not included)."""
         return {side: float(c) for side, c in zip(self.head.sides, self.resolution_macs.tolist())}
+
+    def budget_costs(self) -> Tensor:
+        """C^k of Eq. 5 in the unit of ``budget_target``: (K,) GMAC, or fractions of the 112 cost."""
+        if self.budget_unit == "fraction":
+            return self.resolution_macs / self.resolution_macs[-1]
+        return self.resolution_macs
 
     def overhead_gmac(self) -> float:
         """GMAC every instance pays whatever its resolution: the MSM."""
@@ -173,6 +203,10 @@ class DynaMaskBranch(nn.Module):
 
         roi_feats = self.roi_features(features, rois)
         mask_logits, edge_logits = self.head.forward_all(roi_feats, features, rois, labels)
+        if self.edge_source == "mask":
+            edge_preds = [predicted_mask_edges(m) for m in mask_logits]
+        else:
+            edge_preds = edge_logits
         mask_targets = [roi_mask_targets(gt_masks, rois, gt_index, side) for side in self.head.sides]
         edge_targets = [self.edges(target) for target in mask_targets]
         normalizer = float(num_rois) if self.mask_normalizer == "instances" else 1.0
@@ -181,13 +215,15 @@ class DynaMaskBranch(nn.Module):
             msm_logits = self.msm(roi_feats.detach() if self.detach_msm_input else roi_feats)   # (P, K)
             selection = gumbel_softmax_select(msm_logits, tau=self.gumbel_tau, hard=True)
             probs = msm_logits.float().softmax(dim=1)
-            l_budget = budget_loss(probs, self.resolution_macs, self.budget_target)
+            weights = selection if self.budget_on == "selection" else probs
+            l_budget = budget_loss(weights, self.budget_costs(), self.budget_target)
             l_entropy = entropy_loss(probs)
         else:
             selection = roi_feats.new_ones((num_rois, self.head.num_resolutions))
             l_budget = l_entropy = roi_feats.new_zeros((), dtype=torch.float32)
         l_mask = selected_mask_loss(mask_logits, mask_targets, selection, normalizer=normalizer)
-        l_edge = selected_edge_loss(edge_logits, edge_targets, selection, normalizer=normalizer)
+        l_edge = selected_edge_loss(edge_preds, edge_targets, selection, normalizer=normalizer,
+                                    from_logits=self.edge_source == "head")
         return {"loss_mask": l_mask, "loss_edge": self.lambda_edge * l_edge,
                 "loss_budget": self.lambda_reg * l_budget, "loss_entropy": self.lambda_reg * l_entropy}
 
@@ -202,13 +238,20 @@ class DynaMaskBranch(nn.Module):
             self.msm(roi_feats)                                  # its cost is paid; its choice is replaced
             return quota_resolution(rois, self.quota)
         if self.policy == "size":
-            sizes = torch.tensor([float(h * w) ** 0.5 for h, w in image_sizes], dtype=torch.float64,
+            sides = torch.tensor([float(h * w) ** 0.5 for h, w in image_sizes], dtype=torch.float64,
                                  device=rois.device)
-            canonical = sizes.index_select(0, rois[:, 0].long())
-            return size_based_resolution(rois[:, 1:], canonical_size=canonical,
-                                         num_choices=self.head.num_resolutions)
+            return self.size_rule(rois, sides)
         index = self.head.sides.index(int(self.policy))
         return torch.full((rois.shape[0],), index, dtype=torch.long, device=rois.device)
+
+    def size_rule(self, rois: Tensor, image_sides: Tensor) -> Tensor:
+        """Eq. 8 for each RoI with √(w0·h0) from ``size_reference``: rois (N, 5); image_sides (B,)
+        √(h·w) of each input image (used when the reference is "image") → (N,) int64 in 0..K-1."""
+        if self.size_reference == "image":
+            canonical = image_sides.to(torch.float64).index_select(0, rois[:, 0].long())
+        else:
+            canonical = float(self.size_reference)
+        return size_based_resolution(rois[:, 1:], canonical_size=canonical, num_choices=self.head.num_resolutions)
 
     def predict(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
                 image_sizes: list[tuple[int, int]]) -> MaskBranchOutput:

@@ -1,9 +1,10 @@
 """Measured per-instance cost of DynaMask's mask head at each exit resolution, and of the MSM.
 
 Counts come from ``torch.utils.flop_counter.FlopCounterMode`` on one dummy RoI, so they follow the
-head we actually built (widths, FAM form, predictors) instead of the paper's Table 7
-(0.23 / 0.62 / 1.01 / 1.40 GFLOPs, which match the official config's hard-coded vector, not its
-released head). Units: GMAC (multiply-accumulates · 1e-9; FlopCounterMode counts 2 FLOPs per MAC).
+head we actually built (widths, FAM form, predictors). With the default widths at C = 256 they are
+0.231 / 0.607 / 1.020 / 1.393 GMAC, within 2.1 % of the paper's Table 7 (0.23 / 0.62 / 1.01 / 1.40 G,
+the paper's "FLOPs" being multiply-accumulates). Units: GMAC (multiply-accumulates · 1e-9;
+FlopCounterMode counts 2 FLOPs per MAC).
 
 What is counted: convolutions, deformable convolutions (formula registered below; FlopCounterMode
 silently skips ``torchvision::deform_conv2d`` otherwise), matmuls (the label-picked 1×1 predictors,

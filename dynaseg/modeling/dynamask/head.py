@@ -104,15 +104,19 @@ class DynaMaskHead(nn.Module):
     Either way L_large is a real 112×112 feature map (w_3 channels) and its logits come from a 1×1
     conv on it, not from an upsampled 56×56 logit map.
 
-    Predictors are 1×1 convs on every L (mask and edge, separate). ``class_specific=True`` gives C
+    Predictors are 1×1 convs on every L: mask logits, and with ``edge_head=True`` separate edge
+    logits (the official code's "detail" head; by default the edges of Eq. 4 are taken from each
+    predicted mask instead, ``losses.predicted_mask_edges``). ``class_specific=True`` gives C
     channels on 14/28/56 and one class-agnostic channel on 112 (the official code's
     ``stage_num_classes=[80, 80, 80, 1]``); ``False`` makes all of them class-agnostic.
 
     Args:
         in_channels: C, the width of the 14×14 RoI features and of the FPN levels.
         num_classes: number of foreground classes (label ids 0..C-1).
-        stage_channels: widths w_0..w_3 of L at 14/28/56/112 (halving as the side doubles keeps the
-            cost of each stage about equal).
+        stage_channels: widths w_0..w_3 of L at 14/28/56/112. Halving as the side doubles keeps the
+            w²-terms of each stage equal, but the offset convs (18 outputs) and the lateral (C inputs)
+            grow with the side; the default (256, 136, 64, 24) makes every stage cost ≈ 0.39 GMAC at
+            C = 256, as Table 7 implies (see ``cost.py``).
         num_instance_convs: 3×3 conv + ReLU layers from the RoI feature to L_tiny.
         class_specific: see above.
         stage_levels: FPN level cropped by each stage, stride 2^l taken from the name "p<l>".
@@ -120,13 +124,14 @@ class DynaMaskHead(nn.Module):
         fuse_after_upsample: see above.
         crop_sampling_ratio: RoIAlign samples per bin for the P_i crops (0 = adaptive).
         deform_groups, norm: passed to each FAM; ``norm`` also follows each instance conv.
+        edge_head: build the separate edge predictors (see above).
     """
 
     def __init__(self, *, in_channels: int = 256, num_classes: int,
-                 stage_channels: tuple[int, ...] = (256, 128, 64, 32), num_instance_convs: int = 2,
+                 stage_channels: tuple[int, ...] = (256, 136, 64, 24), num_instance_convs: int = 2,
                  class_specific: bool = True, stage_levels: tuple[str, ...] = ("p4", "p3", "p2"),
                  roi_size: int = 14, fuse_after_upsample: bool = True, crop_sampling_ratio: int = 0,
-                 deform_groups: int = 1, norm: str = "none") -> None:
+                 deform_groups: int = 1, norm: str = "none", edge_head: bool = False) -> None:
         super().__init__()
         if len(stage_channels) != len(stage_levels) + 1:
             raise ValueError(f"{len(stage_channels)} widths need {len(stage_channels) - 1} stage levels, "
@@ -153,7 +158,8 @@ class DynaMaskHead(nn.Module):
         last = len(stage_channels) - 1
         outputs = [num_classes if class_specific and k < last else 1 for k in range(len(stage_channels))]
         self.mask_predictors = nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
-        self.edge_predictors = nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
+        self.edge_predictors = (nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
+                                if edge_head else None)
 
     @property
     def num_resolutions(self) -> int:
@@ -207,23 +213,26 @@ class DynaMaskHead(nn.Module):
         """Mask logits at resolution k: L (N, w_k, r_k, r_k), labels (N,) → (N, r_k, r_k)."""
         return self.mask_predictors[k](region, labels)
 
-    def predict_at(self, k: int, region: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mask and edge logits at resolution k: each (N, r_k, r_k)."""
-        return self.mask_predictors[k](region, labels), self.edge_predictors[k](region, labels)
+    def edge_logits_at(self, k: int, region: Tensor, labels: Tensor) -> Tensor:
+        """Edge logits of the separate edge head at resolution k (``edge_head=True``): (N, r_k, r_k)."""
+        if self.edge_predictors is None:
+            raise RuntimeError("this head has no edge predictors (edge_head=False)")
+        return self.edge_predictors[k](region, labels)
 
     def forward_all(self, roi_feats: Tensor, features: dict[str, Tensor], rois: Tensor,
                     labels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Every stage for every RoI (training: Eq. 3/4 need all K predictions).
 
         roi_feats: (N, C, 14, 14); features: FPN maps; rois: (N, 5); labels: (N,) int64
-        → (mask logits, edge logits), each a list of K tensors (N, r_k, r_k), r_k = 14/28/56/112.
+        → (mask logits, edge logits), each a list of K tensors (N, r_k, r_k), r_k = 14/28/56/112;
+        the edge list is empty without the edge head.
         """
         region = self.tiny(roi_feats)
         masks, edges = [], []
         for k in range(self.num_resolutions):
-            mask, edge = self.predict_at(k, region, labels)
-            masks.append(mask)
-            edges.append(edge)
+            masks.append(self.mask_logits_at(k, region, labels))
+            if self.edge_predictors is not None:
+                edges.append(self.edge_logits_at(k, region, labels))
             if k < self.num_resolutions - 1:
                 region = self.stage(k, region, features, rois)
         return masks, edges

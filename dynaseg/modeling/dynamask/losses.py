@@ -13,6 +13,7 @@ from torch.nn import functional as F
 __all__ = [
     "LaplacianEdges",
     "mask_edge_targets",
+    "predicted_mask_edges",
     "selected_mask_loss",
     "selected_edge_loss",
     "budget_loss",
@@ -72,6 +73,21 @@ class LaplacianEdges(nn.Module):
         return (self.soft_edges(masks) > self.threshold).to(masks.dtype)
 
 
+def predicted_mask_edges(mask_logits: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """ê of Eq. 4 from a predicted mask (Fig. 5: "the predicted object edges using the masks of
+    different resolutions"): the ground-truth edge operator applied to σ(m̂).
+
+    ê = clamp(max(Laplacian(σ(m̂)), 0), eps, 1 − eps). On a binary mask the clamped response equals
+    ``mask_edge_targets`` exactly (the Laplacian of a {0, 1} map is an integer, so "> 0.1" and
+    "clamp to [0, 1]" agree), so a perfect mask has the ground-truth edges; eps keeps the BCE finite
+    where a predicted boundary is missing (ê = 0 against e = 1 costs −log eps ≈ 9.2 per pixel).
+
+    mask_logits: (N, r, r) → (N, r, r) float32 in [eps, 1 − eps].
+    """
+    probs = mask_logits.float().sigmoid()
+    return _soft_edges(probs, _laplacian_kernel(probs.device)).clamp(eps, 1.0 - eps)
+
+
 def _selected_bce(preds_per_stage: list[Tensor], targets_per_stage: list[Tensor], selection: Tensor,
                   normalizer: float | Tensor, from_logits: bool) -> Tensor:
     """Σ_i Σ_k y_i^k · ℓ(pred_i^k, target_i^k) / normalizer, ℓ = BCE averaged over the r_k × r_k grid."""
@@ -122,22 +138,25 @@ def selected_edge_loss(edge_preds_per_stage: list[Tensor], edge_targets_per_stag
     return _selected_bce(edge_preds_per_stage, edge_targets_per_stage, selection, normalizer, from_logits)
 
 
-def budget_loss(probs: Tensor, costs: Tensor, target_cost: float) -> Tensor:
-    """Eq. 5: L_budget = max(E(C) / C_t − 1, 0).
+def budget_loss(selection: Tensor, costs: Tensor, target_cost: float) -> Tensor:
+    """Eq. 5: L_budget = max(E(C) / C_t − 1, 0), E(C) = (1/N) Σ_i Σ_k y_i^k C^k.
 
-    E(C) = (1/N) Σ_i Σ_k p_i^k C^k / max_k C^k: the expected cost of the selected resolution, over the
-    MSM distribution and the batch, relative to the largest resolution's cost, so that C_t is a
-    fraction of the all-112×112 cost (Table 5: C_t ∈ {0.4, …, 1.0}; e.g. C_t = 0.6 → 0.83 G = 0.59 of
-    1.40 G). ``probs`` may also be the straight-through selection Y (the official code's choice).
+    Paper: "let C denote the computational cost (e.g., FLOPs) corresponding to the selected mask
+    resolution … the expectation of FLOPs computed on current batch data". ``selection`` is the
+    straight-through Gumbel sample Y (one-hot forward, soft gradient), so E(C) is the batch mean of
+    the selected resolutions' costs; passing the softmax probabilities P instead gives the expected
+    cost under the MSM distribution (the smoother variant). ``costs`` and C_t share one unit: GMAC
+    per instance (the paper's G, Table 5: C_t = 1.0 with 1.40 for the 112 path) or fractions of the
+    112 cost.
 
-    probs: (N, K); costs: (K,) per-resolution cost in any unit (e.g. GFLOPs 0.23/0.62/1.01/1.40)
-    → scalar float32; 0 when N = 0.
+    selection: (N, K); costs: (K,) → scalar float32; 0 when N = 0.
     """
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
-    costs = costs.to(device=probs.device, dtype=torch.float32)
-    relative = costs / costs.max()
-    expected = (probs.float() * relative).sum(dim=1).mean()
+    if target_cost <= 0:
+        raise ValueError(f"target_cost must be > 0, got {target_cost}")
+    if selection.shape[0] == 0:
+        return selection.sum() * 0.0
+    costs = costs.to(device=selection.device, dtype=torch.float32)
+    expected = (selection.float() * costs).sum(dim=1).mean()
     return torch.clamp(expected / target_cost - 1.0, min=0.0)
 
 
