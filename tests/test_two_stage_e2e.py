@@ -133,3 +133,32 @@ def test_dynamask_resume_is_exact_across_the_phase_switch(synth_dir, tmp_path):
     a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
     assert a.keys() == b.keys() and int(b["mask_branch.num_updates"]) == 20
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed DynaMask weights differ"
+
+
+def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
+    from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
+    from test_cli import dynaseg
+
+    # checkpoint_period 15 does not land on msm_start_iter = 10: the first row must add that checkpoint
+    cfg = load_config("dynamask_tiny", data_overrides(synth_dir) + [f"output_dir={tmp_path}",
+                                                                    "solver.checkpoint_period=15"])
+    table = run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path)
+    first, second = tmp_path / "ct1_l0.4", tmp_path / "ct0.4_l0.5"
+    assert (first / "model_0000010.pt").is_file() and (second / "model_0000010.pt").is_file()
+    history = [json.loads(line)["iter"] for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert min(history) > 10                                  # the second row trained phase 2 only
+    saved = load_config(str(second / "config.yaml"))
+    assert saved.model.dynamask.budget_target == pytest.approx(0.4 / 1.40)      # fraction unit: C_t / 1.40
+    assert saved.model.dynamask.lambda_reg == 0.5
+    assert [(r["C_t"], r["lambda2"]) for r in table] == [(1.0, 0.4), (0.4, 0.5)]
+    for row in table:
+        stats = json.loads((Path(row["output_dir"]) / "mask_resolutions.json").read_text())
+        assert sum(row["mix"].values()) == pytest.approx(1.0) and row["detections"] == stats["num_instances"]
+        assert -1 < row["delta_vs_112"] <= 1e-9 and 0 <= row["mask_AP_at_112"] <= 100
+    assert json.loads((tmp_path / "table5.json").read_text())["rows"] == table
+    assert "0.64 / -54% / 36.8" not in format_budget_table(table) and "1.13 / -19% / 37.6" in format_budget_table(table)
+    stamp = (second / "metrics.json").stat().st_mtime_ns
+    assert run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path) == table    # finished rows are read
+    assert (second / "metrics.json").stat().st_mtime_ns == stamp
+    bad = dynaseg("bench", "budget", "--config", "dynamask_tiny", "--rows", "0.4", check=False)
+    assert bad.returncode == 2 and "dynaseg: error:" in bad.stderr and "C_t:lambda2" in bad.stderr

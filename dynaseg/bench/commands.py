@@ -1,4 +1,4 @@
-"""``dynaseg bench ...``: the benchmark subcommands (speed, FLOPs, mask head, training, FCOS peer).
+"""``dynaseg bench ...``: the benchmark subcommands (speed, FLOPs, mask head, training, FCOS peer, budget).
 
 Thin wrappers over ``dynaseg.bench``; registered on the main parser by :func:`add_bench_parser`.
 """
@@ -155,6 +155,25 @@ def _cmd_bench_fcos_peer(args: argparse.Namespace) -> int:
     return _run_training(cfg, resume=args.resume, model=build_torchvision_fcos(cfg.model))
 
 
+def _cmd_bench_budget(args: argparse.Namespace) -> int:
+    """``bench budget``: DynaMask's Table 5 (one model per C_t, λ2 row, phase 1 shared) under output_dir."""
+    from pathlib import Path
+
+    from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
+    from dynaseg.config.presets import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind != "dynamask":
+        raise UserError(f"bench budget trains DynaMask rows; '{args.config}' is {cfg.model.kind}")
+    try:
+        rows = parse_rows(args.rows)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    table = run_budget_sweep(cfg, rows, Path(cfg.output_dir))
+    print(json.dumps(table) if args.json else format_budget_table(table))
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its subcommands to the top-level subparsers."""
     p = sub.add_parser("bench", help="benchmarks")
@@ -217,3 +236,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_config(b)
     b.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     b.set_defaults(func=_cmd_bench_fcos_peer)
+    b = bench_sub.add_parser("budget", help="DynaMask's budget sweep (paper Table 5): one model per C_t:lambda2 "
+                             "row from a shared phase 1, each evaluated with the MSM and at 112x112")
+    _add_config(b)
+    b.add_argument("--rows", default="1.0:0.4,0.8:0.4,0.6:0.4,0.4:0.4,1.0:0.3,1.0:0.5",
+                   help="C_t:lambda2 pairs in the paper's unit (G per instance), the first trains phase 1 "
+                        "(default: Table 5's six rows)")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON (also in output_dir/table5.json)")
+    b.set_defaults(func=_cmd_bench_budget)

@@ -143,7 +143,9 @@ def evaluate_model(cfg: ExperimentConfig, model: nn.Module, device: torch.device
     if any("mask_resolution" in r for r in gathered):
         costs = model.mask_gmac_per_resolution() if hasattr(model, "mask_gmac_per_resolution") else None
         names = dict(zip(category_map.category_ids, category_map.names))
-        metrics["mask_resolution"] = resolution_statistics(gathered, names, costs)
+        groups = dict(zip(category_map.category_ids, category_map.supercategories))
+        metrics["mask_resolution"] = resolution_statistics(gathered, names, costs,
+                                                           category_groups=groups if any(groups.values()) else None)
         logger.info("mask resolutions chosen:\n%s", format_resolution_table(metrics["mask_resolution"]))
         if output_dir is not None:
             text = json.dumps(metrics["mask_resolution"], indent=2)

@@ -58,13 +58,16 @@ class CategoryMap:
     Contiguous ids follow the order of ascending COCO category id.
     """
 
-    def __init__(self, category_ids: Sequence[int], names: Sequence[str]) -> None:
+    def __init__(self, category_ids: Sequence[int], names: Sequence[str],
+                 supercategories: Sequence[str] | None = None) -> None:
         if len(category_ids) != len(names):
             raise ValueError(f"CategoryMap: {len(category_ids)} ids but {len(names)} names")
         if len(set(category_ids)) != len(category_ids):
             raise ValueError(f"CategoryMap: duplicate category ids in {list(category_ids)}")
         self.category_ids: list[int] = [int(c) for c in category_ids]
         self.names: list[str] = [str(n) for n in names]
+        # COCO's optional "supercategory" of each class ("" where the file has none)
+        self.supercategories: list[str] = [str(s) for s in supercategories] if supercategories else [""] * len(names)
         self._to_contig = {c: i for i, c in enumerate(self.category_ids)}
 
     @classmethod
@@ -78,7 +81,8 @@ class CategoryMap:
         if not isinstance(cats, list) or not cats:
             raise EvaluationError(f"{name}: no 'categories' list")
         cats = sorted(cats, key=lambda c: int(c["id"]))
-        return cls([c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats])
+        return cls([c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats],
+                   [c.get("supercategory") or "" for c in cats])
 
     def __len__(self) -> int:
         return len(self.category_ids)

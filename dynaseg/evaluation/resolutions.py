@@ -19,7 +19,8 @@ def size_bucket(bbox_xywh: Sequence[float]) -> str:
 
 def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: Mapping[int, str],
                           gmac_per_resolution: Mapping[int, float] | None = None,
-                          *, score_threshold: float = 0.0) -> dict[str, Any]:
+                          *, score_threshold: float = 0.0,
+                          category_groups: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Distribution of ``mask_resolution`` over COCO results.
 
     Args:
@@ -27,6 +28,9 @@ def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: 
         category_names: COCO category id → name.
         gmac_per_resolution: mask-head GMACs per instance for each side; gives the mean cost spent.
         score_threshold: count only detections scoring at least this.
+        category_groups: COCO category id → group (e.g. the supercategory, "easy" / "hard" in the
+            synthetic set); adds ``"per_group_size"``: {group: {size: {"count", "mean_side", side: fraction}}},
+            the paper's Fig. 8 question (at equal size, do harder shapes get larger masks?).
     Returns:
         ``{"num_instances", "overall": {side: fraction}, "per_class": {name: {side: fraction}},
         "per_size": {small|medium|large: {side: fraction}}, "mean_gmac_per_instance"}`` (sides as
@@ -48,21 +52,39 @@ def resolution_statistics(results: Sequence[Mapping[str, Any]], category_names: 
     mean_cost = None
     if gmac_per_resolution and kept:
         mean_cost = sum(gmac_per_resolution[s] * n for s, n in overall.items()) / len(kept)
-    return {"num_instances": len(kept), "overall": fractions(overall),
-            "per_class": {name: fractions(c) for name, c in sorted(per_class.items())},
-            "per_size": {name: fractions(c) for name, c in per_size.items()},
-            "mean_gmac_per_instance": mean_cost}
+    stats = {"num_instances": len(kept), "overall": fractions(overall),
+             "per_class": {name: fractions(c) for name, c in sorted(per_class.items())},
+             "per_size": {name: fractions(c) for name, c in per_size.items()},
+             "mean_gmac_per_instance": mean_cost}
+    if category_groups:
+        cells: dict[str, dict[str, Counter]] = defaultdict(lambda: {name: Counter() for name in SIZE_BUCKETS})
+        for r in kept:
+            group = category_groups.get(r["category_id"]) or "?"
+            cells[group][size_bucket(r["bbox"])][int(r["mask_resolution"])] += 1
+        stats["per_group_size"] = {
+            group: {size: {"count": sum(c.values()),
+                           "mean_side": (sum(s * n for s, n in c.items()) / sum(c.values())) if c else None,
+                           **fractions(c)}
+                    for size, c in by_size.items()}
+            for group, by_size in sorted(cells.items())}
+    return stats
 
 
 def format_resolution_table(stats: Mapping[str, Any]) -> str:
     """Plain-text table: one row overall, one per class, columns = mask sides (percent)."""
     sides = list(stats["overall"])
-    width = max([len("overall"), len("[medium]"), *map(len, stats["per_class"])]) + 2
+    groups = [f"[{g}/medium]" for g in stats.get("per_group_size", {})]
+    width = max([len("overall"), len("[medium]"), *map(len, stats["per_class"]), *map(len, groups)]) + 2
     lines = ["mask resolution".ljust(width) + "".join(f"{s + '²':>8}" for s in sides)]
     rows = [("overall", stats["overall"]), *stats["per_class"].items(),
             *((f"[{name}]", fr) for name, fr in stats.get("per_size", {}).items())]
     for name, fr in rows:
         lines.append(name.ljust(width) + "".join(f"{100 * fr[s]:7.1f}%" for s in sides))
+    for group, by_size in stats.get("per_group_size", {}).items():
+        for size, cell in by_size.items():
+            if cell["count"]:
+                lines.append(f"[{group}/{size}]".ljust(width) + "".join(f"{100 * cell[s]:7.1f}%" for s in sides)
+                             + f"   mean side {cell['mean_side']:.1f} (n={cell['count']})")
     if stats.get("mean_gmac_per_instance") is not None:
         lines.append(f"mean mask-head cost: {stats['mean_gmac_per_instance']:.3f} GMAC per instance "
                      f"({stats['num_instances']} instances)")
