@@ -398,3 +398,23 @@ def test_dr1basis_recursion_is_eq6_from_the_coarsest_level_down():
         out_conv = basis.output[0]
         expected = torch.relu(F.conv2d(up(f3, 24), out_conv.weight, out_conv.bias, padding=1))
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+# Loss locks: update deliberately (print shows the new values) when the model's maths changes.
+EXPECTED_LOSSES = {
+    "dr1mask_tiny": {'loss_fcos_cls': 1.1142, 'loss_fcos_loc': 1.0001, 'loss_fcos_ctr': 0.7001,
+                     'loss_mask': 0.7086, 'loss_basis_sem': 0.7011},
+    "dr1mask_panoptic_tiny": {'loss_fcos_cls': 1.1191, 'loss_fcos_loc': 0.9996, 'loss_fcos_ctr': 0.6976,
+                              'loss_mask': 0.6501, 'loss_panoptic': 1.3685},
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_LOSSES))
+def test_loss_lock(name):
+    model, _ = tiny(name)
+    model.train()
+    batch = make_batch(panoptic="panoptic" in name)
+    losses = {k: round(v.item(), 4) for k, v in model(batch).items()}
+    expected = EXPECTED_LOSSES[name]
+    same = losses.keys() == expected.keys() and all(abs(losses[k] - expected[k]) < 2e-3 for k in losses)
+    assert same, f"Losses have changed! New losses: {losses}"

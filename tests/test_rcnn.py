@@ -1,4 +1,5 @@
 """Two-stage detector: FPN P2-P6, multilevel pooler, RPN anchors, RoI sampling, box/mask heads, whole model."""
+import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
@@ -181,4 +182,33 @@ def test_loss_lock():
     losses = {k: round(v.item(), 4) for k, v in model(make_batch()).items()}
     same = losses.keys() == EXPECTED_LOSSES.keys() and all(
         abs(losses[k] - EXPECTED_LOSSES[k]) < 2e-3 for k in losses)
+    assert same, f"Losses have changed! New losses: {losses}"
+
+
+# DynaMask's loss lock, phase 1 (all resolutions, no MSM) and phase 2 (MSM, Gumbel draw seeded, a binding
+# budget of 10 % of the 112 cost).
+EXPECTED_DYNAMASK = {
+    1: {'loss_rpn_cls': 0.6918, 'loss_rpn_loc': 0.0031, 'loss_cls': 2.0254, 'loss_box_reg': 0.109,
+        'loss_mask': 2.7758, 'loss_edge': 0.2431, 'loss_budget': 0.0, 'loss_entropy': 0.0},
+    2: {'loss_rpn_cls': 0.6918, 'loss_rpn_loc': 0.0031, 'loss_cls': 2.0254, 'loss_box_reg': 0.109,
+        'loss_mask': 0.6951, 'loss_edge': 0.1057, 'loss_budget': 0.0531, 'loss_entropy': -0.1386},
+}
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_dynamask_loss_lock(phase):
+    from dynaseg.config.presets import load_config
+    from dynaseg.modeling.build import build_model
+
+    cfg = load_config("dynamask_tiny", [f"model.num_classes={NUM_CLASSES}", "model.dynamask.budget_target=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.train()
+    if phase == 2:
+        model.mask_branch.num_updates.fill_(cfg.model.dynamask.msm_start_iter)
+    batch = make_batch()
+    torch.manual_seed(2)
+    losses = {k: round(v.item(), 4) for k, v in model(batch).items()}
+    expected = EXPECTED_DYNAMASK[phase]
+    same = losses.keys() == expected.keys() and all(abs(losses[k] - expected[k]) < 2e-3 for k in losses)
     assert same, f"Losses have changed! New losses: {losses}"
