@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dynaseg.errors import USER_ERRORS, UserError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -20,10 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 logger = logging.getLogger("dynaseg")
-
-
-class UserError(Exception):
-    """Raised for problems the user can fix; printed as one line."""
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -39,7 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _run_training(cfg: ExperimentConfig, *, resume: bool, model: nn.Module | None = None) -> int:
     """Train (``model`` replaces the one ``cfg`` describes), then print the metrics and the run folder."""
-    from dynaseg.engine.distributed import cleanup, is_main_process
+    from dynaseg.engine.distributed import cleanup
+    from dynaseg.utils.comm import is_main_process
     from dynaseg.engine.trainer import train
     from dynaseg.evaluation.coco import format_metrics_table
 
@@ -412,10 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from dynaseg.errors import USER_ERRORS
     try:
         return args.func(args)
-    except (UserError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"dynaseg: error: {e}", file=sys.stderr)
         return 2
 

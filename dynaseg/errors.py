@@ -1,15 +1,15 @@
-"""The exception types that mean "the user's input is wrong": the CLI prints them as one line."""
+"""The base of every "the user's input is wrong" error: the CLI prints these as one line (exit 2).
+
+This module imports nothing from dynaseg, so every floor can subclass ``UserError``.
+"""
 from __future__ import annotations
 
-from dynaseg.config.overrides import ConfigError
-from dynaseg.data.coco import DatasetError
-from dynaseg.data.image_io import ImageReadError
-from dynaseg.engine.checkpoint import CheckpointError
-from dynaseg.engine.distributed import PeerRankFailed
-from dynaseg.evaluation.coco import EvaluationError
+__all__ = ["UserError", "USER_ERRORS"]
 
-__all__ = ["USER_ERRORS"]
+
+class UserError(Exception):
+    """A problem the user can fix (a bad file, flag or value); the message names the file and the problem."""
+
 
 # FloatingPointError: the trainer's non-finite loss / gradient stop (names the term and iteration).
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, ImageReadError, CheckpointError,
-                                            EvaluationError, FileNotFoundError, FloatingPointError, PeerRankFailed)
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError, FloatingPointError)

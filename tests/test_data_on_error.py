@@ -3,6 +3,7 @@ skipped ("skip"), in the datasets, across DataLoader workers and in a tiny train
 from __future__ import annotations
 
 import logging
+import warnings
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,22 @@ def test_training_skips_corrupt_image_and_reports_it_once(synth: Path, tmp_path:
     messages = _warnings_about(caplog, path)
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"{path}: cannot read image (corrupt PNG")
+
+
+def test_image_io_leaves_the_warning_filters_alone(tmp_path: Path):
+    """Importing the reader must not change the process's warning filters; reading a JPEG through
+    torchvision's decoder must not warn about torchvision's decoder deprecation either."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, torchvision.io; before = list(warnings.filters); "
+            "import dynaseg.data.image_io; assert warnings.filters == before, 'filters changed'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    from dynaseg.data.image_io import read_image
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(path).shape == (3, 8, 8)
+    assert not [w for w in caught if "TorchVision are deprecated" in str(w.message)]

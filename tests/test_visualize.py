@@ -1,4 +1,4 @@
-"""Tests for dynaseg.inference.visualize (overlays and loss curves)."""
+"""Tests for dynaseg.inference.visualize (overlays) and dynaseg.engine.loss_curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dynaseg.inference.visualize import (
-    draw_instances,
-    instance_colors,
-    plot_loss_curves,
-    save_overlay,
-)
+from dynaseg.engine.loss_curve import plot_loss_curves
+from dynaseg.inference.visualize import draw_instances, instance_colors, save_overlay
 from dynaseg.structures.instances import Instances
 
 H, W = 96, 128

@@ -8,7 +8,8 @@ import argparse
 import json
 import sys
 
-from dynaseg.cli import UserError, _add_config, _run_training
+from dynaseg.cli import _add_config, _run_training
+from dynaseg.errors import UserError
 
 __all__ = ["add_bench_parser"]
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dynaseg.engine.checkpoint import atomic_write
+from dynaseg.utils.files import atomic_write
 
 __all__ = ["parse_ap_values", "plot_ap_vs_latency", "write_speed_report"]
 

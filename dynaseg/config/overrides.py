@@ -9,10 +9,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dynaseg.errors import UserError
+
 __all__ = ["ConfigError", "apply_overrides", "with_overrides", "from_dict", "to_dict", "field_paths"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad key or value; its message is one line meant for the user."""
 
 

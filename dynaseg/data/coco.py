@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynaseg.errors import UserError
+
 __all__ = [
     "DatasetError", "AnnotationRecord", "ImageRecord", "CocoInstances", "load_coco_instances",
     "STAT_REASONS", "MAX_IMAGE_PIXELS", "rle_string_counts", "unwrap_worker_message",
@@ -64,7 +66,7 @@ def unwrap_worker_message(type_name: str, message: str) -> tuple[str, str] | Non
     return None
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing, malformed or inconsistent; the message names the file.
 
     Raised in a DataLoader worker, it reaches the main process with its one-line message intact

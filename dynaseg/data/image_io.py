@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dynaseg.data.coco import unwrap_worker_message
+from dynaseg.errors import UserError
 
 try:  # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; Pillow covers removal
     from torchvision.io import ImageReadMode, decode_image
@@ -30,10 +31,9 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
 __all__ = ["ImageReadError", "read_image"]
 
 # decode_image warns (twice) on every call since torchvision 0.29; the warning is about the future
-# API, not about the image, so silence exactly that message.
-warnings.filterwarnings(
-    "ignore", message=r"The image decoding and encoding capabilities of TorchVision are deprecated",
-    category=DeprecationWarning)
+# API, not about the image, so exactly that message is silenced around our own calls (the process's
+# warning filters are left as they are).
+_DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
 
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
@@ -43,7 +43,7 @@ _TRUNCATION_HINTS = ("truncated", "incomplete", "out of bound", "premature end")
 _MESSAGE = re.compile(r"(.*): cannot read image \((.*)\)", re.DOTALL)
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image could not be read; ``str(err)`` is ``"{path}: cannot read image ({reason})"``.
 
     A single-argument call keeps the message as given, so the DataLoader can re-raise the error
@@ -161,7 +161,9 @@ def _decode(path: str, data: bytes) -> Tensor:
 
 def _decode_torchvision(data: bytes) -> Tensor:
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
+        image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     if image.dim() == 4:  # animated GIF: (T, C, H, W)
         image = image[0]
     if image.dtype == torch.uint16:  # 16-bit PNG: keep the high byte (65535 -> 255, 257*k -> k)

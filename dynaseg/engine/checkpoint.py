@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -17,9 +15,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dynaseg import __version__
+from dynaseg.errors import UserError
 from dynaseg.modeling.backbone.pretrained import read_state_dict
+from dynaseg.utils.files import atomic_write
 
-__all__ = ["atomic_write", "save_weights", "load_weights", "load_model_state", "read_metadata",
+__all__ = ["save_weights", "load_weights", "load_model_state", "read_metadata",
            "save_training_state", "load_training_state", "find_last_checkpoint", "remove_stale_temp_files",
            "CheckpointError", "WEIGHTS_FORMAT", "TRAINING_STATE_FORMAT"]
 
@@ -29,39 +29,10 @@ _STATE_NAME = re.compile(r"model_(\d+)\.pt")
 _REQUIRED_STATE = ("iteration", "model")
 WEIGHTS_FORMAT = 1          # layout of model_final.safetensors; bump on incompatible changes
 TRAINING_STATE_FORMAT = 1   # layout of model_XXXXXXX.pt; files without a number are format 1
-_UMASK = os.umask(0o022)    # read (and restored) once, at import: os.umask can only be read by setting it
-os.umask(_UMASK)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the mismatch."""
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half.
-
-    A process killed mid-write leaves a hidden ``.NAME.*.tmp`` file (see ``remove_stale_temp_files``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable (not possible on every platform)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:

@@ -1,4 +1,6 @@
-"""torch.distributed helpers: process-group setup from torchrun's environment, reductions, failure spreading."""
+"""torch.distributed process groups: setup from torchrun's environment, teardown, failure spreading.
+
+The collectives themselves (reductions, gathers) are in ``dynaseg/utils/comm.py``."""
 from __future__ import annotations
 
 import contextlib
@@ -12,29 +14,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-           "reduce_mean", "reduce_max", "all_gather_objects", "barrier", "cleanup", "spread_failures",
-           "FailureWatch", "PeerRankFailed"]
+from dynaseg.errors import UserError
+from dynaseg.utils.comm import get_rank, get_world_size, is_distributed
+
+__all__ = ["init_distributed", "cleanup", "spread_failures", "FailureWatch", "PeerRankFailed"]
 
 logger = logging.getLogger("dynaseg.distributed")
 _FAILED = "dynaseg/failed"   # store key: "rank R: Type: message" of the first rank that failed
 _ACKS = "dynaseg/failure_acks"
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def init_distributed(device: str) -> torch.device:
@@ -59,44 +46,12 @@ def init_distributed(device: str) -> torch.device:
     return torch.device(device)
 
 
-def reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over all ranks (identity in a single process)."""
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / get_world_size()
-
-
-def reduce_max(value: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of a tensor over all ranks (identity in a single process)."""
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
-
-
-def all_gather_objects(obj):
-    """List of ``obj`` from every rank (a one-element list in a single process)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
 
 
-class PeerRankFailed(RuntimeError):
+class PeerRankFailed(UserError, RuntimeError):
     """This rank stops because another rank raised an error (named in the message)."""
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dynaseg.engine.checkpoint import atomic_write
+from dynaseg.utils.files import atomic_write
 
 __all__ = ["EventWriter", "read_history"]
 

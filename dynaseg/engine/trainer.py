@@ -25,6 +25,7 @@ from dynaseg.engine.evaluate import evaluate_model
 from dynaseg.engine.events import EventWriter, read_history
 from dynaseg.engine.optim import build_lr_scheduler, build_optimizer
 from dynaseg.modeling.build import build_model
+from dynaseg.utils import comm
 
 __all__ = ["train", "TrainingResult"]
 
@@ -63,12 +64,12 @@ def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, chec
     """
     loss_bad = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).any()
     grad_bad = ~torch.isfinite(grad_norm) if check_grads else torch.zeros_like(loss_bad)
-    flags = dist_utils.reduce_max(torch.stack([loss_bad, grad_bad]).float()).tolist()
+    flags = comm.reduce_max(torch.stack([loss_bad, grad_bad]).float()).tolist()
     if not any(flags):
         return ""
     local = [(k, v.detach().float().flatten()[0].item() if v.numel() == 1 else float("nan"))
              for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
-    gathered = dist_utils.all_gather_objects(local)
+    gathered = comm.all_gather_objects(local)
     where = (lambda r: f" on rank {r}") if len(gathered) > 1 else (lambda r: "")
     terms = ", ".join(f"{k}={v}{where(r)}" for r, items in enumerate(gathered) for k, v in items)
     if flags[0]:
@@ -93,8 +94,8 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, model: nn.Module | Non
 
 
 def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: nn.Module | None) -> TrainingResult:
-    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    main = dist_utils.is_main_process()
+    rank, world = comm.get_rank(), comm.get_world_size()
+    main = comm.is_main_process()
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
         scheduler.step()   # also after a skipped step: the schedule follows the iteration number
 
         if not problem and (done % cfg.solver.log_period == 0 or done == cfg.solver.max_iter):
-            reduced = {k: dist_utils.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
+            reduced = {k: comm.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
             if main:
                 scalars = {"loss": sum(reduced.values()), **reduced, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm.item(),
@@ -240,7 +241,7 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
     if main:
         save_weights(model, weights, weights_meta)
         logger.info("training done in %.1f s; weights: %s", time.perf_counter() - start, weights)
-    dist_utils.barrier()
+    comm.barrier()
     metrics = evaluate_model(cfg, _unwrap(model), device, out) if cfg.data.val_json else {}
     if main:
         events.close()
@@ -263,7 +264,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _plot_history(out: Path) -> None:
-    from dynaseg.inference.visualize import plot_loss_curves
+    from dynaseg.engine.loss_curve import plot_loss_curves
     history = [h for h in read_history(out / "metrics.jsonl") if "loss" in h]
     if history:
         plot_loss_curves(history, out / "loss_curve.png")

@@ -28,6 +28,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from dynaseg.errors import UserError
 from dynaseg.structures.instances import Instances
 
 __all__ = [
@@ -47,7 +48,7 @@ _IOU_TYPES = ("bbox", "segm")
 _BACKENDS = ("faster", "pycocotools")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Bad ground truth or results given to :func:`evaluate_coco`."""
 
 

@@ -94,7 +94,7 @@ def write_panoptic_predictions(entries: Iterable[tuple[Mapping[str, Any], np.nda
     """
     from PIL import Image
 
-    from dynaseg.engine.checkpoint import atomic_write
+    from dynaseg.utils.files import atomic_write
 
     json_path, png_dir = Path(json_path), Path(png_dir)
     png_dir.mkdir(parents=True, exist_ok=True)

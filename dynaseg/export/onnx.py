@@ -80,8 +80,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,6 +93,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import nms as tv_nms
 from torchvision.ops import remove_small_boxes
 
+from dynaseg.errors import UserError
 from dynaseg.layers.roi_align import boxes_with_batch_index, roi_align_aligned
 from dynaseg.modeling.blendmask.blender import blend, pool_bases
 from dynaseg.modeling.blendmask.model import BlendMask
@@ -107,6 +106,7 @@ from dynaseg.modeling.rcnn.fcn_mask_head import FCNMaskHead
 from dynaseg.modeling.rcnn.model import TwoStageDetector
 from dynaseg.modeling.rcnn.pooler import assign_levels
 from dynaseg.modeling.rcnn.rpn import RPN
+from dynaseg.utils.files import atomic_write
 
 __all__ = ["export_onnx", "export_model", "export_module", "model_metadata", "ExportError",
            "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "INPUT_NAMES", "METADATA_PREFIX"]
@@ -123,7 +123,7 @@ _TV_BATCHED_NMS_CPU_NUMEL = 4000
 _NOT_IN_CLASS = -1.0   # class score of a box that is not of that class (real scores are >= 0)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A model or option the ONNX export does not support; one line for the user."""
 
 
@@ -547,12 +547,10 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
     module = export_module(model.cpu())
     image, image_size = example if example is not None else _example_input(cfg)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        names = module.output_names
-        dynamic = {"image": {2: "height", 3: "width"}} | module.dynamic_axes
+    names = module.output_names
+    dynamic = {"image": {2: "height", 3: "width"}} | module.dynamic_axes
+
+    def write(tmp: str) -> None:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             torch.onnx.export(module, (image, image_size), tmp, dynamo=False, opset_version=opset,
@@ -565,10 +563,8 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
         proto.doc_string = f"dynaseg {cfg.model.kind}: see dynaseg/export/onnx.py for the inputs and outputs"
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(output, write)
     return output
 
 

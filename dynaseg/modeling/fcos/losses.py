@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from dynaseg.engine.distributed import reduce_mean
+from dynaseg.utils.comm import reduce_mean
 
 __all__ = ["fcos_losses", "fcos_normalizers"]
 

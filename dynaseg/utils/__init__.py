@@ -1,0 +1,1 @@
+"""The ground floor: helpers every other package may use (files, collectives). Imports nothing above it."""
