@@ -38,9 +38,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _run_training(cfg: ExperimentConfig, *, resume: bool, model: nn.Module | None = None) -> int:
     """Train (``model`` replaces the one ``cfg`` describes), then print the metrics and the run folder."""
     from dynaseg.engine.distributed import cleanup
-    from dynaseg.utils.comm import is_main_process
     from dynaseg.engine.trainer import train
     from dynaseg.evaluation.coco import format_metrics_table
+    from dynaseg.utils.comm import is_main_process
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logging.getLogger().addHandler(_file_handler(Path(cfg.output_dir) / "log.txt"))

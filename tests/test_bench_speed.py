@@ -8,8 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from dynaseg.bench.speed import (STAGES, TORCHVISION_STAGE_TARGETS, StageTimer, build_peer, format_speed_table,
-                                 parse_size, peer_inference_fn, run_speed_benchmark, stage_hooks, time_inference)
+from dynaseg.bench.speed import (
+    STAGES,
+    TORCHVISION_STAGE_TARGETS,
+    StageTimer,
+    build_peer,
+    format_speed_table,
+    parse_size,
+    peer_inference_fn,
+    run_speed_benchmark,
+    stage_hooks,
+    time_inference,
+)
 from dynaseg.bench.train_speed import format_train_table, synthetic_batch
 from dynaseg.cli import main
 

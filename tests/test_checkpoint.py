@@ -9,8 +9,16 @@ from safetensors.torch import save_file
 
 import dynaseg
 from dynaseg.config.presets import load_config
-from dynaseg.engine.checkpoint import (CheckpointError, find_last_checkpoint, load_training_state, load_weights,
-                                       read_metadata, remove_stale_temp_files, save_training_state, save_weights)
+from dynaseg.engine.checkpoint import (
+    CheckpointError,
+    find_last_checkpoint,
+    load_training_state,
+    load_weights,
+    read_metadata,
+    remove_stale_temp_files,
+    save_training_state,
+    save_weights,
+)
 from dynaseg.modeling.backbone.pretrained import load_backbone_weights
 from dynaseg.modeling.backbone.resnet import ResNet
 from dynaseg.modeling.build import build_model

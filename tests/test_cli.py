@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import torch
+from conftest import REPO, data_overrides
 from PIL import Image
 
-from conftest import REPO, data_overrides
 from dynaseg import Predictor
 from dynaseg.structures import Instances
 

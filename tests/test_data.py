@@ -17,10 +17,17 @@ from dynaseg.data.collate import BatchCollator
 from dynaseg.data.dataset import InstanceDataset, rasterize_masks
 from dynaseg.data.image_io import ImageReadError, read_image
 from dynaseg.data.samplers import (
-    GroupedBatchSampler, InferenceSampler, TrainingSampler, build_test_loader, build_train_loader,
+    GroupedBatchSampler,
+    InferenceSampler,
+    TrainingSampler,
+    build_test_loader,
+    build_train_loader,
 )
 from dynaseg.data.transforms import (
-    ResizeShortestEdge, build_test_transforms, build_train_transforms, resized_shape,
+    ResizeShortestEdge,
+    build_test_transforms,
+    build_train_transforms,
+    resized_shape,
 )
 
 pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
@@ -350,7 +357,7 @@ def test_dataset_read_error_propagates(coco, tmp_path: Path):
     with pytest.raises(ImageReadError, match="102.png"):
         ds[2]
     it = iter(build_test_loader(ds, batch_size=3, num_workers=1))
-    with pytest.raises(ImageReadError, match=r"102\.png: cannot read image") as err:  # type survives workers
+    with pytest.raises(ImageReadError, match=r"102\.png: cannot read image"):  # type survives workers
         next(it)
     # The re-raised exception's traceback holds the iterator in a reference cycle; finalised by the
     # GC it waits 5 s for its worker, so shut it down explicitly.

@@ -3,8 +3,8 @@ skipped ("skip"), in the datasets, across DataLoader workers and in a tiny train
 from __future__ import annotations
 
 import logging
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np

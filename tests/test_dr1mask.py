@@ -11,8 +11,14 @@ from dynaseg.modeling.blendmask.blender import blend
 from dynaseg.modeling.build import build_model
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor, dynamic_projection
-from dynaseg.modeling.dr1mask.panoptic import (group_duplicate_detections, mean_embeddings_per_instance,
-                                               panoptic_logits, panoptic_loss, panoptic_postprocess, panoptic_targets)
+from dynaseg.modeling.dr1mask.panoptic import (
+    group_duplicate_detections,
+    mean_embeddings_per_instance,
+    panoptic_logits,
+    panoptic_loss,
+    panoptic_postprocess,
+    panoptic_targets,
+)
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
@@ -82,7 +88,7 @@ def test_top_layer_embeddings_at_locations_equal_the_dense_conv():
     image, loc = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 7, 19, 25])
     got = top.embeddings_at(feats, image, loc)
     flat = [torch.cat([d[b].flatten(1) for d in dense], dim=1).T for b in range(2)]
-    assert torch.allclose(got, torch.stack([flat[b][l] for b, l in zip(image.tolist(), loc.tolist())]), atol=1e-6)
+    assert torch.allclose(got, torch.stack([flat[b][i] for b, i in zip(image.tolist(), loc.tolist())]), atol=1e-6)
 
 
 def test_context_position_is_validated():
@@ -382,12 +388,12 @@ def test_dr1basis_recursion_is_eq6_from_the_coarsest_level_down():
     with torch.no_grad():
         out = basis(p, ctx, output_size=(24, 24))
 
-        def conv(l, x):
-            return F.conv2d(x, basis.reduce[l].weight, basis.reduce[l].bias, padding=1)
+        def conv(lv, x):
+            return F.conv2d(x, basis.reduce[lv].weight, basis.reduce[lv].bias, padding=1)
 
-        def dr1(l, x):
-            a, b = ctx[l]
-            return F.conv2d(x * a, basis.merge[l].weight, padding=1) * b
+        def dr1(lv, x):
+            a, b = ctx[lv]
+            return F.conv2d(x * a, basis.merge[lv].weight, padding=1) * b
 
         def up(x, s):
             return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)

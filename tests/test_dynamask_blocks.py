@@ -6,10 +6,21 @@ import torch
 from torch.nn import functional as F
 
 from dynaseg.modeling.dynamask.fam import FeatureAggregationModule
-from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, combine_losses, entropy_loss,
-                                              mask_edge_targets, predicted_mask_edges, selected_edge_loss,
-                                              selected_mask_loss)
-from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
+from dynaseg.modeling.dynamask.losses import (
+    LaplacianEdges,
+    budget_loss,
+    combine_losses,
+    entropy_loss,
+    mask_edge_targets,
+    predicted_mask_edges,
+    selected_edge_loss,
+    selected_mask_loss,
+)
+from dynaseg.modeling.dynamask.mask_switch import (
+    MaskSwitchModule,
+    gumbel_softmax_select,
+    select_resolution,
+)
 from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 
 GFLOPS = torch.tensor([0.23, 0.62, 1.01, 1.40])    # paper Table 7, 14/28/56/112

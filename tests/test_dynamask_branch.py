@@ -44,8 +44,8 @@ def _branch(**kwargs) -> DynaMaskBranch:
 def _features(seed=0, requires_grad=False, image=IMAGE):
     """Random P2..P5 of a batch of two image×image images (strides 4..32)."""
     g = torch.Generator().manual_seed(seed)
-    return {f"p{l}": torch.randn(2, C, image >> l, image >> l, generator=g).requires_grad_(requires_grad)
-            for l in range(2, 6)}
+    return {f"p{lv}": torch.randn(2, C, image >> lv, image >> lv, generator=g).requires_grad_(requires_grad)
+            for lv in range(2, 6)}
 
 
 ROIS = torch.tensor([[0, 4.0, 6.0, 40.0, 50.0], [0, 20.0, 10.0, 60.0, 30.0], [1, 0.0, 0.0, 64.0, 64.0],
@@ -120,14 +120,14 @@ def test_crops_sample_each_level_at_its_own_stride():
     1000·b: aligned RoIAlign at the right scale returns each bin centre's pixel coordinates."""
     head = _head(fuse_after_upsample=False)
     features = {}
-    for l in range(2, 6):
-        s, n = 2 ** l, IMAGE >> l
+    for lv in range(2, 6):
+        s, n = 2 ** lv, IMAGE >> lv
         centres = torch.arange(n, dtype=torch.float32) * s + s / 2
         level = torch.zeros(2, C, n, n)
         level[:, 0] = centres[None, None, :]
         level[:, 1] = centres[None, :, None]
         level += 1000.0 * torch.arange(2.0)[:, None, None, None]
-        features[f"p{l}"] = level
+        features[f"p{lv}"] = level
     rois = torch.tensor([[0, 12.0, 16.0, 52.0, 50.0], [1, 20.0, 18.0, 44.0, 40.0]])
     for s, (level, side) in enumerate(zip(("p4", "p3", "p2"), (14, 28, 56))):
         crop = head.crop(s, features, rois)
@@ -144,7 +144,7 @@ def test_lateral_then_crop_equals_crop_then_lateral_for_boxes_inside_the_image()
     """lateral_crop picks the cheaper order by pixel count; both orders give the same crop."""
     head, features = _head(), _features(seed=3)
     for s in range(3):
-        block, side = head.stages[s], head.crop_sides[s]
+        block = head.stages[s]
         torch.nn.init.normal_(block.lateral.bias)                   # the bias must commute too
         crop_first = torch.relu(block.lateral(head.crop(s, features, ROIS)))
         level = features[head.stage_levels[s]]

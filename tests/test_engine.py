@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, data_overrides
 from safetensors.torch import load_file
 
-from conftest import REPO, data_overrides
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import SolverConfig
 from dynaseg.engine.events import read_history

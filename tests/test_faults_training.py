@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, data_overrides
 from safetensors.torch import load_file
 
-from conftest import REPO, data_overrides
 from dynaseg.config.presets import load_config
 from dynaseg.engine import trainer as trainer_module
 from dynaseg.engine.checkpoint import CheckpointError, save_training_state

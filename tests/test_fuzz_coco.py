@@ -13,6 +13,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fuzzing import (
+    HUGE_INTS,
+    TRANSFORM_SIZES,
+    WARNING_FILTERS,
+    check_batch,
+    field_mutation,
+    fuzz,
+    json_values,
+    read_all,
+    rect_mask,
+    report_examples,
+    structural_mutation,
+    write_png,
+)
+
+# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
+# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
+from fuzzing import check_error as _check_error
+from fuzzing import count as _count
 from hypothesis import given
 from hypothesis import strategies as st
 from pycocotools import mask as mask_util
@@ -21,12 +40,6 @@ from dynaseg.data.coco import STAT_REASONS, DatasetError, load_coco_instances, r
 from dynaseg.data.coco_panoptic import load_coco_panoptic
 from dynaseg.data.dataset import InstanceDataset
 from dynaseg.data.transforms import build_train_transforms, resized_shape
-from fuzzing import (HUGE_INTS, TRANSFORM_SIZES, WARNING_FILTERS, check_batch, field_mutation, fuzz, json_values,
-                     read_all, rect_mask, report_examples, structural_mutation, write_png)
-# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
-# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
-from fuzzing import check_error as _check_error
-from fuzzing import count as _count
 
 pytestmark = WARNING_FILTERS
 

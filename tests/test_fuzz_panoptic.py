@@ -11,6 +11,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fuzzing import (
+    TRANSFORM_SIZES,
+    WARNING_FILTERS,
+    at,
+    check_batch,
+    field_mutation,
+    fuzz,
+    read_all,
+    rect_mask,
+    report_examples,
+    structural_mutation,
+    write_png,
+)
+
+# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
+# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
+from fuzzing import check_error as _check_error
+from fuzzing import count as _count
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,12 +38,6 @@ from dynaseg.data.coco_panoptic import load_coco_panoptic
 from dynaseg.data.panoptic_dataset import PanopticDataset
 from dynaseg.data.transforms import build_train_transforms
 from dynaseg.structures.panoptic import IGNORE_LABEL, id_to_rgb
-from fuzzing import (TRANSFORM_SIZES, WARNING_FILTERS, at, check_batch, field_mutation, fuzz, read_all, rect_mask,
-                     report_examples, structural_mutation, write_png)
-# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
-# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
-from fuzzing import check_error as _check_error
-from fuzzing import count as _count
 
 pytestmark = WARNING_FILTERS
 

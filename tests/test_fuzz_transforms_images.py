@@ -12,6 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fuzzing import WARNING_FILTERS, fuzz, rect_mask, report_examples
+
+# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
+# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
+from fuzzing import check_error as _check_error
+from fuzzing import count as _count
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,11 +26,6 @@ from torchvision.transforms.v2 import functional as F
 
 from dynaseg.data.image_io import ImageReadError, read_image
 from dynaseg.data.transforms import build_test_transforms, build_train_transforms, resized_shape
-from fuzzing import WARNING_FILTERS, fuzz, rect_mask, report_examples
-# The test bodies call ``_count`` / ``_check_error``: hypothesis derives a derandomized test's
-# examples from a hash of its source, so keeping the bodies as they were keeps the examples.
-from fuzzing import check_error as _check_error
-from fuzzing import count as _count
 
 pytestmark = WARNING_FILTERS
 
@@ -115,7 +116,7 @@ def test_fuzz_test_transforms_and_flip_involution(sample, short, max_size):
     assert out["image"].shape == (3, h, w) and out["masks"].shape == (n, h, w)
     assert out["sem_seg"].shape == (h, w) and torch.equal(out["labels"], sample["labels"])
     b = out["boxes"]
-    assert bool(((b >= -1e-4).all() and (b[:, 0::2] <= w + 1e-3).all() and (b[:, 1::2] <= h + 1e-3).all()))
+    assert bool((b >= -1e-4).all() and (b[:, 0::2] <= w + 1e-3).all() and (b[:, 1::2] <= h + 1e-3).all())
     twice = {k: F.horizontal_flip(F.horizontal_flip(v)) if k in ("image", "boxes", "masks", "sem_seg") else v
              for k, v in sample.items()}
     for k in ("image", "masks", "sem_seg"):

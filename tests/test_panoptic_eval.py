@@ -11,8 +11,13 @@ import torch
 from PIL import Image
 
 from dynaseg.cli import main
-from dynaseg.evaluation.panoptic import (PanopticEvalError, PQAccumulator, format_panoptic_table, pq_compute,
-                                         pq_compute_arrays)
+from dynaseg.evaluation.panoptic import (
+    PanopticEvalError,
+    PQAccumulator,
+    format_panoptic_table,
+    pq_compute,
+    pq_compute_arrays,
+)
 from dynaseg.evaluation.panoptic_io import panoptic_to_coco, write_panoptic_predictions
 from dynaseg.structures.panoptic import PanopticSegmentation, Segment, id_to_rgb, rgb_to_id
 

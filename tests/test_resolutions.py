@@ -1,7 +1,11 @@
 """Resolution statistics of DynaMask results: overall, per class, per COCO size bucket, mean cost."""
 import pytest
 
-from dynaseg.evaluation.resolutions import format_resolution_table, resolution_statistics, size_bucket
+from dynaseg.evaluation.resolutions import (
+    format_resolution_table,
+    resolution_statistics,
+    size_bucket,
+)
 
 
 def test_size_buckets_follow_coco_thresholds():

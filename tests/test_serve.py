@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from conftest import REPO
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import REPO
 from dynaseg import cli
 from dynaseg.config.presets import load_config
 from dynaseg.engine.checkpoint import save_weights

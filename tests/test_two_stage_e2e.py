@@ -136,8 +136,9 @@ def test_dynamask_resume_is_exact_across_the_phase_switch(synth_dir, tmp_path):
 
 
 def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
-    from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
     from test_cli import dynaseg
+
+    from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
 
     # checkpoint_period 15 does not land on msm_start_iter = 10: the first row must add that checkpoint
     cfg = load_config("dynamask_tiny", data_overrides(synth_dir) + [f"output_dir={tmp_path}",

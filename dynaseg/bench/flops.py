@@ -10,7 +10,8 @@ convolutions and matrix products (FlopCounterMode's ops); not counted: elementwi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -59,7 +59,7 @@ def time_mask_head(model: nn.Module, *, policy: str, num_instances: int, image_s
     g = torch.Generator().manual_seed(seed)
     h, w = image_size
     channels = model.backbone.out_channels
-    features = {f"p{l}": torch.randn(1, channels, -(-h // 2**l), -(-w // 2**l), generator=g) for l in range(2, 7)}
+    features = {f"p{lv}": torch.randn(1, channels, -(-h // 2**lv), -(-w // 2**lv), generator=g) for lv in range(2, 7)}
     rois = random_rois(num_instances, image_size, g)
     labels = torch.randint(model.num_classes, (num_instances,), generator=g)
     dyna = isinstance(branch, DynaMaskBranch)

@@ -21,15 +21,16 @@ import dataclasses
 import logging
 import statistics
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dynaseg.config.overrides import with_overrides
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, ExperimentConfig, RCNNConfig
-from dynaseg.config.overrides import with_overrides
 from dynaseg.inference.optimize import optimize_for_inference
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances

@@ -10,13 +10,14 @@ import dataclasses
 import logging
 import statistics
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dynaseg.bench.speed import sync_function, build_peer, describe_backbone, unique_names
+from dynaseg.bench.speed import build_peer, describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
 from dynaseg.engine.optim import build_optimizer
 from dynaseg.modeling.build import build_model

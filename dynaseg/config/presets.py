@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict, to_dict, with_overrides
+from dynaseg.config.overrides import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    to_dict,
+    with_overrides,
+)
 from dynaseg.config.schema import DR1MaskConfig, ExperimentConfig, RCNNConfig, SolverConfig
 
 __all__ = ["PRESETS", "load_config", "save_config"]

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynaseg.data.coco import (
-    DatasetError, _as_int, _check_files, _finite, _is_number, _parse_images, _read_json, _require, _short,
+    DatasetError,
+    _as_int,
+    _check_files,
+    _finite,
+    _is_number,
+    _parse_images,
+    _read_json,
+    _require,
+    _short,
 )
 from dynaseg.structures.panoptic import IGNORE_LABEL
 

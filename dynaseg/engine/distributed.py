@@ -8,8 +8,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

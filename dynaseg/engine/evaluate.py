@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from dynaseg.config.schema import ExperimentConfig
-from PIL import Image
-
 from dynaseg.data.build import build_dataset, is_panoptic, load_split
 from dynaseg.data.samplers import build_test_loader
-from dynaseg.utils.files import atomic_write
-from dynaseg.utils.comm import all_gather_objects, get_rank, get_world_size, is_main_process
 from dynaseg.evaluation.coco import CategoryMap, evaluate_coco, instances_to_coco_results
 from dynaseg.evaluation.panoptic import format_panoptic_table, pq_compute
 from dynaseg.evaluation.panoptic_io import panoptic_to_coco
 from dynaseg.evaluation.resolutions import format_resolution_table, resolution_statistics
+from dynaseg.utils.comm import all_gather_objects, get_rank, get_world_size, is_main_process
+from dynaseg.utils.files import atomic_write
 
 __all__ = ["evaluate_model", "predict_coco_results", "predict_panoptic"]
 

@@ -18,9 +18,15 @@ from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, dataset_metadata, load_split
 from dynaseg.data.samplers import build_train_loader
 from dynaseg.engine import distributed as dist_utils
-from dynaseg.engine.checkpoint import (CheckpointError, find_last_checkpoint, load_model_state,
-                                       load_training_state, remove_stale_temp_files, save_training_state,
-                                       save_weights)
+from dynaseg.engine.checkpoint import (
+    CheckpointError,
+    find_last_checkpoint,
+    load_model_state,
+    load_training_state,
+    remove_stale_temp_files,
+    save_training_state,
+    save_weights,
+)
 from dynaseg.engine.evaluate import evaluate_model
 from dynaseg.engine.events import EventWriter, read_history
 from dynaseg.engine.optim import build_lr_scheduler, build_optimizer

@@ -72,7 +72,7 @@ class CategoryMap:
         self._to_contig = {c: i for i, c in enumerate(self.category_ids)}
 
     @classmethod
-    def from_coco_json(cls, path_or_dict: str | Path | Mapping[str, Any]) -> "CategoryMap":
+    def from_coco_json(cls, path_or_dict: str | Path | Mapping[str, Any]) -> CategoryMap:
         """Build from a COCO annotation file (or its loaded dict), sorted by category id."""
         name = "<gt dict>"
         if not isinstance(path_or_dict, Mapping):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["resolution_statistics", "format_resolution_table", "size_bucket", "SIZE_BUCKETS"]
 

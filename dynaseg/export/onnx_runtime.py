@@ -154,8 +154,12 @@ class OnnxPredictor(Predictor):
         """The panoptic part of ``DR1Mask.inference`` on the graph's outputs (same functions, same steps)."""
         from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
         from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
-        from dynaseg.modeling.dr1mask.panoptic import (group_duplicate_detections, mean_embeddings_per_instance,
-                                                       panoptic_logits, panoptic_postprocess)
+        from dynaseg.modeling.dr1mask.panoptic import (
+            group_duplicate_detections,
+            mean_embeddings_per_instance,
+            panoptic_logits,
+            panoptic_postprocess,
+        )
         from dynaseg.structures.masks import clip_boxes, scale_boxes
 
         keep = nonempty_boxes(clip_boxes(scale_boxes(boxes, input_size, output_size), output_size))

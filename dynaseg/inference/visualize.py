@@ -162,8 +162,8 @@ def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, col
               font: Any, image_wh: tuple[int, int], *, centered: bool = False) -> None:
     """Filled tag with ``text``: centred on (x, y) if ``centered``, else placed above (x, y) if
     it fits, else just inside below it; kept inside the image."""
-    l, t, r, b = draw.textbbox((0, 0), text, font=font)
-    tw, th, pad = r - l, b - t, 2
+    left, t, r, b = draw.textbbox((0, 0), text, font=font)
+    tw, th, pad = r - left, b - t, 2
     w, h = image_wh
     bw, bh = tw + 2 * pad, th + 2 * pad
     if centered:
@@ -173,7 +173,7 @@ def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, col
         if y < 0:
             y = _clamp(xy[1], h - bh)
     draw.rectangle((x, y, x + bw, y + bh), fill=color)
-    draw.text((x + pad - l, y + pad - t), text, fill=_text_color(color), font=font)
+    draw.text((x + pad - left, y + pad - t), text, fill=_text_color(color), font=font)
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, legend: Mapping[str, Color], font: Any,

@@ -6,7 +6,8 @@ Units: GMAC (FlopCounterMode counts 2 FLOPs per MAC).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)

@@ -1,7 +1,7 @@
 """Normalisation layers chosen by name (an explicit table, not a registry)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d

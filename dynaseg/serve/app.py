@@ -19,7 +19,13 @@ from dynaseg.config.overrides import to_dict
 from dynaseg.serve.encoding import overlay_png, prediction_json, stuff_categories
 from dynaseg.serve.gate import InferenceGate
 from dynaseg.serve.images import decode_image, probe_image
-from dynaseg.serve.limits import RequestError, ServeLimits, check_declared_length, read_body, request_kind
+from dynaseg.serve.limits import (
+    RequestError,
+    ServeLimits,
+    check_declared_length,
+    read_body,
+    request_kind,
+)
 
 __all__ = ["create_app"]
 

@@ -45,17 +45,17 @@ class Instances:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), Tensor)}
 
-    def __getitem__(self, index: int | slice | Tensor) -> "Instances":
+    def __getitem__(self, index: int | slice | Tensor) -> Instances:
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
         return replace(self, **{k: v[index] for k, v in self._tensor_fields().items()})
 
-    def to(self, device: torch.device | str) -> "Instances":
+    def to(self, device: torch.device | str) -> Instances:
         return replace(self, **{k: v.to(device) for k, v in self._tensor_fields().items()})
 
     @staticmethod
     def empty(image_size: tuple[int, int], *, with_scores: bool = False,
-              with_masks: bool = False) -> "Instances":
+              with_masks: bool = False) -> Instances:
         h, w = image_size
         return Instances(
             image_size=image_size,
@@ -66,7 +66,7 @@ class Instances:
         )
 
     @staticmethod
-    def cat(items: list["Instances"]) -> "Instances":
+    def cat(items: list[Instances]) -> Instances:
         if not items:
             raise ValueError("Instances.cat needs at least one element")
         size = items[0].image_size

@@ -1,7 +1,6 @@
 """The blender: per-instance attention × RoI-pooled bases → mask logits, and its loss."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
@@ -12,7 +13,6 @@ from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, sem
 from dynaseg.modeling.fcos.detector import fcos_detections, fcos_training
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
-from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import clip_boxes, crop_and_resize, paste_masks, scale_boxes

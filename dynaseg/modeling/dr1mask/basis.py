@@ -61,12 +61,12 @@ class DR1Basis(nn.Module):
         """features: [P3 (B, F, H_3, W_3) … P7]; context: per level (A, B), each (B, C_F, H_l, W_l);
         output_size: the stride-4 size (Hp/4, Wp/4) → F (B, C_F, Hp/4, Wp/4)."""
         x = None
-        for l in range(len(features) - 1, -1, -1):
-            y = self.reduce[l](features[l])
+        for lv in range(len(features) - 1, -1, -1):
+            y = self.reduce[lv](features[lv])
             if x is not None:
                 y = y + _upsample(x, tuple(y.shape[-2:]), self.aligned)
-            a, b = context[l]
-            y = self.merge[l](y, a if self.factors in ("both", "pre") else None,
+            a, b = context[lv]
+            y = self.merge[lv](y, a if self.factors in ("both", "pre") else None,
                               b if self.factors in ("both", "post") else None)
-            x = F.relu(self.norms[l](y))
+            x = F.relu(self.norms[lv](y))
         return self.output(_upsample(x, output_size, self.aligned))

@@ -14,9 +14,14 @@ from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_box
 from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor
-from dynaseg.modeling.dr1mask.panoptic import (PanopticLayer, group_duplicate_detections,
-                                               mean_embeddings_per_instance, panoptic_loss, panoptic_postprocess,
-                                               panoptic_targets)
+from dynaseg.modeling.dr1mask.panoptic import (
+    PanopticLayer,
+    group_duplicate_detections,
+    mean_embeddings_per_instance,
+    panoptic_loss,
+    panoptic_postprocess,
+    panoptic_targets,
+)
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.modeling.fcos.detector import FCOSPositives, fcos_detections, fcos_training
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs

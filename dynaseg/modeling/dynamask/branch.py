@@ -7,16 +7,26 @@ picks one resolution per RoI and the head stops there.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
 from dynaseg.modeling.dynamask.head import DynaMaskHead
-from dynaseg.modeling.dynamask.losses import (LaplacianEdges, budget_loss, entropy_loss, predicted_mask_edges,
-                                              selected_edge_loss, selected_mask_loss)
-from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule, gumbel_softmax_select, select_resolution
+from dynaseg.modeling.dynamask.losses import (
+    LaplacianEdges,
+    budget_loss,
+    entropy_loss,
+    predicted_mask_edges,
+    selected_edge_loss,
+    selected_mask_loss,
+)
+from dynaseg.modeling.dynamask.mask_switch import (
+    MaskSwitchModule,
+    gumbel_softmax_select,
+    select_resolution,
+)
 from dynaseg.modeling.dynamask.size_rule import size_based_resolution
 from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
 from dynaseg.structures.masks import roi_mask_targets

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from dynaseg.layers.deform_conv import DeformConv2d
 
+from dynaseg.layers.deform_conv import DeformConv2d
 from dynaseg.layers.norm import get_norm
 
 __all__ = ["FeatureAggregationModule"]

@@ -1,7 +1,6 @@
 """FCOS losses: focal classification, centerness-weighted GIoU, centerness BCE."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss

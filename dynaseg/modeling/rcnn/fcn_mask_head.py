@@ -6,8 +6,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
 from dynaseg.layers.flop_count import count_gmacs, eval_mode
+from dynaseg.modeling.rcnn.mask_branch import MaskBranchOutput
 from dynaseg.modeling.rcnn.pooler import multilevel_roi_align
 from dynaseg.structures.masks import roi_mask_targets
 

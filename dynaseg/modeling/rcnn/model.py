@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from dynaseg.modeling.backbone.fpn import ResNetFPN
+from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois
 from dynaseg.modeling.rcnn.rpn import RPN
-from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import clip_boxes, paste_masks, scale_boxes
 
