@@ -28,6 +28,8 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/instances_val.json
 	@echo "demo run folder: runs/demo (metrics.json, loss_curve.png, predictions/*.png)"
 
 test: $(STAMP)
+	$(BIN)/ruff check dynaseg tests
+	$(BIN)/ruff format --check dynaseg tests
 	$(BIN)/python -m pytest -q
 
 clean:

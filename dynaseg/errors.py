@@ -2,6 +2,7 @@
 
 This module imports nothing from dynaseg, so every floor can subclass ``UserError``.
 """
+
 from __future__ import annotations
 
 __all__ = ["UserError", "USER_ERRORS"]

@@ -8,6 +8,7 @@ samples; invalid input is either dropped in a documented way (counted in ``stats
 Derandomized (fixed examples) for CI; the number of examples each test ran is printed at the end of
 each module ("fuzz examples: ...", see ``report_examples``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,9 @@ from dynaseg.structures.panoptic import IGNORE_LABEL
 
 WARNING_FILTERS = [  # each fuzz module: ``pytestmark = WARNING_FILTERS``
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+    ),
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Pillow on corrupt EXIF / TIFF tags
     pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
 ]
@@ -43,8 +46,13 @@ EXAMPLES: Counter[str] = Counter()  # examples run per test
 
 def fuzz(max_examples: int) -> Callable:
     """Fixed-seed hypothesis settings: same examples on every run, no deadline, no example database."""
-    return settings(max_examples=max_examples, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def count(name: str) -> None:
@@ -72,11 +80,22 @@ def report_examples(request) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- strategies
 
-HUGE_INTS = st.sampled_from([10 ** 400, -(10 ** 400), 2 ** 63, 2 ** 64 + 1])
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), HUGE_INTS,
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=10)
+HUGE_INTS = st.sampled_from([10**400, -(10**400), 2**63, 2**64 + 1])
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    HUGE_INTS,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
 
 
 @st.composite
@@ -92,7 +111,13 @@ def rect_mask(draw, h: int, w: int) -> np.ndarray:
 def _containers(node: Any, path: tuple = ()) -> list[tuple]:
     """Paths of every list / dict inside ``node``."""
     out = [path] if isinstance(node, (list, dict)) else []
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
     for key, child in items:
         out += _containers(child, path + (key,))
     return out
@@ -100,15 +125,40 @@ def _containers(node: Any, path: tuple = ()) -> list[tuple]:
 
 def _paths(node: Any, path: tuple = ()) -> list[tuple]:
     """Paths of every value below ``node`` (leaves and containers)."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
     out = []
     for key, child in items:
         out += [path + (key,)] + _paths(child, path + (key,))
     return out
 
 
-_SPECIALS = st.sampled_from([10 ** 400, -(10 ** 400), 2 ** 63, math.nan, math.inf, -1, 0, 1.5, True, "1", "",
-                             None, [], {}, [1], [[1, 2]], {"size": [1, 1]}]).map(copy.deepcopy)  # fresh containers
+_SPECIALS = st.sampled_from(
+    [
+        10**400,
+        -(10**400),
+        2**63,
+        math.nan,
+        math.inf,
+        -1,
+        0,
+        1.5,
+        True,
+        "1",
+        "",
+        None,
+        [],
+        {},
+        [1],
+        [[1, 2]],
+        {"size": [1, 1]},
+    ]
+).map(copy.deepcopy)  # fresh containers
 SPECIAL_VALUES = st.one_of(_SPECIALS, _SPECIALS, _SPECIALS, json_values)
 
 
@@ -139,9 +189,13 @@ def structural_mutation(draw, doc: dict) -> str:
         if isinstance(node, list):
             node.append(draw(json_values))
         else:
-            node[draw(st.sampled_from(["id", "bbox", "size", "counts", "iscrowd", "x"]))] = draw(json_values)
+            node[draw(st.sampled_from(["id", "bbox", "size", "counts", "iscrowd", "x"]))] = draw(
+                json_values
+            )
         return f"add at {path}"
-    key = draw(st.sampled_from(list(node.keys()) if isinstance(node, dict) else list(range(len(node)))))
+    key = draw(
+        st.sampled_from(list(node.keys()) if isinstance(node, dict) else list(range(len(node))))
+    )
     if action == "delete":
         del node[key]
     else:
@@ -154,11 +208,15 @@ def write_png(path: Path, h: int, w: int, seed: int = 0) -> None:
     Image.fromarray(rgb).save(path, compress_level=0)
 
 
-TRANSFORM_SIZES = st.tuples(st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
-                            st.sampled_from([0, 16, 33, 64]), st.sampled_from([0, 1, 8, 32]))
+TRANSFORM_SIZES = st.tuples(
+    st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+    st.sampled_from([0, 16, 33, 64]),
+    st.sampled_from([0, 1, 8, 32]),
+)
 
 
 # ----------------------------------------------------------------------------- invariants
+
 
 def check_error(err: Exception, *names: str) -> None:
     """User-facing error: one of ours, a one-line message starting with one of ``names``."""
@@ -176,7 +234,11 @@ def _check_sample(s: Sample, size: tuple[int, int] | None, num_classes: int) -> 
     t = s.target
     n = len(t)
     assert t.image_size == (h, w)
-    assert t.boxes.shape == (n, 4) and t.boxes.dtype == torch.float32 and bool(torch.isfinite(t.boxes).all())
+    assert (
+        t.boxes.shape == (n, 4)
+        and t.boxes.dtype == torch.float32
+        and bool(torch.isfinite(t.boxes).all())
+    )
     assert t.labels.shape == (n,) and t.labels.dtype == torch.int64
     assert bool(((t.labels >= 0) & (t.labels < num_classes)).all())
     assert t.masks.shape == (n, h, w) and t.masks.dtype == torch.bool
@@ -188,8 +250,13 @@ def _check_sample(s: Sample, size: tuple[int, int] | None, num_classes: int) -> 
         assert s.sem_seg.shape == (h, w) and s.sem_seg.dtype == torch.int64
 
 
-def read_all(ds: InstanceDataset, names_of: Callable[[int], tuple[str, ...]], num_classes: int,
-             size_of: Callable[[int], tuple[int, int] | None], must_succeed: bool) -> list[Sample | None]:
+def read_all(
+    ds: InstanceDataset,
+    names_of: Callable[[int], tuple[str, ...]],
+    num_classes: int,
+    size_of: Callable[[int], tuple[int, int] | None],
+    must_succeed: bool,
+) -> list[Sample | None]:
     out: list[Sample | None] = []
     for i in range(len(ds)):
         try:
@@ -215,7 +282,9 @@ def check_batch(samples: list[Sample], divisibility: int) -> None:
         assert hp % divisibility == 0 and wp % divisibility == 0
     for k, (s, (h, w)) in enumerate(zip(samples, sizes)):
         assert torch.equal(batch.images[k, :, :h, :w], s.image.float())
-        assert batch.images[k, :, h:].abs().sum() == 0 and batch.images[k, :, :, w:].abs().sum() == 0
+        assert (
+            batch.images[k, :, h:].abs().sum() == 0 and batch.images[k, :, :, w:].abs().sum() == 0
+        )
         assert batch.targets[k] is s.target
     if samples[0].sem_seg is not None:
         assert batch.sem_seg.shape == (len(samples), hp, wp)

@@ -1,4 +1,5 @@
 """``bench flops`` (per model and stage) and the benchmark report files (Markdown, JSON, AP plot)."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ SIZE = (128, 160)
 
 @pytest.fixture(scope="module")
 def flops_rows():
-    return run_flops_benchmark(["blendmask_tiny", "dr1mask_tiny", "mask_rcnn_tiny",
-                                "dynamask_tiny model.dynamask.policy=14", "dynamask_tiny model.dynamask.policy=112"],
-                               peer="torchvision-maskrcnn", image_size=SIZE, detections=12)
+    return run_flops_benchmark(
+        [
+            "blendmask_tiny",
+            "dr1mask_tiny",
+            "mask_rcnn_tiny",
+            "dynamask_tiny model.dynamask.policy=14",
+            "dynamask_tiny model.dynamask.policy=112",
+        ],
+        peer="torchvision-maskrcnn",
+        image_size=SIZE,
+        detections=12,
+    )
 
 
 def test_stage_gmacs_add_up_and_are_positive(flops_rows):
@@ -51,10 +61,15 @@ def test_total_equals_an_unhooked_count(flops_rows):
 def test_dynamask_mask_stage_follows_its_policy(flops_rows):
     rows, _ = flops_rows
     by = {r["model"]: r for r in rows}
-    small, large = by["dynamask_tiny model.dynamask.policy=14"], by["dynamask_tiny model.dynamask.policy=112"]
+    small, large = (
+        by["dynamask_tiny model.dynamask.policy=14"],
+        by["dynamask_tiny model.dynamask.policy=112"],
+    )
     assert small["mask_policy"] == "14" and large["mask_policy"] == "112"
     assert large["stages_gmac"]["mask"] > 3 * small["stages_gmac"]["mask"]
-    assert small["stages_gmac"]["backbone+fpn"] == pytest.approx(large["stages_gmac"]["backbone+fpn"])
+    assert small["stages_gmac"]["backbone+fpn"] == pytest.approx(
+        large["stages_gmac"]["backbone+fpn"]
+    )
     per_side = large["mask_head_gmac_per_instance"]
     assert per_side["14"] < per_side["112"]
     table = format_flops_table(rows)
@@ -62,8 +77,24 @@ def test_dynamask_mask_stage_follows_its_policy(flops_rows):
 
 
 def test_cli_bench_flops_json_keeps_the_mask_head_keys(capsys):
-    assert main(["bench", "flops", "--config", "dynamask_tiny", "--config", "blendmask_tiny", "--size", "128x160",
-                 "--detections", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "flops",
+                "--config",
+                "dynamask_tiny",
+                "--config",
+                "blendmask_tiny",
+                "--size",
+                "128x160",
+                "--detections",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert list(out["mask_head_gmac_per_instance"]) == ["14", "28", "56", "112"]
     assert [r["model"] for r in out["models"]] == ["dynamask_tiny", "blendmask_tiny"]
@@ -85,20 +116,51 @@ def test_stage_timer_with_a_custom_clock():
 
 
 ROWS = [
-    {"model": "blendmask", "median_ms": 100.0, "p90_ms": 110.0, "q1_ms": 95.0, "q3_ms": 105.0, "min_ms": 90.0,
-     "max_ms": 120.0, "ratio_to_peer": 0.8, "detections": 100, "detections_max": 100, "detections_ok": True,
-     "repeats": 3, "stages_ms": {s: 10.0 for s in STAGES}, "backbone": "R-50 FPN-256", "has_masks": True},
-    {"model": "peer", "median_ms": 125.0, "p90_ms": 130.0, "q1_ms": 120.0, "q3_ms": 128.0, "min_ms": 118.0,
-     "max_ms": 131.0, "ratio_to_peer": None, "detections": 100, "detections_max": 100, "detections_ok": True,
-     "repeats": 3, "stages_ms": {s: 20.0 for s in STAGES}, "backbone": "R-50 FPN-256", "has_masks": True},
+    {
+        "model": "blendmask",
+        "median_ms": 100.0,
+        "p90_ms": 110.0,
+        "q1_ms": 95.0,
+        "q3_ms": 105.0,
+        "min_ms": 90.0,
+        "max_ms": 120.0,
+        "ratio_to_peer": 0.8,
+        "detections": 100,
+        "detections_max": 100,
+        "detections_ok": True,
+        "repeats": 3,
+        "stages_ms": {s: 10.0 for s in STAGES},
+        "backbone": "R-50 FPN-256",
+        "has_masks": True,
+    },
+    {
+        "model": "peer",
+        "median_ms": 125.0,
+        "p90_ms": 130.0,
+        "q1_ms": 120.0,
+        "q3_ms": 128.0,
+        "min_ms": 118.0,
+        "max_ms": 131.0,
+        "ratio_to_peer": None,
+        "detections": 100,
+        "detections_max": 100,
+        "detections_ok": True,
+        "repeats": 3,
+        "stages_ms": {s: 20.0 for s in STAGES},
+        "backbone": "R-50 FPN-256",
+        "has_masks": True,
+    },
 ]
 
 
 def test_parse_ap_values():
     assert parse_ap_values(["blendmask=37.8", "peer=34.6"], models=["blendmask", "peer"]) == {
-        "blendmask": 37.8, "peer": 34.6}
-    assert parse_ap_values(["dynamask model.dynamask.policy=112=36.1"],
-                           models=["dynamask model.dynamask.policy=112"]) == {"dynamask model.dynamask.policy=112": 36.1}
+        "blendmask": 37.8,
+        "peer": 34.6,
+    }
+    assert parse_ap_values(
+        ["dynamask model.dynamask.policy=112=36.1"], models=["dynamask model.dynamask.policy=112"]
+    ) == {"dynamask model.dynamask.policy=112": 36.1}
     with pytest.raises(ValueError, match="not a benchmarked model"):
         parse_ap_values(["other=1"], models=["blendmask"])
     with pytest.raises(ValueError, match="not a number"):
@@ -109,7 +171,9 @@ def test_parse_ap_values():
 
 def test_write_speed_report_files(tmp_path):
     table = format_speed_table(ROWS, ["note"])
-    paths = write_speed_report(ROWS, ["note"], table, tmp_path, ap={"blendmask": 37.8, "peer": 34.6})
+    paths = write_speed_report(
+        ROWS, ["note"], table, tmp_path, ap={"blendmask": 37.8, "peer": 34.6}
+    )
     assert [p.name for p in paths] == ["speed.md", "speed.json", "ap_vs_latency.png"]
     assert (tmp_path / "speed.md").read_text().startswith("| model |")
     data = json.loads((tmp_path / "speed.json").read_text())
@@ -121,15 +185,51 @@ def test_write_speed_report_files(tmp_path):
 
 
 def test_cli_bench_speed_output_and_ap_errors(tmp_path, capsys):
-    assert main(["bench", "speed", "--config", "blendmask_tiny", "--peer", "none", "--size", "128x160",
-                 "--detections", "5", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path),
-                 "--ap", "blendmask_tiny=12.5"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "speed",
+                "--config",
+                "blendmask_tiny",
+                "--peer",
+                "none",
+                "--size",
+                "128x160",
+                "--detections",
+                "5",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(tmp_path),
+                "--ap",
+                "blendmask_tiny=12.5",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "ap_vs_latency.png").is_file()
     assert json.loads((tmp_path / "speed.json").read_text())["rows"][0]["ap"] == 12.5
     capsys.readouterr()
     assert main(["bench", "speed", "--config", "blendmask_tiny", "--ap", "blendmask_tiny=1"]) == 2
     assert "--output" in capsys.readouterr().err
-    assert main(["bench", "speed", "--config", "blendmask_tiny", "--output", str(tmp_path), "--ap", "x=1"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "speed",
+                "--config",
+                "blendmask_tiny",
+                "--output",
+                str(tmp_path),
+                "--ap",
+                "x=1",
+            ]
+        )
+        == 2
+    )
     assert "not a benchmarked model" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 
 Tiny presets at 128×160 with one or two repeats; timings are never asserted.
 """
+
 import json
 
 import pytest
@@ -31,7 +32,9 @@ SPEED_KEYS = {"model", "median_ms", "p90_ms", "ratio_to_peer", "detections", "st
 @pytest.fixture(scope="module")
 def tiny_rows():
     """All tiny presets, no peer, N = 30, two interleaved repeats."""
-    return run_speed_benchmark(TINY, peer=None, image_size=SIZE, detections=30, device="cpu", repeats=2, warmup=0)
+    return run_speed_benchmark(
+        TINY, peer=None, image_size=SIZE, detections=30, device="cpu", repeats=2, warmup=0
+    )
 
 
 @pytest.mark.parametrize("preset", TINY)
@@ -52,9 +55,15 @@ def test_speed_rows_have_keys_and_stages_within_total(tiny_rows):
         assert sum(r["stages_ms"].values()) <= r["median_ms"] * 1.001 + 1e-6
         assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"]
         # every model has a backbone, a detection head and a mask branch that the hooks saw
-        assert r["stages_ms"]["backbone+fpn"] > 0 and r["stages_ms"]["head"] > 0 and r["stages_ms"]["mask"] > 0
+        assert (
+            r["stages_ms"]["backbone+fpn"] > 0
+            and r["stages_ms"]["head"] > 0
+            and r["stages_ms"]["mask"] > 0
+        )
     table = format_speed_table(rows, ["a note"])
-    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1   # header + rows
+    assert (
+        sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1
+    )  # header + rows
     assert table.splitlines()[-1] == "- a note"
 
 
@@ -65,6 +74,7 @@ def test_interleaved_round_robin_and_ratios():
         def run():
             calls.append(name)
             return n
+
         return run
 
     models = {"a": fake("a", 5), "b": fake("b", 4), "peer": fake("peer", 5)}
@@ -74,14 +84,16 @@ def test_interleaved_round_robin_and_ratios():
     assert by["peer"]["ratio_to_peer"] is None
     assert by["a"]["ratio_to_peer"] == pytest.approx(by["a"]["median_ms"] / by["peer"]["median_ms"])
     assert by["a"]["detections_ok"] and not by["b"]["detections_ok"] and by["b"]["detections"] == 4
-    assert by["a"]["stages_ms"]["post"] == pytest.approx(by["a"]["median_ms"])   # no timer: all in post
+    assert by["a"]["stages_ms"]["post"] == pytest.approx(
+        by["a"]["median_ms"]
+    )  # no timer: all in post
 
 
 class _Heads(nn.Module):
     def __init__(self):
         super().__init__()
         self.box = nn.Linear(4, 4)
-        self.mask_head = nn.Linear(4, 4)   # called inside roi_heads: its time counts for "mask"
+        self.mask_head = nn.Linear(4, 4)  # called inside roi_heads: its time counts for "mask"
 
     def forward(self, x):
         return self.mask_head(self.box(x))
@@ -103,8 +115,11 @@ class _Toy(nn.Module):
 
 def test_stage_hooks_nest_and_remove():
     model, timer = _Toy(), StageTimer()
-    targets = {"backbone+fpn": ("backbone",), "head": ("roi_heads", "missing.module"),
-               "mask": ("roi_heads.mask_head", ":predict")}
+    targets = {
+        "backbone+fpn": ("backbone",),
+        "head": ("roi_heads", "missing.module"),
+        "mask": ("roi_heads.mask_head", ":predict"),
+    }
     with stage_hooks(model, targets=targets, timer=timer):
         model(torch.zeros(1, 3, 8, 8))
         assert set(timer.totals) == {"backbone+fpn", "head", "mask"} and not timer.open
@@ -137,7 +152,9 @@ def test_peer_builds_and_runs_at_tiny_size(peer):
 
 
 def test_synthetic_batch_shapes():
-    images, targets = synthetic_batch(image_size=SIZE, batch_size=2, num_classes=7, instances_per_image=3)
+    images, targets = synthetic_batch(
+        image_size=SIZE, batch_size=2, num_classes=7, instances_per_image=3
+    )
     assert images.shape == (2, 3, *SIZE) and images.dtype == torch.uint8
     for t in targets:
         assert t.masks.shape == (3, *SIZE) and t.masks.flatten(1).any(1).all()
@@ -151,17 +168,60 @@ def test_parse_size():
 
 
 def test_cli_bench_speed_json(capsys):
-    assert main(["bench", "speed", "--config", "blendmask_tiny", "--config", "mask_rcnn_tiny", "--size", "128x160",
-                 "--detections", "10", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "speed",
+                "--config",
+                "blendmask_tiny",
+                "--config",
+                "mask_rcnn_tiny",
+                "--size",
+                "128x160",
+                "--detections",
+                "10",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
-    assert [r["model"] for r in rows] == ["blendmask_tiny", "mask_rcnn_tiny", "torchvision-maskrcnn"]
+    assert [r["model"] for r in rows] == [
+        "blendmask_tiny",
+        "mask_rcnn_tiny",
+        "torchvision-maskrcnn",
+    ]
     assert all(SPEED_KEYS <= set(r) and r["detections"] == 10 for r in rows)
     assert rows[-1]["ratio_to_peer"] is None and rows[0]["ratio_to_peer"] > 0
 
 
 def test_cli_bench_speed_table_and_user_error(capsys):
-    assert main(["bench", "speed", "--config", "dr1mask_tiny", "--peer", "none", "--size", "128x160",
-                 "--detections", "5", "--repeats", "1", "--warmup", "0"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "speed",
+                "--config",
+                "dr1mask_tiny",
+                "--peer",
+                "none",
+                "--size",
+                "128x160",
+                "--detections",
+                "5",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("| model |") and "dr1mask_tiny" in out
     assert main(["bench", "speed", "--config", "dr1mask_tiny", "--size", "128"]) == 2
@@ -169,12 +229,37 @@ def test_cli_bench_speed_table_and_user_error(capsys):
 
 
 def test_cli_bench_train_json(capsys):
-    assert main(["bench", "train", "--config", "blendmask_tiny", "--config", "dynamask_tiny", "--config",
-                 "dr1mask_panoptic_tiny", "--size", "128x160", "--batch", "1", "--iters", "1", "--warmup", "0",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--config",
+                "blendmask_tiny",
+                "--config",
+                "dynamask_tiny",
+                "--config",
+                "dr1mask_panoptic_tiny",
+                "--size",
+                "128x160",
+                "--batch",
+                "1",
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
-    assert [r["model"] for r in rows] == ["blendmask_tiny", "dynamask_tiny", "dr1mask_panoptic_tiny",
-                                          "torchvision-maskrcnn"]
+    assert [r["model"] for r in rows] == [
+        "blendmask_tiny",
+        "dynamask_tiny",
+        "dr1mask_panoptic_tiny",
+        "torchvision-maskrcnn",
+    ]
     for r in rows:
         assert {"model", "images_per_s", "ms_per_iter"} <= set(r)
         assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_iter"])

@@ -1,4 +1,5 @@
 """BlendMask: blender equation, sparse top layer, targets, and whole-model behaviour on tiny inputs."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -18,7 +19,9 @@ def slow_blend(pooled, attention):
     n, k, r, _ = pooled.shape
     out = torch.zeros(n, r, r, dtype=pooled.dtype)
     for i in range(n):
-        up = F.interpolate(attention[i:i + 1], size=(r, r), mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(attention[i : i + 1], size=(r, r), mode="bilinear", align_corners=False)[
+            0
+        ]
         for y in range(r):
             for x in range(r):
                 w = torch.exp(up[:, y, x]) / torch.exp(up[:, y, x]).sum()
@@ -31,8 +34,13 @@ def test_blend_matches_slow_reference_and_gradcheck():
     pooled = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     attention = torch.randn(3, 4, 3, 3, dtype=torch.float64)
     assert torch.allclose(blend(pooled, attention), slow_blend(pooled, attention), atol=1e-10)
-    assert torch.autograd.gradcheck(blend, (pooled[:1, :, :4, :4].clone().requires_grad_(),
-                                            attention[:1, :, :2, :2].clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        blend,
+        (
+            pooled[:1, :, :4, :4].clone().requires_grad_(),
+            attention[:1, :, :2, :2].clone().requires_grad_(),
+        ),
+    )
     assert blend(pooled[:0], attention[:0]).shape == (0, 8, 8)
 
 
@@ -47,10 +55,10 @@ def test_sparse_top_layer_equals_dense_conv():
     torch.nn.init.normal_(layer.conv.weight)
     torch.nn.init.normal_(layer.conv.bias)
     tower = [torch.randn(2, 5, 6, 7), torch.randn(2, 5, 3, 4)]
-    dense = [d.flatten(2).transpose(1, 2) for d in layer.forward_dense(tower)]     # (B, HW, KMM)
+    dense = [d.flatten(2).transpose(1, 2) for d in layer.forward_dense(tower)]  # (B, HW, KMM)
     dense = torch.cat(dense, dim=1)
     image = torch.tensor([0, 1, 1, 0, 1])
-    location = torch.tensor([0, 41, 6 * 7 + 11, 6 * 7, 20])                       # corners, both levels
+    location = torch.tensor([0, 41, 6 * 7 + 11, 6 * 7, 20])  # corners, both levels
     sparse = layer(tower, image, location)
     assert sparse.shape == (5, 2, 3, 3)
     assert torch.allclose(sparse.flatten(1), dense[image, location], atol=1e-5)
@@ -69,7 +77,7 @@ def test_crop_and_resize_and_paste_round_trip():
     masks[0, 10:30, 5:45] = True
     box = torch.tensor([[5.0, 10.0, 45.0, 30.0]])
     crop = crop_and_resize(masks, box, 16)
-    assert crop.shape == (1, 16, 16) and crop.min() == 1              # the box is all foreground
+    assert crop.shape == (1, 16, 16) and crop.min() == 1  # the box is all foreground
     pasted = paste_masks(crop, box, (40, 50))
     assert torch.equal(pasted, masks)
 
@@ -84,7 +92,7 @@ def test_paste_keeps_border_objects_unsquashed():
 def test_semantic_targets_centres_and_ignore():
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[0, :8, :8] = True
-    masks[1, 4:12, 4:12] = True                          # painted later: wins where they overlap
+    masks[1, 4:12, 4:12] = True  # painted later: wins where they overlap
     sem = semantic_targets([masks], [torch.tensor([0, 2])], (24, 24), stride=8)
     assert sem.shape == (1, 3, 3)
     # cell centres at 4, 12, 20; (4, 4) is under both masks; x or y = 20 lies in the padding
@@ -107,19 +115,38 @@ def make_batch(sizes=((96, 128), (90, 117)), with_targets=True, empty=False):
     for i, (h, w) in enumerate(sizes):
         images[i, :, :h, :w] = torch.rand(3, h, w) * 255
         masks = torch.zeros(0 if empty else 2, h, w, dtype=torch.bool)
-        boxes = torch.zeros(0, 4) if empty else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
+        boxes = (
+            torch.zeros(0, 4)
+            if empty
+            else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
+        )
         for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
             m[y0:y1, x0:x1] = True
-        targets.append(Instances(image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks))
-    return Batch(images=images, image_sizes=list(sizes), original_sizes=[(2 * h, 2 * w) for h, w in sizes],
-                 image_ids=list(range(len(sizes))), targets=targets if with_targets else None)
+        targets.append(
+            Instances(
+                image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks
+            )
+        )
+    return Batch(
+        images=images,
+        image_sizes=list(sizes),
+        original_sizes=[(2 * h, 2 * w) for h, w in sizes],
+        image_ids=list(range(len(sizes))),
+        targets=targets if with_targets else None,
+    )
 
 
 def test_every_parameter_gets_a_gradient():
     model, _ = tiny_model()
     model.train()
     losses = model(make_batch())
-    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask", "loss_basis_sem"}
+    assert set(losses) == {
+        "loss_fcos_cls",
+        "loss_fcos_loc",
+        "loss_fcos_ctr",
+        "loss_mask",
+        "loss_basis_sem",
+    }
     sum(losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing}"
@@ -130,7 +157,9 @@ def test_empty_ground_truth_losses():
     model.train()
     losses = model(make_batch(empty=True))
     assert losses["loss_fcos_cls"] > 0
-    assert losses["loss_fcos_loc"] == 0 and losses["loss_fcos_ctr"] == 0 and losses["loss_mask"] == 0
+    assert (
+        losses["loss_fcos_loc"] == 0 and losses["loss_fcos_ctr"] == 0 and losses["loss_mask"] == 0
+    )
     sum(losses.values()).backward()
 
 
@@ -140,7 +169,9 @@ def test_odd_sizes_inference_at_original_resolution():
     out = model(make_batch(sizes=((97, 131), (64, 65)), with_targets=False))
     assert [o.image_size for o in out] == [(194, 262), (128, 130)]
     for o in out:
-        assert 0 < len(o) <= 100 and o.masks.shape[1:] == o.image_size and o.masks.dtype == torch.bool
+        assert (
+            0 < len(o) <= 100 and o.masks.shape[1:] == o.image_size and o.masks.dtype == torch.bool
+        )
         assert (o.boxes[:, 2] <= o.image_size[1]).all() and (o.boxes[:, 3] <= o.image_size[0]).all()
         assert (o.scores[:-1] >= o.scores[1:]).all()
 
@@ -149,12 +180,21 @@ def test_no_detections_gives_empty_typed_output():
     model, _ = tiny_model(**{"model.fcos.score_threshold": 1.0})
     model.eval()
     out = model(make_batch(with_targets=False))
-    assert len(out[0]) == 0 and out[0].masks.shape == (0, 192, 256) and out[0].masks.dtype == torch.bool
+    assert (
+        len(out[0]) == 0
+        and out[0].masks.shape == (0, 192, 256)
+        and out[0].masks.dtype == torch.bool
+    )
 
 
 # Loss lock: update deliberately (print shows the new values) when the model's maths changes.
-EXPECTED_LOSSES = {'loss_fcos_cls': 1.1226, 'loss_fcos_loc': 0.9994, 'loss_fcos_ctr': 0.6924,
-                   'loss_mask': 0.8259, 'loss_basis_sem': 0.6413}
+EXPECTED_LOSSES = {
+    "loss_fcos_cls": 1.1226,
+    "loss_fcos_loc": 0.9994,
+    "loss_fcos_ctr": 0.6924,
+    "loss_mask": 0.8259,
+    "loss_basis_sem": 0.6413,
+}
 
 
 def test_loss_lock():
@@ -162,7 +202,8 @@ def test_loss_lock():
     model.train()
     losses = {k: round(v.item(), 4) for k, v in model(make_batch()).items()}
     same = losses.keys() == EXPECTED_LOSSES.keys() and all(
-        abs(losses[k] - EXPECTED_LOSSES[k]) < 2e-3 for k in losses)
+        abs(losses[k] - EXPECTED_LOSSES[k]) < 2e-3 for k in losses
+    )
     assert same, f"Losses have changed! New losses: {losses}"
 
 
@@ -174,10 +215,15 @@ def test_stride_4_level_runs_fcos_on_p2_and_keeps_the_bases_on_p3():
     features = model.backbone(model.normalize(batch.images, batch.image_sizes))
     assert model.backbone.strides == {f"p{i}": 2**i for i in range(2, 7)}
     levels = model.fcos_levels(features)
-    assert [x.shape[-1] for x in levels] == [batch.images.shape[-1] // s for s in (4, 8, 16, 32, 64)]
+    assert [x.shape[-1] for x in levels] == [
+        batch.images.shape[-1] // s for s in (4, 8, 16, 32, 64)
+    ]
     assert model.basis_levels(features)[0] is features["p3"]
     ref_features = reference.backbone(reference.normalize(batch.images, batch.image_sizes))
-    assert model.basis(model.basis_levels(features)).shape == reference.basis(reference.basis_levels(ref_features)).shape
+    assert (
+        model.basis(model.basis_levels(features)).shape
+        == reference.basis(reference.basis_levels(ref_features)).shape
+    )
     model.train()
     sum(model(batch).values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

@@ -1,4 +1,5 @@
 """Weights files, backbone loading from local torchvision checkpoints, atomic training states, bad checkpoints."""
+
 import os
 import stat
 
@@ -33,9 +34,17 @@ def test_torchvision_resnet_checkpoint_loads_into_backbone(tmp_path, suffix):
         torch.save(reference.state_dict(), path)
     else:
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
-    model = build_model(load_config("blendmask_tiny", [
-        "model.backbone.width=64", "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2",
-        f"model.backbone_weights={path}"]).model)
+    model = build_model(
+        load_config(
+            "blendmask_tiny",
+            [
+                "model.backbone.width=64",
+                "model.backbone.norm=FrozenBN",
+                "model.backbone.freeze_at=2",
+                f"model.backbone_weights={path}",
+            ],
+        ).model
+    )
     body = model.backbone.body
     assert torch.equal(body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     assert torch.equal(body.bn1.running_mean, reference.bn1.running_mean)
@@ -44,8 +53,15 @@ def test_torchvision_resnet_checkpoint_loads_into_backbone(tmp_path, suffix):
     x = torch.randn(1, 3, 64, 64)
     reference.eval()
     body.eval()
-    expected = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
-        reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))
+    expected = reference.layer4(
+        reference.layer3(
+            reference.layer2(
+                reference.layer1(
+                    reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+                )
+            )
+        )
+    )
     assert torch.allclose(body(x)["c5"], expected, atol=1e-5)
 
 
@@ -69,11 +85,16 @@ def test_weights_round_trip_with_metadata_and_strict_errors(tmp_path):
     cfg = load_config("blendmask_tiny")
     model = build_model(cfg.model)
     save_weights(model, tmp_path / "w.safetensors", {"class_names": ["a", "b"]})
-    assert read_metadata(tmp_path / "w.safetensors") == {"class_names": ["a", "b"], "weights_format": 1,
-                                                         "dynaseg_version": dynaseg.__version__}
+    assert read_metadata(tmp_path / "w.safetensors") == {
+        "class_names": ["a", "b"],
+        "weights_format": 1,
+        "dynaseg_version": dynaseg.__version__,
+    }
     other = build_model(cfg.model)
     load_weights(other, tmp_path / "w.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values())
+    )
     wider = build_model(load_config("blendmask_tiny", ["model.basis.channels=48"]).model)
     with pytest.raises(CheckpointError, match="wrong-shape"):
         load_weights(wider, tmp_path / "w.safetensors")
@@ -94,14 +115,21 @@ def test_training_state_is_atomic_and_found(tmp_path):
 def test_training_state_errors_name_the_file_and_problem(tmp_path):
     good = save_training_state(tmp_path, 2, {"model": {"w": torch.ones(3)}})
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.pt: cannot read training state \(RuntimeError: .*zip"):
+    with pytest.raises(
+        CheckpointError, match=r"cut\.pt: cannot read training state \(RuntimeError: .*zip"
+    ):
         load_training_state(tmp_path / "cut.pt")
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match=r"list\.pt: not a dynaseg training state \(a list"):
         load_training_state(tmp_path / "list.pt")
-    torch.save({"iteration": 1, "model": {}, "format": 99, "dynaseg_version": "9.9.9"}, tmp_path / "new.pt")
-    with pytest.raises(CheckpointError, match=r"new\.pt: training state format 99 \(written by dynaseg 9\.9\.9\) is "
-                                              r"not readable by dynaseg .*, which reads format 1"):
+    torch.save(
+        {"iteration": 1, "model": {}, "format": 99, "dynaseg_version": "9.9.9"}, tmp_path / "new.pt"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"new\.pt: training state format 99 \(written by dynaseg 9\.9\.9\) is "
+        r"not readable by dynaseg .*, which reads format 1",
+    ):
         load_training_state(tmp_path / "new.pt")
     state = load_training_state(good)
     assert state["format"] == 1 and state["dynaseg_version"] == dynaseg.__version__
@@ -117,7 +145,9 @@ def test_weights_of_another_model_list_missing_and_unexpected_keys(tmp_path, cap
     with pytest.raises(CheckpointError) as e:
         load_weights(blend, tmp_path / "rcnn.safetensors")
     message = str(e.value)
-    assert message.startswith(f"{tmp_path / 'rcnn.safetensors'}: weights do not match the model (BlendMask")
+    assert message.startswith(
+        f"{tmp_path / 'rcnn.safetensors'}: weights do not match the model (BlendMask"
+    )
     assert f"missing {missing} (" in message and f"unexpected {unexpected} (" in message
     assert f"… {missing - 3} more" in message and "\n" not in message
     # strict=False loads what fits and logs what it skipped.
@@ -125,18 +155,29 @@ def test_weights_of_another_model_list_missing_and_unexpected_keys(tmp_path, cap
     with caplog.at_level("WARNING", logger="dynaseg.checkpoint"):
         load_weights(blend, tmp_path / "rcnn.safetensors", strict=False)
     assert "partial load, skipped" in caplog.text and f"missing {missing} (" in caplog.text
-    shared = [k for k in own & theirs if rcnn.state_dict()[k].shape == before[k].shape and k.endswith("weight")
-              and not torch.equal(rcnn.state_dict()[k], before[k])]
+    shared = [
+        k
+        for k in own & theirs
+        if rcnn.state_dict()[k].shape == before[k].shape
+        and k.endswith("weight")
+        and not torch.equal(rcnn.state_dict()[k], before[k])
+    ]
     assert shared and all(torch.equal(blend.state_dict()[k], rcnn.state_dict()[k]) for k in shared)
 
 
 def test_weights_from_a_newer_format_are_refused(tmp_path):
     model = build_model(load_config("blendmask_tiny").model)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp_path / "new.safetensors"), metadata={"weights_format": "7", "dynaseg_version": '"3.0"'})
-    with pytest.raises(CheckpointError, match=r"new\.safetensors: weights format 7 \(written by dynaseg 3\.0\)"):
+    save_file(
+        state,
+        str(tmp_path / "new.safetensors"),
+        metadata={"weights_format": "7", "dynaseg_version": '"3.0"'},
+    )
+    with pytest.raises(
+        CheckpointError, match=r"new\.safetensors: weights format 7 \(written by dynaseg 3\.0\)"
+    ):
         load_weights(model, tmp_path / "new.safetensors")
-    save_file(state, str(tmp_path / "plain.safetensors"))   # no metadata (another tool): keys decide
+    save_file(state, str(tmp_path / "plain.safetensors"))  # no metadata (another tool): keys decide
     load_weights(model, tmp_path / "plain.safetensors")
 
 
@@ -156,32 +197,41 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     evil = tmp_path / "model_0000002.pt"
     torch.save({"iteration": 2, "model": {"w": torch.ones(2)}, "x": _Payload(marker)}, evil)
     (tmp_path / "last_checkpoint").write_text(evil.name)
-    with pytest.raises(CheckpointError, match=r"model_0000002\.pt: cannot read training state \(it holds pickled"):
+    with pytest.raises(
+        CheckpointError, match=r"model_0000002\.pt: cannot read training state \(it holds pickled"
+    ):
         load_training_state(evil)
-    with pytest.raises(CheckpointError, match=r"model_0000002\.pt: cannot read checkpoint \(it holds pickled objects"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model_0000002\.pt: cannot read checkpoint \(it holds pickled objects",
+    ):
         load_weights(ResNet(depth=18, width=8), evil)
     assert find_last_checkpoint(tmp_path).name == "model_0000001.pt"
     assert not marker.exists()
-    torch.load(evil, weights_only=False)   # the payload is real: full unpickling runs it
+    torch.load(evil, weights_only=False)  # the payload is real: full unpickling runs it
     assert marker.exists()
 
 
 def _state(tmp_path, iteration):
-    return save_training_state(tmp_path, iteration, {"model": {"w": torch.full((2,), float(iteration))}})
+    return save_training_state(
+        tmp_path, iteration, {"model": {"w": torch.full((2,), float(iteration))}}
+    )
 
 
 def test_find_last_checkpoint_falls_back_to_the_newest_readable_state(tmp_path, caplog):
     for it in (2, 4, 6):
         _state(tmp_path, it)
     last = tmp_path / "model_0000006.pt"
-    last.write_bytes(last.read_bytes()[:100])          # pointer names a truncated file
+    last.write_bytes(last.read_bytes()[:100])  # pointer names a truncated file
     with caplog.at_level("WARNING", logger="dynaseg.checkpoint"):
         assert find_last_checkpoint(tmp_path).name == "model_0000004.pt"
     assert "model_0000006.pt: cannot read training state" in caplog.text
-    last.unlink()                                     # pointer names a missing file
+    last.unlink()  # pointer names a missing file
     assert find_last_checkpoint(tmp_path).name == "model_0000004.pt"
     (tmp_path / "last_checkpoint").write_text("model_0000002.pt")
-    assert find_last_checkpoint(tmp_path).name == "model_0000002.pt"   # newer files than the pointer's: stale
+    assert (
+        find_last_checkpoint(tmp_path).name == "model_0000002.pt"
+    )  # newer files than the pointer's: stale
     (tmp_path / "last_checkpoint").write_text("")
     assert find_last_checkpoint(tmp_path).name == "model_0000004.pt"
     (tmp_path / "last_checkpoint").unlink()
@@ -194,8 +244,11 @@ def test_find_last_checkpoint_falls_back_to_the_newest_readable_state(tmp_path, 
 
 def test_stale_temporary_files_are_ignored_and_removed(tmp_path):
     _state(tmp_path, 2)
-    stale = [tmp_path / ".model_0000004.pt.k2j3.tmp", tmp_path / ".last_checkpoint.x1.tmp",
-             tmp_path / ".model_final.safetensors.y7.tmp"]
+    stale = [
+        tmp_path / ".model_0000004.pt.k2j3.tmp",
+        tmp_path / ".last_checkpoint.x1.tmp",
+        tmp_path / ".model_final.safetensors.y7.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"half a file")
     (tmp_path / "notes.tmp").write_text("not ours")

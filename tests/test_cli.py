@@ -1,4 +1,5 @@
 """Command-line smoke tests: the fixed command shapes other tooling relies on."""
+
 import json
 import subprocess
 import sys
@@ -13,16 +14,30 @@ from dynaseg.structures import Instances
 
 
 def dynaseg(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "dynaseg", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaseg", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def test_eval_results_file_json_shape(tiny_run, synth_dir):
-    proc = dynaseg("eval", "--gt", synth_dir / "annotations/instances_val.json",
-                   "--results", tiny_run.output_dir / "results_val.json", "--iou-types", "bbox", "segm", "--json")
+    proc = dynaseg(
+        "eval",
+        "--gt",
+        synth_dir / "annotations/instances_val.json",
+        "--results",
+        tiny_run.output_dir / "results_val.json",
+        "--iou-types",
+        "bbox",
+        "segm",
+        "--json",
+    )
     metrics = json.loads(proc.stdout)
     assert set(metrics) == {"bbox", "segm"}
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -32,10 +47,25 @@ def test_eval_results_file_json_shape(tiny_run, synth_dir):
 
 def test_eval_ground_truth_as_results_is_100(synth_dir, tmp_path):
     gt = json.loads((synth_dir / "annotations/instances_val.json").read_text())
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-                "segmentation": a["segmentation"], "score": 1.0} for a in gt["annotations"]]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": 1.0,
+        }
+        for a in gt["annotations"]
+    ]
     (tmp_path / "r.json").write_text(json.dumps(results))
-    proc = dynaseg("eval", "--gt", synth_dir / "annotations/instances_val.json", "--results", tmp_path / "r.json", "--json")
+    proc = dynaseg(
+        "eval",
+        "--gt",
+        synth_dir / "annotations/instances_val.json",
+        "--results",
+        tmp_path / "r.json",
+        "--json",
+    )
     metrics = json.loads(proc.stdout)
     assert metrics["bbox"]["AP"] == 100 and metrics["segm"]["AP"] == 100
 
@@ -46,11 +76,24 @@ def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path):
     proc = dynaseg("eval", "--config", config, "--weights", weights, "--output", tmp_path / "ev")
     assert "AP50" in proc.stdout and (tmp_path / "ev" / "results_val.json").is_file()
     out = tmp_path / "pred"
-    dynaseg("predict", "--config", config, "--weights", weights, "--input", synth_dir / "val", "--output", out,
-            "--score-threshold", "0.0")
+    dynaseg(
+        "predict",
+        "--config",
+        config,
+        "--weights",
+        weights,
+        "--input",
+        synth_dir / "val",
+        "--output",
+        out,
+        "--score-threshold",
+        "0.0",
+    )
     assert len(list(out.glob("*.png"))) == 8
     results = json.loads((out / "results.json").read_text())
-    assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r) for r in results)
+    assert all(
+        {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r) for r in results
+    )
 
 
 def test_python_predictor(tiny_run, synth_dir):
@@ -67,14 +110,27 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     proc = dynaseg("train", "--config", "blendmask_tiny", "solver.max_itr=3", check=False)
     assert proc.returncode != 0 and "did you mean 'solver.max_iter'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = dynaseg("train", "--config", "blendmask_tiny", f"data.train_json={tmp_path}/missing.json",
-                   f"output_dir={tmp_path}/run", check=False)
+    proc = dynaseg(
+        "train",
+        "--config",
+        "blendmask_tiny",
+        f"data.train_json={tmp_path}/missing.json",
+        f"output_dir={tmp_path}/run",
+        check=False,
+    )
     assert proc.returncode != 0 and "missing.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_train_command_with_overrides(synth_dir, tmp_path):
-    proc = dynaseg("train", "--config", "blendmask_tiny", *data_overrides(synth_dir), f"output_dir={tmp_path}",
-                   "solver.max_iter=2", "solver.base_lr=0.001")
+    proc = dynaseg(
+        "train",
+        "--config",
+        "blendmask_tiny",
+        *data_overrides(synth_dir),
+        f"output_dir={tmp_path}",
+        "solver.max_iter=2",
+        "solver.base_lr=0.001",
+    )
     assert "run folder" in proc.stdout and (tmp_path / "model_final.safetensors").is_file()
     assert "base_lr: 0.001" in (tmp_path / "config.yaml").read_text()
 
@@ -82,5 +138,7 @@ def test_train_command_with_overrides(synth_dir, tmp_path):
 def test_config_and_synth_commands(tmp_path):
     assert "blendmask_r50_fpn_1x" in dynaseg("config").stdout
     assert "max_iter: 90000" in dynaseg("config", "--config", "blendmask_r50_fpn_1x").stdout
-    dynaseg("data", "synth", "--out", tmp_path, "--num-train", 2, "--num-val", 1, "--image-size", 64)
+    dynaseg(
+        "data", "synth", "--out", tmp_path, "--num-train", 2, "--num-val", 1, "--image-size", 64
+    )
     assert (tmp_path / "annotations" / "instances_val.json").is_file()

@@ -1,4 +1,5 @@
 """Tests for dynaseg.evaluation.coco (COCO bbox/segm evaluation)."""
+
 from __future__ import annotations
 
 import copy
@@ -45,14 +46,20 @@ def _ann_rle(ann: dict, hw: tuple[int, int]) -> dict:
 
 def _make_gt() -> dict:
     """3 images, polygon + compressed + uncompressed RLE GT; category ids 3, 7 and 9 (no GT)."""
-    images = [{"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"}
-              for i, (h, w) in SIZES.items()]
+    images = [
+        {"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"} for i, (h, w) in SIZES.items()
+    ]
     anns: list[dict] = []
 
     def add(image_id: int, cat: int, seg) -> None:
         hw = SIZES[image_id]
-        ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
-               "segmentation": seg, "iscrowd": 0}
+        ann = {
+            "id": len(anns) + 1,
+            "image_id": image_id,
+            "category_id": cat,
+            "segmentation": seg,
+            "iscrowd": 0,
+        }
         rle = _ann_rle(ann, hw)
         ann["area"] = float(mask_utils.area(rle))
         ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
@@ -86,8 +93,15 @@ def _gt_as_results(gt: dict) -> list[dict]:
         rle = dict(_ann_rle(a, SIZES[a["image_id"]]))
         if isinstance(rle["counts"], bytes):
             rle["counts"] = rle["counts"].decode()
-        out.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                    "bbox": list(a["bbox"]), "score": 1.0, "segmentation": rle})
+        out.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": list(a["bbox"]),
+                "score": 1.0,
+                "segmentation": rle,
+            }
+        )
     return out
 
 
@@ -203,8 +217,9 @@ def test_instances_round_trip(backend: str) -> None:
 
 
 def test_instances_without_masks_and_empty() -> None:
-    inst = Instances(image_size=(10, 10), boxes=torch.tensor([[1.0, 2.0, 5.0, 9.0]]),
-                     labels=torch.tensor([1]))
+    inst = Instances(
+        image_size=(10, 10), boxes=torch.tensor([[1.0, 2.0, 5.0, 9.0]]), labels=torch.tensor([1])
+    )
     (r,) = instances_to_coco_results(inst, 4, CategoryMap([3, 7], ["a", "b"]))
     assert r == {"image_id": 4, "category_id": 7, "bbox": [1.0, 2.0, 4.0, 7.0], "score": 1.0}
     empty = Instances.empty((10, 10), with_scores=True, with_masks=True)
@@ -258,8 +273,9 @@ def test_bad_results_files_raise_clear_errors(gt_file: Path, tmp_path: Path) -> 
 
 
 def test_segm_without_masks_and_bad_gt(gt_file: Path, tmp_path: Path) -> None:
-    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"}
-                  for r in _gt_as_results(_make_gt())]
+    boxes_only = [
+        {k: v for k, v in r.items() if k != "segmentation"} for r in _gt_as_results(_make_gt())
+    ]
     path = _write(tmp_path, "boxes.json", boxes_only)
     with pytest.raises(EvaluationError, match="segmentation") as info:
         evaluate_coco(gt_file, path)

@@ -1,4 +1,5 @@
 """Presets, key=value overrides, YAML round trip, and the errors users see."""
+
 import pytest
 
 from dynaseg.config.overrides import ConfigError, apply_overrides, field_paths
@@ -14,28 +15,47 @@ def test_every_preset_builds_and_round_trips(name, tmp_path):
 
 def test_issue_override_keys_exist():
     keys = set(field_paths(load_config("blendmask_r50_fpn_1x")))
-    for key in ("data.train_json", "data.train_images", "data.val_json", "data.val_images",
-                "solver.base_lr", "solver.max_iter", "output_dir", "model.backbone_weights"):
+    for key in (
+        "data.train_json",
+        "data.train_images",
+        "data.val_json",
+        "data.val_images",
+        "solver.base_lr",
+        "solver.max_iter",
+        "output_dir",
+        "model.backbone_weights",
+    ):
         assert key in keys
 
 
 def test_overrides_coerce_types():
-    cfg = apply_overrides(load_config("blendmask_tiny"), [
-        "solver.base_lr=0.5", "solver.max_iter=1_000", "data.min_size_train=[100,120]",
-        "solver.amp=true", "model.backbone.norm=GN", "solver.steps=10,20"])
+    cfg = apply_overrides(
+        load_config("blendmask_tiny"),
+        [
+            "solver.base_lr=0.5",
+            "solver.max_iter=1_000",
+            "data.min_size_train=[100,120]",
+            "solver.amp=true",
+            "model.backbone.norm=GN",
+            "solver.steps=10,20",
+        ],
+    )
     assert cfg.solver.base_lr == 0.5 and cfg.solver.max_iter == 1000
     assert cfg.data.min_size_train == (100, 120) and cfg.solver.amp is True
     assert cfg.model.backbone.norm == "GN" and cfg.solver.steps == (10, 20)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("solver.base_rl=1", "did you mean 'solver.base_lr'"),
-    ("solver.max_iter=ten", "expected an integer"),
-    ("model.backbone.depth=19", "not one of"),
-    ("model.backbone=3", "is a section"),
-    ("nokey", "key=value"),
-    ("solver.amp=maybe", "true/false"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("solver.base_rl=1", "did you mean 'solver.base_lr'"),
+        ("solver.max_iter=ten", "expected an integer"),
+        ("model.backbone.depth=19", "not one of"),
+        ("model.backbone=3", "is a section"),
+        ("nokey", "key=value"),
+        ("solver.amp=maybe", "true/false"),
+    ],
+)
 def test_bad_overrides_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config("blendmask_tiny", [override])

@@ -1,4 +1,5 @@
 """Data pipeline: image decoding, COCO validation, transforms, dataset, collation, samplers."""
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,16 @@ from dynaseg.data.transforms import (
 
 pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+    ),
 ]
 
 RED = (255, 0, 0)
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 def _draw(path: Path, size_hw: tuple[int, int], polygons: list[list[float]], seed: int) -> None:
     """Dark noisy background with the given polygons filled red (lossless PNG unless .jpg)."""
@@ -56,8 +60,14 @@ def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
 
 
 def _ann(aid: int, image_id: int, cat: int, bbox: list[float], seg, iscrowd: int = 0) -> dict:
-    return {"id": aid, "image_id": image_id, "category_id": cat, "bbox": bbox,
-            "segmentation": seg, "iscrowd": iscrowd}
+    return {
+        "id": aid,
+        "image_id": image_id,
+        "category_id": cat,
+        "bbox": bbox,
+        "segmentation": seg,
+        "iscrowd": iscrowd,
+    }
 
 
 def _write_coco(root: Path, images: list[dict], anns: list[dict], cats=None) -> Path:
@@ -76,7 +86,11 @@ def coco(tmp_path: Path) -> tuple[Path, Path]:
     sizes = [(48, 64), (64, 48), (40, 70), (72, 40), (50, 50), (44, 60)]
     for i, (h, w) in enumerate(sizes):
         image_id = 100 + i
-        polys = [] if i == 4 else [_rect(4, 6, w // 2, h // 2), _rect(w // 2 + 3, h // 2 + 2, w - 5, h - 4)]
+        polys = (
+            []
+            if i == 4
+            else [_rect(4, 6, w // 2, h // 2), _rect(w // 2 + 3, h // 2 + 2, w - 5, h - 4)]
+        )
         _draw(img_dir / f"{image_id}.png", (h, w), polys, seed=i)
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
         for k, p in enumerate(polys):
@@ -84,7 +98,7 @@ def coco(tmp_path: Path) -> tuple[Path, Path]:
             seg: list | dict = [p]
             if k == 1 and i % 2:  # every other second object as compressed RLE
                 m = np.zeros((h, w), np.uint8, order="F")
-                m[int(p[1]):int(p[5]), int(p[0]):int(p[2])] = 1
+                m[int(p[1]) : int(p[5]), int(p[0]) : int(p[2])] = 1
                 rle = mask_util.encode(m)
                 seg = {"size": [h, w], "counts": rle["counts"].decode()}
             anns.append(_ann(aid, image_id, 7 if k == 0 else 3, bbox, seg))
@@ -108,6 +122,7 @@ def _mask_box(mask: torch.Tensor) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- image_io
+
 
 def test_read_image_modes(tmp_path: Path):
     rng = np.random.default_rng(0)
@@ -139,8 +154,11 @@ def test_read_image_errors(tmp_path: Path):
     data = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.jpg").write_bytes(b"definitely not an image")
-    cases = {"missing.jpg": "file not found", "trunc.jpg": "truncated JPEG",
-             "junk.jpg": "not a recognised image format"}
+    cases = {
+        "missing.jpg": "file not found",
+        "trunc.jpg": "truncated JPEG",
+        "junk.jpg": "not a recognised image format",
+    }
     for name, reason in cases.items():
         with pytest.raises(ImageReadError) as err:
             read_image(tmp_path / name)
@@ -161,6 +179,7 @@ def test_read_image_applies_exif_orientation(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- coco loading
 
+
 def test_load_coco_valid(coco):
     json_path, img_dir = coco
     ds = load_coco_instances(json_path, img_dir)
@@ -176,12 +195,15 @@ def test_load_coco_valid(coco):
     assert all(v == 0 for k, v in ds.stats.items() if k.startswith("dropped"))
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "annotation file not found"),
-    ("{not json", "not valid JSON"),
-    ('{"images": [], "categories": []}', "missing top-level key"),
-    ('[1, 2]', "top level must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "annotation file not found"),
+        ("{not json", "not valid JSON"),
+        ('{"images": [], "categories": []}', "missing top-level key"),
+        ("[1, 2]", "top level must be a JSON object"),
+    ],
+)
 def test_load_coco_bad_file(tmp_path: Path, content, message):
     path = tmp_path / "bad.json"
     if content is not None:
@@ -191,14 +213,36 @@ def test_load_coco_bad_file(tmp_path: Path, content, message):
     assert str(err.value).startswith(str(path))
 
 
-@pytest.mark.parametrize("ann, images_extra, message", [
-    (_ann(11, 1, 99, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]), [], r"annotation id=11: unknown category_id 99"),
-    (_ann(12, 42, 7, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]), [], r"annotation id=12: image_id 42 is not in"),
-    (_ann(13, 1, 7, [1, 1, 5, 5], {"size": [10, 10], "counts": "abc"}), [], r"annotation id=13: RLE size"),
-    (_ann(14, 1, 7, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]),
-     [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}], "duplicated image id"),
-    (_ann(15, 1, 7, [1, 1, 5], [_rect(1, 1, 6, 6)]), [], r"annotation id=15: 'bbox' must be 4 numbers"),
-])
+@pytest.mark.parametrize(
+    "ann, images_extra, message",
+    [
+        (
+            _ann(11, 1, 99, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]),
+            [],
+            r"annotation id=11: unknown category_id 99",
+        ),
+        (
+            _ann(12, 42, 7, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]),
+            [],
+            r"annotation id=12: image_id 42 is not in",
+        ),
+        (
+            _ann(13, 1, 7, [1, 1, 5, 5], {"size": [10, 10], "counts": "abc"}),
+            [],
+            r"annotation id=13: RLE size",
+        ),
+        (
+            _ann(14, 1, 7, [1, 1, 5, 5], [_rect(1, 1, 6, 6)]),
+            [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}],
+            "duplicated image id",
+        ),
+        (
+            _ann(15, 1, 7, [1, 1, 5], [_rect(1, 1, 6, 6)]),
+            [],
+            r"annotation id=15: 'bbox' must be 4 numbers",
+        ),
+    ],
+)
 def test_load_coco_inconsistent(tmp_path: Path, ann, images_extra, message):
     img_dir = tmp_path / "img"
     img_dir.mkdir()
@@ -212,13 +256,13 @@ def test_load_coco_inconsistent(tmp_path: Path, ann, images_extra, message):
 
 def test_load_coco_clip_and_drop(tmp_path: Path, caplog):
     anns = [
-        _ann(1, 1, 7, [-5, 30, 20, 20], [_rect(0, 30, 15, 40)]),       # outside: clipped, kept
-        _ann(2, 1, 7, [10, 10, 0, 5], [_rect(10, 10, 11, 15)]),        # zero width: dropped
-        _ann(3, 1, 7, [60, 5, 10, 10], [_rect(60, 5, 70, 15)]),        # fully outside: dropped
-        _ann(4, 1, 3, [1, 1, 5, 5], []),                               # empty polygon list
-        _ann(5, 1, 3, [1, 1, 5, 5], [[1, 1, 5, 5]]),                    # < 3 points
-        _ann(6, 1, 3, [1, 1, 5, 5], [[1, 1, 3, 3, 5, 5]]),              # collinear: zero area
-        _ann(7, 1, 3, [1, 1, 5, 5], [[], _rect(1, 1, 6, 6)]),           # one good part left
+        _ann(1, 1, 7, [-5, 30, 20, 20], [_rect(0, 30, 15, 40)]),  # outside: clipped, kept
+        _ann(2, 1, 7, [10, 10, 0, 5], [_rect(10, 10, 11, 15)]),  # zero width: dropped
+        _ann(3, 1, 7, [60, 5, 10, 10], [_rect(60, 5, 70, 15)]),  # fully outside: dropped
+        _ann(4, 1, 3, [1, 1, 5, 5], []),  # empty polygon list
+        _ann(5, 1, 3, [1, 1, 5, 5], [[1, 1, 5, 5]]),  # < 3 points
+        _ann(6, 1, 3, [1, 1, 5, 5], [[1, 1, 3, 3, 5, 5]]),  # collinear: zero area
+        _ann(7, 1, 3, [1, 1, 5, 5], [[], _rect(1, 1, 6, 6)]),  # one good part left
         _ann(8, 1, 3, [1, 1, 5, 5], {"size": [40, 50], "counts": [2000]}),  # empty RLE
     ]
     with caplog.at_level(logging.INFO, logger="dynaseg.data"):
@@ -228,13 +272,26 @@ def test_load_coco_clip_and_drop(tmp_path: Path, caplog):
     assert kept[0].bbox_xyxy == (0.0, 30.0, 15.0, 40.0)
     assert kept[1].segmentation == [_rect(1, 1, 6, 6)]
     s = ds.stats
-    assert (s["clipped_bbox"], s["dropped_degenerate_bbox"], s["dropped_no_valid_polygon"],
-            s["dropped_polygon_parts"], s["dropped_empty_rle"]) == (1, 2, 3, 3, 1)
+    assert (
+        s["clipped_bbox"],
+        s["dropped_degenerate_bbox"],
+        s["dropped_no_valid_polygon"],
+        s["dropped_polygon_parts"],
+        s["dropped_empty_rle"],
+    ) == (1, 2, 3, 3, 1)
     text = caplog.text
-    for key in ("clipped_bbox", "dropped_degenerate_bbox", "dropped_no_valid_polygon",
-                "dropped_polygon_parts", "dropped_empty_rle"):
+    for key in (
+        "clipped_bbox",
+        "dropped_degenerate_bbox",
+        "dropped_no_valid_polygon",
+        "dropped_polygon_parts",
+        "dropped_empty_rle",
+    ):
         assert f"[{key}]" in text and "ann.json" in text
-    assert sum(f"[{k}]" in text for k in ("dropped_nonfinite_bbox", "dropped_missing_segmentation")) == 0
+    assert (
+        sum(f"[{k}]" in text for k in ("dropped_nonfinite_bbox", "dropped_missing_segmentation"))
+        == 0
+    )
 
 
 def test_load_coco_missing_images(tmp_path: Path):
@@ -242,12 +299,15 @@ def test_load_coco_missing_images(tmp_path: Path):
     img_dir.mkdir()
     images = [{"id": i, "file_name": f"{i}.png", "height": 10, "width": 10} for i in range(8)]
     path = _write_coco(tmp_path, images, [])
-    with pytest.raises(DatasetError, match=r"ann\.json: 8 of 8 images are missing.*0\.png.*, \.\.\."):
+    with pytest.raises(
+        DatasetError, match=r"ann\.json: 8 of 8 images are missing.*0\.png.*, \.\.\."
+    ):
         load_coco_instances(path, img_dir)
     assert len(load_coco_instances(path, img_dir, check_files=False).records) == 8
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 def _sample(h=48, w=64):
     mask = torch.zeros(2, h, w, dtype=torch.bool)
@@ -256,10 +316,13 @@ def _sample(h=48, w=64):
     boxes = torch.tensor([[4, 6, 32, 24], [40, 30, 59, 44]], dtype=torch.float32)
     image = torch.zeros(3, h, w, dtype=torch.uint8)
     image[0][mask.any(0)] = 255
-    return {"image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-            "masks": tv_tensors.Mask(mask), "labels": torch.tensor([0, 1]),
-            "iscrowd": torch.tensor([False, True])}
+    return {
+        "image": tv_tensors.Image(image),
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+        "masks": tv_tensors.Mask(mask),
+        "labels": torch.tensor([0, 1]),
+        "iscrowd": torch.tensor([False, True]),
+    }
 
 
 @pytest.mark.parametrize("short", [30, 48, 75, 101])
@@ -296,11 +359,15 @@ def test_resize_shortest_edge_sizes():
     out = build_test_transforms(800, 1333)(_sample(480, 640))
     assert out["image"].shape[-2:] == (800, 1067) and out["masks"].shape[-2:] == (800, 1067)
     torch.manual_seed(0)
-    seen = {tuple(ResizeShortestEdge((20, 30, 40), 100)(_sample())["image"].shape[-2:]) for _ in range(40)}
+    seen = {
+        tuple(ResizeShortestEdge((20, 30, 40), 100)(_sample())["image"].shape[-2:])
+        for _ in range(40)
+    }
     assert seen == {resized_shape(48, 64, s, 100) for s in (20, 30, 40)}
 
 
 # ----------------------------------------------------------------------------- dataset
+
 
 def test_dataset_sample_and_masks(coco):
     ds = InstanceDataset(load_coco_instances(*coco), None, train=True)
@@ -308,7 +375,9 @@ def test_dataset_sample_and_masks(coco):
     assert s.image.shape == (3, 64, 48) and s.image.dtype == torch.uint8
     assert s.original_size == (64, 48) and s.image_id == 101 and s.file_name.endswith("101.png")
     t = s.target
-    assert t.image_size == (64, 48) and t.labels.tolist() == [1, 0] and t.boxes.dtype == torch.float32
+    assert (
+        t.image_size == (64, 48) and t.labels.tolist() == [1, 0] and t.boxes.dtype == torch.float32
+    )
     assert t.masks.shape == (2, 64, 48) and t.masks.dtype == torch.bool
     for m, b in zip(t.masks, t.boxes):
         assert (torch.tensor(_mask_box(m), dtype=torch.float32) - b).abs().max() <= 1
@@ -320,7 +389,9 @@ def test_dataset_sample_and_masks(coco):
 
 
 def test_dataset_empty_image_after_transforms(coco):
-    ds = InstanceDataset(load_coco_instances(*coco), build_train_transforms((32, 40), 90, 0.5), train=True)
+    ds = InstanceDataset(
+        load_coco_instances(*coco), build_train_transforms((32, 40), 90, 0.5), train=True
+    )
     s = ds[4]
     h, w = s.image.shape[-2:]
     assert s.target.masks.shape == (0, h, w) and s.target.image_size == (h, w)
@@ -330,13 +401,23 @@ def test_dataset_max_instances_keeps_largest(coco):
     ds = InstanceDataset(load_coco_instances(*coco), None, train=True, max_instances=1)
     t = ds[0].target  # 48x64: first rect 28x18=504, second 24x20=480
     assert len(t) == 1 and t.boxes[0].tolist() == [4.0, 6.0, 32.0, 24.0]
-    assert len(InstanceDataset(load_coco_instances(*coco), None, train=False, max_instances=1)[0].target) == 2
+    assert (
+        len(
+            InstanceDataset(load_coco_instances(*coco), None, train=False, max_instances=1)[
+                0
+            ].target
+        )
+        == 2
+    )
 
 
 def test_dataset_reproducible_augmentation(coco):
     inst = load_coco_instances(*coco)
     tf = build_train_transforms((24, 32, 40, 48, 56), 200, 0.5)
-    a, b = InstanceDataset(inst, tf, train=True, seed=3), InstanceDataset(inst, tf, train=True, seed=3)
+    a, b = (
+        InstanceDataset(inst, tf, train=True, seed=3),
+        InstanceDataset(inst, tf, train=True, seed=3),
+    )
     torch.manual_seed(123)  # global RNG state must not matter ...
     first = [a[i].image for i in range(12)]
     rng_after = torch.rand(1)
@@ -357,7 +438,9 @@ def test_dataset_read_error_propagates(coco, tmp_path: Path):
     with pytest.raises(ImageReadError, match="102.png"):
         ds[2]
     it = iter(build_test_loader(ds, batch_size=3, num_workers=1))
-    with pytest.raises(ImageReadError, match=r"102\.png: cannot read image"):  # type survives workers
+    with pytest.raises(
+        ImageReadError, match=r"102\.png: cannot read image"
+    ):  # type survives workers
         next(it)
     # The re-raised exception's traceback holds the iterator in a reference cycle; finalised by the
     # GC it waits 5 s for its worker, so shut it down explicitly.
@@ -366,12 +449,14 @@ def test_dataset_read_error_propagates(coco, tmp_path: Path):
 
 def test_rasterize_uncompressed_rle():
     from dynaseg.data.coco import AnnotationRecord
+
     rle = {"size": [4, 5], "counts": [5, 3, 12]}  # column-major: column 1, rows 1..3
     m = rasterize_masks([AnnotationRecord(0, (1, 1, 2, 4), rle, False)], 4, 5)
     assert m.shape == (1, 4, 5) and m.sum() == 3 and m[0, 1:4, 1].all()
 
 
 # ----------------------------------------------------------------------------- collate
+
 
 def test_collate_padding(coco):
     ds = InstanceDataset(load_coco_instances(*coco), None, train=False)
@@ -386,6 +471,7 @@ def test_collate_padding(coco):
 
 
 # ----------------------------------------------------------------------------- samplers
+
 
 def _take(it, n):
     return [next(it) for _ in range(n)]
@@ -413,7 +499,9 @@ def test_grouped_batch_sampler_groups():
     batches = _take(iter(GroupedBatchSampler(TrainingSampler(7, seed=0), groups, 3)), 10)
     for b in batches:
         assert len(b) == 3 and len({groups[i % 7] for i in b}) == 1
-    resumed = _take(iter(GroupedBatchSampler(TrainingSampler(7, seed=0), groups, 3, skip_batches=4)), 6)
+    resumed = _take(
+        iter(GroupedBatchSampler(TrainingSampler(7, seed=0), groups, 3, skip_batches=4)), 6
+    )
     assert resumed == batches[4:]
 
 
@@ -430,17 +518,28 @@ def _batches(loader, n):
 
 @pytest.mark.parametrize("grouping", [True, False])
 def test_train_loader_resume(coco, grouping):
-    ds = InstanceDataset(load_coco_instances(*coco), build_train_transforms((24, 32, 40), 80, 0.5),
-                         train=True, seed=1)
-    kw = dict(batch_size_per_rank=2, num_workers=0, aspect_ratio_grouping=grouping, seed=4,
-              size_divisibility=16)
+    ds = InstanceDataset(
+        load_coco_instances(*coco),
+        build_train_transforms((24, 32, 40), 80, 0.5),
+        train=True,
+        seed=1,
+    )
+    kw = dict(
+        batch_size_per_rank=2,
+        num_workers=0,
+        aspect_ratio_grouping=grouping,
+        seed=4,
+        size_divisibility=16,
+    )
     fresh = _batches(build_train_loader(ds, **kw), 9)
     resumed = _batches(build_train_loader(ds, start_iter=5, **kw), 4)
     for a, b in zip(fresh[5:], resumed):
         assert a.image_ids == b.image_ids and a.image_sizes == b.image_sizes
         assert torch.equal(a.images, b.images)
-        assert all(torch.equal(x.masks, y.masks) and torch.equal(x.boxes, y.boxes)
-                   for x, y in zip(a.targets, b.targets))
+        assert all(
+            torch.equal(x.masks, y.masks) and torch.equal(x.boxes, y.boxes)
+            for x, y in zip(a.targets, b.targets)
+        )
     for b in fresh:
         assert b.images.shape[-1] % 16 == 0 and b.images.shape[-2] % 16 == 0
         if grouping:
@@ -449,8 +548,12 @@ def test_train_loader_resume(coco, grouping):
 
 
 def test_train_loader_workers_match_main_process(coco):
-    ds = InstanceDataset(load_coco_instances(*coco), build_train_transforms((24, 32, 40), 80, 0.5),
-                         train=True, seed=2)
+    ds = InstanceDataset(
+        load_coco_instances(*coco),
+        build_train_transforms((24, 32, 40), 80, 0.5),
+        train=True,
+        seed=2,
+    )
     kw = dict(batch_size_per_rank=2, aspect_ratio_grouping=True, seed=0, rank=1, world_size=2)
     main = _batches(build_train_loader(ds, num_workers=0, **kw), 5)
     workers = _batches(build_train_loader(ds, num_workers=2, **kw), 5)
@@ -462,7 +565,9 @@ def test_test_loader(coco):
     ds = InstanceDataset(load_coco_instances(*coco), build_test_transforms(32, 60), train=False)
     ids = []
     for rank in range(2):
-        for batch in build_test_loader(ds, batch_size=2, rank=rank, world_size=2, size_divisibility=8):
+        for batch in build_test_loader(
+            ds, batch_size=2, rank=rank, world_size=2, size_divisibility=8
+        ):
             ids += batch.image_ids
             for (h, w), (oh, ow) in zip(batch.image_sizes, batch.original_sizes):
                 assert (h, w) == resized_shape(oh, ow, 32, 60)
@@ -472,9 +577,12 @@ def test_test_loader(coco):
 def test_build_dataset_refuses_empty_split(tmp_path: Path):
     from dynaseg.config.presets import load_config
     from dynaseg.data.build import build_dataset
+
     path = _write_coco(tmp_path, [], [])
     data = load_coco_instances(path, tmp_path)
     cfg = load_config("blendmask_tiny", [])
     for train, what in ((True, "train"), (False, "evaluate")):
-        with pytest.raises(DatasetError, match=rf"ann\.json: 'images' is empty, nothing to {what} on"):
+        with pytest.raises(
+            DatasetError, match=rf"ann\.json: 'images' is empty, nothing to {what} on"
+        ):
             build_dataset(cfg, data, train=train)

@@ -1,5 +1,6 @@
 """data.on_error: a corrupt image stops the run naming the file ("stop"), or is reported once and
 skipped ("skip"), in the datasets, across DataLoader workers and in a tiny training run."""
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,9 @@ from dynaseg.structures.panoptic import IGNORE_LABEL
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+    ),
 ]
 
 SKIP_NOTE = "[data.on_error=skip"
@@ -57,18 +60,25 @@ def _flip_byte(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "garbage": (lambda p: p.write_bytes(b"this is not an image" * 10), "not a recognised image format"),
+    "garbage": (
+        lambda p: p.write_bytes(b"this is not an image" * 10),
+        "not a recognised image format",
+    ),
     "truncated": (_truncate, "truncated PNG"),
     "flipped_byte": (_flip_byte, "corrupt PNG"),
 }
 
 
 def _warnings_about(caplog, path: Path) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and str(path) in r.getMessage()
+    ]
 
 
 # ----------------------------------------------------------------------------- image_io
+
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_corrupt_png_raises_image_read_error(synth: Path, kind: str):
@@ -84,24 +94,29 @@ def test_corrupt_png_raises_image_read_error(synth: Path, kind: str):
 def test_huge_declared_size_refused_before_decoding(tmp_path: Path):
     """A 600-byte JPEG declaring 65000x65000 used to decode into a 12 GB tensor for 45 s."""
     import io
+
     buf = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.find(b"\xff\xc0")
-    data[sof + 5:sof + 9] = (65000).to_bytes(2, "big") * 2
+    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
     path = tmp_path / "huge.jpg"
     path.write_bytes(bytes(data))
     with pytest.raises(ImageReadError, match=r"huge\.jpg: cannot read image \(too large: "):
         read_image(path)
     path2 = tmp_path / "big.jpg"
-    data[sof + 5:sof + 9] = (300).to_bytes(2, "big") * 2  # plausible size, not the annotation's
+    data[sof + 5 : sof + 9] = (300).to_bytes(2, "big") * 2  # plausible size, not the annotation's
     path2.write_bytes(bytes(data))
-    with pytest.raises(ImageReadError, match=r"big\.jpg: cannot read image \(size 300x300 \(HxW\) does not "
-                                             r"match the annotation's 16x16\)"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"big\.jpg: cannot read image \(size 300x300 \(HxW\) does not "
+        r"match the annotation's 16x16\)",
+    ):
         read_image(path2, (16, 16))
 
 
 # ----------------------------------------------------------------------------- datasets
+
 
 def _instances(root: Path):
     return load_coco_instances(root / "annotations" / "instances_train.json", root / "train")
@@ -127,8 +142,11 @@ def test_stop_raises_in_main_process_and_workers(synth: Path):
 
 def test_dataset_error_from_worker_keeps_its_one_line_message(synth: Path):
     root = synth
-    pan = load_coco_panoptic(root / "annotations" / "panoptic_train.json", root / "train",
-                             root / "annotations" / "panoptic_train")
+    pan = load_coco_panoptic(
+        root / "annotations" / "panoptic_train.json",
+        root / "train",
+        root / "annotations" / "panoptic_train",
+    )
     png = Path(pan.records[0].panoptic_file)
     Image.fromarray(np.zeros((64, 32, 3), np.uint8)).save(png)  # wrong size
     ds = PanopticDataset(pan, None, train=False)
@@ -152,7 +170,9 @@ def test_skip_uses_next_image_and_reports_once(synth: Path, caplog):
                 s = ds[epoch * 4 + i]
                 assert s.file_name != str(path)
                 if i == 1:  # image 1 is bad: image 2 stands in, deterministically
-                    assert s.image_id == reference[2].image_id and torch.equal(s.image, reference[2].image)
+                    assert s.image_id == reference[2].image_id and torch.equal(
+                        s.image, reference[2].image
+                    )
     messages = _warnings_about(caplog, path)
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"{path}: cannot read image (corrupt PNG")
@@ -168,9 +188,11 @@ def test_skip_with_every_image_bad_raises(synth: Path, caplog):
         for index in (2, 5):  # the second call fails at once, without re-reading
             with pytest.raises(DatasetError) as err:
                 ds[index]
-            assert str(err.value).startswith(f"{data.json_path}: none of the 4 images can be read, "
-                                              f"data.on_error=skip has nothing to use instead (first: "
-                                              f"{synth / 'train' / '000000.png'}: cannot read image")
+            assert str(err.value).startswith(
+                f"{data.json_path}: none of the 4 images can be read, "
+                f"data.on_error=skip has nothing to use instead (first: "
+                f"{synth / 'train' / '000000.png'}: cannot read image"
+            )
     assert sum(SKIP_NOTE in r.getMessage() for r in caplog.records) == 4
 
 
@@ -182,7 +204,11 @@ def test_skip_in_evaluation_gives_blank_image_with_same_id(synth: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="dynaseg.data"):
         a, b = ds[3], ds[3]
     assert a.image_id == data.records[3].image_id and a.file_name == str(path)
-    assert a.image.shape == (3, 32, 32) and int(a.image.abs().sum()) == 0 and torch.equal(a.image, b.image)
+    assert (
+        a.image.shape == (3, 32, 32)
+        and int(a.image.abs().sum()) == 0
+        and torch.equal(a.image, b.image)
+    )
     assert len(a.target) == 0 and a.target.masks.shape == (0, 32, 32)
     messages = _warnings_about(caplog, path)
     assert len(messages) == 1 and "cannot read image (empty file)" in messages[0]
@@ -192,8 +218,11 @@ def test_skip_in_evaluation_gives_blank_image_with_same_id(synth: Path, caplog):
 
 def test_panoptic_skip_covers_bad_pngs(synth: Path, caplog):
     root = synth
-    pan = load_coco_panoptic(root / "annotations" / "panoptic_train.json", root / "train",
-                             root / "annotations" / "panoptic_train")
+    pan = load_coco_panoptic(
+        root / "annotations" / "panoptic_train.json",
+        root / "train",
+        root / "annotations" / "panoptic_train",
+    )
     png = Path(pan.records[0].panoptic_file)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(png)  # all void: listed segments missing
     ds = PanopticDataset(pan, None, train=True, on_error="skip")
@@ -213,18 +242,30 @@ def test_invalid_on_error_value(synth: Path):
 
 # ----------------------------------------------------------------------------- training
 
+
 def _config(root: Path, out: Path, *extra: str):
     from dynaseg.config.presets import load_config
-    return load_config("blendmask_tiny", [
-        f"data.train_json={root}/annotations/instances_train.json", f"data.train_images={root}/train",
-        f"data.val_json={root}/annotations/instances_val.json", f"data.val_images={root}/val",
-        f"output_dir={out}", "solver.max_iter=4", "solver.checkpoint_period=100", *extra])
+
+    return load_config(
+        "blendmask_tiny",
+        [
+            f"data.train_json={root}/annotations/instances_train.json",
+            f"data.train_images={root}/train",
+            f"data.val_json={root}/annotations/instances_val.json",
+            f"data.val_images={root}/val",
+            f"output_dir={out}",
+            "solver.max_iter=4",
+            "solver.checkpoint_period=100",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_stops_on_corrupt_image_by_default(synth: Path, tmp_path: Path, workers: int):
     from dynaseg.engine.trainer import train
+
     path = synth / "train" / "000002.png"
     _truncate(path)
     cfg = _config(synth, tmp_path / "run", f"data.num_workers={workers}")
@@ -237,6 +278,7 @@ def test_training_stops_on_corrupt_image_by_default(synth: Path, tmp_path: Path,
 @pytest.mark.slow
 def test_training_skips_corrupt_image_and_reports_it_once(synth: Path, tmp_path: Path, caplog):
     from dynaseg.engine.trainer import train
+
     path = synth / "train" / "000002.png"
     _flip_byte(path)
     cfg = _config(synth, tmp_path / "run", "data.on_error=skip", "data.num_workers=0")
@@ -254,8 +296,10 @@ def test_image_io_leaves_the_warning_filters_alone(tmp_path: Path):
     import subprocess
     import sys
 
-    code = ("import warnings, torch, torchvision.io; before = list(warnings.filters); "
-            "import dynaseg.data.image_io; assert warnings.filters == before, 'filters changed'")
+    code = (
+        "import warnings, torch, torchvision.io; before = list(warnings.filters); "
+        "import dynaseg.data.image_io; assert warnings.filters == before, 'filters changed'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     from dynaseg.data.image_io import read_image
 

@@ -1,4 +1,5 @@
 """The CPU deformable-convolution path equals torchvision's op (values and gradients)."""
+
 import pytest
 import torch
 from torchvision.ops import deform_conv2d
@@ -21,11 +22,15 @@ def test_sampled_path_matches_torchvision_in_float64(groups):
     expected = torch.autograd.grad(reference.sum(), (x, offset, weight, bias))
     for g, e in zip(grads, expected):
         assert torch.allclose(g, e, atol=1e-8)
-    assert torch.autograd.gradcheck(lambda a, o: deform_conv2d_sampled(a, o, weight, bias), (x[:1], offset[:1]))
+    assert torch.autograd.gradcheck(
+        lambda a, o: deform_conv2d_sampled(a, o, weight, bias), (x[:1], offset[:1])
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("band_bytes", [1, 3 * 4 * 9 * 7 * 8 * 4, 10**9])   # row bands / whole instances / all
+@pytest.mark.parametrize(
+    "band_bytes", [1, 3 * 4 * 9 * 7 * 8 * 4, 10**9]
+)  # row bands / whole instances / all
 def test_banded_inference_path_equals_torchvision(groups, band_bytes):
     """Without gradients the columns are built in bands (of rows, or of instances): same values."""
     torch.manual_seed(1)
@@ -44,5 +49,5 @@ def test_module_keeps_torchvision_parameters_and_dispatches():
     reference.load_state_dict(ours.state_dict())
     x, offset = torch.randn(3, 4, 8, 8), torch.randn(3, 18, 8, 8)
     assert torch.allclose(ours(x, offset), reference(x, offset), atol=1e-5)
-    strided = DeformConv2d(4, 6, 3, padding=1, stride=2)          # falls back to torchvision's op
+    strided = DeformConv2d(4, 6, 3, padding=1, stride=2)  # falls back to torchvision's op
     assert strided(x, torch.randn(3, 18, 4, 4)).shape == (3, 6, 4, 4)

@@ -1,4 +1,5 @@
 """DR1Mask: DR1Conv, aligned upsampling, DR1Basis, factored attention, the panoptic layer, and the model."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -25,11 +26,16 @@ from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
 
 # ---------------------------------------------------------------- DR1Conv (Eq. 2-4)
 
+
 def test_dr1conv_1x1_is_a_per_pixel_rank1_modulated_weight():
     """Eq. 2: y_p = (W ∘ b_p a_pᵀ) x_p at every pixel p."""
     torch.manual_seed(0)
     conv = DR1Conv2d(5, 3, kernel_size=1).double()
-    x, a, b = torch.randn(2, 5, 4, 6).double(), torch.randn(2, 5, 4, 6).double(), torch.randn(2, 3, 4, 6).double()
+    x, a, b = (
+        torch.randn(2, 5, 4, 6).double(),
+        torch.randn(2, 5, 4, 6).double(),
+        torch.randn(2, 3, 4, 6).double(),
+    )
     y = conv(x, a, b)
     w = conv.weight[:, :, 0, 0]
     for n in range(2):
@@ -43,7 +49,11 @@ def test_dr1conv_3x3_matches_slow_reference():
     """Eq. 3-4: y_p = b_p ∘ Σ_taps W_t (x ∘ a)_{p+t}, zero padding."""
     torch.manual_seed(1)
     conv = DR1Conv2d(3, 2, kernel_size=3).double()
-    x, a, b = torch.randn(1, 3, 5, 4).double(), torch.randn(1, 3, 5, 4).double(), torch.randn(1, 2, 5, 4).double()
+    x, a, b = (
+        torch.randn(1, 3, 5, 4).double(),
+        torch.randn(1, 3, 5, 4).double(),
+        torch.randn(1, 2, 5, 4).double(),
+    )
     xa = F.pad(x * a, (1, 1, 1, 1))
     ref = torch.zeros(1, 2, 5, 4, dtype=torch.float64)
     for i in range(5):
@@ -52,7 +62,9 @@ def test_dr1conv_3x3_matches_slow_reference():
                 for dx in range(3):
                     ref[0, :, i, j] += conv.weight[:, :, dy, dx] @ xa[0, :, i + dy, j + dx]
     assert torch.allclose(conv(x, a, b), ref * b, atol=1e-12)
-    assert torch.autograd.gradcheck(conv, (x.requires_grad_(), a.requires_grad_(), b.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        conv, (x.requires_grad_(), a.requires_grad_(), b.requires_grad_())
+    )
 
 
 def test_dr1conv_with_unit_or_missing_factors_is_the_plain_conv():
@@ -70,7 +82,10 @@ def test_new_top_layer_gives_unit_factors_so_dr1basis_starts_as_its_static_pyram
     top = DR1TopLayer(in_channels=8, embedding_dim=5, basis_channels=4)
     feats = [torch.randn(2, 8, s, s) for s in (8, 4, 2)]
     context = top.context_factors(feats)
-    assert all(torch.equal(a, torch.ones_like(a)) and torch.equal(b, torch.ones_like(b)) for a, b in context)
+    assert all(
+        torch.equal(a, torch.ones_like(a)) and torch.equal(b, torch.ones_like(b))
+        for a, b in context
+    )
     basis = DR1Basis(in_channels=8, channels=4, num_levels=3, norm="GN").eval()
     static = DR1Basis(in_channels=8, channels=4, num_levels=3, norm="GN", factors="none").eval()
     static.load_state_dict(basis.state_dict())
@@ -88,7 +103,9 @@ def test_top_layer_embeddings_at_locations_equal_the_dense_conv():
     image, loc = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 7, 19, 25])
     got = top.embeddings_at(feats, image, loc)
     flat = [torch.cat([d[b].flatten(1) for d in dense], dim=1).T for b in range(2)]
-    assert torch.allclose(got, torch.stack([flat[b][i] for b, i in zip(image.tolist(), loc.tolist())]), atol=1e-6)
+    assert torch.allclose(
+        got, torch.stack([flat[b][i] for b, i in zip(image.tolist(), loc.tolist())]), atol=1e-6
+    )
 
 
 def test_context_position_is_validated():
@@ -98,14 +115,20 @@ def test_context_position_is_validated():
 
 # ---------------------------------------------------------------- aligned upsampling (§3.3, Table 5)
 
+
 def test_aligned_upsample_puts_coarse_cell_i_on_fine_cell_2i():
     x = torch.randn(1, 2, 5, 3)
     for size in ((10, 6), (9, 5), (10, 5)):
         up = aligned_upsample(x, size)
         assert up.shape[-2:] == size
-        assert torch.allclose(up[..., ::2, ::2], x[..., : (size[0] + 1) // 2, : (size[1] + 1) // 2], atol=1e-6)
-        assert torch.allclose(up[..., 1:-1:2, 0], (x[..., :-1, 0] + x[..., 1:, 0])[..., : up[..., 1:-1:2, 0].shape[-1]] / 2,
-                              atol=1e-6)
+        assert torch.allclose(
+            up[..., ::2, ::2], x[..., : (size[0] + 1) // 2, : (size[1] + 1) // 2], atol=1e-6
+        )
+        assert torch.allclose(
+            up[..., 1:-1:2, 0],
+            (x[..., :-1, 0] + x[..., 1:, 0])[..., : up[..., 1:-1:2, 0].shape[-1]] / 2,
+            atol=1e-6,
+        )
     with pytest.raises(ValueError, match="cannot upsample"):
         aligned_upsample(x, (12, 6))
 
@@ -115,7 +138,7 @@ def test_stride2_conv_then_aligned_upsample_keeps_a_linear_ramp_in_place():
     ramp = torch.arange(11.0).view(1, 1, 1, 11).expand(1, 1, 11, 11)
     pick = torch.zeros(1, 1, 3, 3)
     pick[0, 0, 1, 1] = 1.0
-    coarse = F.conv2d(ramp, pick, stride=2, padding=1)                          # 6×6: values 0, 2, …, 10
+    coarse = F.conv2d(ramp, pick, stride=2, padding=1)  # 6×6: values 0, 2, …, 10
     back = aligned_upsample(coarse, (11, 11))
     assert torch.allclose(back, ramp)
 
@@ -123,6 +146,7 @@ def test_stride2_conv_then_aligned_upsample_keeps_a_linear_ramp_in_place():
 def test_fpn_crop_equals_torchvision_for_even_sizes_and_runs_for_odd_ones():
     from dynaseg.modeling.backbone.fpn import ResNetFPN
     from dynaseg.modeling.backbone.resnet import ResNet
+
     torch.manual_seed(5)
     fpn = ResNetFPN(body=ResNet(depth=18, width=8, norm="BN", freeze_at=0), out_channels=8).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -130,13 +154,22 @@ def test_fpn_crop_equals_torchvision_for_even_sizes_and_runs_for_odd_ones():
     ours = fpn.fpn(c)
     reference = FeaturePyramidNetwork.forward(fpn.fpn, c)
     assert all(torch.equal(a, b) for a, b in zip(ours.values(), reference.values()))
-    out = fpn(torch.randn(1, 3, 804 // 4, 1204 // 4))                           # 201 × 301: odd levels
-    assert [tuple(v.shape[-2:]) for v in out.values()] == [(26, 38), (13, 19), (7, 10), (4, 5), (2, 3)]
-    assert torch.equal(nearest_upsample_crop(torch.arange(3.0).view(1, 1, 1, 3), (1, 5)),
-                       torch.tensor([[[[0.0, 0.0, 1.0, 1.0, 2.0]]]]))
+    out = fpn(torch.randn(1, 3, 804 // 4, 1204 // 4))  # 201 × 301: odd levels
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [
+        (26, 38),
+        (13, 19),
+        (7, 10),
+        (4, 5),
+        (2, 3),
+    ]
+    assert torch.equal(
+        nearest_upsample_crop(torch.arange(3.0).view(1, 1, 1, 3), (1, 5)),
+        torch.tensor([[[[0.0, 0.0, 1.0, 1.0, 2.0]]]]),
+    )
 
 
 # ---------------------------------------------------------------- instance prediction (Eq. 7-8, Table 4)
+
 
 def test_factored_attention_equals_explicit_u_diag_s_v():
     torch.manual_seed(6)
@@ -167,14 +200,18 @@ def test_instance_predictor_matches_explicit_projection_and_blend(kind):
         a = e[:, 6:].view(5, 2, 4, 4) if kind == "full" else pred.attention(e)
         expected = blend(projected, a)
     assert got.shape == (5, 8, 8) and torch.allclose(got, expected, atol=1e-5)
-    assert torch.allclose(pred(crops, e), expected, atol=1e-5)          # one crop per embedding
+    assert torch.allclose(pred(crops, e), expected, atol=1e-5)  # one crop per embedding
 
 
 def test_dynamic_projection_grouped_equals_gathered():
     torch.manual_seed(8)
     pooled, w = torch.randn(4, 6, 5, 5), torch.randn(9, 3, 6)
     src = torch.tensor([3, 3, 0, 1, 3, 0, 2, 2, 1])
-    assert torch.allclose(dynamic_projection(pooled, w, src), torch.einsum("nkc,nchw->nkhw", w, pooled[src]), atol=1e-5)
+    assert torch.allclose(
+        dynamic_projection(pooled, w, src),
+        torch.einsum("nkc,nchw->nkhw", w, pooled[src]),
+        atol=1e-5,
+    )
 
 
 def test_panoptic_columns_use_the_embedding_or_its_own_slice():
@@ -189,6 +226,7 @@ def test_panoptic_columns_use_the_embedding_or_its_own_slice():
 
 
 # ---------------------------------------------------------------- panoptic layer (Eq. 9)
+
 
 def test_panoptic_logits_equal_the_concatenated_weight_product_per_pixel():
     torch.manual_seed(9)
@@ -209,56 +247,81 @@ def test_mean_embeddings_per_instance():
 
 
 def test_duplicates_of_one_object_of_any_class_form_one_test_time_instance():
-    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 6], [30, 30, 40, 40]])
+    boxes = torch.tensor(
+        [[0.0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 6], [30, 30, 40, 40]]
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     kept, group = group_duplicate_detections(boxes, scores, 0.5)
-    assert kept.tolist() == [0, 2, 4] and group.tolist() == [0, 0, 1, 0, 2]    # box 3: IoU 0.6 with box 0
+    assert kept.tolist() == [0, 2, 4] and group.tolist() == [
+        0,
+        0,
+        1,
+        0,
+        2,
+    ]  # box 3: IoU 0.6 with box 0
     kept, group = group_duplicate_detections(boxes, scores, 0.65)
     assert kept.tolist() == [0, 2, 3, 4] and group.tolist() == [0, 0, 1, 2, 3]
 
 
 def test_panoptic_targets_paint_instances_with_rows_and_ignore_the_rest():
     sem = torch.full((8, 8), IGNORE_LABEL)
-    sem[:4] = 0                                                              # stuff 0 on the top half
+    sem[:4] = 0  # stuff 0 on the top half
     sem[4:, :4] = 1
     masks = torch.zeros(3, 8, 8, dtype=torch.bool)
-    masks[0, 4:, 4:6] = True                                                 # present → row 0 → label 2
-    masks[1, 6:, 6:] = True                                                  # absent → stays ignored
-    masks[2, 4:6, 6:] = True                                                 # present → row 1 → label 3
+    masks[0, 4:, 4:6] = True  # present → row 0 → label 2
+    masks[1, 6:, 6:] = True  # absent → stays ignored
+    masks[2, 4:6, 6:] = True  # present → row 1 → label 3
     t = panoptic_targets(sem, masks, torch.tensor([True, False, True]), num_stuff=2, stride=2)
     assert t.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 2, 3], [1, 1, 2, IGNORE_LABEL]]
 
 
 def test_panoptic_loss_is_cross_entropy_over_labelled_pixels():
     logits = [torch.randn(3, 2, 2), torch.randn(4, 2, 2)]
-    targets = [torch.tensor([[0, 2], [IGNORE_LABEL, 1]]), torch.tensor([[3, IGNORE_LABEL], [IGNORE_LABEL, 0]])]
-    ce = [F.cross_entropy(lg[:, i, j][None], torch.tensor([int(t[i, j])]))
-          for lg, t in zip(logits, targets) for i in range(2) for j in range(2) if t[i, j] != IGNORE_LABEL]
+    targets = [
+        torch.tensor([[0, 2], [IGNORE_LABEL, 1]]),
+        torch.tensor([[3, IGNORE_LABEL], [IGNORE_LABEL, 0]]),
+    ]
+    ce = [
+        F.cross_entropy(lg[:, i, j][None], torch.tensor([int(t[i, j])]))
+        for lg, t in zip(logits, targets)
+        for i in range(2)
+        for j in range(2)
+        if t[i, j] != IGNORE_LABEL
+    ]
     assert torch.allclose(panoptic_loss(logits, targets, 0.5), 0.5 * torch.stack(ce).mean())
 
 
 def test_panoptic_postprocess_segments_labels_scores_and_stuff_area():
-    logits = torch.full((4, 4, 4), -5.0)                 # 2 stuff + 2 things at stride 2 → 8×8 input
-    logits[0, :2] = 5.0                                  # stuff 0: top half
-    logits[1, 2:, :1] = 5.0                              # stuff 1: a small patch
-    logits[2, 2:, 1:3] = 5.0                             # thing row 0
-    logits[3, 2:, 3:] = 5.0                              # thing row 1
-    things = Instances(image_size=(8, 8), boxes=torch.tensor([[2.0, 4.0, 6.0, 8.0], [6.0, 4.0, 8.0, 8.0]]),
-                       labels=torch.tensor([5, 1]), scores=torch.tensor([0.9, 0.6]))
-    pan = panoptic_postprocess(logits, things, num_stuff=2, stride=2, input_size=(8, 8), min_stuff_area=9)
+    logits = torch.full((4, 4, 4), -5.0)  # 2 stuff + 2 things at stride 2 → 8×8 input
+    logits[0, :2] = 5.0  # stuff 0: top half
+    logits[1, 2:, :1] = 5.0  # stuff 1: a small patch
+    logits[2, 2:, 1:3] = 5.0  # thing row 0
+    logits[3, 2:, 3:] = 5.0  # thing row 1
+    things = Instances(
+        image_size=(8, 8),
+        boxes=torch.tensor([[2.0, 4.0, 6.0, 8.0], [6.0, 4.0, 8.0, 8.0]]),
+        labels=torch.tensor([5, 1]),
+        scores=torch.tensor([0.9, 0.6]),
+    )
+    pan = panoptic_postprocess(
+        logits, things, num_stuff=2, stride=2, input_size=(8, 8), min_stuff_area=9
+    )
     assert isinstance(pan, PanopticSegmentation) and pan.image_size == (8, 8)
     kinds = [(s.isthing, s.label, s.area) for s in pan.segments]
-    assert kinds == [(False, 0, 32), (True, 5, 16), (True, 1, 8)]        # stuff 1 (8 px) dropped to void
+    assert kinds == [(False, 0, 32), (True, 5, 16), (True, 1, 8)]  # stuff 1 (8 px) dropped to void
     assert (pan.ids[4:, :2] == 0).all() and (pan.ids[:4] == 1).all()
     assert [s.score for s in pan.segments] == [1.0, pytest.approx(0.9), pytest.approx(0.6)]
     # restricted to its box, thing row 1 cannot win the pixel column x=5 even with a huge logit
     logits[3, 2:, 2] = 50.0
     free = panoptic_postprocess(logits, things, num_stuff=2, stride=2, input_size=(8, 8))
-    boxed = panoptic_postprocess(logits, things, num_stuff=2, stride=2, input_size=(8, 8), restrict_to_boxes=True)
+    boxed = panoptic_postprocess(
+        logits, things, num_stuff=2, stride=2, input_size=(8, 8), restrict_to_boxes=True
+    )
     assert (free.ids[4:, 5] == free.ids[4, 7]).all() and (boxed.ids[4:, 5] != boxed.ids[4, 7]).all()
 
 
 # ---------------------------------------------------------------- whole model
+
 
 def tiny(name="dr1mask_tiny", **overrides):
     cfg = load_config(name, [f"{k}={v}" for k, v in overrides.items()])
@@ -275,23 +338,43 @@ def make_batch(sizes=((97, 131), (130, 98)), empty=False, panoptic=False, with_t
     targets, sem = [], torch.full((len(sizes), hp, wp), IGNORE_LABEL)
     for i, (h, w) in enumerate(sizes):
         images[i, :, :h, :w] = torch.rand(3, h, w) * 255
-        boxes = torch.zeros(0, 4) if empty else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
+        boxes = (
+            torch.zeros(0, 4)
+            if empty
+            else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
+        )
         masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
         for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
             m[y0:y1, x0:x1] = True
-        targets.append(Instances(image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks))
+        targets.append(
+            Instances(
+                image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks
+            )
+        )
         sem[i, : h // 2, :w] = 0
-        sem[i, h // 2: h, :w] = 1
+        sem[i, h // 2 : h, :w] = 1
         if len(masks):
             sem[i, :h, :w][masks.any(0)] = IGNORE_LABEL
-    return Batch(images=images, image_sizes=list(sizes), original_sizes=[(2 * h, 2 * w) for h, w in sizes],
-                 image_ids=list(range(len(sizes))), targets=targets if with_targets else None,
-                 sem_seg=sem if panoptic else None)
+    return Batch(
+        images=images,
+        image_sizes=list(sizes),
+        original_sizes=[(2 * h, 2 * w) for h, w in sizes],
+        image_ids=list(range(len(sizes))),
+        targets=targets if with_targets else None,
+        sem_seg=sem if panoptic else None,
+    )
 
 
-@pytest.mark.parametrize("name,attention", [("dr1mask_tiny", "factored"), ("dr1mask_tiny", "full"),
-                                            ("dr1mask_tiny", "vector"), ("dr1mask_panoptic_tiny", "vector"),
-                                            ("dr1mask_panoptic_tiny", "factored")])
+@pytest.mark.parametrize(
+    "name,attention",
+    [
+        ("dr1mask_tiny", "factored"),
+        ("dr1mask_tiny", "full"),
+        ("dr1mask_tiny", "vector"),
+        ("dr1mask_panoptic_tiny", "vector"),
+        ("dr1mask_panoptic_tiny", "factored"),
+    ],
+)
 def test_every_parameter_gets_a_gradient_on_odd_sizes(name, attention):
     model, _ = tiny(name, **{"model.dr1.attention": attention})
     model.train()
@@ -305,27 +388,38 @@ def test_every_parameter_gets_a_gradient_on_odd_sizes(name, attention):
     assert not missing, f"no gradient for {missing}"
 
 
-@pytest.mark.parametrize(("position", "factors"), [("cls_tower", "pre"), ("fpn", "post"), ("box_tower", "none")])
+@pytest.mark.parametrize(
+    ("position", "factors"), [("cls_tower", "pre"), ("fpn", "post"), ("box_tower", "none")]
+)
 def test_context_positions_and_factor_ablations_train(position, factors):
     """Table 3: the context conv reads the configured features; Table 1: only the configured factors
     reach DR1Basis's DR1Convs."""
-    model, _ = tiny(**{"model.dr1.context_position": position, "model.dr1.dynamic_factors": factors})
+    model, _ = tiny(
+        **{"model.dr1.context_position": position, "model.dr1.dynamic_factors": factors}
+    )
     model.train()
     seen = {"context": [], "merge": []}
     captured = {}
     model.backbone.register_forward_hook(lambda m, args, out: captured.setdefault("fpn", out))
     model.fcos_head.register_forward_hook(lambda m, args, out: captured.setdefault("head", out))
-    model.top_layer.context.register_forward_hook(lambda m, args, out: seen["context"].append(args[0]))
+    model.top_layer.context.register_forward_hook(
+        lambda m, args, out: seen["context"].append(args[0])
+    )
     for conv in model.basis.merge:
         conv.register_forward_pre_hook(lambda m, args: seen["merge"].append(args[1:]))
     sum(model(make_batch()).values()).backward()
     head, fpn = captured["head"], captured["fpn"]
-    source = {"cls_tower": head.cls_tower, "box_tower": head.box_tower,
-              "fpn": [fpn[f"p{i}"] for i in range(3, 3 + len(model.strides))]}[position]
+    source = {
+        "cls_tower": head.cls_tower,
+        "box_tower": head.box_tower,
+        "fpn": [fpn[f"p{i}"] for i in range(3, 3 + len(model.strides))],
+    }[position]
     assert len(seen["context"]) == len(source)
     assert all(x is y for x, y in zip(seen["context"], source))
     use_a, use_b = factors in ("both", "pre"), factors in ("both", "post")
-    assert seen["merge"] and all((a is not None) == use_a and (b is not None) == use_b for a, b in seen["merge"])
+    assert seen["merge"] and all(
+        (a is not None) == use_a and (b is not None) == use_b for a, b in seen["merge"]
+    )
     assert (model.top_layer.context.weight.grad is not None) == (use_a or use_b)
 
 
@@ -333,7 +427,7 @@ def test_empty_ground_truth_and_panoptic_without_sem_seg():
     model, _ = tiny("dr1mask_panoptic_tiny")
     model.train()
     losses = model(make_batch(empty=True, panoptic=True))
-    assert losses["loss_mask"] == 0 and losses["loss_panoptic"] > 0      # stuff pixels still supervised
+    assert losses["loss_mask"] == 0 and losses["loss_panoptic"] > 0  # stuff pixels still supervised
     sum(losses.values()).backward()
     with pytest.raises(ValueError, match="sem_seg"):
         model(make_batch())
@@ -345,8 +439,10 @@ def test_inference_on_odd_sizes_instance_and_panoptic():
     out = model(make_batch(with_targets=False))
     assert [o.image_size for o in out] == [(194, 262), (260, 196)]
     assert all(0 < len(o) <= 100 and o.masks.shape[1:] == o.image_size for o in out)
-    model, _ = tiny("dr1mask_panoptic_tiny", **{"model.fcos.score_threshold": 0.0,
-                                                "model.dr1.panoptic_score_threshold": 0.0})
+    model, _ = tiny(
+        "dr1mask_panoptic_tiny",
+        **{"model.fcos.score_threshold": 0.0, "model.dr1.panoptic_score_threshold": 0.0},
+    )
     model.eval()
     out = model(make_batch(with_targets=False))
     for pan in out:
@@ -380,11 +476,15 @@ def test_dr1basis_recursion_is_eq6_from_the_coarsest_level_down():
     """F^L = σ(DR1Conv_{A^L,B^L}(Conv(P^L))), F^l = σ(DR1Conv_{A^l,B^l}(Conv(P^l) + Up(F^{l+1}))),
     F = σ(Conv3×3(Up(F^3))), written out level by level with plain F.conv2d (norm "none")."""
     torch.manual_seed(0)
-    basis = DR1Basis(in_channels=6, channels=4, num_levels=3, norm="none", aligned_upsample=False).eval()
+    basis = DR1Basis(
+        in_channels=6, channels=4, num_levels=3, norm="none", aligned_upsample=False
+    ).eval()
     for conv in basis.reduce:
         torch.nn.init.normal_(conv.bias)
-    p = [torch.randn(1, 6, s, s) for s in (12, 6, 3)]                          # P3, P4, P5
-    ctx = [(1 + 0.5 * torch.randn(1, 4, s, s), 1 + 0.5 * torch.randn(1, 4, s, s)) for s in (12, 6, 3)]
+    p = [torch.randn(1, 6, s, s) for s in (12, 6, 3)]  # P3, P4, P5
+    ctx = [
+        (1 + 0.5 * torch.randn(1, 4, s, s), 1 + 0.5 * torch.randn(1, 4, s, s)) for s in (12, 6, 3)
+    ]
     with torch.no_grad():
         out = basis(p, ctx, output_size=(24, 24))
 
@@ -408,10 +508,20 @@ def test_dr1basis_recursion_is_eq6_from_the_coarsest_level_down():
 
 # Loss locks: update deliberately (print shows the new values) when the model's maths changes.
 EXPECTED_LOSSES = {
-    "dr1mask_tiny": {'loss_fcos_cls': 1.1142, 'loss_fcos_loc': 1.0001, 'loss_fcos_ctr': 0.7001,
-                     'loss_mask': 0.7086, 'loss_basis_sem': 0.7011},
-    "dr1mask_panoptic_tiny": {'loss_fcos_cls': 1.1191, 'loss_fcos_loc': 0.9996, 'loss_fcos_ctr': 0.6976,
-                              'loss_mask': 0.6501, 'loss_panoptic': 1.3685},
+    "dr1mask_tiny": {
+        "loss_fcos_cls": 1.1142,
+        "loss_fcos_loc": 1.0001,
+        "loss_fcos_ctr": 0.7001,
+        "loss_mask": 0.7086,
+        "loss_basis_sem": 0.7011,
+    },
+    "dr1mask_panoptic_tiny": {
+        "loss_fcos_cls": 1.1191,
+        "loss_fcos_loc": 0.9996,
+        "loss_fcos_ctr": 0.6976,
+        "loss_mask": 0.6501,
+        "loss_panoptic": 1.3685,
+    },
 }
 
 
@@ -422,5 +532,7 @@ def test_loss_lock(name):
     batch = make_batch(panoptic="panoptic" in name)
     losses = {k: round(v.item(), 4) for k, v in model(batch).items()}
     expected = EXPECTED_LOSSES[name]
-    same = losses.keys() == expected.keys() and all(abs(losses[k] - expected[k]) < 2e-3 for k in losses)
+    same = losses.keys() == expected.keys() and all(
+        abs(losses[k] - expected[k]) < 2e-3 for k in losses
+    )
     assert same, f"Losses have changed! New losses: {losses}"

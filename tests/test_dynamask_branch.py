@@ -1,4 +1,5 @@
 """DynaMask mask branch: r-FPN head with early exit, measured costs, two-phase losses, inference policies."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -27,7 +28,9 @@ def _one_thread():
 
 def _pooler(features, rois):
     """Single-level stand-in for the detector's multi-level pooler: P3, 14×14."""
-    return roi_align_aligned(features["p3"], rois, output_size=14, spatial_scale=1 / 8, sampling_ratio=2)
+    return roi_align_aligned(
+        features["p3"], rois, output_size=14, spatial_scale=1 / 8, sampling_ratio=2
+    )
 
 
 def _head(**kwargs) -> DynaMaskHead:
@@ -44,22 +47,37 @@ def _branch(**kwargs) -> DynaMaskBranch:
 def _features(seed=0, requires_grad=False, image=IMAGE):
     """Random P2..P5 of a batch of two image×image images (strides 4..32)."""
     g = torch.Generator().manual_seed(seed)
-    return {f"p{lv}": torch.randn(2, C, image >> lv, image >> lv, generator=g).requires_grad_(requires_grad)
-            for lv in range(2, 6)}
+    return {
+        f"p{lv}": torch.randn(2, C, image >> lv, image >> lv, generator=g).requires_grad_(
+            requires_grad
+        )
+        for lv in range(2, 6)
+    }
 
 
-ROIS = torch.tensor([[0, 4.0, 6.0, 40.0, 50.0], [0, 20.0, 10.0, 60.0, 30.0], [1, 0.0, 0.0, 64.0, 64.0],
-                     [1, 10.0, 30.0, 26.0, 50.0], [0, 30.0, 30.0, 62.0, 63.0], [1, 5.0, 5.0, 35.0, 20.0],
-                     [0, 8.0, 40.0, 50.0, 60.0], [1, 33.0, 2.0, 60.0, 44.0]])
+ROIS = torch.tensor(
+    [
+        [0, 4.0, 6.0, 40.0, 50.0],
+        [0, 20.0, 10.0, 60.0, 30.0],
+        [1, 0.0, 0.0, 64.0, 64.0],
+        [1, 10.0, 30.0, 26.0, 50.0],
+        [0, 30.0, 30.0, 62.0, 63.0],
+        [1, 5.0, 5.0, 35.0, 20.0],
+        [0, 8.0, 40.0, 50.0, 60.0],
+        [1, 33.0, 2.0, 60.0, 44.0],
+    ]
+)
 LABELS = torch.tensor([0, 2, 1, 0, 1, 2, 2, 0])
 
 
 def _gt():
     """Two images with two GT masks each (a disc and rectangles); every RoI matched to one of them."""
     yy, xx = torch.meshgrid(torch.arange(IMAGE), torch.arange(IMAGE), indexing="ij")
-    disc = (yy - 30) ** 2 + (xx - 24) ** 2 < 18 ** 2
+    disc = (yy - 30) ** 2 + (xx - 24) ** 2 < 18**2
     rect = (yy > 12) & (yy < 28) & (xx > 22) & (xx < 58)
-    blob = ((yy - 40) ** 2 / 4 + (xx - 40) ** 2 < 15 ** 2) | ((yy > 5) & (yy < 18) & (xx > 8) & (xx < 30))
+    blob = ((yy - 40) ** 2 / 4 + (xx - 40) ** 2 < 15**2) | (
+        (yy > 5) & (yy < 18) & (xx > 8) & (xx < 30)
+    )
     gt_masks = [torch.stack([disc, rect]), torch.stack([blob, rect.flip(0)])]
     gt_index = torch.tensor([0, 1, 0, 0, 0, 1, 0, 1])
     return gt_masks, gt_index
@@ -67,13 +85,21 @@ def _gt():
 
 def _loss_inputs(features=None, n=8):
     gt_masks, gt_index = _gt()
-    return dict(features=features if features is not None else _features(), rois=ROIS[:n], labels=LABELS[:n],
-                gt_masks=gt_masks, gt_index=gt_index[:n])
+    return dict(
+        features=features if features is not None else _features(),
+        rois=ROIS[:n],
+        labels=LABELS[:n],
+        gt_masks=gt_masks,
+        gt_index=gt_index[:n],
+    )
 
 
 # ---------------------------------------------------------------- head: stages, crops, early exit
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(class_specific=False, fuse_after_upsample=False, edge_head=True)])
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(class_specific=False, fuse_after_upsample=False, edge_head=True)]
+)
 def test_early_exit_equals_the_selected_output_of_all_stages(kwargs):
     head = _head(**kwargs).eval()
     features = _features()
@@ -83,14 +109,17 @@ def test_early_exit_equals_the_selected_output_of_all_stages(kwargs):
         choice = torch.tensor([0, 3, 1, 2, 3, 0, 2, 1])
         early = head.forward_early_exit(roi_feats, features, ROIS, LABELS, choice)
     assert [tuple(m.shape) for m in masks] == [(8, s, s) for s in SIDES]
-    assert [tuple(e.shape) for e in edges] == ([(8, s, s) for s in SIDES] if head.edge_predictors else [])
+    assert [tuple(e.shape) for e in edges] == (
+        [(8, s, s) for s in SIDES] if head.edge_predictors else []
+    )
     assert len(early) == 8
     for i, k in enumerate(choice.tolist()):
         assert early[i].shape == (SIDES[k], SIDES[k])
         assert (early[i] - masks[k][i]).abs().max() <= 1e-5
     # the class-specific predictors at 14/28/56 use the label's channel; 112 is class-agnostic
-    assert [p.weight.shape[0] for p in head.mask_predictors] == \
-        ([3, 3, 3, 1] if head.class_specific else [1, 1, 1, 1])
+    assert [p.weight.shape[0] for p in head.mask_predictors] == (
+        [3, 3, 3, 1] if head.class_specific else [1, 1, 1, 1]
+    )
 
 
 def test_early_exit_runs_each_stage_only_on_the_instances_that_need_it(monkeypatch):
@@ -108,11 +137,19 @@ def test_early_exit_runs_each_stage_only_on_the_instances_that_need_it(monkeypat
 
     monkeypatch.setattr(head, "stage", spy)
     with torch.no_grad():
-        out = head.forward_early_exit(roi_feats, features, ROIS, LABELS, torch.zeros(8, dtype=torch.long))
+        out = head.forward_early_exit(
+            roi_feats, features, ROIS, LABELS, torch.zeros(8, dtype=torch.long)
+        )
         assert calls == [] and all(m.shape == (14, 14) for m in out)
-        head.forward_early_exit(roi_feats, features, ROIS, LABELS, torch.tensor([0, 3, 1, 2, 3, 0, 2, 1]))
-    assert calls == [(0, 6), (1, 4), (2, 2)]        # choice ≥ 1, ≥ 2, == 3
-    assert shapes == [(6, WIDTHS[1], 28, 28), (4, WIDTHS[2], 56, 56), (2, WIDTHS[3], 112, 112)]  # real L_large
+        head.forward_early_exit(
+            roi_feats, features, ROIS, LABELS, torch.tensor([0, 3, 1, 2, 3, 0, 2, 1])
+        )
+    assert calls == [(0, 6), (1, 4), (2, 2)]  # choice ≥ 1, ≥ 2, == 3
+    assert shapes == [
+        (6, WIDTHS[1], 28, 28),
+        (4, WIDTHS[2], 56, 56),
+        (2, WIDTHS[3], 112, 112),
+    ]  # real L_large
 
 
 def test_crops_sample_each_level_at_its_own_stride():
@@ -121,7 +158,7 @@ def test_crops_sample_each_level_at_its_own_stride():
     head = _head(fuse_after_upsample=False)
     features = {}
     for lv in range(2, 6):
-        s, n = 2 ** lv, IMAGE >> lv
+        s, n = 2**lv, IMAGE >> lv
         centres = torch.arange(n, dtype=torch.float32) * s + s / 2
         level = torch.zeros(2, C, n, n)
         level[:, 0] = centres[None, None, :]
@@ -137,7 +174,7 @@ def test_crops_sample_each_level_at_its_own_stride():
             ys = y0 + (torch.arange(side) + 0.5) * (y1 - y0) / side + 1000 * b
             assert torch.allclose(crop[i, 0], xs[None, :].expand(side, side), atol=1e-3), level
             assert torch.allclose(crop[i, 1], ys[:, None].expand(side, side), atol=1e-3), level
-    assert _head().crop(0, features, rois).shape[-1] == 28          # the paper's order crops at 2·r_s
+    assert _head().crop(0, features, rois).shape[-1] == 28  # the paper's order crops at 2·r_s
 
 
 def test_lateral_then_crop_equals_crop_then_lateral_for_boxes_inside_the_image():
@@ -145,25 +182,30 @@ def test_lateral_then_crop_equals_crop_then_lateral_for_boxes_inside_the_image()
     head, features = _head(), _features(seed=3)
     for s in range(3):
         block = head.stages[s]
-        torch.nn.init.normal_(block.lateral.bias)                   # the bias must commute too
+        torch.nn.init.normal_(block.lateral.bias)  # the bias must commute too
         crop_first = torch.relu(block.lateral(head.crop(s, features, ROIS)))
         level = features[head.stage_levels[s]]
         project_first = torch.relu(head.crop(s, {head.stage_levels[s]: block.lateral(level)}, ROIS))
         assert torch.allclose(crop_first, project_first, atol=1e-5)
         assert torch.allclose(head.lateral_crop(s, features, ROIS), crop_first, atol=1e-5)
-    assert project_level_first(8, 112, torch.Size((2, 256, 50, 76)))        # training: many RoIs
-    assert not project_level_first(3, 112, torch.Size((1, 256, 200, 304)))  # inference: few reach 112
+    assert project_level_first(8, 112, torch.Size((2, 256, 50, 76)))  # training: many RoIs
+    assert not project_level_first(
+        3, 112, torch.Size((1, 256, 200, 304))
+    )  # inference: few reach 112
 
 
 def test_reducing_before_upsampling_equals_upsampling_before_reducing():
     """The stage reduces channels at r_s, then upsamples: the same as upsample-then-1×1, 4× cheaper."""
     block = _head(fuse_after_upsample=False).stages[0]
     x = torch.randn(3, WIDTHS[0], 14, 14)
-    up_first = torch.relu(block.reduce(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)))
+    up_first = torch.relu(
+        block.reduce(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+    )
     assert torch.allclose(block.upsample(x), up_first, atol=1e-5)
 
 
 # ---------------------------------------------------------------- costs
+
 
 def test_costs_are_measured_increasing_and_not_checkpointed():
     branch = _branch()
@@ -179,21 +221,28 @@ def test_costs_are_measured_increasing_and_not_checkpointed():
     roi_feats = _pooler(features, roi)
     for k in range(4):
         choice = torch.tensor([k])
-        direct, _ = count_gmacs(lambda: head.forward_early_exit(roi_feats, features, roi, LABELS[:1], choice))
+        direct, _ = count_gmacs(
+            lambda: head.forward_early_exit(roi_feats, features, roi, LABELS[:1], choice)
+        )
         assert direct == pytest.approx(macs[k].item(), rel=1e-6)
-    assert mask_head_macs(head, channels=C, num_classes=NUM_CLASSES)[112] == pytest.approx(macs[3].item())
+    assert mask_head_macs(head, channels=C, num_classes=NUM_CLASSES)[112] == pytest.approx(
+        macs[3].item()
+    )
     assert 0 < branch.msm_gmacs == msm_macs(branch.msm, channels=C)
 
 
 def test_deform_conv_is_counted_like_a_plain_conv():
     x, offset = torch.randn(2, 6, 9, 9), torch.randn(2, 2 * 2 * 9, 9, 9)
     dcn = DeformConv2d(6, 4, 3, padding=1, groups=2)
-    expected = 2 * 4 * 9 * 9 * (6 // 2) * 3 * 3 / 1e9          # N · Cout · H · W · Cin/groups · kh · kw
+    expected = 2 * 4 * 9 * 9 * (6 // 2) * 3 * 3 / 1e9  # N · Cout · H · W · Cin/groups · kh · kw
     assert count_gmacs(lambda: dcn(x, offset))[0] == pytest.approx(expected)
-    assert count_gmacs(lambda: F.conv2d(x, dcn.weight, padding=1, groups=2))[0] == pytest.approx(expected)
+    assert count_gmacs(lambda: F.conv2d(x, dcn.weight, padding=1, groups=2))[0] == pytest.approx(
+        expected
+    )
 
 
 # ---------------------------------------------------------------- losses: phases, gradients, Eq. 7
+
 
 def _bce(logits_or_probs, target, from_logits):
     """Per-pixel binary cross-entropy written out: −t log q − (1 − t) log(1 − q)."""
@@ -205,8 +254,12 @@ def _laplacian_by_hand(x):
     """8·centre − Σ of the 8 neighbours, zero outside the grid: (N, r, r) → (N, r, r)."""
     padded = F.pad(x, (1, 1, 1, 1))
     r = x.shape[-1]
-    neighbours = sum(padded[:, 1 + dy:1 + dy + r, 1 + dx:1 + dx + r]
-                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+    neighbours = sum(
+        padded[:, 1 + dy : 1 + dy + r, 1 + dx : 1 + dx + r]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if (dy, dx) != (0, 0)
+    )
     return 8 * x - neighbours
 
 
@@ -215,9 +268,16 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     head = _head(edge_head=edge_source == "head")
     msm = MaskSwitchModule(in_channels=C, conv_channels=8, fc_channels=16)
     costs = mask_head_macs(head, channels=C, num_classes=NUM_CLASSES)
-    target_cost = 0.4 * costs[112]                        # GMAC, binding for most selections
-    branch = DynaMaskBranch(head=head, msm=msm, num_classes=NUM_CLASSES, pooler=_pooler, msm_start_iter=0,
-                            budget_target=target_cost, edge_source=edge_source)
+    target_cost = 0.4 * costs[112]  # GMAC, binding for most selections
+    branch = DynaMaskBranch(
+        head=head,
+        msm=msm,
+        num_classes=NUM_CLASSES,
+        pooler=_pooler,
+        msm_start_iter=0,
+        budget_target=target_cost,
+        edge_source=edge_source,
+    )
     inputs = _loss_inputs(_features(requires_grad=True))
     torch.manual_seed(7)
     losses = branch.losses(**inputs)
@@ -227,7 +287,9 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     assert missing == []
     for module in (branch.msm, branch.head.instance_convs, *branch.head.stages):
         assert sum(p.grad.abs().sum() for p in module.parameters()) > 0
-    assert all(inputs["features"][level].grad is not None for level in ("p2", "p3", "p4"))   # p5: unused
+    assert all(
+        inputs["features"][level].grad is not None for level in ("p2", "p3", "p4")
+    )  # p5: unused
 
     # Eq. 3-7 written out, with the same Gumbel draw (the only random op: u ~ U(0, 1), seed 7)
     with torch.no_grad():
@@ -237,17 +299,26 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
         logits = branch.msm(roi_feats)
         torch.manual_seed(7)
         gumbel = -torch.log(-torch.log(torch.rand(8, 4)))
-        y = F.one_hot((logits.log_softmax(dim=1) + gumbel).argmax(dim=1), 4).float()      # (8, 4) one-hot
+        y = F.one_hot(
+            (logits.log_softmax(dim=1) + gumbel).argmax(dim=1), 4
+        ).float()  # (8, 4) one-hot
         gt = [roi_mask_targets(inputs["gt_masks"], ROIS, inputs["gt_index"], s) for s in SIDES]
         gt_edges = [(_laplacian_by_hand(t) > 0.1).float() for t in gt]
         if edge_source == "mask":
             edge_preds = [_laplacian_by_hand(m.sigmoid()).clamp(1e-4, 1 - 1e-4) for m in masks]
         else:
             edge_preds = edge_logits
-        per_mask = torch.stack([_bce(m, t, True).mean(dim=(1, 2)) for m, t in zip(masks, gt)], dim=1)
-        per_edge = torch.stack([_bce(e, t, edge_source == "head").mean(dim=(1, 2))
-                                for e, t in zip(edge_preds, gt_edges)], dim=1)
-        l_mask = (y * per_mask).sum() / 8                   # per-instance mean (mask_normalizer="instances")
+        per_mask = torch.stack(
+            [_bce(m, t, True).mean(dim=(1, 2)) for m, t in zip(masks, gt)], dim=1
+        )
+        per_edge = torch.stack(
+            [
+                _bce(e, t, edge_source == "head").mean(dim=(1, 2))
+                for e, t in zip(edge_preds, gt_edges)
+            ],
+            dim=1,
+        )
+        l_mask = (y * per_mask).sum() / 8  # per-instance mean (mask_normalizer="instances")
         l_edge = (y * per_edge).sum() / 8
         selected_cost = (y * torch.tensor([costs[s] for s in SIDES])).sum(dim=1).mean()
         l_budget = max(selected_cost.item() / target_cost - 1, 0.0)
@@ -265,27 +336,38 @@ def test_budget_units_and_the_soft_variant():
     assert torch.equal(gmac.budget_costs(), gmac.resolution_macs)
     fraction = _branch(msm_start_iter=0, budget_target=0.4 / 1.40, budget_unit="fraction")
     relative = fraction.budget_costs()
-    assert relative[-1] == 1.0 and torch.allclose(relative, gmac.resolution_macs / gmac.resolution_macs[-1])
-    assert gmac.losses(**_loss_inputs())["loss_budget"] == 0      # C_t = 1 GMAC ≫ this tiny head's costs
+    assert relative[-1] == 1.0 and torch.allclose(
+        relative, gmac.resolution_macs / gmac.resolution_macs[-1]
+    )
+    assert (
+        gmac.losses(**_loss_inputs())["loss_budget"] == 0
+    )  # C_t = 1 GMAC ≫ this tiny head's costs
     torch.manual_seed(0)
     assert fraction.losses(**_loss_inputs())["loss_budget"] > 0
     # "probs": the budget follows the softmax, not the sample; at init p ≈ uniform
     soft = _branch(msm_start_iter=0, budget_target=0.1, budget_unit="fraction", budget_on="probs")
     uniform_cost = (soft.budget_costs().mean() / 0.1 - 1).item()
-    assert soft.losses(**_loss_inputs())["loss_budget"].item() == pytest.approx(0.4 * uniform_cost, rel=1e-2)
-    for bad in (dict(budget_unit="G"), dict(budget_on="mean"), dict(budget_target=0.0), dict(edge_source="head"),
-                dict(size_reference=-1.0)):
+    assert soft.losses(**_loss_inputs())["loss_budget"].item() == pytest.approx(
+        0.4 * uniform_cost, rel=1e-2
+    )
+    for bad in (
+        dict(budget_unit="G"),
+        dict(budget_on="mean"),
+        dict(budget_target=0.0),
+        dict(edge_source="head"),
+        dict(size_reference=-1.0),
+    ):
         with pytest.raises(ValueError):
             _branch(**bad)
 
 
 def test_phase1_trains_all_resolutions_and_the_msm_gets_no_gradient():
-    branch = _branch(msm_start_iter=1, budget_target=1e-9)       # a budget every selection exceeds
+    branch = _branch(msm_start_iter=1, budget_target=1e-9)  # a budget every selection exceeds
     inputs = _loss_inputs()
     losses = branch.losses(**inputs)
     assert losses["loss_budget"] == 0 and losses["loss_entropy"] == 0
     with torch.no_grad():
-        after = branch.losses(**inputs)                          # phase 2: the same budget binds
+        after = branch.losses(**inputs)  # phase 2: the same budget binds
     assert after["loss_budget"] > 0 and after["loss_entropy"] < 0
     branch.zero_grad(set_to_none=True)
     branch.num_updates.zero_()
@@ -294,7 +376,7 @@ def test_phase1_trains_all_resolutions_and_the_msm_gets_no_gradient():
     # in phase 1 the MSM is not run: none of its parameters gets a gradient (not even a zero one)
     assert all(p.grad is None for p in branch.msm.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.head.parameters())
-    with torch.no_grad():   # mask loss = Σ_k (1/P) Σ_i BCE at all four resolutions (y = 1)
+    with torch.no_grad():  # mask loss = Σ_k (1/P) Σ_i BCE at all four resolutions (y = 1)
         feats = inputs["features"]
         masks, _ = branch.head.forward_all(_pooler(feats, ROIS), feats, ROIS, LABELS)
         targets = [roi_mask_targets(inputs["gt_masks"], ROIS, inputs["gt_index"], s) for s in SIDES]
@@ -322,32 +404,49 @@ def test_phase_switches_at_msm_start_iter_and_survives_a_checkpoint():
 
 def test_empty_rois_give_zero_losses_with_a_graph():
     branch = _branch()
-    empty = dict(features=_features(), rois=torch.zeros(0, 5), labels=torch.zeros(0, dtype=torch.long),
-                 gt_masks=[torch.zeros(0, IMAGE, IMAGE, dtype=torch.bool)] * 2,
-                 gt_index=torch.zeros(0, dtype=torch.long))
+    empty = dict(
+        features=_features(),
+        rois=torch.zeros(0, 5),
+        labels=torch.zeros(0, dtype=torch.long),
+        gt_masks=[torch.zeros(0, IMAGE, IMAGE, dtype=torch.bool)] * 2,
+        gt_index=torch.zeros(0, dtype=torch.long),
+    )
     losses = branch.losses(**empty)
     assert all(v.item() == 0 and v.requires_grad for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in branch.parameters())
     branch.eval()
-    out = branch.predict(features=empty["features"], rois=empty["rois"], labels=empty["labels"],
-                         image_sizes=[(IMAGE, IMAGE)] * 2)
-    assert out.mask_probs == [] and out.resolutions.shape == (0,) and out.resolutions.dtype == torch.long
+    out = branch.predict(
+        features=empty["features"],
+        rois=empty["rois"],
+        labels=empty["labels"],
+        image_sizes=[(IMAGE, IMAGE)] * 2,
+    )
+    assert (
+        out.mask_probs == []
+        and out.resolutions.shape == (0,)
+        and out.resolutions.dtype == torch.long
+    )
 
 
 # ---------------------------------------------------------------- inference policies
+
 
 def test_policies_choose_the_expected_resolutions_and_can_be_switched():
     branch = _branch().eval()
     features = _features()
     # image 0 is 64×64 (√(w0·h0) = 64), image 1 is 128×128 (√ = 128): Eq. 8 k = ⌊4 + log2(√(wh)/√(w0h0))⌋
-    rois = torch.tensor([[0, 0.0, 0.0, 64.0, 64.0],     # 64/64 → k=4 → 112
-                         [0, 10.0, 10.0, 42.0, 42.0],   # 32/64 → k=3 → 56
-                         [0, 5.0, 5.0, 21.0, 21.0],     # 16/64 → k=2 → 28
-                         [0, 5.0, 5.0, 13.0, 13.0],     # 8/64 → k=1 → 14
-                         [0, 5.0, 5.0, 7.0, 7.0],       # 2/64 → k=-1, clamped → 14
-                         [1, 0.0, 0.0, 32.0, 32.0],     # 32/128 → k=2 → 28
-                         [1, 0.0, 0.0, 64.0, 16.0]])    # √(64·16)=32 → 28
+    rois = torch.tensor(
+        [
+            [0, 0.0, 0.0, 64.0, 64.0],  # 64/64 → k=4 → 112
+            [0, 10.0, 10.0, 42.0, 42.0],  # 32/64 → k=3 → 56
+            [0, 5.0, 5.0, 21.0, 21.0],  # 16/64 → k=2 → 28
+            [0, 5.0, 5.0, 13.0, 13.0],  # 8/64 → k=1 → 14
+            [0, 5.0, 5.0, 7.0, 7.0],  # 2/64 → k=-1, clamped → 14
+            [1, 0.0, 0.0, 32.0, 32.0],  # 32/128 → k=2 → 28
+            [1, 0.0, 0.0, 64.0, 16.0],
+        ]
+    )  # √(64·16)=32 → 28
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
     sizes = [(64, 64), (128, 128)]
 
@@ -370,16 +469,17 @@ def test_policies_choose_the_expected_resolutions_and_can_be_switched():
         assert run().resolutions.tolist() == [side] * 7
     branch.policy = "msm"
     assert torch.equal(run().resolutions, expected_msm)
-    assert torch.equal(run().resolutions, expected_msm)       # argmax, no noise
+    assert torch.equal(run().resolutions, expected_msm)  # argmax, no noise
     branch.policy = "42"
     with pytest.raises(ValueError):
         run()
     # a fixed reference side (FPN's 224): k = ⌊4 + log2(√(wh)/224)⌋ whatever the image size
     branch.policy, branch.size_reference = "size", 224.0
-    assert run().resolutions.tolist() == [28, 14, 14, 14, 14, 14, 14]      # 64/224 → k=2; 32/224 → 1
+    assert run().resolutions.tolist() == [28, 14, 14, 14, 14, 14, 14]  # 64/224 → k=2; 32/224 → 1
     wide = torch.tensor([[0, 0.0, 0.0, 120.0, 120.0], [1, 0.0, 0.0, 230.0, 230.0]])
     with torch.no_grad():
-        assert branch.predict(features=features, rois=wide, labels=labels[:2],
-                              image_sizes=sizes).resolutions.tolist() == [56, 112]   # 120/224 → 3; 230 → 4
+        assert branch.predict(
+            features=features, rois=wide, labels=labels[:2], image_sizes=sizes
+        ).resolutions.tolist() == [56, 112]  # 120/224 → 3; 230 → 4
     with pytest.raises(ValueError):
         _branch(policy="large")

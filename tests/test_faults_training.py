@@ -1,4 +1,5 @@
 """Training under injected faults: SIGKILL (also mid-checkpoint), non-finite losses or gradients, a failing DDP rank."""
+
 import json
 import os
 import random
@@ -31,26 +32,44 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 def _overrides(synth_dir: Path, out: Path, *extra: str) -> list[str]:
     return data_overrides(synth_dir) + [
-        f"output_dir={out}", "data.val_json=", "deterministic=true", f"solver.max_iter={MAX_ITER}",
-        "solver.checkpoint_period=2", "solver.log_period=2", *extra]
+        f"output_dir={out}",
+        "data.val_json=",
+        "deterministic=true",
+        f"solver.max_iter={MAX_ITER}",
+        "solver.checkpoint_period=2",
+        "solver.log_period=2",
+        *extra,
+    ]
 
 
 def _train_cmd(synth_dir: Path, out: Path, *, wrapper: list[str] | None = None) -> list[str]:
     """``dynaseg train --resume`` (through a fault-injecting ``wrapper`` script when given)."""
     launcher = wrapper or ["-m", "dynaseg"]
-    return [sys.executable, *launcher, "train", "--config", "blendmask_tiny", *_overrides(synth_dir, out), "--resume"]
+    return [
+        sys.executable,
+        *launcher,
+        "train",
+        "--config",
+        "blendmask_tiny",
+        *_overrides(synth_dir, out),
+        "--resume",
+    ]
 
 
 def _run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
     with log.open("w") as f:
-        return subprocess.run(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        return subprocess.run(
+            cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=300
+        )
 
 
 def _assert_same_weights(path: Path, reference: dict[str, torch.Tensor]) -> None:
     weights = load_file(str(path))
     assert weights.keys() == reference.keys()
     differing = [k for k in reference if not torch.equal(weights[k], reference[k])]
-    assert not differing, f"{len(differing)} tensors differ from the uninterrupted run, e.g. {differing[:3]}"
+    assert not differing, (
+        f"{len(differing)} tensors differ from the uninterrupted run, e.g. {differing[:3]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +78,11 @@ def reference_weights(synth_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = train(load_config("blendmask_tiny", _overrides(synth_dir, tmp_path_factory.mktemp("reference"))))
+        result = train(
+            load_config(
+                "blendmask_tiny", _overrides(synth_dir, tmp_path_factory.mktemp("reference"))
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     return load_file(str(result.weights))
@@ -77,20 +100,27 @@ def test_sigkill_at_random_times_then_resume_is_bit_exact(synth_dir, tmp_path, r
     for trial in range(3):
         started = _training_starts(out / "log.txt")
         with (tmp_path / f"trial{trial}.log").open("w") as log:
-            proc = subprocess.Popen(_train_cmd(synth_dir, out), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                _train_cmd(synth_dir, out), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT
+            )
             deadline = time.monotonic() + 120
             while _training_starts(out / "log.txt") == started and proc.poll() is None:
                 assert time.monotonic() < deadline, "training did not start"
                 time.sleep(0.01)
             delay = rng.uniform(0.0, 0.5)
-            time.sleep(delay)   # a seeded random point of the training loop (or of the final save)
+            time.sleep(delay)  # a seeded random point of the training loop (or of the final save)
             killed = proc.poll() is None
             if killed:
                 proc.send_signal(signal.SIGKILL)
             rc = proc.wait(timeout=60)
         states = sorted(p.name for p in out.glob("model_*.pt"))
-        trials.append({"delay_s": round(delay, 3), "killed": killed, "rc": rc, "last_state": states[-1:]})
-        assert rc == (-signal.SIGKILL if killed else 0), (trials, (tmp_path / f"trial{trial}.log").read_text()[-2000:])
+        trials.append(
+            {"delay_s": round(delay, 3), "killed": killed, "rc": rc, "last_state": states[-1:]}
+        )
+        assert rc == (-signal.SIGKILL if killed else 0), (
+            trials,
+            (tmp_path / f"trial{trial}.log").read_text()[-2000:],
+        )
         if not killed:
             break
     print("kill trials:", json.dumps(trials))
@@ -98,7 +128,9 @@ def test_sigkill_at_random_times_then_resume_is_bit_exact(synth_dir, tmp_path, r
     final = _run(_train_cmd(synth_dir, out), tmp_path / "final.log")
     assert final.returncode == 0, (tmp_path / "final.log").read_text()[-3000:]
     _assert_same_weights(out / "model_final.safetensors", reference_weights)
-    assert [h["iter"] for h in read_history(out / "metrics.jsonl")] == list(range(2, MAX_ITER + 1, 2))
+    assert [h["iter"] for h in read_history(out / "metrics.jsonl")] == list(
+        range(2, MAX_ITER + 1, 2)
+    )
     assert not list(out.glob(".*.tmp"))
 
 
@@ -154,13 +186,18 @@ sys.exit(cli.main(sys.argv[3:]))
 
 
 @pytest.mark.slow
-def test_sigkill_mid_checkpoint_write_then_resume_is_bit_exact(synth_dir, tmp_path, reference_weights):
+def test_sigkill_mid_checkpoint_write_then_resume_is_bit_exact(
+    synth_dir, tmp_path, reference_weights
+):
     wrapper = tmp_path / "kill_wrapper.py"
     wrapper.write_text(KILL_WRAPPER)
     out = tmp_path / "run"
 
     def run(mode: str, at: int, name: str) -> str:
-        proc = _run(_train_cmd(synth_dir, out, wrapper=[str(wrapper), mode, str(at)]), tmp_path / f"{name}.log")
+        proc = _run(
+            _train_cmd(synth_dir, out, wrapper=[str(wrapper), mode, str(at)]),
+            tmp_path / f"{name}.log",
+        )
         log = (tmp_path / f"{name}.log").read_text()
         assert proc.returncode == -signal.SIGKILL, log[-3000:]
         return log
@@ -175,11 +212,16 @@ def test_sigkill_mid_checkpoint_write_then_resume_is_bit_exact(synth_dir, tmp_pa
     log = run("pointer", 6, "b")
     assert "resumed from" in log and "model_0000002.pt at iteration 2" in log
     assert not tmp[0].exists()
-    assert (out / "model_0000006.pt").is_file() and (out / "last_checkpoint").read_text() == "model_0000004.pt"
+    assert (out / "model_0000006.pt").is_file() and (
+        out / "last_checkpoint"
+    ).read_text() == "model_0000004.pt"
     # 3. Resumes from what last_checkpoint names; killed while writing the final weights.
     log = run("weights", 0, "c")
     assert "model_0000004.pt at iteration 4" in log
-    assert list(out.glob(".model_final.safetensors.*.tmp")) and not (out / "model_final.safetensors").exists()
+    assert (
+        list(out.glob(".model_final.safetensors.*.tmp"))
+        and not (out / "model_final.safetensors").exists()
+    )
     # 4. A plain resume finds the complete final state and only writes the weights.
     proc = _run(_train_cmd(synth_dir, out), tmp_path / "d.log")
     log = (tmp_path / "d.log").read_text()
@@ -193,8 +235,14 @@ class _Injector:
     """Wraps the model the trainer builds: NaN losses / inf gradients at chosen (1-based) iterations,
     and snapshots of parameters, buffers and optimizer momentum taken before each forward pass."""
 
-    def __init__(self, monkeypatch, *, nan_loss: set[int] = frozenset(), inf_grad: set[int] = frozenset(),
-                 nan_from: int | None = None) -> None:
+    def __init__(
+        self,
+        monkeypatch,
+        *,
+        nan_loss: set[int] = frozenset(),
+        inf_grad: set[int] = frozenset(),
+        nan_from: int | None = None,
+    ) -> None:
         self.nan_loss, self.inf_grad, self.nan_from = nan_loss, inf_grad, nan_from
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.optimizer = None
@@ -215,8 +263,11 @@ class _Injector:
             it = calls[0]
             state = {f"p.{k}": v.detach().clone() for k, v in model.named_parameters()}
             state |= {f"b.{k}": v.detach().clone() for k, v in model.named_buffers()}
-            state |= {f"m.{i}": s["momentum_buffer"].clone() for i, s in enumerate(self.optimizer.state.values())
-                      if s.get("momentum_buffer") is not None}
+            state |= {
+                f"m.{i}": s["momentum_buffer"].clone()
+                for i, s in enumerate(self.optimizer.state.values())
+                if s.get("momentum_buffer") is not None
+            }
             self.snapshots[it] = state
             losses = forward(*args, **kwargs)
             if it in self.nan_loss or (self.nan_from is not None and it >= self.nan_from):
@@ -231,9 +282,18 @@ class _Injector:
 
 
 def _tiny_cfg(synth_dir, out, *extra):
-    return load_config("blendmask_tiny", data_overrides(synth_dir) + [
-        f"output_dir={out}", "data.val_json=", "solver.max_iter=6", "solver.log_period=1",
-        "solver.checkpoint_period=100", *extra])
+    return load_config(
+        "blendmask_tiny",
+        data_overrides(synth_dir)
+        + [
+            f"output_dir={out}",
+            "data.val_json=",
+            "solver.max_iter=6",
+            "solver.log_period=1",
+            "solver.checkpoint_period=100",
+            *extra,
+        ],
+    )
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -242,29 +302,44 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_nonfinite_loss_stops_naming_term_and_iteration(synth_dir, tmp_path, monkeypatch):
     _Injector(monkeypatch, nan_loss={3})
-    with pytest.raises(FloatingPointError,
-                       match=r"non-finite loss at iteration 3: loss_mask=nan \(solver\.on_nonfinite=stop"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite loss at iteration 3: loss_mask=nan \(solver\.on_nonfinite=stop",
+    ):
         train(_tiny_cfg(synth_dir, tmp_path))
     assert [h["iter"] for h in read_history(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_nonfinite_gradient_stops(synth_dir, tmp_path, monkeypatch):
     _Injector(monkeypatch, inf_grad={2})
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 2 \(total grad norm (inf|nan)\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite gradients at iteration 2 \(total grad norm (inf|nan)\)",
+    ):
         train(_tiny_cfg(synth_dir, tmp_path))
 
 
-def test_skip_leaves_model_and_optimizer_untouched_and_logs(synth_dir, tmp_path, monkeypatch, caplog):
+def test_skip_leaves_model_and_optimizer_untouched_and_logs(
+    synth_dir, tmp_path, monkeypatch, caplog
+):
     inject = _Injector(monkeypatch, nan_loss={3}, inf_grad={4})
     cfg = _tiny_cfg(synth_dir, tmp_path, "solver.on_nonfinite=skip")
     with caplog.at_level("WARNING", logger="dynaseg.train"):
         train(cfg)
     snaps = inject.snapshots
     assert not _same(snaps[2], snaps[3]), "a normal step must change the weights"
-    assert _same(snaps[3], snaps[4]) and _same(snaps[4], snaps[5]), "skipped steps changed the model or optimizer"
+    assert _same(snaps[3], snaps[4]) and _same(snaps[4], snaps[5]), (
+        "skipped steps changed the model or optimizer"
+    )
     assert not _same(snaps[5], snaps[6])
-    assert "non-finite loss at iteration 3: loss_mask=nan: step skipped (1 in a row, 1 in total)" in caplog.text
-    assert "non-finite gradients at iteration 4" in caplog.text and "(2 in a row, 2 in total)" in caplog.text
+    assert (
+        "non-finite loss at iteration 3: loss_mask=nan: step skipped (1 in a row, 1 in total)"
+        in caplog.text
+    )
+    assert (
+        "non-finite gradients at iteration 4" in caplog.text
+        and "(2 in a row, 2 in total)" in caplog.text
+    )
     history = {h["iter"]: h for h in read_history(tmp_path / "metrics.jsonl")}
     assert history[3]["nonfinite_skipped"] == 1 and history[3]["nonfinite_skips"] == 1
     assert history[4]["nonfinite_skips"] == 2 and "loss" not in history[3]
@@ -272,32 +347,62 @@ def test_skip_leaves_model_and_optimizer_untouched_and_logs(synth_dir, tmp_path,
     # The schedule follows the iteration number through skipped steps.
     assert history[5]["lr"] == pytest.approx(cfg.solver.base_lr * lr_factor(5, cfg.solver))
     # Gradient norms are logged at every logged step.
-    assert all(h["grad_norm"] > 0 and h["grad_norm"] < float("inf") for i, h in history.items() if i not in (3, 4))
+    assert all(
+        h["grad_norm"] > 0 and h["grad_norm"] < float("inf")
+        for i, h in history.items()
+        if i not in (3, 4)
+    )
 
 
 def test_too_many_consecutive_skips_stop(synth_dir, tmp_path, monkeypatch):
     _Injector(monkeypatch, nan_from=2)
     cfg = _tiny_cfg(synth_dir, tmp_path, "solver.on_nonfinite=skip", "solver.max_nonfinite_skips=2")
-    with pytest.raises(FloatingPointError, match=r"iteration 4: loss_mask=nan, after 2 skipped steps in a row: "
-                                                 r"stopping \(solver\.max_nonfinite_skips=2\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"iteration 4: loss_mask=nan, after 2 skipped steps in a row: "
+        r"stopping \(solver\.max_nonfinite_skips=2\)",
+    ):
         train(cfg)
-    skipped = [h["iter"] for h in read_history(tmp_path / "metrics.jsonl") if h.get("nonfinite_skipped")]
+    skipped = [
+        h["iter"] for h in read_history(tmp_path / "metrics.jsonl") if h.get("nonfinite_skipped")
+    ]
     assert skipped == [2, 3]
 
 
-@pytest.mark.parametrize("other, error", [
-    ("mask_rcnn_tiny", r"weights do not match the model \(BlendMask, \d+ tensors\): wrong-shape \d+ .*; missing \d+ "
-                       r"\(.*; unexpected \d+ \("),
-    ("blendmask_tiny model.basis.channels=48", r"weights do not match the model \(BlendMask, \d+ tensors\): "
-                                               r"wrong-shape \d+ \(basis\.\S+ \(48, 32, 3, 3\) vs model \(32, 32, 3, 3\)"),
-    ("blendmask_tiny", r"optimizer/scheduler state does not match this config \(ValueError: .*parameter groups"),
-])
+@pytest.mark.parametrize(
+    "other, error",
+    [
+        (
+            "mask_rcnn_tiny",
+            r"weights do not match the model \(BlendMask, \d+ tensors\): wrong-shape \d+ .*; missing \d+ "
+            r"\(.*; unexpected \d+ \(",
+        ),
+        (
+            "blendmask_tiny model.basis.channels=48",
+            r"weights do not match the model \(BlendMask, \d+ tensors\): "
+            r"wrong-shape \d+ \(basis\.\S+ \(48, 32, 3, 3\) vs model \(32, 32, 3, 3\)",
+        ),
+        (
+            "blendmask_tiny",
+            r"optimizer/scheduler state does not match this config \(ValueError: .*parameter groups",
+        ),
+    ],
+)
 def test_resume_from_a_mismatched_state_is_a_clear_error(synth_dir, tmp_path, other, error):
     name, *overrides = other.split()
     model = build_model(load_config(name, overrides).model)
-    save_training_state(tmp_path, 2, {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
-                                      "scheduler": {}})
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'model_0000002.pt'))}: {error}"):
+    save_training_state(
+        tmp_path,
+        2,
+        {
+            "model": model.state_dict(),
+            "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {},
+        },
+    )
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(tmp_path / 'model_0000002.pt'))}: {error}"
+    ):
         train(_tiny_cfg(synth_dir, tmp_path), resume=True)
 
 
@@ -321,10 +426,19 @@ def test_failure_watch_ends_a_blocked_rank():
         print("not ended")
     """)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "not ended" not in proc.stdout, proc.stderr[-2000:]
     assert "rank 0 stops: rank 1 failed: RuntimeError: boom" in proc.stderr
-    assert "still running 0.5 s after rank 1 failed" in proc.stderr and time.monotonic() - start < 30
+    assert (
+        "still running 0.5 s after rank 1 failed" in proc.stderr and time.monotonic() - start < 30
+    )
 
 
 DDP_WRAPPER = '''
@@ -384,13 +498,34 @@ def test_ddp_ranks_agree_on_skips_and_a_failing_rank_ends_all(synth_dir, tmp_pat
     port = _free_port()
     procs, logs = [], []
     for rank in range(2):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        env = {
+            **ENV,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+        }
         logs.append((tmp_path / f"rank{rank}.log").open("w"))
-        cmd = [sys.executable, str(wrapper), str(out), "train", "--config", "blendmask_tiny",
-               *data_overrides(synth_dir), f"output_dir={out}", "data.val_json=", "solver.max_iter=8",
-               "solver.log_period=1", "solver.checkpoint_period=100", "solver.on_nonfinite=skip"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+        cmd = [
+            sys.executable,
+            str(wrapper),
+            str(out),
+            "train",
+            "--config",
+            "blendmask_tiny",
+            *data_overrides(synth_dir),
+            f"output_dir={out}",
+            "data.val_json=",
+            "solver.max_iter=8",
+            "solver.log_period=1",
+            "solver.checkpoint_period=100",
+            "solver.on_nonfinite=skip",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
+        )
     start = time.monotonic()
     try:
         rcs = [p.wait(timeout=180) for p in procs]
@@ -406,7 +541,9 @@ def test_ddp_ranks_agree_on_skips_and_a_failing_rank_ends_all(synth_dir, tmp_pat
     # Iteration 2: rank 1's loss is NaN but its gradients are finite; both ranks skip the step.
     for rank in range(2):
         params = torch.load(out / f"rank{rank}_params.pt", weights_only=True)
-        assert all(torch.equal(params["before"][k], params["after"][k]) for k in params["before"]), rank
+        assert all(
+            torch.equal(params["before"][k], params["after"][k]) for k in params["before"]
+        ), rank
     p0, p1 = (torch.load(out / f"rank{r}_params.pt", weights_only=True)["after"] for r in range(2))
     assert all(torch.equal(p0[k], p1[k]) for k in p0), "ranks desynchronised"
     skips = [h for h in read_history(out / "metrics.jsonl") if h.get("nonfinite_skipped")]
@@ -414,4 +551,6 @@ def test_ddp_ranks_agree_on_skips_and_a_failing_rank_ends_all(synth_dir, tmp_pat
     # Iteration 4: rank 1 raises; both ranks end, rank 0 naming rank 1 and its error.
     assert rcs[0] != 0 and rcs[1] != 0, rcs
     assert "RuntimeError: injected failure on rank 1 at iteration 4" in text[1]
-    assert "rank 1 failed: RuntimeError: injected failure on rank 1 at iteration 4" in text[0], text[0][-3000:]
+    assert "rank 1 failed: RuntimeError: injected failure on rank 1 at iteration 4" in text[0], (
+        text[0][-3000:]
+    )

@@ -1,4 +1,5 @@
 """FCOS target assignment, losses and decoding on hand-built cases."""
+
 import math
 
 import torch
@@ -13,9 +14,14 @@ from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target
 def _assign(locations, stride, boxes, labels, radius=1.5, ranges=(-1.0, float("inf"))):
     n = locations.shape[0]
     return assign_fcos_targets(
-        locations=locations, strides=torch.full((n,), float(stride)),
-        size_ranges=torch.tensor([ranges]).expand(n, 2), gt_boxes=boxes, gt_labels=labels,
-        num_classes=5, center_sampling_radius=radius)
+        locations=locations,
+        strides=torch.full((n,), float(stride)),
+        size_ranges=torch.tensor([ranges]).expand(n, 2),
+        gt_boxes=boxes,
+        gt_labels=labels,
+        num_classes=5,
+        center_sampling_radius=radius,
+    )
 
 
 def test_locations_follow_stride_convention():
@@ -29,13 +35,13 @@ def test_size_ranges_inclusive_table():
 
 def test_center_sampling_limits_positives_to_radius():
     loc = compute_locations([(16, 16)], [8], torch.device("cpu"))[0]
-    box = torch.tensor([[0.0, 0.0, 128.0, 128.0]])            # centre (64, 64); radius 1.5·8 = 12
+    box = torch.tensor([[0.0, 0.0, 128.0, 128.0]])  # centre (64, 64); radius 1.5·8 = 12
     t = _assign(loc, 8, box, torch.tensor([2]))
     pos = loc[t.labels != 5]
     # sub-box (52, 76) is open: of the cell centres 52, 60, 68, 76 only 60 and 68 lie strictly inside
     assert sorted(map(tuple, pos.tolist())) == [(60, 60), (60, 68), (68, 60), (68, 68)]
     t0 = _assign(loc, 8, box, torch.tensor([2]), radius=0)
-    assert (t0.labels != 5).sum() == 256                       # whole box without centre sampling
+    assert (t0.labels != 5).sum() == 256  # whole box without centre sampling
 
 
 def test_regression_targets_are_stride_normalised_and_centerness():
@@ -66,14 +72,28 @@ def _loss(labels, box_pred, box_t, ctr_t):
     torch.manual_seed(0)
     cls = torch.randn(len(labels), 5, requires_grad=True)
     ctr = torch.randn(len(box_pred), requires_grad=True)
-    out = fcos_losses(cls_logits=cls, box_ltrb=box_pred, centerness=ctr, labels=labels, box_targets=box_t,
-                      ctr_targets=ctr_t, num_pos_avg=torch.tensor(max(len(box_pred), 1.0)),
-                      ctr_sum_avg=ctr_t.sum().clamp(min=1e-6), focal_alpha=0.25, focal_gamma=2.0)
+    out = fcos_losses(
+        cls_logits=cls,
+        box_ltrb=box_pred,
+        centerness=ctr,
+        labels=labels,
+        box_targets=box_t,
+        ctr_targets=ctr_t,
+        num_pos_avg=torch.tensor(max(len(box_pred), 1.0)),
+        ctr_sum_avg=ctr_t.sum().clamp(min=1e-6),
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    )
     return out, cls, ctr
 
 
 def test_losses_empty_ground_truth():
-    out, cls, _ = _loss(torch.full((10,), 5), torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4), torch.zeros(0))
+    out, cls, _ = _loss(
+        torch.full((10,), 5),
+        torch.zeros(0, 4, requires_grad=True),
+        torch.zeros(0, 4),
+        torch.zeros(0),
+    )
     assert out["loss_fcos_cls"] > 0
     assert out["loss_fcos_loc"] == 0 and out["loss_fcos_ctr"] == 0
     sum(out.values()).backward()
@@ -82,24 +102,37 @@ def test_losses_empty_ground_truth():
 
 def test_losses_with_ground_truth_and_perfect_box():
     target = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    out, _, _ = _loss(torch.tensor([1, 5, 5]), target.clone().requires_grad_(), target, centerness_target(target))
+    out, _, _ = _loss(
+        torch.tensor([1, 5, 5]), target.clone().requires_grad_(), target, centerness_target(target)
+    )
     assert out["loss_fcos_cls"] > 0 and out["loss_fcos_ctr"] > 0
-    assert out["loss_fcos_loc"].abs() < 1e-6                 # GIoU loss of a perfect box
-    worse, _, _ = _loss(torch.tensor([1, 5, 5]), (target * 2).requires_grad_(), target, centerness_target(target))
+    assert out["loss_fcos_loc"].abs() < 1e-6  # GIoU loss of a perfect box
+    worse, _, _ = _loss(
+        torch.tensor([1, 5, 5]), (target * 2).requires_grad_(), target, centerness_target(target)
+    )
     assert worse["loss_fcos_loc"] > 0.1
 
 
 def test_decode_scores_boxes_and_nms():
     loc = [torch.tensor([[10.0, 10.0], [12.0, 10.0], [50.0, 50.0]])]
     logits = torch.full((3, 2), -10.0)
-    logits[0, 1] = logits[1, 1] = 3.0      # two overlapping detections of class 1
+    logits[0, 1] = logits[1, 1] = 3.0  # two overlapping detections of class 1
     logits[2, 0] = 1.0
     ltrb = torch.tensor([[1.0, 1, 1, 1], [1.0, 1, 1, 1], [0.5, 0.5, 0.5, 0.5]])
     ctr = torch.tensor([2.0, 0.0, 0.0])
-    d = decode_fcos(cls_logits=[logits], box_ltrb=[ltrb], centerness=[ctr], locations=loc, strides=[8],
-                    score_threshold=0.05, thresh_with_ctr=True, pre_nms_topk=1000, nms_threshold=0.6,
-                    max_detections=100)
-    assert d.labels.tolist() == [1, 0]                       # the duplicate was suppressed
+    d = decode_fcos(
+        cls_logits=[logits],
+        box_ltrb=[ltrb],
+        centerness=[ctr],
+        locations=loc,
+        strides=[8],
+        score_threshold=0.05,
+        thresh_with_ctr=True,
+        pre_nms_topk=1000,
+        nms_threshold=0.6,
+        max_detections=100,
+    )
+    assert d.labels.tolist() == [1, 0]  # the duplicate was suppressed
     expected = math.sqrt(torch.sigmoid(torch.tensor(3.0)) * torch.sigmoid(torch.tensor(2.0)))
     assert math.isclose(d.scores[0].item(), expected, rel_tol=1e-5)
     assert d.boxes[0].tolist() == [2.0, 2.0, 18.0, 18.0] and d.location_index.tolist() == [0, 2]
@@ -116,9 +149,21 @@ def test_head_output_shapes_and_prior():
 def test_class_agnostic_nms_keeps_one_class_per_object():
     loc = [torch.tensor([[10.0, 10.0], [12.0, 10.0]])]
     logits = torch.full((2, 3), -10.0)
-    logits[0, 1], logits[1, 2] = 3.0, 2.0      # one object, two locations voting for different classes
+    logits[0, 1], logits[1, 2] = 3.0, 2.0  # one object, two locations voting for different classes
     ltrb = torch.ones(2, 4)
-    kw = dict(cls_logits=[logits], box_ltrb=[ltrb], centerness=[torch.zeros(2)], locations=loc, strides=[8],
-              score_threshold=0.05, thresh_with_ctr=True, pre_nms_topk=1000, nms_threshold=0.6, max_detections=100)
-    assert decode_fcos(**kw).labels.tolist() == [1, 2]                          # per-class NMS keeps both
-    assert decode_fcos(**kw, class_agnostic_nms=True).labels.tolist() == [1]    # one NMS: the better class
+    kw = dict(
+        cls_logits=[logits],
+        box_ltrb=[ltrb],
+        centerness=[torch.zeros(2)],
+        locations=loc,
+        strides=[8],
+        score_threshold=0.05,
+        thresh_with_ctr=True,
+        pre_nms_topk=1000,
+        nms_threshold=0.6,
+        max_detections=100,
+    )
+    assert decode_fcos(**kw).labels.tolist() == [1, 2]  # per-class NMS keeps both
+    assert decode_fcos(**kw, class_agnostic_nms=True).labels.tolist() == [
+        1
+    ]  # one NMS: the better class

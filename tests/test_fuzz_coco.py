@@ -1,6 +1,7 @@
 """Property-based fuzzing of the COCO instances loader (hypothesis): random valid and corrupted
 documents, arbitrary JSON, and the compressed-RLE string decoder. Helpers: ``fuzzing.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,13 +52,19 @@ def _report_examples(request):
 
 # ----------------------------------------------------------------------------- strategies
 
-SPECIAL_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 1e-320, 1e12, -1e12])
+SPECIAL_FLOATS = st.sampled_from(
+    [math.nan, math.inf, -math.inf, 1e308, -1e308, 1e-320, 1e12, -1e12]
+)
 
 
 def coords(extent: int) -> st.SearchStrategy:
     """A coordinate near an image side of ``extent`` px, sometimes absurd."""
-    return st.one_of(st.floats(-extent, 2.0 * extent, allow_nan=False, allow_infinity=False),
-                     st.integers(-extent, 2 * extent), SPECIAL_FLOATS, HUGE_INTS)
+    return st.one_of(
+        st.floats(-extent, 2.0 * extent, allow_nan=False, allow_infinity=False),
+        st.integers(-extent, 2 * extent),
+        SPECIAL_FLOATS,
+        HUGE_INTS,
+    )
 
 
 def _uncompressed(mask: np.ndarray) -> list[int]:
@@ -78,7 +85,9 @@ def good_polygon(draw, h: int, w: int) -> list[float]:
 
 @st.composite
 def segmentations(draw, h: int, w: int) -> Any:
-    kind = draw(st.sampled_from(["polygon", "polygon", "random_polygon", "rle", "uncompressed", "none"]))
+    kind = draw(
+        st.sampled_from(["polygon", "polygon", "random_polygon", "rle", "uncompressed", "none"])
+    )
     if kind == "polygon":
         return draw(st.lists(good_polygon(h, w), min_size=1, max_size=2))
     if kind == "random_polygon":
@@ -103,22 +112,40 @@ def coco_documents(draw) -> dict[str, Any]:
     """A *valid* COCO instances document: it may contain degenerate annotations (documented drops),
     never inconsistencies."""
     cat_ids = draw(st.lists(st.integers(-5, 1000), min_size=1, max_size=3, unique=True))
-    image_ids = draw(st.lists(st.integers(0, 10 ** 12), min_size=1, max_size=3, unique=True))
-    images = [{"id": i, "file_name": f"{k}.png", "height": draw(st.integers(1, 20)),
-               "width": draw(st.integers(1, 20))} for k, i in enumerate(image_ids)]
+    image_ids = draw(st.lists(st.integers(0, 10**12), min_size=1, max_size=3, unique=True))
+    images = [
+        {
+            "id": i,
+            "file_name": f"{k}.png",
+            "height": draw(st.integers(1, 20)),
+            "width": draw(st.integers(1, 20)),
+        }
+        for k, i in enumerate(image_ids)
+    ]
     anns = []
     for k in range(draw(st.integers(0, 6))):
         im = draw(st.sampled_from(images))
         h, w = im["height"], im["width"]
-        ann = {"id": k + 1, "image_id": im["id"], "category_id": draw(st.sampled_from(cat_ids)),
-               "bbox": draw(st.one_of(good_box(h, w), st.tuples(coords(w), coords(h), coords(w), coords(h)).map(list))),
-               "iscrowd": draw(st.sampled_from([0, 0, 0, 1, False]))}
+        ann = {
+            "id": k + 1,
+            "image_id": im["id"],
+            "category_id": draw(st.sampled_from(cat_ids)),
+            "bbox": draw(
+                st.one_of(
+                    good_box(h, w), st.tuples(coords(w), coords(h), coords(w), coords(h)).map(list)
+                )
+            ),
+            "iscrowd": draw(st.sampled_from([0, 0, 0, 1, False])),
+        }
         seg = draw(segmentations(h, w))
         if seg is not None or draw(st.booleans()):
             ann["segmentation"] = seg
         anns.append(ann)
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": c, "name": f"class{c}"} for c in cat_ids]}
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": f"class{c}"} for c in cat_ids],
+    }
 
 
 @st.composite
@@ -140,14 +167,17 @@ def coco_mutation(draw, doc: dict, kind: str) -> str:
         draw(st.sampled_from(anns))["category_id"] = max(c["id"] for c in cats) + 1
     elif kind == "image_size":
         draw(st.sampled_from(images))[draw(st.sampled_from(["height", "width"]))] = draw(
-            st.sampled_from([0, -3, 2.5, "12", 10 ** 9, 7, 1, None]))
+            st.sampled_from([0, -3, 2.5, "12", 10**9, 7, 1, None])
+        )
     elif kind == "rle_size" and rles:
         rle = draw(st.sampled_from(rles))["segmentation"]
         rle["size"] = [rle["size"][0] + 1, rle["size"][1]]
     elif kind == "rle_counts" and rles:
         rle = draw(st.sampled_from(rles))["segmentation"]
         if isinstance(rle["counts"], str):
-            rle["counts"] = draw(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=130), max_size=10))
+            rle["counts"] = draw(
+                st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=130), max_size=10)
+            )
         else:
             rle["counts"] = rle["counts"] + [draw(st.integers(-2, 3))]
     elif kind == "dup_ann_id" and len(anns) > 1:
@@ -157,8 +187,13 @@ def coco_mutation(draw, doc: dict, kind: str) -> str:
 
 # ----------------------------------------------------------------------------- invariants
 
-ANNOTATION_DROPS = ("dropped_degenerate_bbox", "dropped_nonfinite_bbox", "dropped_no_valid_polygon",
-                    "dropped_empty_rle", "dropped_missing_segmentation")
+ANNOTATION_DROPS = (
+    "dropped_degenerate_bbox",
+    "dropped_nonfinite_bbox",
+    "dropped_no_valid_polygon",
+    "dropped_empty_rle",
+    "dropped_missing_segmentation",
+)
 
 
 def _check_instances(data, doc: dict) -> None:
@@ -177,7 +212,9 @@ def _check_instances(data, doc: dict) -> None:
             if isinstance(a.segmentation, dict):
                 assert a.segmentation["size"] == [rec.height, rec.width]
             else:
-                assert a.segmentation and all(len(p) >= 6 and len(p) % 2 == 0 for p in a.segmentation)
+                assert a.segmentation and all(
+                    len(p) >= 6 and len(p) % 2 == 0 for p in a.segmentation
+                )
                 assert all(math.isfinite(v) for p in a.segmentation for v in p)
     assert kept == data.stats["annotations"]
     # Every annotation is kept or counted under exactly one drop reason.
@@ -186,8 +223,16 @@ def _check_instances(data, doc: dict) -> None:
 
 # ----------------------------------------------------------------------------- COCO instances
 
-def _run_coco(doc: dict, raw_images: list[dict], *, valid: bool, short: tuple[int, ...], max_size: int,
-              divisibility: int) -> None:
+
+def _run_coco(
+    doc: dict,
+    raw_images: list[dict],
+    *,
+    valid: bool,
+    short: tuple[int, ...],
+    max_size: int,
+    divisibility: int,
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for k, im in enumerate(raw_images):
@@ -203,37 +248,65 @@ def _run_coco(doc: dict, raw_images: list[dict], *, valid: bool, short: tuple[in
         _check_instances(data, doc)
         names = lambda i: (data.records[i].file_name, str(json_path))  # noqa: E731
         plain = InstanceDataset(data, None, train=True)
-        samples = read_all(plain, names, data.num_classes, lambda i: (data.records[i].height, data.records[i].width),
-                           must_succeed=valid)
-        for i, s in enumerate(samples):  # deterministic (undersized RLEs used to decode uninitialised memory)
+        samples = read_all(
+            plain,
+            names,
+            data.num_classes,
+            lambda i: (data.records[i].height, data.records[i].width),
+            must_succeed=valid,
+        )
+        for i, s in enumerate(
+            samples
+        ):  # deterministic (undersized RLEs used to decode uninitialised memory)
             if s is not None:
                 assert torch.equal(plain[i].target.masks, s.target.masks)
         for rec, s in zip(data.records, samples):
             if s is not None:  # untransformed: kept boxes are the clipped annotation boxes
                 boxes = {a.bbox_xyxy for a in rec.annotations if not a.iscrowd}
                 assert {tuple(b) for b in s.target.boxes.tolist()} <= {
-                    tuple(torch.tensor(b, dtype=torch.float32).tolist()) for b in boxes}
-        augmented = InstanceDataset(data, build_train_transforms(short, max_size, 0.5), train=True,
-                                    max_instances=2, seed=1)
+                    tuple(torch.tensor(b, dtype=torch.float32).tolist()) for b in boxes
+                }
+        augmented = InstanceDataset(
+            data, build_train_transforms(short, max_size, 0.5), train=True, max_instances=2, seed=1
+        )
         sizes = lambda i: None  # noqa: E731  (one of several random sizes)
-        kept = [s for s in read_all(augmented, names, data.num_classes, sizes, must_succeed=valid) if s is not None]
+        kept = [
+            s
+            for s in read_all(augmented, names, data.num_classes, sizes, must_succeed=valid)
+            if s is not None
+        ]
         for s in kept:
             assert len(s.target) <= 2
             b = s.target.boxes
             assert bool(((b[:, 2] - b[:, 0] >= 1 - 1e-4) & (b[:, 3] - b[:, 1] >= 1 - 1e-4)).all())
-            assert tuple(s.image.shape[-2:]) in {resized_shape(*s.original_size, m, max_size) for m in short}
+            assert tuple(s.image.shape[-2:]) in {
+                resized_shape(*s.original_size, m, max_size) for m in short
+            }
         if kept:
             check_batch(kept, divisibility)
 
 
-COCO_MUTATIONS = ["structural", "field", "field", "dup_image", "dup_category", "ghost_image", "ghost_category",
-                  "image_size", "rle_size", "rle_counts", "dup_ann_id"]
+COCO_MUTATIONS = [
+    "structural",
+    "field",
+    "field",
+    "dup_image",
+    "dup_category",
+    "ghost_image",
+    "ghost_category",
+    "image_size",
+    "rle_size",
+    "rle_counts",
+    "dup_ann_id",
+]
 
 
 @fuzz(300)
 @given(doc=coco_documents(), sizes=TRANSFORM_SIZES)
 def test_fuzz_coco_valid(doc, sizes):
-    _run_coco(doc, doc["images"], valid=True, short=sizes[0], max_size=sizes[1], divisibility=sizes[2])
+    _run_coco(
+        doc, doc["images"], valid=True, short=sizes[0], max_size=sizes[1], divisibility=sizes[2]
+    )
     _count("coco_valid")
 
 
@@ -242,21 +315,34 @@ def test_fuzz_coco_valid(doc, sizes):
 def test_fuzz_coco_invalid(data, doc, sizes):
     raw_images = json.loads(json.dumps(doc["images"]))
     kinds = data.draw(st.lists(st.sampled_from(COCO_MUTATIONS), min_size=1, max_size=3))
-    for kind in sorted(kinds, key=lambda k: k in ("structural", "field")):  # these last: they break the shape
+    for kind in sorted(
+        kinds, key=lambda k: k in ("structural", "field")
+    ):  # these last: they break the shape
         data.draw(coco_mutation(doc, kind))
-    _run_coco(doc, raw_images, valid=False, short=sizes[0], max_size=sizes[1], divisibility=sizes[2])
+    _run_coco(
+        doc, raw_images, valid=False, short=sizes[0], max_size=sizes[1], divisibility=sizes[2]
+    )
     _count("coco_invalid")
 
 
 @fuzz(200)
-@given(doc=st.one_of(json_values, st.fixed_dictionaries(
-    {"images": json_values, "annotations": json_values, "categories": json_values})))
+@given(
+    doc=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"images": json_values, "annotations": json_values, "categories": json_values}
+        ),
+    )
+)
 def test_fuzz_random_json_structures(doc):
     """Arbitrary JSON in both loaders: only DatasetError naming the file."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ann.json"
         path.write_text(json.dumps(doc))
-        for load in (lambda: load_coco_instances(path, tmp), lambda: load_coco_panoptic(path, tmp, tmp)):
+        for load in (
+            lambda: load_coco_instances(path, tmp),
+            lambda: load_coco_panoptic(path, tmp, tmp),
+        ):
             try:
                 load()
             except DatasetError as e:
@@ -275,9 +361,13 @@ def test_deeply_nested_and_binary_json(tmp_path: Path):
 
 
 @fuzz(400)
-@given(mask=st.integers(1, 12).flatmap(lambda h: st.integers(1, 12).flatmap(lambda w: rect_mask(h, w))),
-       noise=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), max_size=6),
-       text=st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=111), max_size=10))
+@given(
+    mask=st.integers(1, 12).flatmap(
+        lambda h: st.integers(1, 12).flatmap(lambda w: rect_mask(h, w))
+    ),
+    noise=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), max_size=6),
+    text=st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=111), max_size=10),
+)
 def test_fuzz_rle_string_decoder_matches_pycocotools(mask, noise, text):
     """``rle_string_counts`` reads pycocotools' strings exactly, and strings it accepts decode in
     pycocotools to exactly the runs it reports."""
@@ -296,25 +386,60 @@ def test_fuzz_rle_string_decoder_matches_pycocotools(mask, noise, text):
 
 # ----------------------------------------------------------------------------- regressions
 
-_BASE_ANN = {"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]]}
+_BASE_ANN = {
+    "id": 1,
+    "image_id": 1,
+    "category_id": 7,
+    "bbox": [1, 1, 5, 5],
+    "segmentation": [[1, 1, 6, 1, 6, 6]],
+}
 
 
-@pytest.mark.parametrize("change, outcome", [
-    ({"bbox": [10 ** 400, 1, 5, 5]}, "dropped_nonfinite_bbox"),  # was OverflowError
-    ({"segmentation": [[10 ** 400, 1, 6, 1, 6, 6]]}, "dropped_no_valid_polygon"),  # was OverflowError
-    ({"segmentation": [[1, 1, 1e9, 1, 1e9, 1e9]]}, "dropped_no_valid_polygon"),  # pycocotools segfaulted
-    ({"segmentation": [[1, 1, 1e7, 1, 1e7, 1e7]]}, "dropped_no_valid_polygon"),  # pycocotools took 1 s
-    ({"segmentation": [[30, 30, 36, 30, 36, 36]]}, "dropped_no_valid_polygon"),  # outside: empty mask
-    ({"id": [1]}, r"annotations\[0\]: 'id' must be a number or a string, got \[1\]"),  # was TypeError
-    ({"segmentation": {"size": [20, 20], "counts": "zzzz"}},  # decoded uninitialised memory
-     r"annotation id=1: compressed RLE counts 'zzzz' do not decode to run lengths summing to h\*w = 400"),
-    ({"segmentation": {"size": [20, 20], "counts": "0"}}, r"'0' do not decode to run lengths summing"),
-    ({"segmentation": {"size": [20, 20], "counts": "1o"}}, r"'1o' do not decode"),  # dangling continuation
-])
+@pytest.mark.parametrize(
+    "change, outcome",
+    [
+        ({"bbox": [10**400, 1, 5, 5]}, "dropped_nonfinite_bbox"),  # was OverflowError
+        (
+            {"segmentation": [[10**400, 1, 6, 1, 6, 6]]},
+            "dropped_no_valid_polygon",
+        ),  # was OverflowError
+        (
+            {"segmentation": [[1, 1, 1e9, 1, 1e9, 1e9]]},
+            "dropped_no_valid_polygon",
+        ),  # pycocotools segfaulted
+        (
+            {"segmentation": [[1, 1, 1e7, 1, 1e7, 1e7]]},
+            "dropped_no_valid_polygon",
+        ),  # pycocotools took 1 s
+        (
+            {"segmentation": [[30, 30, 36, 30, 36, 36]]},
+            "dropped_no_valid_polygon",
+        ),  # outside: empty mask
+        (
+            {"id": [1]},
+            r"annotations\[0\]: 'id' must be a number or a string, got \[1\]",
+        ),  # was TypeError
+        (
+            {"segmentation": {"size": [20, 20], "counts": "zzzz"}},  # decoded uninitialised memory
+            r"annotation id=1: compressed RLE counts 'zzzz' do not decode to run lengths summing to h\*w = 400",
+        ),
+        (
+            {"segmentation": {"size": [20, 20], "counts": "0"}},
+            r"'0' do not decode to run lengths summing",
+        ),
+        (
+            {"segmentation": {"size": [20, 20], "counts": "1o"}},
+            r"'1o' do not decode",
+        ),  # dangling continuation
+    ],
+)
 def test_fuzzing_regressions_coco(tmp_path: Path, change: dict, outcome: str):
     write_png(tmp_path / "a.png", 20, 20)
-    doc = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
-           "annotations": [{**_BASE_ANN, **change}], "categories": [{"id": 7, "name": "cat"}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
+        "annotations": [{**_BASE_ANN, **change}],
+        "categories": [{"id": 7, "name": "cat"}],
+    }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(doc))
     if outcome.startswith("dropped_"):

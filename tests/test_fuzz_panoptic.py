@@ -1,6 +1,7 @@
 """Property-based fuzzing of the COCO panoptic loader and dataset (hypothesis): random valid and
 corrupted documents and panoptic PNGs. Helpers: ``fuzzing.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,16 @@ def _report_examples(request):
 @st.composite
 def panoptic_documents(draw) -> tuple[dict, dict[int, np.ndarray]]:
     """A valid COCO panoptic document and the id map of each annotated image (by image id)."""
-    cats = draw(st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=4,
-                         unique_by=lambda c: c[0]))
+    cats = draw(
+        st.lists(
+            st.tuples(st.integers(1, 300), st.booleans()),
+            min_size=1,
+            max_size=4,
+            unique_by=lambda c: c[0],
+        )
+    )
     categories = [{"id": c, "name": f"c{c}", "isthing": int(t)} for c, t in cats]
-    image_ids = draw(st.lists(st.integers(1, 10 ** 6), min_size=1, max_size=3, unique=True))
+    image_ids = draw(st.lists(st.integers(1, 10**6), min_size=1, max_size=3, unique=True))
     images, anns, maps = [], [], {}
     for image_id in image_ids:
         h, w = draw(st.integers(1, 14)), draw(st.integers(1, 14))
@@ -61,26 +68,45 @@ def panoptic_documents(draw) -> tuple[dict, dict[int, np.ndarray]]:
         if not draw(st.integers(0, 4)):
             continue  # no panoptic annotation: all void
         ids = np.zeros((h, w), np.int64)
-        for sid in draw(st.lists(st.integers(1, 256 ** 3 - 1), max_size=4, unique=True)):
+        for sid in draw(st.lists(st.integers(1, 256**3 - 1), max_size=4, unique=True)):
             ids[draw(rect_mask(h, w))] = sid
         segments = []
         for sid in sorted(set(np.unique(ids).tolist()) - {0}):
-            seg = {"id": sid, "category_id": draw(st.sampled_from(cats))[0],
-                   "iscrowd": draw(st.sampled_from([0, 0, 1]))}
+            seg = {
+                "id": sid,
+                "category_id": draw(st.sampled_from(cats))[0],
+                "iscrowd": draw(st.sampled_from([0, 0, 1])),
+            }
             if draw(st.booleans()):
                 seg["bbox"] = [draw(st.integers(0, w)), draw(st.integers(0, h)), 1, 1]
             segments.append(seg)
-        anns.append({"image_id": image_id, "file_name": f"pan{image_id}.png", "segments_info": segments})
+        anns.append(
+            {"image_id": image_id, "file_name": f"pan{image_id}.png", "segments_info": segments}
+        )
         maps[image_id] = ids
     return {"images": images, "annotations": anns, "categories": categories}, maps
 
 
-PANOPTIC_MUTATIONS = ["structural", "field", "field", "unlisted", "absent", "png_size", "png_garbage", "png_missing",
-                      "dup_segment", "second_annotation", "ghost_category", "isthing"]
+PANOPTIC_MUTATIONS = [
+    "structural",
+    "field",
+    "field",
+    "unlisted",
+    "absent",
+    "png_size",
+    "png_garbage",
+    "png_missing",
+    "dup_segment",
+    "second_annotation",
+    "ghost_category",
+    "isthing",
+]
 
 
 @st.composite
-def panoptic_mutation(draw, doc: dict, pngs: dict[str, np.ndarray | bytes | None], kind: str) -> str:
+def panoptic_mutation(
+    draw, doc: dict, pngs: dict[str, np.ndarray | bytes | None], kind: str
+) -> str:
     if kind == "structural":
         return draw(structural_mutation(doc))
     if kind == "field":
@@ -93,7 +119,7 @@ def panoptic_mutation(draw, doc: dict, pngs: dict[str, np.ndarray | bytes | None
     if kind == "unlisted" and segs:
         segs.pop(draw(st.integers(0, len(segs) - 1)))
     elif kind == "absent":
-        segs.append({"id": 256 ** 3 - 1 - len(segs), "category_id": doc["categories"][0]["id"]})
+        segs.append({"id": 256**3 - 1 - len(segs), "category_id": doc["categories"][0]["id"]})
     elif kind == "png_size":
         ids = pngs[ann["file_name"]]
         if isinstance(ids, np.ndarray):
@@ -114,8 +140,15 @@ def panoptic_mutation(draw, doc: dict, pngs: dict[str, np.ndarray | bytes | None
     return kind
 
 
-def _run_panoptic(doc: dict, images: list[dict], pngs: dict[str, np.ndarray | bytes | None], *, valid: bool,
-                  sizes: tuple[tuple[int, ...], int, int], maps: dict[int, np.ndarray] | None = None) -> None:
+def _run_panoptic(
+    doc: dict,
+    images: list[dict],
+    pngs: dict[str, np.ndarray | bytes | None],
+    *,
+    valid: bool,
+    sizes: tuple[tuple[int, ...], int, int],
+    maps: dict[int, np.ndarray] | None = None,
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "pan").mkdir()
@@ -138,25 +171,44 @@ def _run_panoptic(doc: dict, images: list[dict], pngs: dict[str, np.ndarray | by
         for rec in data.records:
             assert len({s.id for s in rec.segments}) == len(rec.segments)
             for s in rec.segments:
-                assert 0 < s.id < 256 ** 3
+                assert 0 < s.id < 256**3
                 assert 0 <= s.category < (data.num_classes if s.isthing else data.num_stuff_classes)
         names = lambda i: (data.records[i].file_name, data.records[i].panoptic_file or "")  # noqa: E731
         ds = PanopticDataset(data, None, train=False)
-        samples = read_all(ds, names, max(data.num_classes, 1),
-                           lambda i: (data.records[i].height, data.records[i].width), must_succeed=valid)
-        augmented = PanopticDataset(data, build_train_transforms(sizes[0], sizes[1], 0.5), train=True,
-                                    max_instances=1, seed=2)
-        kept = [s for s in read_all(augmented, names, max(data.num_classes, 1), lambda i: None, must_succeed=valid)
-                if s is not None]
+        samples = read_all(
+            ds,
+            names,
+            max(data.num_classes, 1),
+            lambda i: (data.records[i].height, data.records[i].width),
+            must_succeed=valid,
+        )
+        augmented = PanopticDataset(
+            data,
+            build_train_transforms(sizes[0], sizes[1], 0.5),
+            train=True,
+            max_instances=1,
+            seed=2,
+        )
+        kept = [
+            s
+            for s in read_all(
+                augmented, names, max(data.num_classes, 1), lambda i: None, must_succeed=valid
+            )
+            if s is not None
+        ]
         for s in kept:
             assert len(s.target) <= 1
-            assert set(s.sem_seg.unique().tolist()) <= set(range(data.num_stuff_classes)) | {IGNORE_LABEL}
+            assert set(s.sem_seg.unique().tolist()) <= set(range(data.num_stuff_classes)) | {
+                IGNORE_LABEL
+            }
         if kept:
             check_batch(kept, sizes[2])
         if maps is None:
             return
         for rec, s in zip(data.records, samples):  # valid: targets match the id map exactly
-            ids = torch.from_numpy(maps.get(rec.image_id, np.zeros((rec.height, rec.width), np.int64)))
+            ids = torch.from_numpy(
+                maps.get(rec.image_id, np.zeros((rec.height, rec.width), np.int64))
+            )
             things = [g for g in rec.segments if g.isthing and not g.iscrowd]
             assert len(s.target) == len(things)
             for g, m, label in zip(things, s.target.masks, s.target.labels.tolist()):
@@ -182,7 +234,9 @@ def test_fuzz_panoptic_valid(doc_maps, sizes):
 def test_fuzz_panoptic_invalid(data, doc_maps, sizes):
     doc, maps = doc_maps
     images = json.loads(json.dumps(doc["images"]))
-    pngs: dict[str, np.ndarray | bytes | None] = {a["file_name"]: maps[a["image_id"]] for a in doc["annotations"]}
+    pngs: dict[str, np.ndarray | bytes | None] = {
+        a["file_name"]: maps[a["image_id"]] for a in doc["annotations"]
+    }
     kinds = data.draw(st.lists(st.sampled_from(PANOPTIC_MUTATIONS), min_size=1, max_size=2))
     for kind in sorted(kinds, key=lambda k: k in ("structural", "field")):
         data.draw(panoptic_mutation(doc, pngs, kind))
@@ -192,19 +246,43 @@ def test_fuzz_panoptic_invalid(data, doc_maps, sizes):
 
 # ----------------------------------------------------------------------------- regressions
 
-@pytest.mark.parametrize("where, value, message", [
-    (("images", 0, "id"), 10 ** 400, r"images\[0\]: 'id' must be a 64-bit integer, got 1000000"),  # OverflowError
-    (("images", 0, "height"), 2 ** 40, r"image id=1: size 1099511627776x20 exceeds 536870911 pixels"),
-    (("annotations", 0, "segments_info", 0, "id"), 10 ** 400, r"segments_info\[0\]: 'id' must be a 64-bit"),
-    (("annotations", 0, "segments_info", 0, "bbox"), [0, 0, 10 ** 400, 1], r"'bbox' must be 4 finite numbers"),
-])
+
+@pytest.mark.parametrize(
+    "where, value, message",
+    [
+        (
+            ("images", 0, "id"),
+            10**400,
+            r"images\[0\]: 'id' must be a 64-bit integer, got 1000000",
+        ),  # OverflowError
+        (
+            ("images", 0, "height"),
+            2**40,
+            r"image id=1: size 1099511627776x20 exceeds 536870911 pixels",
+        ),
+        (
+            ("annotations", 0, "segments_info", 0, "id"),
+            10**400,
+            r"segments_info\[0\]: 'id' must be a 64-bit",
+        ),
+        (
+            ("annotations", 0, "segments_info", 0, "bbox"),
+            [0, 0, 10**400, 1],
+            r"'bbox' must be 4 finite numbers",
+        ),
+    ],
+)
 def test_fuzzing_regressions_panoptic(tmp_path: Path, where: tuple, value: Any, message: str):
     (tmp_path / "pan").mkdir()
     write_png(tmp_path / "a.png", 20, 20)
     Image.fromarray(id_to_rgb(np.ones((20, 20), np.int64))).save(tmp_path / "pan" / "a.png")
-    doc = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
-           "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 1, "category_id": 3}]}],
-           "categories": [{"id": 3, "name": "sky", "isthing": 0}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
+        "annotations": [
+            {"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 1, "category_id": 3}]}
+        ],
+        "categories": [{"id": 3, "name": "sky", "isthing": 0}],
+    }
     at(doc, where[:-1])[where[-1]] = value
     path = tmp_path / "panoptic.json"
     path.write_text(json.dumps(doc))

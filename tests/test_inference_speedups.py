@@ -1,5 +1,6 @@
 """Inference speed-ups keep the outputs: folded norms, bf16 autocast, torch.compile, channels_last,
 batched mask pasting, and the DynaMask quota policy used to time a known resolution mix."""
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,13 @@ from dynaseg.modeling.dynamask.branch import quota_resolution
 from dynaseg.structures import Batch
 from dynaseg.structures.masks import paste_masks
 
-TINY = ("blendmask_tiny", "dr1mask_tiny", "mask_rcnn_tiny", "dynamask_tiny", "dr1mask_panoptic_tiny")
+TINY = (
+    "blendmask_tiny",
+    "dr1mask_tiny",
+    "mask_rcnn_tiny",
+    "dynamask_tiny",
+    "dr1mask_panoptic_tiny",
+)
 
 
 def _randomise_norm_statistics(model: nn.Module, seed: int = 0) -> None:
@@ -35,7 +42,9 @@ def _randomise_norm_statistics(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(0.1 * torch.randn(c, generator=g))
 
 
-def _tiny_model(name: str, overrides: tuple[str, ...] = (), detections: int = 20) -> tuple[nn.Module, int]:
+def _tiny_model(
+    name: str, overrides: tuple[str, ...] = (), detections: int = 20
+) -> tuple[nn.Module, int]:
     cfg = force_detections(load_config(name, list(overrides)), detections)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
@@ -68,7 +77,7 @@ def test_fold_batch_norms_keeps_resnet_features(norm):
         before = net(x)
         folded = fold_batch_norms(net)
         after = net(x)
-    assert folded == 1 + 8 * 2 + 3          # stem + two per basic block + three downsample shortcuts
+    assert folded == 1 + 8 * 2 + 3  # stem + two per basic block + three downsample shortcuts
     assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in net.modules())
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-4, atol=1e-4)
@@ -108,8 +117,14 @@ def test_channels_last_keeps_outputs():
     with torch.inference_mode():
         a = model(batch)[0]
         model.to(memory_format=torch.channels_last)
-        b = model(Batch(images=batch.images.contiguous(memory_format=torch.channels_last),
-                        image_sizes=batch.image_sizes, original_sizes=batch.original_sizes, image_ids=[-1]))[0]
+        b = model(
+            Batch(
+                images=batch.images.contiguous(memory_format=torch.channels_last),
+                image_sizes=batch.image_sizes,
+                original_sizes=batch.original_sizes,
+                image_ids=[-1],
+            )
+        )[0]
     torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-4, atol=1e-3)
     assert (a.masks != b.masks).float().mean() < 1e-3
 
@@ -130,7 +145,7 @@ def test_bf16_autocast_wraps_dense_parts_and_returns_float32():
     for k in slow:
         assert fast[k].dtype == torch.float32
         rel = (fast[k] - slow[k]).norm() / slow[k].norm()
-        assert rel < 3e-2, (k, float(rel))          # bf16 has 8 mantissa bits
+        assert rel < 3e-2, (k, float(rel))  # bf16 has 8 mantissa bits
     assert out.boxes.dtype == torch.float32 and len(out) > 0
 
 
@@ -179,8 +194,12 @@ def test_predictor_applies_the_inference_section(tiny_run):
     folded = Predictor(load_config(config, every), weights)
     amp = Predictor(load_config(config, [*every, "inference.amp=bf16"]), weights)
     assert isinstance(amp.model.backbone, AutocastDense)
-    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.model.backbone.modules())
-    image = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    assert not any(
+        isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.model.backbone.modules()
+    )
+    image = torch.randint(
+        0, 256, (3, 90, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
     a, b = plain(image), folded(image)
     assert len(a) == len(b) > 0
     torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-4, atol=1e-3)
@@ -193,11 +212,11 @@ def test_predictor_applies_the_inference_section(tiny_run):
 def test_batched_paste_equals_per_box_paste():
     g = torch.Generator().manual_seed(0)
     n, h, w = 40, 70, 90
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 10            # some start outside
-    wh = torch.rand(n, 2, generator=g) * 60 + 0.3                             # sub-pixel to large
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 10  # some start outside
+    wh = torch.rand(n, 2, generator=g) * 60 + 0.3  # sub-pixel to large
     boxes = torch.cat([xy, xy + wh], dim=1)
-    boxes[0] = torch.tensor([5.0, 5.0, 5.0, 9.0])                             # empty: zero width
-    boxes[1] = torch.tensor([100.0, 80.0, 120.0, 95.0])                       # entirely outside
+    boxes[0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # empty: zero width
+    boxes[1] = torch.tensor([100.0, 80.0, 120.0, 95.0])  # entirely outside
     for res in (14, 28):
         probs = torch.rand(n, res, res, generator=g)
         per_box = paste_masks(probs, boxes, (h, w), batched=False)
@@ -228,14 +247,21 @@ def test_quota_resolution_gives_fractions_smallest_boxes_first():
     choice = quota_resolution(rois, (0.3, 0.2, 0.4, 0.1))
     assert torch.bincount(choice, minlength=4).tolist() == [3, 2, 4, 1]
     order = sides.argsort()
-    assert choice[order].tolist() == sorted(choice.tolist())                 # monotone in size
+    assert choice[order].tolist() == sorted(choice.tolist())  # monotone in size
     # per image: a second image gets its own quota
     two = torch.cat([rois, rois.clone().index_fill_(1, torch.tensor([0]), 1.0)])
-    assert torch.bincount(quota_resolution(two, (0.3, 0.2, 0.4, 0.1)), minlength=4).tolist() == [6, 4, 8, 2]
+    assert torch.bincount(quota_resolution(two, (0.3, 0.2, 0.4, 0.1)), minlength=4).tolist() == [
+        6,
+        4,
+        8,
+        2,
+    ]
 
 
 def test_quota_policy_runs_and_cannot_be_exported():
-    model, div = _tiny_model("dynamask_tiny", ("model.dynamask.policy=quota", "model.dynamask.quota=[0.5,0,0,0.5]"))
+    model, div = _tiny_model(
+        "dynamask_tiny", ("model.dynamask.policy=quota", "model.dynamask.quota=[0.5,0,0,0.5]")
+    )
     with torch.inference_mode():
         out = model(_batch(div))[0]
     counts = {int(s): int((out.mask_resolutions == s).sum()) for s in (14, 28, 56, 112)}
@@ -246,6 +272,11 @@ def test_quota_policy_runs_and_cannot_be_exported():
 
 def test_quota_must_be_fractions():
     with pytest.raises(ValueError, match="quota"):
-        build_model(dataclasses.replace(load_config("dynamask_tiny").model,
-                                        dynamask=dataclasses.replace(load_config("dynamask_tiny").model.dynamask,
-                                                                     quota=(0.5, 0.5, 0.5, 0.0))))
+        build_model(
+            dataclasses.replace(
+                load_config("dynamask_tiny").model,
+                dynamask=dataclasses.replace(
+                    load_config("dynamask_tiny").model.dynamask, quota=(0.5, 0.5, 0.5, 0.0)
+                ),
+            )
+        )

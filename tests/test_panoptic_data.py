@@ -1,4 +1,5 @@
 """Panoptic data: COCO panoptic loading/validation, PanopticDataset targets, sem_seg transforms, collation."""
+
 from __future__ import annotations
 
 import json
@@ -22,44 +23,58 @@ from dynaseg.structures.panoptic import IGNORE_LABEL, id_to_rgb, rgb_to_id
 
 pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+    ),
 ]
 
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> dict[str, Path]:
     """Synthetic panoptic train split: 6 images of 64x96, up to 5 things, sky/ground stuff."""
     out = tmp_path_factory.mktemp("synth_panoptic")
-    return generate_synthetic(out, num_train=6, num_val=0, image_size=(64, 96), seed=5, max_objects=5)
+    return generate_synthetic(
+        out, num_train=6, num_val=0, image_size=(64, 96), seed=5, max_objects=5
+    )
 
 
 def _load_synth(paths: dict[str, Path], **kw):
-    return load_coco_panoptic(paths["panoptic_train_json"], paths["train_images"],
-                              paths["panoptic_train_dir"], **kw)
+    return load_coco_panoptic(
+        paths["panoptic_train_json"], paths["train_images"], paths["panoptic_train_dir"], **kw
+    )
 
 
 # Hand-made dataset. Categories listed out of order: things dog(1)->0, cat(3)->1; stuff sky(10)->0,
 # grass(20)->1.
-CATEGORIES = [{"id": 20, "name": "grass", "isthing": 0}, {"id": 3, "name": "cat", "isthing": 1},
-              {"id": 10, "name": "sky", "isthing": 0}, {"id": 1, "name": "dog", "isthing": 1}]
+CATEGORIES = [
+    {"id": 20, "name": "grass", "isthing": 0},
+    {"id": 3, "name": "cat", "isthing": 1},
+    {"id": 10, "name": "sky", "isthing": 0},
+    {"id": 1, "name": "dog", "isthing": 1},
+]
 
 
 def _image_a() -> tuple[np.ndarray, list[dict], np.ndarray, list[tuple[int, int, list[int]]]]:
     """20x30 ids, segments_info, expected sem_seg and expected (label, id, box) of the instances."""
     ids = np.zeros((20, 30), np.int64)
-    ids[:10] = 5                        # sky
-    ids[10:] = 6                        # grass
-    ids[2:7, 3:11] = 300                # cat, 5x8 = 40 px (id needs G)
-    ids[12:19, 15:28] = 70000           # dog, 7x13 = 91 px (id needs B)
-    ids[0:4, 20:30] = 8                 # crowd dog
-    ids[5:9, 24:30] = 9                 # crowd grass
-    ids[15:20, 0:5] = 0                 # void
-    segs = [{"id": 5, "category_id": 10, "iscrowd": 0}, {"id": 6, "category_id": 20},
-            {"id": 300, "category_id": 3, "iscrowd": 0, "bbox": [3, 2, 8, 5]},
-            {"id": 70000, "category_id": 1, "iscrowd": 0}, {"id": 8, "category_id": 1, "iscrowd": 1},
-            {"id": 9, "category_id": 20, "iscrowd": 1}]
+    ids[:10] = 5  # sky
+    ids[10:] = 6  # grass
+    ids[2:7, 3:11] = 300  # cat, 5x8 = 40 px (id needs G)
+    ids[12:19, 15:28] = 70000  # dog, 7x13 = 91 px (id needs B)
+    ids[0:4, 20:30] = 8  # crowd dog
+    ids[5:9, 24:30] = 9  # crowd grass
+    ids[15:20, 0:5] = 0  # void
+    segs = [
+        {"id": 5, "category_id": 10, "iscrowd": 0},
+        {"id": 6, "category_id": 20},
+        {"id": 300, "category_id": 3, "iscrowd": 0, "bbox": [3, 2, 8, 5]},
+        {"id": 70000, "category_id": 1, "iscrowd": 0},
+        {"id": 8, "category_id": 1, "iscrowd": 1},
+        {"id": 9, "category_id": 20, "iscrowd": 1},
+    ]
     sem = np.full((20, 30), IGNORE_LABEL, np.int64)
     sem[ids == 5] = 0
     sem[ids == 6] = 1
@@ -73,8 +88,11 @@ def _image_b() -> tuple[np.ndarray, list[dict]]:
     return ids, [{"id": 1, "category_id": 3}, {"id": 2, "category_id": 10}]
 
 
-def _write_dataset(root: Path, entries: list[tuple[int, np.ndarray, list[dict] | None]],
-                   categories: list[dict] = CATEGORIES) -> tuple[Path, Path, Path]:
+def _write_dataset(
+    root: Path,
+    entries: list[tuple[int, np.ndarray, list[dict] | None]],
+    categories: list[dict] = CATEGORIES,
+) -> tuple[Path, Path, Path]:
     """entries: (image id, ids map, segments_info or None for no panoptic annotation)."""
     img_dir, pan_dir = root / "images", root / "panoptic"
     img_dir.mkdir(exist_ok=True)
@@ -83,11 +101,15 @@ def _write_dataset(root: Path, entries: list[tuple[int, np.ndarray, list[dict] |
     rng = np.random.default_rng(0)
     for image_id, ids, segs in entries:
         h, w = ids.shape
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img_dir / f"{image_id}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            img_dir / f"{image_id}.png"
+        )
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
         if segs is not None:
             Image.fromarray(id_to_rgb(ids)).save(pan_dir / f"{image_id}.png")
-            anns.append({"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": segs})
+            anns.append(
+                {"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": segs}
+            )
     path = root / "panoptic.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
     return path, img_dir, pan_dir
@@ -98,8 +120,9 @@ def handmade(tmp_path: Path) -> tuple[Path, Path, Path]:
     """Images 1 (20x30, crowd/void/stuff/things), 2 (16x12), 3 (10x14, no panoptic annotation)."""
     ids_a, segs_a, _, _ = _image_a()
     ids_b, segs_b = _image_b()
-    return _write_dataset(tmp_path, [(1, ids_a, segs_a), (2, ids_b, segs_b),
-                                     (3, np.zeros((10, 14), np.int64), None)])
+    return _write_dataset(
+        tmp_path, [(1, ids_a, segs_a), (2, ids_b, segs_b), (3, np.zeros((10, 14), np.int64), None)]
+    )
 
 
 def _png_ids(path: str | Path) -> np.ndarray:
@@ -121,10 +144,14 @@ def _nearest_exact(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def test_load_synthetic_categories_and_records(synth):
     pan = _load_synth(synth)
     assert pan.class_names == list(THING_CLASSES) and pan.category_ids == list(range(1, 8))
-    assert pan.stuff_names == list(STUFF_CLASSES) == ["sky", "ground"] and pan.stuff_category_ids == [8, 9]
+    assert pan.stuff_names == list(STUFF_CLASSES) == [
+        "sky",
+        "ground",
+    ] and pan.stuff_category_ids == [8, 9]
     assert pan.num_classes == 7 and pan.num_stuff_classes == 2
     raw = json.loads(Path(synth["panoptic_train_json"]).read_text())
     assert [r.image_id for r in pan.records] == [im["id"] for im in raw["images"]]
@@ -134,7 +161,9 @@ def test_load_synthetic_categories_and_records(synth):
         assert [s.id for s in rec.segments] == [s["id"] for s in ann["segments_info"]]
         for seg, info in zip(rec.segments, ann["segments_info"]):
             assert seg.isthing == (info["category_id"] <= 7)
-            assert seg.category == (info["category_id"] - 1 if seg.isthing else info["category_id"] - 8)
+            assert seg.category == (
+                info["category_id"] - 1 if seg.isthing else info["category_id"] - 8
+            )
     n_things = sum(s["category_id"] <= 7 for a in raw["annotations"] for s in a["segments_info"])
     assert pan.stats["thing_segments"] == n_things > 0 and pan.stats["stuff_segments"] > 0
     assert pan.stats["images"] == 6 and pan.stats["images_without_annotations"] == 0
@@ -146,15 +175,27 @@ def test_load_handmade_records_and_stats(handmade):
     assert pan.stuff_names == ["sky", "grass"] and pan.stuff_category_ids == [10, 20]
     a, _, c = pan.records
     assert [(s.id, s.category, s.isthing, s.iscrowd) for s in a.segments] == [
-        (5, 0, False, False), (6, 1, False, False), (300, 1, True, False), (70000, 0, True, False),
-        (8, 0, True, True), (9, 1, False, True)]
+        (5, 0, False, False),
+        (6, 1, False, False),
+        (300, 1, True, False),
+        (70000, 0, True, False),
+        (8, 0, True, True),
+        (9, 1, False, True),
+    ]
     assert a.segments[2].bbox_xyxy == (3.0, 2.0, 11.0, 7.0) and a.segments[3].bbox_xyxy is None
     assert c.panoptic_file is None and c.segments == () and (c.height, c.width) == (10, 14)
-    assert pan.stats == {"images": 3, "images_without_annotations": 1, "segments": 8, "thing_segments": 4,
-                         "stuff_segments": 4, "crowd_segments": 2}
+    assert pan.stats == {
+        "images": 3,
+        "images_without_annotations": 1,
+        "segments": 8,
+        "thing_segments": 4,
+        "stuff_segments": 4,
+        "crowd_segments": 2,
+    }
 
 
 # ----------------------------------------------------------------------------- dataset targets
+
 
 def test_synthetic_instances_and_sem_seg_match_png(synth):
     ds = PanopticDataset(_load_synth(synth), None, train=True)
@@ -187,7 +228,10 @@ def test_handmade_targets_crowd_void_and_no_annotation(handmade):
     s = ds[0]
     assert s.image.shape == (3, 20, 30) and s.image_id == 1
     assert np.array_equal(s.sem_seg.numpy(), sem)
-    assert s.sem_seg[0:4, 20:30].eq(IGNORE_LABEL).all() and s.sem_seg[5:9, 24:30].eq(IGNORE_LABEL).all()
+    assert (
+        s.sem_seg[0:4, 20:30].eq(IGNORE_LABEL).all()
+        and s.sem_seg[5:9, 24:30].eq(IGNORE_LABEL).all()
+    )
     assert s.sem_seg[15:20, 0:5].eq(IGNORE_LABEL).all()  # void
     assert s.target.labels.tolist() == [label for label, _, _ in things]  # crowd dog excluded
     assert s.target.boxes.tolist() == [box for _, _, box in things]
@@ -201,12 +245,17 @@ def test_handmade_targets_crowd_void_and_no_annotation(handmade):
 def test_max_instances_keeps_largest_mask_in_training(handmade):
     pan = load_coco_panoptic(*handmade)
     kept = PanopticDataset(pan, None, train=True, max_instances=1)[0]
-    assert kept.target.labels.tolist() == [0] and kept.target.masks[0].sum() == 91  # dog beats cat (40)
-    assert kept.sem_seg[2:7, 3:11].eq(IGNORE_LABEL).all()  # the dropped thing is not relabelled stuff
+    assert (
+        kept.target.labels.tolist() == [0] and kept.target.masks[0].sum() == 91
+    )  # dog beats cat (40)
+    assert (
+        kept.sem_seg[2:7, 3:11].eq(IGNORE_LABEL).all()
+    )  # the dropped thing is not relabelled stuff
     assert len(PanopticDataset(pan, None, train=False, max_instances=1)[0].target) == 2
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 @pytest.mark.parametrize("short", [13, 24, 40])
 def test_transforms_keep_sem_seg_aligned(handmade, short):
@@ -233,13 +282,23 @@ def test_sanitize_filters_instances_but_not_sem_seg():
     masks = torch.zeros(3, h, w, dtype=torch.bool)
     masks[0, :, :2] = masks[2, :, 3:] = True
     sem = torch.arange(h * w, dtype=torch.uint8).reshape(h, w)
-    sample = {"image": tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)),
-              "boxes": tv_tensors.BoundingBoxes(torch.tensor([[0, 0, 2, 3], [2, 1, 2.5, 2], [3, 0, 5, 3.]]),
-                                                format="XYXY", canvas_size=(h, w)),
-              "masks": tv_tensors.Mask(masks), "labels": torch.tensor([4, 5, 6]),
-              "sem_seg": tv_tensors.Mask(sem)}
+    sample = {
+        "image": tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor([[0, 0, 2, 3], [2, 1, 2.5, 2], [3, 0, 5, 3.0]]),
+            format="XYXY",
+            canvas_size=(h, w),
+        ),
+        "masks": tv_tensors.Mask(masks),
+        "labels": torch.tensor([4, 5, 6]),
+        "sem_seg": tv_tensors.Mask(sem),
+    }
     out = SanitizeInstances(min_size=1, labels_getter=lambda s: (s["labels"],))(sample)
-    assert out["labels"].tolist() == [4, 6] and out["masks"].shape == (2, h, w) and out["boxes"].shape == (2, 4)
+    assert (
+        out["labels"].tolist() == [4, 6]
+        and out["masks"].shape == (2, h, w)
+        and out["boxes"].shape == (2, 4)
+    )
     assert isinstance(out["sem_seg"], tv_tensors.Mask) and torch.equal(out["sem_seg"], sem)
     assert list(out) == list(sample)
 
@@ -257,6 +316,7 @@ def test_augmentation_reproducible_with_sem_seg(synth):
 
 # ----------------------------------------------------------------------------- collate
 
+
 def test_collate_pads_sem_seg_with_ignore(handmade):
     ds = PanopticDataset(load_coco_panoptic(*handmade), None, train=False)
     samples = [ds[0], ds[1], ds[2]]
@@ -272,8 +332,13 @@ def test_collate_pads_sem_seg_with_ignore(handmade):
     assert batch.sem_seg[1].ne(IGNORE_LABEL).sum() == 16 * 12 - 6 * 4  # image 2: stuff around a cat
     assert torch.equal(batch.to("cpu").sem_seg, batch.sem_seg)
     # instance-only samples -> no semantic map; mixing them with panoptic samples is refused
-    plain = Sample(image=samples[0].image, target=samples[0].target, image_id=1, original_size=(20, 30),
-                   file_name="x.png")
+    plain = Sample(
+        image=samples[0].image,
+        target=samples[0].target,
+        image_id=1,
+        original_size=(20, 30),
+        file_name="x.png",
+    )
     assert BatchCollator(16)([plain]).sem_seg is None
     with pytest.raises(ValueError, match="1 of 2 samples carry a sem_seg"):
         BatchCollator(16)([plain, samples[1]])
@@ -281,14 +346,21 @@ def test_collate_pads_sem_seg_with_ignore(handmade):
 
 # ----------------------------------------------------------------------------- errors
 
+
 def test_missing_png(handmade):
     json_path, img_dir, pan_dir = handmade
     (pan_dir / "2.png").unlink()
-    with pytest.raises(DatasetError, match=r"panoptic\.json: 1 of 2 panoptic PNGs are missing.*2\.png") as err:
+    with pytest.raises(
+        DatasetError, match=r"panoptic\.json: 1 of 2 panoptic PNGs are missing.*2\.png"
+    ) as err:
         load_coco_panoptic(json_path, img_dir, pan_dir)
     assert str(err.value).startswith(str(json_path))
-    ds = PanopticDataset(load_coco_panoptic(json_path, img_dir, pan_dir, check_files=False), None, train=True)
-    with pytest.raises(ImageReadError, match=r"panoptic/2\.png: cannot read image \(file not found\)"):
+    ds = PanopticDataset(
+        load_coco_panoptic(json_path, img_dir, pan_dir, check_files=False), None, train=True
+    )
+    with pytest.raises(
+        ImageReadError, match=r"panoptic/2\.png: cannot read image \(file not found\)"
+    ):
         ds[1]
 
 
@@ -296,41 +368,80 @@ def test_png_size_mismatch(handmade):
     json_path, img_dir, pan_dir = handmade
     Image.fromarray(id_to_rgb(np.full((12, 16), 2))).save(pan_dir / "2.png")  # transposed size
     ds = PanopticDataset(load_coco_panoptic(*handmade), None, train=True)
-    with pytest.raises(DatasetError, match=r"panoptic/2\.png: panoptic PNG is 12x16 \(HxW\) but its "
-                                           r"image .*images/2\.png is 16x12"):
+    with pytest.raises(
+        DatasetError,
+        match=r"panoptic/2\.png: panoptic PNG is 12x16 \(HxW\) but its "
+        r"image .*images/2\.png is 16x12",
+    ):
         ds[1]
 
 
 def test_png_and_json_segment_ids_disagree(tmp_path: Path):
     ids, segs = _image_b()
-    ds = PanopticDataset(load_coco_panoptic(*_write_dataset(tmp_path, [(1, ids, segs + [
-        {"id": 77, "category_id": 3}])])), None, train=True)
-    with pytest.raises(DatasetError, match=r"panoptic/1\.png: segment id\(s\) \[77\] of image id=1 in the "
-                                           r"JSON have no pixels"):
+    ds = PanopticDataset(
+        load_coco_panoptic(
+            *_write_dataset(tmp_path, [(1, ids, segs + [{"id": 77, "category_id": 3}])])
+        ),
+        None,
+        train=True,
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"panoptic/1\.png: segment id\(s\) \[77\] of image id=1 in the "
+        r"JSON have no pixels",
+    ):
         ds[0]
     ids[0, 0] = 99
-    ds = PanopticDataset(load_coco_panoptic(*_write_dataset(tmp_path, [(1, ids, segs)])), None, train=True)
-    with pytest.raises(DatasetError, match=r"panoptic/1\.png: the PNG has segment id\(s\) \[99\] that"):
+    ds = PanopticDataset(
+        load_coco_panoptic(*_write_dataset(tmp_path, [(1, ids, segs)])), None, train=True
+    )
+    with pytest.raises(
+        DatasetError, match=r"panoptic/1\.png: the PNG has segment id\(s\) \[99\] that"
+    ):
         ds[0]
 
 
 _SEG_OK = [{"id": 1, "category_id": 3}, {"id": 2, "category_id": 10}]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["annotations"][0]["segments_info"].append({"id": 3, "category_id": 42}),
-     r"annotation of image id=1 \(1\.png\) segments_info\[2\]: unknown category_id 42"),
-    (lambda d: d["annotations"][0]["segments_info"].append({"id": 2, "category_id": 3}),
-     r"annotation of image id=1 \(1\.png\): duplicated segment id 2"),
-    (lambda d: d["annotations"][0]["segments_info"].append({"id": 0, "category_id": 3}),
-     r"segments_info\[2\]: segment id 0 outside"),
-    (lambda d: d["annotations"][0].pop("segments_info"), r"annotations\[0\]: missing field\(s\) \['segments_info'\]"),
-    (lambda d: d["annotations"][0].update(image_id=9), r"annotations\[0\]: image_id 9 is not in 'images'"),
-    (lambda d: d["annotations"].append(dict(d["annotations"][0])), r"image id=1: image has more than one"),
-    (lambda d: d["categories"][0].pop("isthing"), r"categories\[0\]: missing field\(s\) \['isthing'\]"),
-    (lambda d: d["annotations"][0]["segments_info"][0].update(bbox=[1, 2, 3]), r"'bbox' must be 4 finite"),
-    (lambda d: d.pop("annotations"), r"missing top-level key\(s\) \['annotations'\]"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d["annotations"][0]["segments_info"].append({"id": 3, "category_id": 42}),
+            r"annotation of image id=1 \(1\.png\) segments_info\[2\]: unknown category_id 42",
+        ),
+        (
+            lambda d: d["annotations"][0]["segments_info"].append({"id": 2, "category_id": 3}),
+            r"annotation of image id=1 \(1\.png\): duplicated segment id 2",
+        ),
+        (
+            lambda d: d["annotations"][0]["segments_info"].append({"id": 0, "category_id": 3}),
+            r"segments_info\[2\]: segment id 0 outside",
+        ),
+        (
+            lambda d: d["annotations"][0].pop("segments_info"),
+            r"annotations\[0\]: missing field\(s\) \['segments_info'\]",
+        ),
+        (
+            lambda d: d["annotations"][0].update(image_id=9),
+            r"annotations\[0\]: image_id 9 is not in 'images'",
+        ),
+        (
+            lambda d: d["annotations"].append(dict(d["annotations"][0])),
+            r"image id=1: image has more than one",
+        ),
+        (
+            lambda d: d["categories"][0].pop("isthing"),
+            r"categories\[0\]: missing field\(s\) \['isthing'\]",
+        ),
+        (
+            lambda d: d["annotations"][0]["segments_info"][0].update(bbox=[1, 2, 3]),
+            r"'bbox' must be 4 finite",
+        ),
+        (lambda d: d.pop("annotations"), r"missing top-level key\(s\) \['annotations'\]"),
+    ],
+)
 def test_inconsistent_json(tmp_path: Path, edit, message):
     json_path, img_dir, pan_dir = _write_dataset(tmp_path, [(1, _image_b()[0], _SEG_OK)])
     data = json.loads(json_path.read_text())

@@ -1,4 +1,5 @@
 """COCO panoptic quality: hand-computed fixtures, files, CLI, prediction writing, and the COCO API as oracle."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def base_gt() -> tuple[np.ndarray, list[dict]]:
 
 
 def pq(gt_ids, gt_segments, pred_ids, pred_segments, categories=CATEGORIES) -> dict:
-    return pq_compute_arrays([(gt_ids, gt_segments, pred_ids, pred_segments)], categories=categories)
+    return pq_compute_arrays(
+        [(gt_ids, gt_segments, pred_ids, pred_segments)], categories=categories
+    )
 
 
 def check(row: dict, PQ: float, SQ: float, RQ: float, N: int | None = None) -> None:
@@ -110,13 +113,17 @@ def test_iou_of_exactly_one_half_is_no_match():
 
 
 def test_iou_union_leaves_out_predicted_pixels_on_void():
-    gt = np.zeros((10, 10), np.int64)  # sky rows 0-3, cat rows 4-7 cols 0-4, grass rows 4-7 cols 5-9, void rows 8-9
+    gt = np.zeros(
+        (10, 10), np.int64
+    )  # sky rows 0-3, cat rows 4-7 cols 0-4, grass rows 4-7 cols 5-9, void rows 8-9
     gt[0:4] = 1
     gt[4:8, :5] = 3
     gt[4:8, 5:] = 2
     segs = [seg(1, SKY), seg(2, GRASS), seg(3, CAT)]
     pred = gt.copy()
-    pred[8:10] = 3  # the cat also covers all 20 void pixels: 20 / (40 + 20 - 20 - 20) = 1, not 20 / 40
+    pred[8:10] = (
+        3  # the cat also covers all 20 void pixels: 20 / (40 + 20 - 20 - 20) = 1, not 20 / 40
+    )
     m = pq(gt, segs, pred, segs)
     check(m["per_class"]["cat"], 1, 1, 1)
     check(m["All"], 1, 1, 1, N=3)
@@ -194,7 +201,12 @@ def test_counts_accumulate_over_images():
     pred = gt.copy()
     pred[pred == 4] = 0
     acc = PQAccumulator(categories=CATEGORIES)
-    acc.add_image(gt_ids=torch.from_numpy(gt), gt_segments=segs, pred_ids=torch.from_numpy(gt), pred_segments=segs)
+    acc.add_image(
+        gt_ids=torch.from_numpy(gt),
+        gt_segments=segs,
+        pred_ids=torch.from_numpy(gt),
+        pred_segments=segs,
+    )
     acc.add_image(gt_ids=gt, gt_segments=segs, pred_ids=pred, pred_segments=segs[:3])
     m = acc.result()
     check(m["per_class"]["cat"], 3 / 3.5, 1, 3 / 3.5)  # TP 3 (IoU sum 3), FN 1 over both images
@@ -218,7 +230,9 @@ def test_in_memory_errors():
         pq(gt, segs, gt[:5], segs)
     with pytest.raises(PanopticEvalError, match="segment id 4 that is not in its segments_info"):
         pq(gt, segs, gt, segs[:3])
-    with pytest.raises(PanopticEvalError, match=r"\[4\] are in segments_info but not in the prediction PNG"):
+    with pytest.raises(
+        PanopticEvalError, match=r"\[4\] are in segments_info but not in the prediction PNG"
+    ):
         pq(gt, segs, np.where(gt == 4, 3, gt), segs)
     with pytest.raises(PanopticEvalError, match="unknown category_id 77"):
         pq(gt, segs, gt, segs[:3] + [seg(4, 77)])
@@ -229,14 +243,20 @@ def test_in_memory_errors():
 
 
 # --------------------------------------------------------------------------- files and CLI
-def write_panoptic(root: Path, name: str, images: list[tuple[int, np.ndarray, list[dict]]],
-                   categories: list[dict] | None = CATEGORIES) -> tuple[Path, Path]:
+def write_panoptic(
+    root: Path,
+    name: str,
+    images: list[tuple[int, np.ndarray, list[dict]]],
+    categories: list[dict] | None = CATEGORIES,
+) -> tuple[Path, Path]:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     anns = []
     for image_id, ids, segments in images:
         Image.fromarray(id_to_rgb(ids)).save(folder / f"{image_id:06d}.png")
-        anns.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": segments})
+        anns.append(
+            {"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": segments}
+        )
     data = {"annotations": anns}
     if categories is not None:
         data["categories"] = categories
@@ -252,10 +272,15 @@ def files(tmp_path):
     gt_json, gt_dir = write_panoptic(tmp_path, "gt", [(1, gt, segs), (2, gt, segs)])
     big = 70000 + 256 * 256 * 3  # ids using all three PNG channels
     pred2 = np.where(pred > 0, pred + big, 0)
-    pred_json, pred_dir = write_panoptic(tmp_path, "pred", [
-        (2, pred2, [{"id": s["id"] + big, "category_id": s["category_id"]} for s in segs[:3]]),
-        (1, gt, segs),
-    ], categories=None)
+    pred_json, pred_dir = write_panoptic(
+        tmp_path,
+        "pred",
+        [
+            (2, pred2, [{"id": s["id"] + big, "category_id": s["category_id"]} for s in segs[:3]]),
+            (1, gt, segs),
+        ],
+        categories=None,
+    )
     return gt_json, gt_dir, pred_json, pred_dir
 
 
@@ -263,7 +288,9 @@ def test_files_match_in_memory_result(files):
     gt, segs = base_gt()
     pred = gt.copy()
     pred[pred == 4] = 0
-    expected = pq_compute_arrays([(gt, segs, gt, segs), (gt, segs, pred, segs[:3])], categories=CATEGORIES)
+    expected = pq_compute_arrays(
+        [(gt, segs, gt, segs), (gt, segs, pred, segs[:3])], categories=CATEGORIES
+    )
     got = pq_compute(*files)
     for group in ("All", "Things", "Stuff"):
         assert got[group] == pytest.approx(expected[group])
@@ -272,8 +299,21 @@ def test_files_match_in_memory_result(files):
 
 def test_cli_json_prints_one_object_of_the_fixed_shape(files, capsys):
     gt_json, gt_dir, pred_json, pred_dir = files
-    rc = main(["eval", "--panoptic", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir),
-               "--pred-json", str(pred_json), "--pred-dir", str(pred_dir), "--json"])
+    rc = main(
+        [
+            "eval",
+            "--panoptic",
+            "--gt-json",
+            str(gt_json),
+            "--gt-dir",
+            str(gt_dir),
+            "--pred-json",
+            str(pred_json),
+            "--pred-dir",
+            str(pred_dir),
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     data = json.loads(out)  # exactly one JSON object, strict (no NaN)
@@ -287,8 +327,20 @@ def test_cli_json_prints_one_object_of_the_fixed_shape(files, capsys):
 
 def test_cli_table_and_missing_companions(files, capsys):
     gt_json, gt_dir, pred_json, pred_dir = files
-    rc = main(["eval", "--panoptic", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir),
-               "--pred-json", str(pred_json), "--pred-dir", str(pred_dir)])
+    rc = main(
+        [
+            "eval",
+            "--panoptic",
+            "--gt-json",
+            str(gt_json),
+            "--gt-dir",
+            str(gt_dir),
+            "--pred-json",
+            str(pred_json),
+            "--pred-dir",
+            str(pred_dir),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert out.splitlines()[0].split() == ["PQ", "SQ", "RQ", "N"]
@@ -315,15 +367,18 @@ def _edit_pred(pred_json: Path, fn) -> None:
     pred_json.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("json_id_not_in_png", r"\[99\] are in segments_info but not in the prediction PNG"),
-    ("png_id_not_in_json", "prediction PNG has segment id 4 that is not in its segments_info"),
-    ("unknown_category", "unknown category_id 42"),
-    ("missing_image", "has no annotation for image_id 2"),
-    ("size_mismatch", "prediction size 10x5"),
-    ("malformed_json", "is not valid JSON"),
-    ("missing_png", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("json_id_not_in_png", r"\[99\] are in segments_info but not in the prediction PNG"),
+        ("png_id_not_in_json", "prediction PNG has segment id 4 that is not in its segments_info"),
+        ("unknown_category", "unknown category_id 42"),
+        ("missing_image", "has no annotation for image_id 2"),
+        ("size_mismatch", "prediction size 10x5"),
+        ("malformed_json", "is not valid JSON"),
+        ("missing_png", "does not exist"),
+    ],
+)
 def test_file_errors_name_the_file(files, case, pattern):
     gt_json, gt_dir, pred_json, pred_dir = files
     named = pred_json
@@ -332,7 +387,9 @@ def test_file_errors_name_the_file(files, case, pattern):
     elif case == "png_id_not_in_json":
         _edit_pred(pred_json, lambda d: d["annotations"][1]["segments_info"].pop())
     elif case == "unknown_category":
-        _edit_pred(pred_json, lambda d: d["annotations"][1]["segments_info"][0].update(category_id=42))
+        _edit_pred(
+            pred_json, lambda d: d["annotations"][1]["segments_info"][0].update(category_id=42)
+        )
     elif case == "missing_image":
         _edit_pred(pred_json, lambda d: d["annotations"].pop(0))
     elif case == "size_mismatch":
@@ -367,29 +424,56 @@ def test_panoptic_to_coco_and_write_round_trip(tmp_path):
     gt_json, gt_dir = write_panoptic(tmp_path, "gt", [(1, gt, segs)])
     # Same segmentation with other ids and contiguous labels: things [cat, dog], stuff [sky, grass].
     ids = torch.from_numpy(gt * 10).to(torch.int32)
-    pan = PanopticSegmentation(ids=ids, segments=[
-        Segment(id=10, label=0, isthing=False, score=1.0, area=40),
-        Segment(id=20, label=1, isthing=False, score=1.0, area=30),
-        Segment(id=30, label=0, isthing=True, score=0.9, area=20),
-        Segment(id=40, label=0, isthing=True, score=0.7, area=10),
-        Segment(id=50, label=1, isthing=True, score=0.2, area=0),  # no pixels: left out
-    ])
-    png, ann = panoptic_to_coco(pan, image_id=1, file_name="sub/000001.jpg", thing_category_ids=[CAT, DOG],
-                                stuff_category_ids=[SKY, GRASS])
+    pan = PanopticSegmentation(
+        ids=ids,
+        segments=[
+            Segment(id=10, label=0, isthing=False, score=1.0, area=40),
+            Segment(id=20, label=1, isthing=False, score=1.0, area=30),
+            Segment(id=30, label=0, isthing=True, score=0.9, area=20),
+            Segment(id=40, label=0, isthing=True, score=0.7, area=10),
+            Segment(id=50, label=1, isthing=True, score=0.2, area=0),  # no pixels: left out
+        ],
+    )
+    png, ann = panoptic_to_coco(
+        pan,
+        image_id=1,
+        file_name="sub/000001.jpg",
+        thing_category_ids=[CAT, DOG],
+        stuff_category_ids=[SKY, GRASS],
+    )
     assert png.dtype == np.uint8 and png.shape == (10, 10, 3)
     np.testing.assert_array_equal(rgb_to_id(png), gt * 10)
     assert ann["image_id"] == 1 and ann["file_name"] == "000001.png"
     info = {s["id"]: s for s in ann["segments_info"]}
     assert sorted(info) == [10, 20, 30, 40]
-    assert info[10] == {"id": 10, "category_id": SKY, "isthing": False, "area": 40, "bbox": [0, 0, 10, 4],
-                        "iscrowd": 0, "score": 1.0}
+    assert info[10] == {
+        "id": 10,
+        "category_id": SKY,
+        "isthing": False,
+        "area": 40,
+        "bbox": [0, 0, 10, 4],
+        "iscrowd": 0,
+        "score": 1.0,
+    }
     assert info[20]["category_id"] == GRASS and info[20]["bbox"] == [5, 4, 5, 6]
-    assert info[40]["category_id"] == CAT and info[40]["bbox"] == [0, 8, 5, 2] and info[40]["area"] == 10
+    assert (
+        info[40]["category_id"] == CAT
+        and info[40]["bbox"] == [0, 8, 5, 2]
+        and info[40]["area"] == 10
+    )
     assert info[30]["score"] == pytest.approx(0.9)
 
-    json_path = write_panoptic_predictions([(ann, png)], json_path=tmp_path / "out" / "pred.json",
-                                           png_dir=tmp_path / "out" / "pred", categories=CATEGORIES)
-    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["000001.png", "pred", "pred.json"]
+    json_path = write_panoptic_predictions(
+        [(ann, png)],
+        json_path=tmp_path / "out" / "pred.json",
+        png_dir=tmp_path / "out" / "pred",
+        categories=CATEGORIES,
+    )
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
+        "000001.png",
+        "pred",
+        "pred.json",
+    ]
     assert json.loads(json_path.read_text())["categories"] == CATEGORIES
     m = pq_compute(gt_json, gt_dir, json_path, tmp_path / "out" / "pred")
     check(m["All"], 1, 1, 1, N=3)
@@ -399,12 +483,23 @@ def test_panoptic_to_coco_errors():
     ids = torch.tensor([[1, 2]], dtype=torch.int32)
     kw = dict(image_id=3, file_name="a.jpg", thing_category_ids=[CAT], stuff_category_ids=[SKY])
     with pytest.raises(ValueError, match=r"\[2\] are in the id map but not in segments"):
-        panoptic_to_coco(PanopticSegmentation(ids=ids, segments=[Segment(id=1, label=0, isthing=True, score=1, area=1)]),
-                         **kw)
+        panoptic_to_coco(
+            PanopticSegmentation(
+                ids=ids, segments=[Segment(id=1, label=0, isthing=True, score=1, area=1)]
+            ),
+            **kw,
+        )
     with pytest.raises(ValueError, match="stuff label 1, out of range for 1 stuff"):
-        panoptic_to_coco(PanopticSegmentation(ids=ids, segments=[
-            Segment(id=1, label=0, isthing=True, score=1, area=1),
-            Segment(id=2, label=1, isthing=False, score=1, area=1)]), **kw)
+        panoptic_to_coco(
+            PanopticSegmentation(
+                ids=ids,
+                segments=[
+                    Segment(id=1, label=0, isthing=True, score=1, area=1),
+                    Segment(id=2, label=1, isthing=False, score=1, area=1),
+                ],
+            ),
+            **kw,
+        )
 
 
 # --------------------------------------------------------------------------- oracle: the COCO panoptic API
@@ -425,27 +520,46 @@ def random_fixture(rng: np.random.Generator, n_images: int, H: int = 24, W: int 
             ids[:split], ids[split:] = 1, 2
             cats[1], cats[2] = (SKY, 0), (GRASS, 0)
             nxt = 3
-            todo = list(boxes) + [(rng.integers(0, H - 2), rng.integers(0, W - 2), rng.integers(2, 8),
-                                   rng.integers(2, 8), int(rng.choice([CAT, DOG])), 0) for _ in range(extra)]
+            todo = list(boxes) + [
+                (
+                    rng.integers(0, H - 2),
+                    rng.integers(0, W - 2),
+                    rng.integers(2, 8),
+                    rng.integers(2, 8),
+                    int(rng.choice([CAT, DOG])),
+                    0,
+                )
+                for _ in range(extra)
+            ]
             for y0, x0, h, w, c, crowd in todo:
                 if rng.random() < drop:
                     continue
                 dy, dx = rng.integers(-jitter, jitter + 1, size=2)
                 if rng.random() < relabel:
                     c = CAT + DOG - c
-                ids[max(0, y0 + dy):y0 + dy + h, max(0, x0 + dx):x0 + dx + w] = nxt
+                ids[max(0, y0 + dy) : y0 + dy + h, max(0, x0 + dx) : x0 + dx + w] = nxt
                 cats[nxt] = (c, crowd)
                 nxt += 1
             if void_band:
                 r = int(rng.integers(0, H - 4))
-                ids[r:r + int(rng.integers(1, 4))] = 0
+                ids[r : r + int(rng.integers(1, 4))] = 0
             present, area = np.unique(ids, return_counts=True)
-            segments = [{"id": int(i), "category_id": cats[int(i)][0], "iscrowd": cats[int(i)][1], "area": int(a)}
-                        for i, a in zip(present, area) if i != 0]
+            segments = [
+                {
+                    "id": int(i),
+                    "category_id": cats[int(i)][0],
+                    "iscrowd": cats[int(i)][1],
+                    "area": int(a),
+                }
+                for i, a in zip(present, area)
+                if i != 0
+            ]
             return ids, segments
 
         gt_ids, gt_segs = paint(0, 0.0, 0.0, 0, void_band=rng.random() < 0.7)
-        pred_ids, pred_segs = paint(2, 0.2, 0.15, int(rng.integers(0, 3)), void_band=rng.random() < 0.5)
+        pred_ids, pred_segs = paint(
+            2, 0.2, 0.15, int(rng.integers(0, 3)), void_band=rng.random() < 0.5
+        )
         for s in pred_segs:
             del s["iscrowd"]
         x0 = int(rng.integers(0, W - 6))
@@ -456,7 +570,7 @@ def random_fixture(rng: np.random.Generator, n_images: int, H: int = 24, W: int 
             pred_ids[on_void] = new_id
             pred_segs = [s for s in pred_segs if (pred_ids == s["id"]).any()]
             pred_segs.append({"id": new_id, "category_id": int(rng.choice([CAT, DOG, SKY]))})
-        offset = int(rng.integers(0, 256 ** 3 - 64))  # exercise all three PNG channels
+        offset = int(rng.integers(0, 256**3 - 64))  # exercise all three PNG channels
         pred_ids = np.where(pred_ids > 0, pred_ids + offset, 0)
         for s in pred_segs:
             s["id"] += offset
@@ -468,10 +582,16 @@ def test_matches_the_coco_panoptic_api(tmp_path, capsys):
     try:
         from panopticapi.evaluation import pq_compute as api_pq_compute
     except ImportError as e:  # test-only oracle: pip install --no-deps panopticapi-lite
-        pytest.skip(f"oracle not installed ({e}); `make test` installs it: pip install --no-deps panopticapi-lite==0.2.0")
+        pytest.skip(
+            f"oracle not installed ({e}); `make test` installs it: pip install --no-deps panopticapi-lite==0.2.0"
+        )
     images = random_fixture(np.random.default_rng(0), n_images=12)
-    gt_json, gt_dir = write_panoptic(tmp_path, "gt", [(i + 1, g, gs) for i, (g, gs, _, _) in enumerate(images)])
-    pred_json, pred_dir = write_panoptic(tmp_path, "pred", [(i + 1, p, ps) for i, (_, _, p, ps) in enumerate(images)])
+    gt_json, gt_dir = write_panoptic(
+        tmp_path, "gt", [(i + 1, g, gs) for i, (g, gs, _, _) in enumerate(images)]
+    )
+    pred_json, pred_dir = write_panoptic(
+        tmp_path, "pred", [(i + 1, p, ps) for i, (_, _, p, ps) in enumerate(images)]
+    )
     ours = pq_compute(gt_json, gt_dir, pred_json, pred_dir)
     theirs = api_pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir))
     capsys.readouterr()
@@ -479,9 +599,13 @@ def test_matches_the_coco_panoptic_api(tmp_path, capsys):
         assert ours[group]["N"] == theirs[group]["n"]
         for k in ("PQ", "SQ", "RQ"):
             assert ours[group][k] == pytest.approx(100 * theirs[group][k.lower()], abs=1e-9)
-    assert ours["All"]["N"] == 4 and 20 < ours["All"]["PQ"] < 90  # a fixture that exercises matching
+    assert (
+        ours["All"]["N"] == 4 and 20 < ours["All"]["PQ"] < 90
+    )  # a fixture that exercises matching
     for cat in CATEGORIES:
         mine = ours["per_class"][cat["name"]]
         if not math.isnan(mine["PQ"]):
             for k in ("PQ", "SQ", "RQ"):
-                assert mine[k] == pytest.approx(100 * theirs["per_class"][cat["id"]][k.lower()], abs=1e-9)
+                assert mine[k] == pytest.approx(
+                    100 * theirs["per_class"][cat["id"]][k.lower()], abs=1e-9
+                )

@@ -3,6 +3,7 @@
 The model is a randomly initialised tiny preset (detections at score threshold 0), which is all
 the service needs: the tests check the HTTP contract, the limits and bounded concurrency.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,17 +66,27 @@ def _image(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A ~100-byte PNG whose header declares width x height RGB pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @contextlib.contextmanager
 def _serving(app) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread on a free port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -130,7 +141,9 @@ class FailingPredictor(CountingPredictor):
         raise RuntimeError("secret internal state /home/model")
 
 
-def _post(client: httpx.Client, body: bytes, content_type: str | None = "image/png", **kwargs) -> httpx.Response:
+def _post(
+    client: httpx.Client, body: bytes, content_type: str | None = "image/png", **kwargs
+) -> httpx.Response:
     headers = {"Content-Type": content_type} if content_type else {}
     return client.post("/predict", content=body, headers=headers, **kwargs)
 
@@ -181,7 +194,10 @@ def test_health_and_model(client):
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert health["queue"] == {"running": 0, "waiting": 0, "max_concurrency": 2, "queue_size": 32}
     info = client.get("/model").json()
-    assert info["config"]["model"]["kind"] == "blendmask" and info["config"]["model"]["num_classes"] == 7
+    assert (
+        info["config"]["model"]["kind"] == "blendmask"
+        and info["config"]["model"]["num_classes"] == 7
+    )
     assert info["class_names"] == [f"thing{i}" for i in range(7)] and info["panoptic"] is False
     assert "stuff_names" not in info
     assert info["torch_version"] == torch.__version__ and info["device"] == "cpu"
@@ -217,26 +233,39 @@ def test_predict_png_by_query_and_accept(client):
     h, w = 72, 100
     for kwargs in ({"params": {"format": "png"}}, {"headers": {"Accept": "image/png"}}):
         headers = {"Content-Type": "image/jpeg", **kwargs.get("headers", {})}
-        r = client.post("/predict", content=_encode(_image(h, w), "JPEG"), headers=headers,
-                        params=kwargs.get("params"))
+        r = client.post(
+            "/predict",
+            content=_encode(_image(h, w), "JPEG"),
+            headers=headers,
+            params=kwargs.get("params"),
+        )
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         overlay = Image.open(io.BytesIO(r.content))
         assert overlay.format == "PNG" and overlay.size == (w, h)
     # An explicit ?format=json wins over Accept.
-    r = client.post("/predict", params={"format": "json"}, content=_encode(_image(h, w)),
-                    headers={"Content-Type": "image/png", "Accept": "image/png"})
+    r = client.post(
+        "/predict",
+        params={"format": "json"},
+        content=_encode(_image(h, w)),
+        headers={"Content-Type": "image/png", "Accept": "image/png"},
+    )
     assert r.headers["content-type"] == "application/json"
 
 
 def test_predict_multipart_upload(client):
     h, w = 64, 80
-    r = client.post("/predict", files={"file": ("photo.jpg", _encode(_image(h, w), "JPEG"), "image/jpeg")})
+    r = client.post(
+        "/predict", files={"file": ("photo.jpg", _encode(_image(h, w), "JPEG"), "image/jpeg")}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["image"] == {"width": w, "height": h} and body["instances"]
     assert all(_decode_rle(d["mask"]).shape == (h, w) for d in body["instances"])
-    r = client.post("/predict", files={"file": ("photo.png", _encode(_image(h, w)), "application/octet-stream")},
-                    params={"format": "png"})
+    r = client.post(
+        "/predict",
+        files={"file": ("photo.png", _encode(_image(h, w)), "application/octet-stream")},
+        params={"format": "png"},
+    )
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (w, h)
 
 
@@ -248,32 +277,82 @@ def _chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
 
 PNG = {"Content-Type": "image/png"}
 LIMIT_CASES = {  # id → (kwargs for client.post("/predict", ...), status, words in the detail)
-    "too_many_bytes": (lambda: dict(content=b"\x00" * (MAX_BYTES + 1), headers=PNG),
-                       413, ["exceeds the limit of 200000 bytes"]),
-    "chunked_without_length": (lambda: dict(content=_chunks(3 * MAX_BYTES), headers=PNG), 413, ["exceeds the limit"]),
-    "too_many_pixels": (lambda: dict(content=_encode(np.zeros((300, 300, 3), np.uint8)), headers=PNG),
-                        413, ["300x300", "limit of 65536 pixels"]),
-    "decompression_bomb": (lambda: dict(content=_png_declaring(30000, 30000), headers=PNG),
-                           413, ["decompression bomb"]),
-    "wrong_content_type": (lambda: dict(content=_encode(_image()), headers={"Content-Type": "text/plain"}),
-                           415, ["unsupported content type 'text/plain'"]),
-    "no_content_type": (lambda: dict(content=_encode(_image())), 415, ["missing Content-Type header"]),
-    "form_urlencoded": (lambda: dict(data={"file": "abc"}), 415, ["application/x-www-form-urlencoded"]),
-    "garbage_bytes": (lambda: dict(content=os.urandom(5000), headers={"Content-Type": "image/jpeg"}),
-                      422, ["not a supported image"]),
-    "truncated_png": (lambda: dict(content=_encode(_image())[:3000], headers=PNG), 422, ["truncated"]),
+    "too_many_bytes": (
+        lambda: dict(content=b"\x00" * (MAX_BYTES + 1), headers=PNG),
+        413,
+        ["exceeds the limit of 200000 bytes"],
+    ),
+    "chunked_without_length": (
+        lambda: dict(content=_chunks(3 * MAX_BYTES), headers=PNG),
+        413,
+        ["exceeds the limit"],
+    ),
+    "too_many_pixels": (
+        lambda: dict(content=_encode(np.zeros((300, 300, 3), np.uint8)), headers=PNG),
+        413,
+        ["300x300", "limit of 65536 pixels"],
+    ),
+    "decompression_bomb": (
+        lambda: dict(content=_png_declaring(30000, 30000), headers=PNG),
+        413,
+        ["decompression bomb"],
+    ),
+    "wrong_content_type": (
+        lambda: dict(content=_encode(_image()), headers={"Content-Type": "text/plain"}),
+        415,
+        ["unsupported content type 'text/plain'"],
+    ),
+    "no_content_type": (
+        lambda: dict(content=_encode(_image())),
+        415,
+        ["missing Content-Type header"],
+    ),
+    "form_urlencoded": (
+        lambda: dict(data={"file": "abc"}),
+        415,
+        ["application/x-www-form-urlencoded"],
+    ),
+    "garbage_bytes": (
+        lambda: dict(content=os.urandom(5000), headers={"Content-Type": "image/jpeg"}),
+        422,
+        ["not a supported image"],
+    ),
+    "truncated_png": (
+        lambda: dict(content=_encode(_image())[:3000], headers=PNG),
+        422,
+        ["truncated"],
+    ),
     "empty_body": (lambda: dict(content=b"", headers=PNG), 400, ["empty"]),
-    "multipart_without_file": (lambda: dict(files={"image": ("a.png", _encode(_image()), "image/png")}),
-                               400, ["'file' field"]),
-    "multipart_text_part": (lambda: dict(files={"file": ("a.txt", b"hello", "text/plain")}), 415, ["text/plain"]),
-    "multipart_too_big": (lambda: dict(files={"file": ("a.png", b"\x00" * MAX_BYTES, "image/png")}),
-                          413, ["limit"]),
-    "score_threshold_not_a_number": (lambda: dict(content=_encode(_image()), headers=PNG,
-                                                  params={"score_threshold": "high"}), 422, ["score_threshold"]),
-    "score_threshold_out_of_range": (lambda: dict(content=_encode(_image()), headers=PNG,
-                                                  params={"score_threshold": "1.5"}), 422, ["score_threshold"]),
-    "unknown_format": (lambda: dict(content=_encode(_image()), headers=PNG, params={"format": "gif"}),
-                       422, ["format"]),
+    "multipart_without_file": (
+        lambda: dict(files={"image": ("a.png", _encode(_image()), "image/png")}),
+        400,
+        ["'file' field"],
+    ),
+    "multipart_text_part": (
+        lambda: dict(files={"file": ("a.txt", b"hello", "text/plain")}),
+        415,
+        ["text/plain"],
+    ),
+    "multipart_too_big": (
+        lambda: dict(files={"file": ("a.png", b"\x00" * MAX_BYTES, "image/png")}),
+        413,
+        ["limit"],
+    ),
+    "score_threshold_not_a_number": (
+        lambda: dict(content=_encode(_image()), headers=PNG, params={"score_threshold": "high"}),
+        422,
+        ["score_threshold"],
+    ),
+    "score_threshold_out_of_range": (
+        lambda: dict(content=_encode(_image()), headers=PNG, params={"score_threshold": "1.5"}),
+        422,
+        ["score_threshold"],
+    ),
+    "unknown_format": (
+        lambda: dict(content=_encode(_image()), headers=PNG, params={"format": "gif"}),
+        422,
+        ["format"],
+    ),
 }
 
 
@@ -296,9 +375,11 @@ def _raw_http(url: str, request: bytes) -> bytes:
     the answer until the server closes the connection."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
+
         def send() -> None:
             with contextlib.suppress(OSError):
                 s.sendall(request)
+
         sender = threading.Thread(target=send)
         sender.start()
         answer = b""
@@ -311,10 +392,14 @@ def _raw_http(url: str, request: bytes) -> bytes:
 
 def test_lying_content_length_with_chunked_body(url, client):
     """Content-Length says 100 bytes, the chunked body carries 3x the limit: counted while streaming."""
-    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"\x00" * 65536
-    body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * (3 * MAX_BYTES // len(chunk) + 1) + b"0\r\n\r\n"
+    body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * (
+        3 * MAX_BYTES // len(chunk) + 1
+    ) + b"0\r\n\r\n"
     answer = _raw_http(url, head + body)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b'{"detail":"request body exceeds the limit of 200000 bytes"}' in answer
@@ -323,22 +408,34 @@ def test_lying_content_length_with_chunked_body(url, client):
 
 def test_content_length_shorter_than_body(url, client):
     """Content-Length says 10 bytes of a PNG: only those are read (422); the rest is not a request."""
-    answer = _raw_http(url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                            b"Content-Length: 10\r\n\r\n" + _encode(_image()))
+    answer = _raw_http(
+        url,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 10\r\n\r\n" + _encode(_image()),
+    )
     assert answer.startswith(b"HTTP/1.1 422 "), answer[:300]
     _assert_healthy(client)
 
 
 def test_stalled_upload_times_out(predictor):
     """A body that stops arriving is answered 408 after read_timeout_s and frees its queue place."""
-    limits = ServeLimits(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue_size=0, read_timeout_s=0.5)
-    with _serving(create_app(predictor, limits=limits)) as base, httpx.Client(base_url=base, timeout=30) as c:
+    limits = ServeLimits(
+        max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue_size=0, read_timeout_s=0.5
+    )
+    with (
+        _serving(create_app(predictor, limits=limits)) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                      b"Content-Length: 1000\r\n\r\n" + b"\x00" * 10)
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b"\x00" * 10
+            )
             _wait_for(c, waiting=1)
-            assert _post(c, _encode(_image())).status_code == 503  # the stalled upload holds the only place
+            assert (
+                _post(c, _encode(_image())).status_code == 503
+            )  # the stalled upload holds the only place
             answer = b""
             while chunk := s.recv(65536):  # the server closes the connection after the 408
                 answer += chunk
@@ -370,7 +467,10 @@ def test_limits_validation():
 # --------------------------------------------------------------------------- errors and queueing
 def test_unexpected_error_is_a_generic_500(predictor, caplog):
     failing = FailingPredictor(predictor.inner)
-    with _serving(create_app(failing, limits=LIMITS)) as base, httpx.Client(base_url=base, timeout=30) as c:
+    with (
+        _serving(create_app(failing, limits=LIMITS)) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
         r = _post(c, _encode(_image()))
         assert r.status_code == 500
         assert r.json() == {"detail": "internal server error while segmenting the image"}
@@ -384,8 +484,11 @@ def test_unexpected_error_outside_predict_is_a_generic_500(predictor, caplog):
         @property
         def cfg(self):
             raise RuntimeError("secret")
-    with _serving(create_app(BrokenConfig(predictor.inner), limits=LIMITS)) as base, \
-            httpx.Client(base_url=base, timeout=30) as c:
+
+    with (
+        _serving(create_app(BrokenConfig(predictor.inner), limits=LIMITS)) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
         r = c.get("/model")
         assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
         assert "secret" not in r.text
@@ -406,10 +509,15 @@ def _wait_for(client: httpx.Client, **queue: int) -> None:
 def test_queue_overflow_is_503(predictor):
     """One running, one queued: the third request is refused at once with 503 and Retry-After."""
     blocking = BlockingPredictor(predictor.inner)
-    limits = ServeLimits(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_concurrency=1, queue_size=1)
+    limits = ServeLimits(
+        max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_concurrency=1, queue_size=1
+    )
     image = _encode(_image(48, 64))
-    with _serving(create_app(blocking, limits=limits, score_threshold=0.0)) as base, \
-            httpx.Client(base_url=base, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+    with (
+        _serving(create_app(blocking, limits=limits, score_threshold=0.0)) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+        ThreadPoolExecutor(2) as pool,
+    ):
         first = pool.submit(_post_once, base, image)
         _wait_for(c, running=1, waiting=0)
         second = pool.submit(_post_once, base, image)
@@ -458,10 +566,12 @@ def test_load_bounded_concurrency(url, predictor):
     latencies = sorted(t for _, t in results)
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    print(f"\nserve load: {clients} clients x {per_client} requests (96x128 PNG, blendmask_tiny, "
-          f"max_concurrency {LIMITS.max_concurrency}, torch threads {torch.get_num_threads()}): "
-          f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {len(results) / wall:.1f} requests/s; "
-          f"one client alone: p50 {statistics.median(alone) * 1e3:.0f} ms")
+    print(
+        f"\nserve load: {clients} clients x {per_client} requests (96x128 PNG, blendmask_tiny, "
+        f"max_concurrency {LIMITS.max_concurrency}, torch threads {torch.get_num_threads()}): "
+        f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {len(results) / wall:.1f} requests/s; "
+        f"one client alone: p50 {statistics.median(alone) * 1e3:.0f} ms"
+    )
 
 
 # --------------------------------------------------------------------------- panoptic
@@ -470,8 +580,10 @@ def test_panoptic_model(tmp_path):
     panoptic = Predictor(cfg, weights, device="cpu")
     assert panoptic.is_panoptic
     h, w = 80, 96
-    with _serving(create_app(panoptic, limits=LIMITS, score_threshold=0.0)) as base, \
-            httpx.Client(base_url=base, timeout=30) as c:
+    with (
+        _serving(create_app(panoptic, limits=LIMITS, score_threshold=0.0)) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
         info = c.get("/model").json()
         assert info["panoptic"] is True and info["stuff_names"] == ["stuff_0", "stuff_1"]
         assert info["stuff_category_ids"] == [8, 9]
@@ -483,7 +595,9 @@ def test_panoptic_model(tmp_path):
             m = _decode_rle(s["mask"])
             assert m.shape == (h, w) and int(m.sum()) == s["area"]
             covered += m
-            assert s["class_name"] == (f"thing{s['class_id']}" if s["isthing"] else f"stuff_{s['class_id']}")
+            assert s["class_name"] == (
+                f"thing{s['class_id']}" if s["isthing"] else f"stuff_{s['class_id']}"
+            )
         assert covered.max() <= 1  # segments do not overlap
         assert all(_decode_rle(d["mask"]).shape == (h, w) for d in body["instances"])
         r = _post(c, _encode(_image(h, w)), params={"format": "png"})
@@ -503,10 +617,38 @@ def test_cli_serve_end_to_end(instance_model, tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dynaseg", "serve", "--config", INSTANCE[0], *INSTANCE[1], "--weights", str(weights),
-         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--score-threshold", "0",
-         "--max-bytes", "100000", "--max-pixels", "20000", "--max-concurrency", "1", "--queue-size", "4"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "dynaseg",
+            "serve",
+            "--config",
+            INSTANCE[0],
+            *INSTANCE[1],
+            "--weights",
+            str(weights),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--score-threshold",
+            "0",
+            "--max-bytes",
+            "100000",
+            "--max-pixels",
+            "20000",
+            "--max-concurrency",
+            "1",
+            "--queue-size",
+            "4",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 90
@@ -517,9 +659,13 @@ def test_cli_serve_end_to_end(instance_model, tmp_path):
                     if c.get("/health").status_code == 200:
                         break
                 time.sleep(0.2)
-            assert c.get("/model").json()["limits"] == {"max_bytes": 100000, "max_pixels": 20000,
-                                                         "max_concurrency": 1, "queue_size": 4,
-                                                         "read_timeout_s": 60.0}
+            assert c.get("/model").json()["limits"] == {
+                "max_bytes": 100000,
+                "max_pixels": 20000,
+                "max_concurrency": 1,
+                "queue_size": 4,
+                "read_timeout_s": 60.0,
+            }
             r = _post(c, _encode(_image(96, 128)))
             assert r.status_code == 200 and r.json()["instances"], r.text
             assert _post(c, b"\x00" * 100_001).status_code == 413
@@ -533,10 +679,24 @@ def test_cli_serve_end_to_end(instance_model, tmp_path):
 
 
 def test_cli_serve_bad_flags_are_one_line_errors(capsys):
-    assert cli.main(["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors",
-                     "--max-concurrency", "0"]) == 2
+    assert (
+        cli.main(
+            [
+                "serve",
+                "--config",
+                "blendmask_tiny",
+                "--weights",
+                "missing.safetensors",
+                "--max-concurrency",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("dynaseg: error: ") and "max_concurrency must be at least 1" in err
     assert err.count("\n") == 1
-    assert cli.main(["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors"]) == 2
+    assert (
+        cli.main(["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors"]) == 2
+    )
     assert "missing.safetensors" in capsys.readouterr().err

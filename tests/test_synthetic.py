@@ -1,4 +1,5 @@
 """Tests for the deterministic synthetic COCO dataset generator."""
+
 import json
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def coco(dataset):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _rgb2id(path: Path) -> np.ndarray:
@@ -50,10 +53,20 @@ def test_class_constants():
 
 
 def test_layout_and_paths(dataset):
-    assert set(dataset) == {"train_json", "val_json", "train_images", "val_images", "panoptic_train_json",
-                            "panoptic_train_dir", "panoptic_val_json", "panoptic_val_dir"}
+    assert set(dataset) == {
+        "train_json",
+        "val_json",
+        "train_images",
+        "val_images",
+        "panoptic_train_json",
+        "panoptic_train_dir",
+        "panoptic_val_json",
+        "panoptic_val_dir",
+    }
     assert all(Path(p).exists() for p in dataset.values())
-    assert sorted(p.name for p in dataset["train_images"].iterdir()) == [f"{i:06d}.png" for i in range(NUM_TRAIN)]
+    assert sorted(p.name for p in dataset["train_images"].iterdir()) == [
+        f"{i:06d}.png" for i in range(NUM_TRAIN)
+    ]
     assert len(list(dataset["val_images"].iterdir())) == NUM_VAL
     assert len(list(dataset["panoptic_val_dir"].iterdir())) == NUM_VAL
     img = Image.open(dataset["val_images"] / "000000.png")
@@ -70,8 +83,15 @@ def test_determinism(tmp_path):
     assert a["train/000000.png"] != c["train/000000.png"]
     assert a["annotations/instances_train.json"] != c["annotations/instances_train.json"]
     # An image does not depend on how many others are generated.
-    d = _files(Path(generate_synthetic(tmp_path / "d", seed=7, **{**kw, "num_train": 1})["train_json"]).parent.parent)
-    assert d["train/000000.png"] == a["train/000000.png"] and d["val/000001.png"] == a["val/000001.png"]
+    d = _files(
+        Path(
+            generate_synthetic(tmp_path / "d", seed=7, **{**kw, "num_train": 1})["train_json"]
+        ).parent.parent
+    )
+    assert (
+        d["train/000000.png"] == a["train/000000.png"]
+        and d["val/000001.png"] == a["val/000001.png"]
+    )
 
 
 def test_coco_instances(coco):
@@ -94,7 +114,12 @@ def test_coco_instances(coco):
         x, y, w, h = a["bbox"]
         assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and w > 0 and h > 0
         ys, xs = np.nonzero(m)
-        assert [x, y, w, h] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert [x, y, w, h] == [
+            xs.min(),
+            ys.min(),
+            xs.max() - xs.min() + 1,
+            ys.max() - ys.min() + 1,
+        ]
 
 
 def test_size_independent_of_shape(coco):
@@ -107,8 +132,12 @@ def test_size_independent_of_shape(coco):
 
 def test_border_and_occlusion(coco):
     anns = coco.loadAnns(coco.getAnnIds())
-    touching = [a for a in anns if min(a["bbox"][:2]) == 0 or max(a["bbox"][0] + a["bbox"][2],
-                                                                    a["bbox"][1] + a["bbox"][3]) == SIZE]
+    touching = [
+        a
+        for a in anns
+        if min(a["bbox"][:2]) == 0
+        or max(a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) == SIZE
+    ]
     assert len(touching) >= 5
     occluded = dropped = 0
     for index in range(20):
@@ -125,7 +154,9 @@ def test_render_sample_matches_files(dataset, coco):
     pan = json.loads(Path(dataset["panoptic_train_json"]).read_text())
     for index in range(10):
         sample = render_sample(0, "train", index, SIZE)
-        assert np.array_equal(np.asarray(Image.open(dataset["train_images"] / f"{index:06d}.png")), sample.image)
+        assert np.array_equal(
+            np.asarray(Image.open(dataset["train_images"] / f"{index:06d}.png")), sample.image
+        )
         kept = [o for o in sample.objects if o.kept]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=index + 1))
         assert [o.category_id for o in kept] == [a["category_id"] for a in anns]
@@ -155,7 +186,12 @@ def test_panoptic(dataset, coco):
             m = ids == s["id"]
             ys, xs = np.nonzero(m)
             assert s["area"] == m.sum() and s["iscrowd"] == 0
-            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert s["bbox"] == [
+                xs.min(),
+                ys.min(),
+                xs.max() - xs.min() + 1,
+                ys.max() - ys.min() + 1,
+            ]
         things = [s for s in segs if cats[s["category_id"]]["isthing"]]
         inst = coco.loadAnns(coco.getAnnIds(imgIds=ann["image_id"]))
         assert [s["category_id"] for s in things] == [a["category_id"] for a in inst]
@@ -167,8 +203,16 @@ def test_panoptic(dataset, coco):
 
 
 def test_no_panoptic_and_empty_images(tmp_path):
-    paths = generate_synthetic(tmp_path, num_train=2, num_val=0, image_size=48, min_objects=0, max_objects=0,
-                               panoptic=False, progress=True)
+    paths = generate_synthetic(
+        tmp_path,
+        num_train=2,
+        num_val=0,
+        image_size=48,
+        min_objects=0,
+        max_objects=0,
+        panoptic=False,
+        progress=True,
+    )
     assert set(paths) == {"train_json", "val_json", "train_images", "val_images"}
     assert not list((tmp_path / "annotations").glob("panoptic*"))
     data = json.loads(paths["train_json"].read_text())
@@ -176,10 +220,20 @@ def test_no_panoptic_and_empty_images(tmp_path):
     assert json.loads(paths["val_json"].read_text())["images"] == []
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(num_train=-1), dict(num_val=-3), dict(image_size=31), dict(image_size=(64, 16)), dict(image_size=(64,)),
-    dict(seed=-1), dict(min_objects=-1), dict(min_objects=5, max_objects=2), dict(num_train=1.5),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_train=-1),
+        dict(num_val=-3),
+        dict(image_size=31),
+        dict(image_size=(64, 16)),
+        dict(image_size=(64,)),
+        dict(seed=-1),
+        dict(min_objects=-1),
+        dict(min_objects=5, max_objects=2),
+        dict(num_train=1.5),
+    ],
+)
 def test_bad_args(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate_synthetic(tmp_path, **kwargs)

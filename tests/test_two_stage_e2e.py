@@ -1,4 +1,5 @@
 """Mask R-CNN and DynaMask through the whole engine: train, evaluate with resolution statistics, predict."""
+
 import json
 import math
 from collections import Counter
@@ -26,6 +27,7 @@ def runs(synth_dir, tmp_path_factory):
             overrides = data_overrides(synth_dir) + [f"output_dir={out}"] + _EXTRA.get(name, [])
             done[name] = train(load_config(name, overrides))
         return done[name]
+
     return get
 
 
@@ -45,20 +47,26 @@ def test_trains_and_reports_resolutions(two_stage_run):
     counts = Counter(r["mask_resolution"] for r in results)
     assert stats["num_instances"] == len(results) > 0
     assert {int(k): v for k, v in stats["overall"].items() if v} == pytest.approx(
-        {side: n / len(results) for side, n in counts.items()})
+        {side: n / len(results) for side, n in counts.items()}
+    )
     if name == "mask_rcnn_tiny":
         assert set(counts) == {28}
         return
     assert set(counts) <= {14, 28, 56, 112}
-    costs = build_model(load_config(str(result.output_dir / "config.yaml")).model).mask_gmac_per_resolution()
+    costs = build_model(
+        load_config(str(result.output_dir / "config.yaml")).model
+    ).mask_gmac_per_resolution()
     assert stats["mean_gmac_per_instance"] == pytest.approx(
-        sum(costs[side] * n for side, n in counts.items()) / len(results))
-    history = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+        sum(costs[side] * n for side, n in counts.items()) / len(results)
+    )
+    history = [
+        json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     phase1 = [h for h in history if h["iter"] < 10]
     phase2 = [h for h in history if h["iter"] > 10]
     assert phase1 and phase2
-    assert all(h.get("loss_budget", 0) == 0 for h in phase1)          # the MSM is off: no budget term
-    assert all(h["loss_budget"] > 0 for h in phase2)                  # on: the binding budget shows
+    assert all(h.get("loss_budget", 0) == 0 for h in phase1)  # the MSM is off: no budget term
+    assert all(h["loss_budget"] > 0 for h in phase2)  # on: the binding budget shows
 
 
 @pytest.mark.parametrize("policy", ["size", "14", "112"])
@@ -75,7 +83,9 @@ def test_dynamask_policy_switch_without_retraining(runs, policy, tmp_path):
     costs = predictor.model.mask_gmac_per_resolution()
     if policy != "size":
         assert {r["mask_resolution"] for r in results} == {int(policy)}
-        assert metrics["mask_resolution"]["mean_gmac_per_instance"] == pytest.approx(costs[int(policy)])
+        assert metrics["mask_resolution"]["mean_gmac_per_instance"] == pytest.approx(
+            costs[int(policy)]
+        )
         return
     # Eq. 8 by hand on each detection, in original-image pixels (the rule is scale-invariant with
     # the image's own √(w0·h0)): k = ⌊4 + log2(√(wh)/√(w0h0))⌋ clamped to 1..4 → 14·2^(k−1)
@@ -86,8 +96,8 @@ def test_dynamask_policy_switch_without_retraining(runs, policy, tmp_path):
         ratio = math.sqrt(r["bbox"][2] * r["bbox"][3]) / math.sqrt(im["width"] * im["height"])
         expected.append(14 * 2 ** (min(max(math.floor(4 + math.log2(ratio)), 1), 4) - 1))
     agree = sum(e == r["mask_resolution"] for e, r in zip(expected, results)) / len(results)
-    assert agree > 0.95                     # rounding of the resized image may move a box across a bound
-    assert len(set(expected)) > 1           # the val set has boxes on both sides of a bound
+    assert agree > 0.95  # rounding of the resized image may move a box across a bound
+    assert len(set(expected)) > 1  # the val set has boxes on both sides of a bound
 
 
 def test_bench_commands_json_shapes():
@@ -98,12 +108,37 @@ def test_bench_commands_json_shapes():
     assert list(per_side) == ["14", "28", "56", "112"]
     assert per_side["14"] < per_side["28"] < per_side["56"] < per_side["112"]
     assert flops["mask_rcnn_28_gmac_per_instance"] > 0
-    timing = json.loads(dynaseg("bench", "maskhead", "--config", "dynamask_tiny", "--policy", "msm", "--mix",
-                                "0.35,0.34,0.21,0.10", "--instances", "20", "--size", "128x128", "--repeats", "1",
-                                "--json").stdout)
-    assert timing["ms_per_instance"] > 0 and timing["resolution_counts"] == {"14": 7, "28": 7, "56": 4, "112": 2}
-    expected = (7 * per_side["14"] + 7 * per_side["28"] + 4 * per_side["56"] + 2 * per_side["112"]) / 20
-    assert timing["gmac_per_instance"] == pytest.approx(expected + flops["per_instance_overhead_gmac"])
+    timing = json.loads(
+        dynaseg(
+            "bench",
+            "maskhead",
+            "--config",
+            "dynamask_tiny",
+            "--policy",
+            "msm",
+            "--mix",
+            "0.35,0.34,0.21,0.10",
+            "--instances",
+            "20",
+            "--size",
+            "128x128",
+            "--repeats",
+            "1",
+            "--json",
+        ).stdout
+    )
+    assert timing["ms_per_instance"] > 0 and timing["resolution_counts"] == {
+        "14": 7,
+        "28": 7,
+        "56": 4,
+        "112": 2,
+    }
+    expected = (
+        7 * per_side["14"] + 7 * per_side["28"] + 4 * per_side["56"] + 2 * per_side["112"]
+    ) / 20
+    assert timing["gmac_per_instance"] == pytest.approx(
+        expected + flops["per_instance_overhead_gmac"]
+    )
     bad = dynaseg("bench", "maskhead", "--config", "dynamask_tiny", "--mix", "0.5,0.5", check=False)
     assert bad.returncode != 0 and "--mix" in bad.stderr
 
@@ -113,8 +148,21 @@ def test_predict_colours_by_resolution(runs, synth_dir, tmp_path):
 
     result = runs("dynamask_tiny")
     out = tmp_path / "vis"
-    dynaseg("predict", "--config", result.output_dir / "config.yaml", "--weights", result.weights, "--input",
-            synth_dir / "val" / "000000.png", "--output", out, "--score-threshold", "0", "--color-by", "resolution")
+    dynaseg(
+        "predict",
+        "--config",
+        result.output_dir / "config.yaml",
+        "--weights",
+        result.weights,
+        "--input",
+        synth_dir / "val" / "000000.png",
+        "--output",
+        out,
+        "--score-threshold",
+        "0",
+        "--color-by",
+        "resolution",
+    )
     assert (out / "000000.png").is_file()
 
 
@@ -129,7 +177,9 @@ def test_dynamask_resume_is_exact_across_the_phase_switch(synth_dir, tmp_path):
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(full.output_dir / "model_0000010.pt", resumed_dir / "model_0000010.pt")
-    resumed = train(load_config("dynamask_tiny", common + [f"output_dir={resumed_dir}"]), resume=True)
+    resumed = train(
+        load_config("dynamask_tiny", common + [f"output_dir={resumed_dir}"]), resume=True
+    )
     a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
     assert a.keys() == b.keys() and int(b["mask_branch.num_updates"]) == 20
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed DynaMask weights differ"
@@ -141,25 +191,38 @@ def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
     from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
 
     # checkpoint_period 15 does not land on msm_start_iter = 10: the first row must add that checkpoint
-    cfg = load_config("dynamask_tiny", data_overrides(synth_dir) + [f"output_dir={tmp_path}",
-                                                                    "solver.checkpoint_period=15"])
+    cfg = load_config(
+        "dynamask_tiny",
+        data_overrides(synth_dir) + [f"output_dir={tmp_path}", "solver.checkpoint_period=15"],
+    )
     table = run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path)
     first, second = tmp_path / "ct1_l0.4", tmp_path / "ct0.4_l0.5"
     assert (first / "model_0000010.pt").is_file() and (second / "model_0000010.pt").is_file()
-    history = [json.loads(line)["iter"] for line in (second / "metrics.jsonl").read_text().splitlines()]
-    assert min(history) > 10                                  # the second row trained phase 2 only
+    history = [
+        json.loads(line)["iter"] for line in (second / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert min(history) > 10  # the second row trained phase 2 only
     saved = load_config(str(second / "config.yaml"))
-    assert saved.model.dynamask.budget_target == pytest.approx(0.4 / 1.40)      # fraction unit: C_t / 1.40
+    assert saved.model.dynamask.budget_target == pytest.approx(
+        0.4 / 1.40
+    )  # fraction unit: C_t / 1.40
     assert saved.model.dynamask.lambda_reg == 0.5
     assert [(r["C_t"], r["lambda2"]) for r in table] == [(1.0, 0.4), (0.4, 0.5)]
     for row in table:
         stats = json.loads((Path(row["output_dir"]) / "mask_resolutions.json").read_text())
-        assert sum(row["mix"].values()) == pytest.approx(1.0) and row["detections"] == stats["num_instances"]
+        assert (
+            sum(row["mix"].values()) == pytest.approx(1.0)
+            and row["detections"] == stats["num_instances"]
+        )
         assert -1 < row["delta_vs_112"] <= 1e-9 and 0 <= row["mask_AP_at_112"] <= 100
     assert json.loads((tmp_path / "table5.json").read_text())["rows"] == table
-    assert "0.64 / -54% / 36.8" not in format_budget_table(table) and "1.13 / -19% / 37.6" in format_budget_table(table)
+    assert "0.64 / -54% / 36.8" not in format_budget_table(
+        table
+    ) and "1.13 / -19% / 37.6" in format_budget_table(table)
     stamp = (second / "metrics.json").stat().st_mtime_ns
-    assert run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path) == table    # finished rows are read
+    assert (
+        run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path) == table
+    )  # finished rows are read
     assert (second / "metrics.json").stat().st_mtime_ns == stamp
     bad = dynaseg("bench", "budget", "--config", "dynamask_tiny", "--rows", "0.4", check=False)
     assert bad.returncode == 2 and "dynaseg: error:" in bad.stderr and "C_t:lambda2" in bad.stderr

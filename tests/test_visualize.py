@@ -1,4 +1,5 @@
 """Tests for dynaseg.inference.visualize (overlays) and dynaseg.engine.loss_curve."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,11 +88,12 @@ def test_zero_instances_returns_image_unchanged() -> None:
 def test_colors_override_and_legend() -> None:
     img = _image()
     red, blue = (255, 0, 0), (0, 0, 255)
-    out = draw_instances(img, _instances(), NAMES, colors=[red, blue], alpha=1.0,
-                         legend={"28": red, "56": blue})
+    out = draw_instances(
+        img, _instances(), NAMES, colors=[red, blue], alpha=1.0, legend={"28": red, "56": blue}
+    )
     assert tuple(out[60, 50]) == red and tuple(out[80, 110]) == blue
-    corner = out[:12, W - 12:]
-    assert _changed(corner, img[:12, W - 12:]).any()  # legend panel in the top-right corner
+    corner = out[:12, W - 12 :]
+    assert _changed(corner, img[:12, W - 12 :]).any()  # legend panel in the top-right corner
     with pytest.raises(ValueError, match="colors"):
         draw_instances(img, _instances(), NAMES, colors=[red])
 
@@ -109,9 +111,16 @@ def test_save_overlay(tmp_path: Path) -> None:
 
 def test_plot_loss_curves(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    history = [{"iter": 20 * i, "loss": 2.0 * np.exp(-i / 30) + 0.1 * rng.random(),
-                "loss_fcos_cls": float(np.exp(-i / 20)), "loss_mask": 0.0 if i == 3 else 0.5,
-                "lr": 0.01} for i in range(1, 120)]
+    history = [
+        {
+            "iter": 20 * i,
+            "loss": 2.0 * np.exp(-i / 30) + 0.1 * rng.random(),
+            "loss_fcos_cls": float(np.exp(-i / 20)),
+            "loss_mask": 0.0 if i == 3 else 0.5,
+            "lr": 0.01,
+        }
+        for i in range(1, 120)
+    ]
     history.append({"iter": 2400, "loss": torch.tensor(0.2)})  # missing terms are fine
     path = plot_loss_curves(history, tmp_path / "curves" / "loss.png", smoothing_window=10)
     with Image.open(path) as im:

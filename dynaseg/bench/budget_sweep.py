@@ -9,6 +9,7 @@ instance at 112×112 (the same weights at full cost, for "AP within 1.5 of full 
 Rows are given in the paper's unit (G per instance, as Table 5 prints them) and converted to the
 config's ``budget_unit`` (a "fraction" head gets C_t / 1.40).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,12 @@ __all__ = ["BudgetRow", "PAPER_TABLE5", "parse_rows", "run_budget_sweep", "forma
 PAPER_112_GFLOPS = 1.40
 # Table 5 of the paper: (C_t, λ2) → (GFLOPs, Δ vs 1.40 G in %, mask AP on COCO val)
 PAPER_TABLE5: dict[tuple[float, float], tuple[float, int, float]] = {
-    (1.0, 0.3): (1.27, -9, 37.6), (1.0, 0.4): (1.13, -19, 37.6), (1.0, 0.5): (1.06, -24, 37.5),
-    (0.8, 0.4): (0.92, -34, 37.4), (0.6, 0.4): (0.83, -41, 37.2), (0.4, 0.4): (0.64, -54, 36.8),
+    (1.0, 0.3): (1.27, -9, 37.6),
+    (1.0, 0.4): (1.13, -19, 37.6),
+    (1.0, 0.5): (1.06, -24, 37.5),
+    (0.8, 0.4): (0.92, -34, 37.4),
+    (0.6, 0.4): (0.83, -41, 37.2),
+    (0.4, 0.4): (0.64, -54, 36.8),
 }
 
 
@@ -61,8 +66,15 @@ def parse_rows(text: str) -> list[BudgetRow]:
 def _row_config(cfg: ExperimentConfig, row: BudgetRow, root: Path) -> ExperimentConfig:
     d = cfg.model.dynamask
     target = row.target / PAPER_112_GFLOPS if d.budget_unit == "fraction" else row.target
-    return with_overrides(cfg, {"output_dir": str(root / row.name), "model.dynamask.budget_target": target,
-                                "model.dynamask.lambda_reg": row.lambda_reg, "model.dynamask.policy": "msm"})
+    return with_overrides(
+        cfg,
+        {
+            "output_dir": str(root / row.name),
+            "model.dynamask.budget_target": target,
+            "model.dynamask.lambda_reg": row.lambda_reg,
+            "model.dynamask.policy": "msm",
+        },
+    )
 
 
 def _phase1_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -82,7 +94,9 @@ def _evaluate_at_112(cfg: ExperimentConfig, weights: Path) -> dict[str, Any]:
     return evaluate_model(predictor.cfg, predictor.model, predictor.device)
 
 
-def run_budget_sweep(cfg: ExperimentConfig, rows: list[BudgetRow], root: Path) -> list[dict[str, Any]]:
+def run_budget_sweep(
+    cfg: ExperimentConfig, rows: list[BudgetRow], root: Path
+) -> list[dict[str, Any]]:
     """Train and evaluate every row under ``root``; rows already finished (``metrics.json`` present)
     are read, not retrained. Returns one dict per row (also written to ``root/table5.json``)."""
     from dynaseg.engine.trainer import train
@@ -91,48 +105,69 @@ def run_budget_sweep(cfg: ExperimentConfig, rows: list[BudgetRow], root: Path) -
     if cfg.model.kind != "dynamask":
         raise ValueError(f"the budget sweep needs a DynaMask config, got {cfg.model.kind}")
     start = cfg.model.dynamask.msm_start_iter
-    head_costs = build_model(dataclasses.replace(cfg.model, backbone_weights="")).mask_branch.gmac_per_resolution()
+    head_costs = build_model(
+        dataclasses.replace(cfg.model, backbone_weights="")
+    ).mask_branch.gmac_per_resolution()
     phase1: Path | None = None
     table = []
     for i, row in enumerate(rows):
         row_cfg = _row_config(cfg, row, root)
         out = Path(row_cfg.output_dir)
-        if not (out / "metrics.json").is_file():      # not finished: start, or continue where it stopped
+        if not (
+            out / "metrics.json"
+        ).is_file():  # not finished: start, or continue where it stopped
             if i == 0:
                 row_cfg = _phase1_config(row_cfg)
             elif start > 0 and not any(out.glob("model_*.pt")):
                 out.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(phase1, out / phase1.name)   # resume picks it up: phase 2 starts here
+                shutil.copy2(phase1, out / phase1.name)  # resume picks it up: phase 2 starts here
             train(row_cfg, resume=True)
         if i == 0:
             phase1 = out / f"model_{start:07d}.pt"
             if start > 0 and not phase1.is_file():
-                raise FileNotFoundError(f"{phase1}: the first row kept no checkpoint at the end of phase 1")
+                raise FileNotFoundError(
+                    f"{phase1}: the first row kept no checkpoint at the end of phase 1"
+                )
         metrics = json.loads((out / "metrics.json").read_text())
         stats = json.loads((out / "mask_resolutions.json").read_text())
         mix = {int(side): frac for side, frac in stats["overall"].items()}
         gmac = sum(head_costs[side] * frac for side, frac in mix.items())
         full = _evaluate_at_112(row_cfg, out / "model_final.safetensors")
-        table.append({"C_t": row.target, "lambda2": row.lambda_reg,
-                      "budget_target_in_config": row_cfg.model.dynamask.budget_target,
-                      "gmac_per_detection": gmac, "delta_vs_112": gmac / head_costs[112] - 1,
-                      "mask_AP": metrics["segm"]["AP"], "mask_AP75": metrics["segm"]["AP75"],
-                      "mask_AP_at_112": full["segm"]["AP"], "mix": {str(s): f for s, f in sorted(mix.items())},
-                      "detections": stats["num_instances"], "output_dir": str(out)})
-    (root / "table5.json").write_text(json.dumps({"head_gmac_per_resolution": head_costs, "rows": table}, indent=2))
+        table.append(
+            {
+                "C_t": row.target,
+                "lambda2": row.lambda_reg,
+                "budget_target_in_config": row_cfg.model.dynamask.budget_target,
+                "gmac_per_detection": gmac,
+                "delta_vs_112": gmac / head_costs[112] - 1,
+                "mask_AP": metrics["segm"]["AP"],
+                "mask_AP75": metrics["segm"]["AP75"],
+                "mask_AP_at_112": full["segm"]["AP"],
+                "mix": {str(s): f for s, f in sorted(mix.items())},
+                "detections": stats["num_instances"],
+                "output_dir": str(out),
+            }
+        )
+    (root / "table5.json").write_text(
+        json.dumps({"head_gmac_per_resolution": head_costs, "rows": table}, indent=2)
+    )
     return table
 
 
 def format_budget_table(rows: list[dict[str, Any]]) -> str:
     """Our rows beside the paper's Table 5 (its FLOPs, Δ and AP are on COCO with the R50 head)."""
-    head = (f"{'C_t':>5} {'λ2':>4} {'GMAC':>7} {'Δ':>6} {'AP':>6} {'AP75':>6} {'AP@112':>7}   "
-            f"{'14²':>5} {'28²':>5} {'56²':>5} {'112²':>5}   paper: G / Δ / AP")
+    head = (
+        f"{'C_t':>5} {'λ2':>4} {'GMAC':>7} {'Δ':>6} {'AP':>6} {'AP75':>6} {'AP@112':>7}   "
+        f"{'14²':>5} {'28²':>5} {'56²':>5} {'112²':>5}   paper: G / Δ / AP"
+    )
     lines = [head]
     for r in rows:
         paper = PAPER_TABLE5.get((r["C_t"], r["lambda2"]))
         mix = "".join(f"{100 * r['mix'].get(s, 0.0):5.0f}%" for s in ("14", "28", "56", "112"))
-        lines.append(f"{r['C_t']:5.2f} {r['lambda2']:4.2f} {r['gmac_per_detection']:7.3f} "
-                     f"{100 * r['delta_vs_112']:5.0f}% {r['mask_AP']:6.1f} {r['mask_AP75']:6.1f} "
-                     f"{r['mask_AP_at_112']:7.1f}  {mix}   "
-                     + (f"{paper[0]:.2f} / {paper[1]}% / {paper[2]}" if paper else "—"))
+        lines.append(
+            f"{r['C_t']:5.2f} {r['lambda2']:4.2f} {r['gmac_per_detection']:7.3f} "
+            f"{100 * r['delta_vs_112']:5.0f}% {r['mask_AP']:6.1f} {r['mask_AP75']:6.1f} "
+            f"{r['mask_AP_at_112']:7.1f}  {mix}   "
+            + (f"{paper[0]:.2f} / {paper[1]}% / {paper[2]}" if paper else "—")
+        )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 Thin wrappers over ``dynaseg.bench``; registered on the main parser by :func:`add_bench_parser`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ def _bench_model(args: argparse.Namespace):
 
     cfg = load_config(args.config, args.overrides)
     if not isinstance(cfg.model, RCNNConfig):
-        raise UserError(f"bench {args.bench_command} measures two-stage mask heads; '{args.config}' is {cfg.model.kind}")
+        raise UserError(
+            f"bench {args.bench_command} measures two-stage mask heads; '{args.config}' is {cfg.model.kind}"
+        )
     model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
     return model_cfg, build_model(model_cfg)
 
@@ -44,9 +47,13 @@ def _cmd_bench_flops(args: argparse.Namespace) -> int:
         size = parse_size(args.size)
     except ValueError as e:
         raise UserError(str(e)) from None
-    rows, notes = run_flops_benchmark(args.configs, overrides=args.overrides,
-                                      peer=None if args.peer == "none" else args.peer,
-                                      image_size=size, detections=args.detections)
+    rows, notes = run_flops_benchmark(
+        args.configs,
+        overrides=args.overrides,
+        peer=None if args.peer == "none" else args.peer,
+        image_size=size,
+        detections=args.detections,
+    )
     first = load_config(args.configs[0].split()[0], [*args.overrides, *args.configs[0].split()[1:]])
     result: dict = {}
     if isinstance(first.model, RCNNConfig):
@@ -65,8 +72,10 @@ def _cmd_bench_flops(args: argparse.Namespace) -> int:
         for side, g in ours.items():
             print(f"{side + '²':>10} {g:12.3f} {paper.get(side, float('nan')):18.2f}")
         print(f"per-instance overhead (MSM): {result['per_instance_overhead_gmac']:.3f} GMAC")
-        print(f"Mask R-CNN 28×28 head: ours {result['mask_rcnn_28_gmac_per_instance']:.3f} GMAC, "
-              f"paper {result['paper_mask_rcnn_gflops']} G")
+        print(
+            f"Mask R-CNN 28×28 head: ours {result['mask_rcnn_28_gmac_per_instance']:.3f} GMAC, "
+            f"paper {result['paper_mask_rcnn_gflops']} G"
+        )
     return 0
 
 
@@ -76,15 +85,25 @@ def _cmd_bench_maskhead(args: argparse.Namespace) -> int:
     _, model = _bench_model(args)
     mix = [float(x) for x in args.mix.split(",")] if args.mix else None
     if mix is not None and (len(mix) != 4 or abs(sum(mix) - 1) > 1e-6 or min(mix) < 0):
-        raise UserError(f"--mix needs four non-negative fractions for 14,28,56,112 summing to 1, got {args.mix}")
+        raise UserError(
+            f"--mix needs four non-negative fractions for 14,28,56,112 summing to 1, got {args.mix}"
+        )
     h, w = (int(v) for v in args.size.lower().split("x"))
-    result = time_mask_head(model, policy=args.policy, num_instances=args.instances, image_size=(h, w), mix=mix,
-                            repeats=args.repeats)
+    result = time_mask_head(
+        model,
+        policy=args.policy,
+        num_instances=args.instances,
+        image_size=(h, w),
+        mix=mix,
+        repeats=args.repeats,
+    )
     if args.json:
         print(json.dumps({k: result[k] for k in ("ms_per_instance", "gmac_per_instance")} | result))
     else:
-        print(f"policy {result['policy']}: {result['ms_per_instance']:.3f} ms and "
-              f"{result['gmac_per_instance']:.3f} GMAC per instance; resolutions {result['resolution_counts']}")
+        print(
+            f"policy {result['policy']}: {result['ms_per_instance']:.3f} ms and "
+            f"{result['gmac_per_instance']:.3f} GMAC per instance; resolutions {result['resolution_counts']}"
+        )
     return 0
 
 
@@ -106,14 +125,23 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     size, device = _bench_size_and_device(args)
     peer = None if args.peer == "none" else args.peer
     try:
-        ap = parse_ap_values(args.ap or [], models=[*unique_names(args.configs), *([peer] if peer else [])])
+        ap = parse_ap_values(
+            args.ap or [], models=[*unique_names(args.configs), *([peer] if peer else [])]
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     if ap and not args.output:
         raise UserError("--ap draws the AP-vs-latency plot into --output DIR; give --output too")
-    rows, notes = run_speed_benchmark(args.configs, overrides=args.overrides, peer=peer, image_size=size,
-                                      detections=args.detections, device=device, repeats=args.repeats,
-                                      warmup=args.warmup)
+    rows, notes = run_speed_benchmark(
+        args.configs,
+        overrides=args.overrides,
+        peer=peer,
+        image_size=size,
+        detections=args.detections,
+        device=device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
     table = format_speed_table(rows, notes)
     if args.json:
         keys = ("model", "median_ms", "p90_ms", "ratio_to_peer", "detections", "stages_ms")
@@ -132,11 +160,22 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     from dynaseg.bench.train_speed import format_train_table, run_train_benchmark
 
     size, device = _bench_size_and_device(args)
-    rows, notes = run_train_benchmark(args.configs, overrides=args.overrides,
-                                      peer=None if args.peer == "none" else args.peer, image_size=size,
-                                      batch_size=args.batch, iters=args.iters, warmup=args.warmup, device=device)
+    rows, notes = run_train_benchmark(
+        args.configs,
+        overrides=args.overrides,
+        peer=None if args.peer == "none" else args.peer,
+        image_size=size,
+        batch_size=args.batch,
+        iters=args.iters,
+        warmup=args.warmup,
+        device=device,
+    )
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("model", "images_per_s", "ms_per_iter")} | r for r in rows]))
+        print(
+            json.dumps(
+                [{k: r[k] for k in ("model", "images_per_s", "ms_per_iter")} | r for r in rows]
+            )
+        )
         print("\n".join(notes), file=sys.stderr)
     else:
         print(format_train_table(rows, notes))
@@ -150,9 +189,13 @@ def _cmd_bench_fcos_peer(args: argparse.Namespace) -> int:
     from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig
 
     cfg = load_config(args.config, args.overrides)
-    if not isinstance(cfg.model, (BlendMaskConfig, DR1MaskConfig)) or getattr(cfg.model, "num_stuff_classes", 0):
-        raise UserError(f"bench fcos-peer takes an instance-segmentation FCOS config (BlendMask or DR1Mask); "
-                        f"'{args.config}' is {cfg.model.kind}")
+    if not isinstance(cfg.model, (BlendMaskConfig, DR1MaskConfig)) or getattr(
+        cfg.model, "num_stuff_classes", 0
+    ):
+        raise UserError(
+            f"bench fcos-peer takes an instance-segmentation FCOS config (BlendMask or DR1Mask); "
+            f"'{args.config}' is {cfg.model.kind}"
+        )
     return _run_training(cfg, resume=args.resume, model=build_torchvision_fcos(cfg.model))
 
 
@@ -179,69 +222,152 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its subcommands to the top-level subparsers."""
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    b = bench_sub.add_parser("flops", help="multiply-accumulates per model and stage (torch's flop counter), "
-                                           "and a two-stage model's mask head per instance at each resolution")
-    b.add_argument("--config", dest="configs", action="append", required=True,
-                   help="preset name or YAML file, optionally followed by its own overrides (repeat for several)")
-    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
-    b.add_argument("--peer", default="none", choices=["torchvision-maskrcnn", "torchvision-fcos", "none"])
+    b = bench_sub.add_parser(
+        "flops",
+        help="multiply-accumulates per model and stage (torch's flop counter), "
+        "and a two-stage model's mask head per instance at each resolution",
+    )
+    b.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        required=True,
+        help="preset name or YAML file, optionally followed by its own overrides (repeat for several)",
+    )
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, applied to every config",
+    )
+    b.add_argument(
+        "--peer", default="none", choices=["torchvision-maskrcnn", "torchvision-fcos", "none"]
+    )
     b.add_argument("--size", default="800x1216", help="image size HxW (seeded random image)")
-    b.add_argument("--detections", type=int, default=100, help="instances every model is forced to output")
-    b.add_argument("--json", action="store_true",
-                   help='print {"models": [rows], ...} (+ the first config\'s mask head per resolution when two-stage)')
+    b.add_argument(
+        "--detections", type=int, default=100, help="instances every model is forced to output"
+    )
+    b.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"models": [rows], ...} (+ the first config\'s mask head per resolution when two-stage)',
+    )
     b.set_defaults(func=_cmd_bench_flops)
 
-    b = bench_sub.add_parser("maskhead", help="time the mask head alone on fixed random RoI features")
+    b = bench_sub.add_parser(
+        "maskhead", help="time the mask head alone on fixed random RoI features"
+    )
     _add_config(b)
     b.add_argument("--policy", default="msm", choices=["14", "28", "56", "112", "msm", "size"])
-    b.add_argument("--mix", help="force the MSM's choices to these fractions of 14,28,56,112, e.g. 0.35,0.34,0.21,0.10")
+    b.add_argument(
+        "--mix",
+        help="force the MSM's choices to these fractions of 14,28,56,112, e.g. 0.35,0.34,0.21,0.10",
+    )
     b.add_argument("--instances", type=int, default=100)
     b.add_argument("--size", default="800x1216", help="image size HxW of the random FPN features")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench_maskhead)
-    b = bench_sub.add_parser("speed", help="end-to-end inference time per image against a torchvision peer "
-                             "(untrained weights, N detections forced, interleaved runs)")
-    b.add_argument("--config", dest="configs", action="append", required=True,
-                   help="preset name or YAML file, optionally followed by its own overrides "
-                        "(\"dynamask_r50_fpn_1x model.dynamask.policy=112\"); repeat for several models")
-    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
-    b.add_argument("--peer", default="torchvision-maskrcnn",
-                   choices=["torchvision-maskrcnn", "torchvision-fcos", "none"])
+    b = bench_sub.add_parser(
+        "speed",
+        help="end-to-end inference time per image against a torchvision peer "
+        "(untrained weights, N detections forced, interleaved runs)",
+    )
+    b.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        required=True,
+        help="preset name or YAML file, optionally followed by its own overrides "
+        '("dynamask_r50_fpn_1x model.dynamask.policy=112"); repeat for several models',
+    )
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, applied to every config",
+    )
+    b.add_argument(
+        "--peer",
+        default="torchvision-maskrcnn",
+        choices=["torchvision-maskrcnn", "torchvision-fcos", "none"],
+    )
     b.add_argument("--size", default="800x1216", help="image size HxW (seeded random image)")
-    b.add_argument("--detections", type=int, default=100, help="instances every model is forced to output")
+    b.add_argument(
+        "--detections", type=int, default=100, help="instances every model is forced to output"
+    )
     b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every model once)")
+    b.add_argument(
+        "--repeats", type=int, default=10, help="timed rounds (each runs every model once)"
+    )
     b.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--output", help="also write speed.md, speed.json (and with --ap ap_vs_latency.png) here")
-    b.add_argument("--ap", action="append", metavar="MODEL=AP",
-                   help="mask AP of a table row (repeat), e.g. blendmask_r50_fpn_1x=37.8: plotted against latency")
+    b.add_argument(
+        "--output", help="also write speed.md, speed.json (and with --ap ap_vs_latency.png) here"
+    )
+    b.add_argument(
+        "--ap",
+        action="append",
+        metavar="MODEL=AP",
+        help="mask AP of a table row (repeat), e.g. blendmask_r50_fpn_1x=37.8: plotted against latency",
+    )
     b.set_defaults(func=_cmd_bench_speed)
-    b = bench_sub.add_parser("train", help="training images/s (forward + backward + SGD step) against "
-                             "torchvision's Mask R-CNN on a fixed synthetic batch")
-    b.add_argument("--config", dest="configs", action="append", required=True,
-                   help="preset name or YAML file (repeat for several models)")
-    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied to every config")
-    b.add_argument("--peer", default="torchvision-maskrcnn", choices=["torchvision-maskrcnn", "none"])
+    b = bench_sub.add_parser(
+        "train",
+        help="training images/s (forward + backward + SGD step) against "
+        "torchvision's Mask R-CNN on a fixed synthetic batch",
+    )
+    b.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        required=True,
+        help="preset name or YAML file (repeat for several models)",
+    )
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, applied to every config",
+    )
+    b.add_argument(
+        "--peer", default="torchvision-maskrcnn", choices=["torchvision-maskrcnn", "none"]
+    )
     b.add_argument("--size", default="512x512", help="image size HxW")
     b.add_argument("--batch", type=int, default=2, help="images per iteration")
-    b.add_argument("--iters", type=int, default=10, help="timed iterations (each runs every model once)")
+    b.add_argument(
+        "--iters", type=int, default=10, help="timed iterations (each runs every model once)"
+    )
     b.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench_train)
 
-    b = bench_sub.add_parser("fcos-peer", help="train torchvision's FCOS detector with a BlendMask / DR1Mask "
-                             "config's backbone, data, schedule and evaluation (box AP beside ours)")
+    b = bench_sub.add_parser(
+        "fcos-peer",
+        help="train torchvision's FCOS detector with a BlendMask / DR1Mask "
+        "config's backbone, data, schedule and evaluation (box AP beside ours)",
+    )
     _add_config(b)
-    b.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    b.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+    )
     b.set_defaults(func=_cmd_bench_fcos_peer)
-    b = bench_sub.add_parser("budget", help="DynaMask's budget sweep (paper Table 5): one model per C_t:lambda2 "
-                             "row from a shared phase 1, each evaluated with the MSM and at 112x112")
+    b = bench_sub.add_parser(
+        "budget",
+        help="DynaMask's budget sweep (paper Table 5): one model per C_t:lambda2 "
+        "row from a shared phase 1, each evaluated with the MSM and at 112x112",
+    )
     _add_config(b)
-    b.add_argument("--rows", default="1.0:0.4,0.8:0.4,0.6:0.4,0.4:0.4,1.0:0.3,1.0:0.5",
-                   help="C_t:lambda2 pairs in the paper's unit (G per instance), the first trains phase 1 "
-                        "(default: Table 5's six rows)")
-    b.add_argument("--json", action="store_true", help="print the rows as JSON (also in output_dir/table5.json)")
+    b.add_argument(
+        "--rows",
+        default="1.0:0.4,0.8:0.4,0.6:0.4,0.4:0.4,1.0:0.3,1.0:0.5",
+        help="C_t:lambda2 pairs in the paper's unit (G per instance), the first trains phase 1 "
+        "(default: Table 5's six rows)",
+    )
+    b.add_argument(
+        "--json",
+        action="store_true",
+        help="print the rows as JSON (also in output_dir/table5.json)",
+    )
     b.set_defaults(func=_cmd_bench_budget)

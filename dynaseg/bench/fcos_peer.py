@@ -14,6 +14,7 @@ torchvision's design, as opposed to AdelaiDet's (both read from their code):
 - GIoU not weighted by centerness, normalised by the number of positives;
 - the candidate threshold on p_cls alone (AdelaiDet's BlendMask: on p_cls·p_ctr).
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -29,8 +30,11 @@ from dynaseg.structures.masks import clip_boxes, scale_boxes
 
 __all__ = ["TorchvisionFCOS", "build_torchvision_fcos"]
 
-_LOSS_NAMES = {"classification": "loss_fcos_cls", "bbox_regression": "loss_fcos_loc",
-               "bbox_ctrness": "loss_fcos_ctr"}
+_LOSS_NAMES = {
+    "classification": "loss_fcos_cls",
+    "bbox_regression": "loss_fcos_loc",
+    "bbox_ctrness": "loss_fcos_ctr",
+}
 
 
 class _NoResize(GeneralizedRCNNTransform):
@@ -54,19 +58,42 @@ class TorchvisionFCOS(nn.Module):
         size_divisibility: padding multiple of the batch.
     """
 
-    def __init__(self, *, backbone: ResNetFPN, num_classes: int, num_convs: int, center_sampling_radius: float,
-                 score_threshold: float, nms_threshold: float, pre_nms_topk: int, max_detections: int,
-                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float],
-                 size_divisibility: int) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: ResNetFPN,
+        num_classes: int,
+        num_convs: int,
+        center_sampling_radius: float,
+        score_threshold: float,
+        nms_threshold: float,
+        pre_nms_topk: int,
+        max_detections: int,
+        pixel_mean: tuple[float, float, float],
+        pixel_std: tuple[float, float, float],
+        size_divisibility: int,
+    ) -> None:
         super().__init__()
         if backbone.layout != "p3p7":
             raise ValueError("torchvision's FCOS needs the P3-P7 backbone layout")
         head = TorchvisionFCOSHead(backbone.out_channels, 1, num_classes, num_convs=num_convs)
-        self.detector = FCOS(backbone, num_classes, head=head, center_sampling_radius=center_sampling_radius,
-                             score_thresh=score_threshold, nms_thresh=nms_threshold,
-                             detections_per_img=max_detections, topk_candidates=pre_nms_topk)
-        self.detector.transform = _NoResize(1, 1, [m / 255 for m in pixel_mean], [s / 255 for s in pixel_std],
-                                            size_divisible=size_divisibility)
+        self.detector = FCOS(
+            backbone,
+            num_classes,
+            head=head,
+            center_sampling_radius=center_sampling_radius,
+            score_thresh=score_threshold,
+            nms_thresh=nms_threshold,
+            detections_per_img=max_detections,
+            topk_candidates=pre_nms_topk,
+        )
+        self.detector.transform = _NoResize(
+            1,
+            1,
+            [m / 255 for m in pixel_mean],
+            [s / 255 for s in pixel_std],
+            size_divisible=size_divisibility,
+        )
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
         images = [batch.images[i, :, :h, :w] / 255 for i, (h, w) in enumerate(batch.image_sizes)]
@@ -76,9 +103,15 @@ class TorchvisionFCOS(nn.Module):
             losses = self.detector(images, targets)
             return {_LOSS_NAMES[k]: v for k, v in losses.items()}
         out = []
-        for det, size, original in zip(self.detector(images), batch.image_sizes, batch.original_sizes):
+        for det, size, original in zip(
+            self.detector(images), batch.image_sizes, batch.original_sizes
+        ):
             boxes = clip_boxes(scale_boxes(det["boxes"], size, original), original)
-            out.append(Instances(image_size=original, boxes=boxes, labels=det["labels"], scores=det["scores"]))
+            out.append(
+                Instances(
+                    image_size=original, boxes=boxes, labels=det["labels"], scores=det["scores"]
+                )
+            )
         return out
 
 
@@ -88,14 +121,25 @@ def build_torchvision_fcos(cfg: BlendMaskConfig | DR1MaskConfig) -> TorchvisionF
     from dynaseg.modeling.build import build_backbone
 
     if cfg.fcos.strides[:1] != (8,):
-        raise ConfigError("bench fcos-peer builds torchvision's FCOS on P3-P7; model.fcos.strides must start at 8")
-    if cfg.backbone.fpn_channels % 32:   # torchvision's towers use GroupNorm(32, channels)
-        raise ConfigError(f"model.backbone.fpn_channels={cfg.backbone.fpn_channels}: torchvision's FCOS head "
-                          "needs a multiple of 32 (its towers use 32-group GroupNorm)")
+        raise ConfigError(
+            "bench fcos-peer builds torchvision's FCOS on P3-P7; model.fcos.strides must start at 8"
+        )
+    if cfg.backbone.fpn_channels % 32:  # torchvision's towers use GroupNorm(32, channels)
+        raise ConfigError(
+            f"model.backbone.fpn_channels={cfg.backbone.fpn_channels}: torchvision's FCOS head "
+            "needs a multiple of 32 (its towers use 32-group GroupNorm)"
+        )
     f = cfg.fcos
-    return TorchvisionFCOS(backbone=build_backbone(cfg), num_classes=cfg.num_classes, num_convs=f.num_convs,
-                           center_sampling_radius=f.center_sampling_radius, score_threshold=f.score_threshold,
-                           nms_threshold=f.nms_threshold, pre_nms_topk=f.pre_nms_topk,
-                           max_detections=f.max_detections, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
-                           size_divisibility=cfg.size_divisibility)
-
+    return TorchvisionFCOS(
+        backbone=build_backbone(cfg),
+        num_classes=cfg.num_classes,
+        num_convs=f.num_convs,
+        center_sampling_radius=f.center_sampling_radius,
+        score_threshold=f.score_threshold,
+        nms_threshold=f.nms_threshold,
+        pre_nms_topk=f.pre_nms_topk,
+        max_detections=f.max_detections,
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
+        size_divisibility=cfg.size_divisibility,
+    )

@@ -14,6 +14,7 @@ Stages: ``pre`` (our padding and batching / torchvision's ``transform``), ``back
 (basis + attention / mask branch / DR1 top layer, basis and predictor) and ``post`` = total − the
 others (FCOS decoding and NMS, BlendMask's blending, rescaling, mask paste).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,10 +38,28 @@ from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = [
-    "STAGES", "OUR_STAGE_TARGETS", "TORCHVISION_STAGE_TARGETS", "PEERS", "StageTimer", "parse_size",
-    "check_device", "sync_function", "force_detections", "nondegenerate_fcos_boxes", "build_peer",
-    "random_image", "stage_hooks", "count_detections", "our_inference_fn", "peer_inference_fn",
-    "time_inference", "describe_backbone", "unique_names", "BenchModel", "prepare_models", "run_speed_benchmark",
+    "STAGES",
+    "OUR_STAGE_TARGETS",
+    "TORCHVISION_STAGE_TARGETS",
+    "PEERS",
+    "StageTimer",
+    "parse_size",
+    "check_device",
+    "sync_function",
+    "force_detections",
+    "nondegenerate_fcos_boxes",
+    "build_peer",
+    "random_image",
+    "stage_hooks",
+    "count_detections",
+    "our_inference_fn",
+    "peer_inference_fn",
+    "time_inference",
+    "describe_backbone",
+    "unique_names",
+    "BenchModel",
+    "prepare_models",
+    "run_speed_benchmark",
     "format_speed_table",
 ]
 
@@ -52,16 +71,26 @@ STAGES = ("pre", "backbone+fpn", "head", "mask", "post")
 # "path:method" for a method doing its work outside ``forward``. Absent paths are skipped.
 OUR_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
     "backbone+fpn": ("backbone",),
-    "head": ("fcos_head", "rpn", "box_head", "box_head:inference"),  # two-stage: box decoding + NMS too
-    "mask": ("basis", "attention",                                     # BlendMask (the blend itself: post)
-             "top_layer:context_factors", "top_layer:embeddings_at",  # DR1Mask
-             "predictor", "panoptic_layer",
-             "mask_branch:predict"),                                   # Mask R-CNN / DynaMask (RoIAlign included)
+    "head": (
+        "fcos_head",
+        "rpn",
+        "box_head",
+        "box_head:inference",
+    ),  # two-stage: box decoding + NMS too
+    "mask": (
+        "basis",
+        "attention",  # BlendMask (the blend itself: post)
+        "top_layer:context_factors",
+        "top_layer:embeddings_at",  # DR1Mask
+        "predictor",
+        "panoptic_layer",
+        "mask_branch:predict",
+    ),  # Mask R-CNN / DynaMask (RoIAlign included)
 }
 TORCHVISION_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
-    "pre": ("transform",),                                             # forward only: postprocess / paste is post
+    "pre": ("transform",),  # forward only: postprocess / paste is post
     "backbone+fpn": ("backbone",),
-    "head": ("rpn", "roi_heads", "head"),                              # roi_heads (incl. box NMS) minus mask heads
+    "head": ("rpn", "roi_heads", "head"),  # roi_heads (incl. box NMS) minus mask heads
     "mask": ("roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor"),
 }
 
@@ -80,8 +109,12 @@ class StageTimer:
             counter, e.g. a flop counter's running total (``bench flops``).
     """
 
-    def __init__(self, *, sync: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        *,
+        sync: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.sync, self.clock = sync, clock
         self.totals: dict[str, float] = {}
         self._stack: list[str] = []
@@ -139,7 +172,9 @@ def _resolve(model: nn.Module, path: str) -> Any:
     return obj
 
 
-def stage_hooks(model: nn.Module, *, targets: Mapping[str, Sequence[str]], timer: StageTimer) -> contextlib.ExitStack:
+def stage_hooks(
+    model: nn.Module, *, targets: Mapping[str, Sequence[str]], timer: StageTimer
+) -> contextlib.ExitStack:
     """Attach ``timer`` to ``model``'s submodules: ``{stage: ("path", "path:method", ...)}``.
 
     Module paths get a forward pre-hook (``timer.enter(stage)``) and an always-called forward hook
@@ -159,8 +194,12 @@ def stage_hooks(model: nn.Module, *, targets: Mapping[str, Sequence[str]], timer
                     continue
                 stack.callback(_wrap_method(module, method, stage, timer))
             else:
-                pre = module.register_forward_pre_hook(lambda _m, _a, stage=stage: timer.enter(stage))
-                post = module.register_forward_hook(lambda _m, _a, _o: timer.exit(), always_call=True)
+                pre = module.register_forward_pre_hook(
+                    lambda _m, _a, stage=stage: timer.enter(stage)
+                )
+                post = module.register_forward_hook(
+                    lambda _m, _a, _o: timer.exit(), always_call=True
+                )
                 stack.callback(pre.remove)
                 stack.callback(post.remove)
     return stack
@@ -183,6 +222,7 @@ def _wrap_method(module: nn.Module, name: str, stage: str, timer: StageTimer) ->
             object.__setattr__(module, name, previous)
         else:
             object.__delattr__(module, name)
+
     return undo
 
 
@@ -220,18 +260,37 @@ def force_detections(cfg: ExperimentConfig, n: int) -> ExperimentConfig:
     (up to NMS and empty boxes) exactly ``n`` instances; candidate pools are widened to at least ``n``."""
     model = cfg.model
     if isinstance(model, (BlendMaskConfig, DR1MaskConfig)):
-        return with_overrides(cfg, {"model.fcos.score_threshold": 0.0, "model.fcos.max_detections": n,
-                                    "model.fcos.pre_nms_topk": max(model.fcos.pre_nms_topk, n)})
+        return with_overrides(
+            cfg,
+            {
+                "model.fcos.score_threshold": 0.0,
+                "model.fcos.max_detections": n,
+                "model.fcos.pre_nms_topk": max(model.fcos.pre_nms_topk, n),
+            },
+        )
     if isinstance(model, RCNNConfig):
         post = max(model.rpn.post_nms_topk_test, n)
-        return with_overrides(cfg, {"model.box_head.score_threshold": 0.0, "model.box_head.detections_per_image": n,
-                                    "model.rpn.post_nms_topk_test": post,
-                                    "model.rpn.pre_nms_topk_test": max(model.rpn.pre_nms_topk_test, post)})
+        return with_overrides(
+            cfg,
+            {
+                "model.box_head.score_threshold": 0.0,
+                "model.box_head.detections_per_image": n,
+                "model.rpn.post_nms_topk_test": post,
+                "model.rpn.pre_nms_topk_test": max(model.rpn.pre_nms_topk_test, post),
+            },
+        )
     raise TypeError(f"unsupported model config: {type(model).__name__}")
 
 
-def _tv_maskrcnn(*, num_classes: int, depth: int, image_size: tuple[int, int], detections: int | None,
-                 frozen_bn: bool, trainable_layers: int) -> nn.Module:
+def _tv_maskrcnn(
+    *,
+    num_classes: int,
+    depth: int,
+    image_size: tuple[int, int],
+    detections: int | None,
+    frozen_bn: bool,
+    trainable_layers: int,
+) -> nn.Module:
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -239,17 +298,34 @@ def _tv_maskrcnn(*, num_classes: int, depth: int, image_size: tuple[int, int], d
     kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
     if detections is not None:
         top = max(1000, detections)
-        kwargs |= {"box_score_thresh": 0.0, "box_detections_per_img": detections,
-                   "rpn_pre_nms_top_n_test": top, "rpn_post_nms_top_n_test": top}
+        kwargs |= {
+            "box_score_thresh": 0.0,
+            "box_detections_per_img": detections,
+            "rpn_pre_nms_top_n_test": top,
+            "rpn_post_nms_top_n_test": top,
+        }
     if depth == 50 and not frozen_bn and trainable_layers == 5:
-        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
-    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=trainable_layers,
-                                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+        return maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
+        )
+    backbone = resnet_fpn_backbone(
+        backbone_name=f"resnet{depth}",
+        weights=None,
+        trainable_layers=trainable_layers,
+        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+    )
     return MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
 
 
-def _tv_fcos(*, num_classes: int, depth: int, image_size: tuple[int, int], detections: int | None,
-             frozen_bn: bool, trainable_layers: int) -> nn.Module:
+def _tv_fcos(
+    *,
+    num_classes: int,
+    depth: int,
+    image_size: tuple[int, int],
+    detections: int | None,
+    frozen_bn: bool,
+    trainable_layers: int,
+) -> nn.Module:
     from torchvision.models.detection import FCOS, fcos_resnet50_fpn
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -257,13 +333,23 @@ def _tv_fcos(*, num_classes: int, depth: int, image_size: tuple[int, int], detec
 
     kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
     if detections is not None:
-        kwargs |= {"score_thresh": 0.0, "detections_per_img": detections,
-                   "topk_candidates": max(1000, detections)}
+        kwargs |= {
+            "score_thresh": 0.0,
+            "detections_per_img": detections,
+            "topk_candidates": max(1000, detections),
+        }
     if depth == 50 and not frozen_bn and trainable_layers == 5:
-        return fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
-    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=trainable_layers,
-                                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-                                   returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        return fcos_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
+        )
+    backbone = resnet_fpn_backbone(
+        backbone_name=f"resnet{depth}",
+        weights=None,
+        trainable_layers=trainable_layers,
+        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
     return FCOS(backbone, num_classes=num_classes + 1, **kwargs)
 
 
@@ -290,13 +376,24 @@ def nondegenerate_fcos_boxes(model: nn.Module, *, distance: float = 1.5) -> bool
 
 
 # Peer name → constructor (keyword arguments as ``build_peer``'s).
-PEERS: dict[str, Callable[..., nn.Module]] = {"torchvision-maskrcnn": _tv_maskrcnn, "torchvision-fcos": _tv_fcos}
+PEERS: dict[str, Callable[..., nn.Module]] = {
+    "torchvision-maskrcnn": _tv_maskrcnn,
+    "torchvision-fcos": _tv_fcos,
+}
 PEERS_WITH_MASKS = ("torchvision-maskrcnn",)
 
 
-def build_peer(name: str, *, num_classes: int, device: torch.device | str,
-               image_size: tuple[int, int] = (800, 1216), detections: int | None = None, depth: int = 50, frozen_bn: bool = False,
-               trainable_layers: int = 5) -> nn.Module:
+def build_peer(
+    name: str,
+    *,
+    num_classes: int,
+    device: torch.device | str,
+    image_size: tuple[int, int] = (800, 1216),
+    detections: int | None = None,
+    depth: int = 50,
+    frozen_bn: bool = False,
+    trainable_layers: int = 5,
+) -> nn.Module:
     """A torchvision detector with random weights (``weights=None, weights_backbone=None``).
 
     Args:
@@ -314,12 +411,20 @@ def build_peer(name: str, *, num_classes: int, device: torch.device | str,
         raise ValueError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
     if depth not in PEER_DEPTHS:
         raise ValueError(f"peer backbone depth must be one of {PEER_DEPTHS}, got {depth}")
-    model = PEERS[name](num_classes=num_classes, depth=depth, image_size=image_size, detections=detections,
-                        frozen_bn=frozen_bn, trainable_layers=trainable_layers)
+    model = PEERS[name](
+        num_classes=num_classes,
+        depth=depth,
+        image_size=image_size,
+        detections=detections,
+        frozen_bn=frozen_bn,
+        trainable_layers=trainable_layers,
+    )
     return model.to(device)
 
 
-def random_image(image_size: tuple[int, int], *, seed: int = 0, device: torch.device | str = "cpu") -> Tensor:
+def random_image(
+    image_size: tuple[int, int], *, seed: int = 0, device: torch.device | str = "cpu"
+) -> Tensor:
     """A fixed (seeded) random RGB image: (3, H, W) uint8 on ``device``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, *image_size), generator=g, dtype=torch.uint8).to(device)
@@ -334,9 +439,14 @@ def count_detections(output: Instances | PanopticSegmentation | dict[str, Tensor
     return len(output)
 
 
-def our_inference_fn(model: nn.Module, *, image: Tensor, size_divisibility: int,
-                     memory_format: torch.memory_format = torch.contiguous_format,
-                     timer: StageTimer | None = None) -> Callable[[], int]:
+def our_inference_fn(
+    model: nn.Module,
+    *,
+    image: Tensor,
+    size_divisibility: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    timer: StageTimer | None = None,
+) -> Callable[[], int]:
     """One end-to-end run of our model on ``image`` ((3, H, W) uint8, no resizing) → detection count.
 
     Preprocessing (to float, zero-pad to ``size_divisibility``, ``Batch``) is timed as stage ``pre``;
@@ -347,17 +457,26 @@ def our_inference_fn(model: nn.Module, *, image: Tensor, size_divisibility: int,
 
     def run() -> int:
         with timer.section("pre"):
-            padded = F.pad(image.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility))
-            batch = Batch(images=padded[None].contiguous(memory_format=memory_format), image_sizes=[(h, w)],
-                          original_sizes=[(h, w)], image_ids=[-1])
+            padded = F.pad(
+                image.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility)
+            )
+            batch = Batch(
+                images=padded[None].contiguous(memory_format=memory_format),
+                image_sizes=[(h, w)],
+                original_sizes=[(h, w)],
+                image_ids=[-1],
+            )
         return count_detections(model(batch)[0])
+
     return run
 
 
 def peer_inference_fn(model: nn.Module, *, image: Tensor) -> Callable[[], int]:
     """One end-to-end run of a torchvision detector on ``image`` ((3, H, W) uint8) → detection count."""
+
     def run() -> int:
         return count_detections(model([image.float() / 255.0])[0])
+
     return run
 
 
@@ -374,9 +493,16 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def time_inference(models: Mapping[str, Callable[[], int]], *, repeats: int, warmup: int = 1,
-                   device: torch.device | str = "cpu", timers: Mapping[str, StageTimer] | None = None,
-                   peer: str | None = None, expected_detections: int | None = None) -> list[dict[str, Any]]:
+def time_inference(
+    models: Mapping[str, Callable[[], int]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    timers: Mapping[str, StageTimer] | None = None,
+    peer: str | None = None,
+    expected_detections: int | None = None,
+) -> list[dict[str, Any]]:
     """Time zero-argument callables (each one inference, returning its detection count), interleaved.
 
     ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every model once in
@@ -414,21 +540,38 @@ def time_inference(models: Mapping[str, Callable[[], int]], *, repeats: int, war
                 if round_index < warmup:
                     continue
                 totals[name].append(elapsed * 1000)
-                stages[name].append({} if timer is None else {k: v * 1000 for k, v in timer.totals.items()})
+                stages[name].append(
+                    {} if timer is None else {k: v * 1000 for k, v in timer.totals.items()}
+                )
                 counts[name].append(int(n))
     rows = []
     for name in models:
         times = sorted(totals[name])
         median = statistics.median(times)
-        stage_ms = {s: statistics.median(run.get(s, 0.0) for run in stages[name]) for s in STAGES if s != "post"}
+        stage_ms = {
+            s: statistics.median(run.get(s, 0.0) for run in stages[name])
+            for s in STAGES
+            if s != "post"
+        }
         stage_ms["post"] = max(0.0, median - sum(stage_ms.values()))
-        rows.append({
-            "model": name, "median_ms": median, "p90_ms": _quantile(times, 0.9),
-            "q1_ms": _quantile(times, 0.25), "q3_ms": _quantile(times, 0.75), "min_ms": times[0], "max_ms": times[-1],
-            "ratio_to_peer": None, "detections": min(counts[name]), "detections_max": max(counts[name]),
-            "detections_ok": expected_detections is None or set(counts[name]) == {expected_detections},
-            "repeats": repeats, "stages_ms": stage_ms,
-        })
+        rows.append(
+            {
+                "model": name,
+                "median_ms": median,
+                "p90_ms": _quantile(times, 0.9),
+                "q1_ms": _quantile(times, 0.25),
+                "q3_ms": _quantile(times, 0.75),
+                "min_ms": times[0],
+                "max_ms": times[-1],
+                "ratio_to_peer": None,
+                "detections": min(counts[name]),
+                "detections_max": max(counts[name]),
+                "detections_ok": expected_detections is None
+                or set(counts[name]) == {expected_detections},
+                "repeats": repeats,
+                "stages_ms": stage_ms,
+            }
+        )
     by_name = {r["model"]: r for r in rows}
     if peer is not None and peer in by_name:
         for r in rows:
@@ -440,8 +583,9 @@ def time_inference(models: Mapping[str, Callable[[], int]], *, repeats: int, war
 # ---------------------------------------------------------------------------------------- benchmark
 
 
-def describe_backbone(cfg_model: BlendMaskConfig | RCNNConfig | DR1MaskConfig | None = None, *,
-                      depth: int = 50) -> str:
+def describe_backbone(
+    cfg_model: BlendMaskConfig | RCNNConfig | DR1MaskConfig | None = None, *, depth: int = 50
+) -> str:
     """Short backbone label for tables: ``R-50 FPN-256`` (torchvision's, width 64) or ours with its width."""
     if cfg_model is None:
         return f"R-{depth} FPN-256"
@@ -468,17 +612,24 @@ class BenchModel:
     model: nn.Module
     run: Callable[[], int]
     timer: StageTimer
-    targets: Mapping[str, Sequence[str]]      # stage → submodule paths, for ``stage_hooks``
-    backbone: str                             # ``describe_backbone`` label
+    targets: Mapping[str, Sequence[str]]  # stage → submodule paths, for ``stage_hooks``
+    backbone: str  # ``describe_backbone`` label
     depth: int
     is_peer: bool = False
     has_masks: bool = True
 
 
-def prepare_models(configs: Sequence[str], *, overrides: Sequence[str] = (),
-                   peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
-                   detections: int = 100, device: torch.device | str = "cpu", seed: int = 0,
-                   make_timer: Callable[[], StageTimer] | None = None) -> tuple[list[BenchModel], list[str]]:
+def prepare_models(
+    configs: Sequence[str],
+    *,
+    overrides: Sequence[str] = (),
+    peer: str | None = "torchvision-maskrcnn",
+    image_size: tuple[int, int] = (800, 1216),
+    detections: int = 100,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    make_timer: Callable[[], StageTimer] | None = None,
+) -> tuple[list[BenchModel], list[str]]:
     """Build every config (untrained, N detections forced, ``inference`` section applied) and the peer.
 
     Args:
@@ -511,35 +662,82 @@ def prepare_models(configs: Sequence[str], *, overrides: Sequence[str] = (),
         nondegenerate_fcos_boxes(model)
         optimize_for_inference(model, **dataclasses.asdict(cfg.inference))
         timer = make_timer()
-        run = our_inference_fn(model, image=image, size_divisibility=model_cfg.size_divisibility,
-                               memory_format=memory_format, timer=timer)
-        entries.append(BenchModel(name, model, run, timer, OUR_STAGE_TARGETS, describe_backbone(model_cfg),
-                                  model_cfg.backbone.depth))
+        run = our_inference_fn(
+            model,
+            image=image,
+            size_divisibility=model_cfg.size_divisibility,
+            memory_format=memory_format,
+            timer=timer,
+        )
+        entries.append(
+            BenchModel(
+                name,
+                model,
+                run,
+                timer,
+                OUR_STAGE_TARGETS,
+                describe_backbone(model_cfg),
+                model_cfg.backbone.depth,
+            )
+        )
     notes = []
     if peer is not None:
         depth = first_model_cfg.backbone.depth
         torch.manual_seed(seed)
-        peer_model = build_peer(peer, num_classes=first_model_cfg.num_classes, device=device, image_size=image_size,
-                                detections=detections, depth=depth).eval()
+        peer_model = build_peer(
+            peer,
+            num_classes=first_model_cfg.num_classes,
+            device=device,
+            image_size=image_size,
+            detections=detections,
+            depth=depth,
+        ).eval()
         nondegenerate_fcos_boxes(peer_model)
-        entries.append(BenchModel(peer, peer_model, peer_inference_fn(peer_model, image=image), make_timer(),
-                                  TORCHVISION_STAGE_TARGETS, describe_backbone(depth=depth), depth, is_peer=True,
-                                  has_masks=peer in PEERS_WITH_MASKS))
+        entries.append(
+            BenchModel(
+                peer,
+                peer_model,
+                peer_inference_fn(peer_model, image=image),
+                make_timer(),
+                TORCHVISION_STAGE_TARGETS,
+                describe_backbone(depth=depth),
+                depth,
+                is_peer=True,
+                has_masks=peer in PEERS_WITH_MASKS,
+            )
+        )
         if peer not in PEERS_WITH_MASKS:
             notes.append(f"{peer} has no mask branch: boxes only (its 'mask' stage is empty)")
-        notes += [f"{e.name} has a ResNet-{e.depth} backbone, the peer ResNet-{depth}"
-                  for e in entries if e.depth != depth]
-        widths = {e.name: e.backbone for e in entries if not e.is_peer and e.backbone != entries[-1].backbone}
+        notes += [
+            f"{e.name} has a ResNet-{e.depth} backbone, the peer ResNet-{depth}"
+            for e in entries
+            if e.depth != depth
+        ]
+        widths = {
+            e.name: e.backbone
+            for e in entries
+            if not e.is_peer and e.backbone != entries[-1].backbone
+        }
         if widths:
-            notes.append("peer backbone is torchvision's standard width (64) with 256 FPN channels; "
-                         "backbones differ: " + ", ".join(f"{n} {b}" for n, b in widths.items()))
+            notes.append(
+                "peer backbone is torchvision's standard width (64) with 256 FPN channels; "
+                "backbones differ: " + ", ".join(f"{n} {b}" for n, b in widths.items())
+            )
     return entries, notes
 
 
-def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = (),
-                        peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (800, 1216),
-                        detections: int = 100, device: torch.device | str = "cpu", repeats: int = 10,
-                        warmup: int = 2, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+def run_speed_benchmark(
+    configs: Sequence[str],
+    *,
+    overrides: Sequence[str] = (),
+    peer: str | None = "torchvision-maskrcnn",
+    image_size: tuple[int, int] = (800, 1216),
+    detections: int = 100,
+    device: torch.device | str = "cpu",
+    repeats: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """``dynaseg bench speed``: ``prepare_models`` (see there for the arguments), then time them.
 
     Args:
@@ -548,24 +746,46 @@ def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = ()
         (rows as ``time_inference``'s plus ``backbone``, ``has_masks``; notes to print under the table).
     """
     device = torch.device(device)
-    entries, model_notes = prepare_models(configs, overrides=overrides, peer=peer, image_size=image_size,
-                                          detections=detections, device=device, seed=seed)
-    notes = [f"batch 1, image {image_size[0]}x{image_size[1]} (seeded random), {device.type}, "
-             f"{repeats} interleaved repeats after {warmup} warm-up, untrained weights, N = {detections} forced "
-             "(score thresholds 0; FCOS box regressors biased to non-empty boxes)", *model_notes]
+    entries, model_notes = prepare_models(
+        configs,
+        overrides=overrides,
+        peer=peer,
+        image_size=image_size,
+        detections=detections,
+        device=device,
+        seed=seed,
+    )
+    notes = [
+        f"batch 1, image {image_size[0]}x{image_size[1]} (seeded random), {device.type}, "
+        f"{repeats} interleaved repeats after {warmup} warm-up, untrained weights, N = {detections} forced "
+        "(score thresholds 0; FCOS box regressors biased to non-empty boxes)",
+        *model_notes,
+    ]
     if device.type == "cuda":
-        notes.append("stage hooks synchronise CUDA at every stage boundary (included in the totals)")
+        notes.append(
+            "stage hooks synchronise CUDA at every stage boundary (included in the totals)"
+        )
     with contextlib.ExitStack() as hooks:
         for e in entries:
             hooks.enter_context(stage_hooks(e.model, targets=e.targets, timer=e.timer))
         logger.info("timing %s", ", ".join(e.name for e in entries))
-        rows = time_inference({e.name: e.run for e in entries}, repeats=repeats, warmup=warmup, device=device,
-                              timers={e.name: e.timer for e in entries}, peer=peer, expected_detections=detections)
+        rows = time_inference(
+            {e.name: e.run for e in entries},
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+            timers={e.name: e.timer for e in entries},
+            peer=peer,
+            expected_detections=detections,
+        )
     for r, e in zip(rows, entries):
         r["backbone"], r["has_masks"] = e.backbone, e.has_masks
         if not r["detections_ok"]:
-            got = (str(r["detections"]) if r["detections"] == r["detections_max"]
-                   else f"{r['detections']}-{r['detections_max']}")
+            got = (
+                str(r["detections"])
+                if r["detections"] == r["detections_max"]
+                else f"{r['detections']}-{r['detections_max']}"
+            )
             notes.append(f"WARNING: {r['model']} output {got} detections, not {detections}")
     return rows, notes
 
@@ -573,18 +793,31 @@ def run_speed_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = ()
 def format_speed_table(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
     """Markdown table of ``time_inference`` rows (times in ms), followed by the notes as a list."""
     head = ["model", "backbone", "median ms", "p90 ms", "IQR ms", "× peer", "detections", *STAGES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
+    ]
     for r in rows:
         ratio = "—" if r.get("ratio_to_peer") is None else f"{r['ratio_to_peer']:.2f}"
-        dets = str(r["detections"]) if r["detections"] == r.get("detections_max", r["detections"]) \
+        dets = (
+            str(r["detections"])
+            if r["detections"] == r.get("detections_max", r["detections"])
             else f"{r['detections']}-{r['detections_max']}"
+        )
         if not r.get("detections_ok", True):
             dets += " ⚠"
         if not r.get("has_masks", True):
             dets += " (boxes)"
-        cells = [str(r["model"]), str(r.get("backbone", "")), f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
-                 f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f}", ratio, dets,
-                 *(f"{r['stages_ms'].get(s, 0.0):.1f}" for s in STAGES)]
+        cells = [
+            str(r["model"]),
+            str(r.get("backbone", "")),
+            f"{r['median_ms']:.1f}",
+            f"{r['p90_ms']:.1f}",
+            f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f}",
+            ratio,
+            dets,
+            *(f"{r['stages_ms'].get(s, 0.0):.1f}" for s in STAGES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")

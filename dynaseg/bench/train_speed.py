@@ -4,6 +4,7 @@ One iteration = forward with losses + backward + SGD step on a fixed synthetic b
 images, a few random boxes per image with elliptical masks inside them), no data loading. All models
 live in one process and run interleaved (round-robin per iteration).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,16 +25,30 @@ from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL
 
-__all__ = ["TRAIN_PEERS", "synthetic_batch", "our_train_step", "peer_train_step", "time_training",
-           "run_train_benchmark", "format_train_table"]
+__all__ = [
+    "TRAIN_PEERS",
+    "synthetic_batch",
+    "our_train_step",
+    "peer_train_step",
+    "time_training",
+    "run_train_benchmark",
+    "format_train_table",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAIN_PEERS = ("torchvision-maskrcnn",)
 
 
-def synthetic_batch(*, image_size: tuple[int, int], batch_size: int, num_classes: int, instances_per_image: int = 3,
-                    seed: int = 0, device: torch.device | str = "cpu") -> tuple[Tensor, list[Instances]]:
+def synthetic_batch(
+    *,
+    image_size: tuple[int, int],
+    batch_size: int,
+    num_classes: int,
+    instances_per_image: int = 3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, list[Instances]]:
     """Seeded random images and targets.
 
     Returns:
@@ -49,69 +64,105 @@ def synthetic_batch(*, image_size: tuple[int, int], batch_size: int, num_classes
     targets = []
     for _ in range(batch_size):
         n = instances_per_image
-        side = min(h, w) * (0.125 + 0.375 * torch.rand(n, 2, generator=g))        # (N, 2) w, h
+        side = min(h, w) * (0.125 + 0.375 * torch.rand(n, 2, generator=g))  # (N, 2) w, h
         x0 = torch.rand(n, generator=g) * (w - side[:, 0])
         y0 = torch.rand(n, generator=g) * (h - side[:, 1])
         boxes = torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], dim=1)
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         rx, ry = side[:, 0] / 2, side[:, 1] / 2
-        masks = ((xs[None] - cx[:, None, None]) / rx[:, None, None]) ** 2 \
-            + ((ys[None] - cy[:, None, None]) / ry[:, None, None]) ** 2 <= 1.0
+        masks = ((xs[None] - cx[:, None, None]) / rx[:, None, None]) ** 2 + (
+            (ys[None] - cy[:, None, None]) / ry[:, None, None]
+        ) ** 2 <= 1.0
         labels = torch.randint(num_classes, (n,), generator=g)
-        targets.append(Instances(image_size=(h, w), boxes=boxes, labels=labels, masks=masks).to(device))
+        targets.append(
+            Instances(image_size=(h, w), boxes=boxes, labels=labels, masks=masks).to(device)
+        )
     return images.to(device), targets
 
 
-def _synthetic_sem_seg(targets: list[Instances], padded_size: tuple[int, int], num_stuff: int) -> Tensor:
+def _synthetic_sem_seg(
+    targets: list[Instances], padded_size: tuple[int, int], num_stuff: int
+) -> Tensor:
     """(B, Hp, Wp) int64: stuff 0 on the top half, stuff 1 (if any) below, IGNORE_LABEL on things and padding."""
     hp, wp = padded_size
-    out = torch.full((len(targets), hp, wp), IGNORE_LABEL, dtype=torch.int64, device=targets[0].boxes.device)
+    out = torch.full(
+        (len(targets), hp, wp), IGNORE_LABEL, dtype=torch.int64, device=targets[0].boxes.device
+    )
     for i, t in enumerate(targets):
         h, w = t.image_size
         out[i, : h // 2, :w] = 0
-        out[i, h // 2: h, :w] = min(1, num_stuff - 1)
+        out[i, h // 2 : h, :w] = min(1, num_stuff - 1)
         out[i, :h, :w][t.masks.any(0)] = IGNORE_LABEL
     return out
 
 
-def _sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, losses: dict[str, Tensor]) -> None:
+def _sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, losses: dict[str, Tensor]
+) -> None:
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
 
 
-def our_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, images: Tensor, targets: list[Instances],
-                   size_divisibility: int, memory_format: torch.memory_format = torch.contiguous_format,
-                   num_stuff: int = 0) -> Callable[[], None]:
+def our_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    images: Tensor,
+    targets: list[Instances],
+    size_divisibility: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    num_stuff: int = 0,
+) -> Callable[[], None]:
     """One training iteration of our model on a fixed batch: images (B, 3, H, W) uint8 are padded to
     ``size_divisibility`` once (outside the timing); panoptic models (``num_stuff`` > 0) get a synthetic
     semantic map."""
     h, w = images.shape[-2:]
     padded = F.pad(images.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility))
-    batch = Batch(images=padded.contiguous(memory_format=memory_format), image_sizes=[(h, w)] * len(images),
-                  original_sizes=[(h, w)] * len(images), image_ids=list(range(len(images))), targets=targets,
-                  sem_seg=_synthetic_sem_seg(targets, tuple(padded.shape[-2:]), num_stuff) if num_stuff else None)
+    batch = Batch(
+        images=padded.contiguous(memory_format=memory_format),
+        image_sizes=[(h, w)] * len(images),
+        original_sizes=[(h, w)] * len(images),
+        image_ids=list(range(len(images))),
+        targets=targets,
+        sem_seg=_synthetic_sem_seg(targets, tuple(padded.shape[-2:]), num_stuff)
+        if num_stuff
+        else None,
+    )
 
     def step() -> None:
         _sgd_step(model, optimizer, model(batch))
+
     return step
 
 
-def peer_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, images: Tensor,
-                    targets: list[Instances]) -> Callable[[], None]:
+def peer_train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, images: Tensor, targets: list[Instances]
+) -> Callable[[], None]:
     """One training iteration of a torchvision Mask R-CNN on the same batch (images in [0, 1],
     labels shifted by one for its background class, masks as uint8)."""
     tv_images = [x.float() / 255.0 for x in images]
-    tv_targets = [{"boxes": t.boxes, "labels": t.labels + 1, "masks": t.masks.to(torch.uint8)} for t in targets]
+    tv_targets = [
+        {"boxes": t.boxes, "labels": t.labels + 1, "masks": t.masks.to(torch.uint8)}
+        for t in targets
+    ]
 
     def step() -> None:
         _sgd_step(model, optimizer, model(tv_images, tv_targets))
+
     return step
 
 
-def time_training(steps: Mapping[str, Callable[[], Any]], *, iters: int, warmup: int = 1, images_per_iter: int,
-                  device: torch.device | str = "cpu", peer: str | None = None) -> list[dict[str, Any]]:
+def time_training(
+    steps: Mapping[str, Callable[[], Any]],
+    *,
+    iters: int,
+    warmup: int = 1,
+    images_per_iter: int,
+    device: torch.device | str = "cpu",
+    peer: str | None = None,
+) -> list[dict[str, Any]]:
     """Time training iterations, interleaved: ``warmup`` untimed then ``iters`` timed rounds, each
     calling every step once in order, CUDA synchronised around each call.
 
@@ -135,8 +186,17 @@ def time_training(steps: Mapping[str, Callable[[], Any]], *, iters: int, warmup:
     rows = []
     for name, ts in times.items():
         median = statistics.median(ts)
-        rows.append({"model": name, "images_per_s": images_per_iter * 1000 / median, "ms_per_iter": median,
-                     "min_ms": min(ts), "max_ms": max(ts), "iters": iters, "ratio_to_peer": None})
+        rows.append(
+            {
+                "model": name,
+                "images_per_s": images_per_iter * 1000 / median,
+                "ms_per_iter": median,
+                "min_ms": min(ts),
+                "max_ms": max(ts),
+                "iters": iters,
+                "ratio_to_peer": None,
+            }
+        )
     peer_row = next((r for r in rows if r["model"] == peer), None)
     if peer_row is not None:
         for r in rows:
@@ -145,10 +205,19 @@ def time_training(steps: Mapping[str, Callable[[], Any]], *, iters: int, warmup:
     return rows
 
 
-def run_train_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = (),
-                        peer: str | None = "torchvision-maskrcnn", image_size: tuple[int, int] = (512, 512),
-                        batch_size: int = 2, iters: int = 10, warmup: int = 2, device: torch.device | str = "cpu",
-                        lr: float = 1e-4, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+def run_train_benchmark(
+    configs: Sequence[str],
+    *,
+    overrides: Sequence[str] = (),
+    peer: str | None = "torchvision-maskrcnn",
+    image_size: tuple[int, int] = (512, 512),
+    batch_size: int = 2,
+    iters: int = 10,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """``dynaseg bench train``: images/s of forward + backward + SGD step for every config and the peer.
 
     Args:
@@ -164,7 +233,9 @@ def run_train_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = ()
     if not configs:
         raise ValueError("give at least one --config")
     if peer is not None and peer not in TRAIN_PEERS:
-        raise ValueError(f"bench train supports peers {', '.join(TRAIN_PEERS)} (or none), not '{peer}'")
+        raise ValueError(
+            f"bench train supports peers {', '.join(TRAIN_PEERS)} (or none), not '{peer}'"
+        )
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     device = torch.device(device)
@@ -177,33 +248,56 @@ def run_train_benchmark(configs: Sequence[str], *, overrides: Sequence[str] = ()
         model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
         first = first or cfg
         if images is None:
-            images, targets = synthetic_batch(image_size=image_size, batch_size=batch_size,
-                                              num_classes=model_cfg.num_classes, seed=seed, device=device)
+            images, targets = synthetic_batch(
+                image_size=image_size,
+                batch_size=batch_size,
+                num_classes=model_cfg.num_classes,
+                seed=seed,
+                device=device,
+            )
         torch.manual_seed(seed)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = build_model(model_cfg).to(device, memory_format=memory_format).train()
         _steady_state(model)
         optimizer = build_optimizer(model, dataclasses.replace(cfg.solver, base_lr=lr))
-        steps[name] = our_train_step(model, optimizer, images=images,
-                                     targets=_clamp_labels(targets, model_cfg.num_classes),
-                                     size_divisibility=model_cfg.size_divisibility, memory_format=memory_format,
-                                     num_stuff=getattr(model_cfg, "num_stuff_classes", 0))
+        steps[name] = our_train_step(
+            model,
+            optimizer,
+            images=images,
+            targets=_clamp_labels(targets, model_cfg.num_classes),
+            size_divisibility=model_cfg.size_divisibility,
+            memory_format=memory_format,
+            num_stuff=getattr(model_cfg, "num_stuff_classes", 0),
+        )
         backbones[name] = describe_backbone(model_cfg)
     b = first.model.backbone
-    notes = [f"batch {batch_size}, images {image_size[0]}x{image_size[1]} (seeded random, 3 random instances each), "
-             f"{device.type}, {iters} interleaved iterations after {warmup} warm-up, SGD lr {lr:g}, fp32"]
+    notes = [
+        f"batch {batch_size}, images {image_size[0]}x{image_size[1]} (seeded random, 3 random instances each), "
+        f"{device.type}, {iters} interleaved iterations after {warmup} warm-up, SGD lr {lr:g}, fp32"
+    ]
     if peer is not None:
         frozen_bn, trainable = b.norm == "FrozenBN", max(0, min(5, 5 - b.freeze_at))
         torch.manual_seed(seed)
-        peer_model = build_peer(peer, num_classes=first.model.num_classes, device=device, image_size=image_size,
-                                depth=b.depth, frozen_bn=frozen_bn, trainable_layers=trainable).train()
+        peer_model = build_peer(
+            peer,
+            num_classes=first.model.num_classes,
+            device=device,
+            image_size=image_size,
+            depth=b.depth,
+            frozen_bn=frozen_bn,
+            trainable_layers=trainable,
+        ).train()
         optimizer = build_optimizer(peer_model, dataclasses.replace(first.solver, base_lr=lr))
         steps[peer] = peer_train_step(peer_model, optimizer, images=images, targets=targets)
         backbones[peer] = describe_backbone(depth=b.depth)
-        notes.append(f"peer: ResNet-{b.depth} FPN, {'FrozenBN' if frozen_bn else 'BatchNorm'}, {trainable} of 5 "
-                     "backbone stages trainable (matched to the first config)")
+        notes.append(
+            f"peer: ResNet-{b.depth} FPN, {'FrozenBN' if frozen_bn else 'BatchNorm'}, {trainable} of 5 "
+            "backbone stages trainable (matched to the first config)"
+        )
     logger.info("timing training of %s", ", ".join(steps))
-    rows = time_training(steps, iters=iters, warmup=warmup, images_per_iter=batch_size, device=device, peer=peer)
+    rows = time_training(
+        steps, iters=iters, warmup=warmup, images_per_iter=batch_size, device=device, peer=peer
+    )
     for r in rows:
         r["backbone"] = backbones[r["model"]]
     return rows, notes
@@ -224,11 +318,16 @@ def _steady_state(model: nn.Module) -> None:
 
 def format_train_table(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
     """Markdown table of ``time_training`` rows, followed by the notes as a list."""
-    lines = ["| model | backbone | ms / iter | images/s | min–max ms | × peer |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | backbone | ms / iter | images/s | min–max ms | × peer |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = "—" if r.get("ratio_to_peer") is None else f"{r['ratio_to_peer']:.2f}"
-        lines.append(f"| {r['model']} | {r.get('backbone', '')} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.2f} | "
-                     f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} |")
+        lines.append(
+            f"| {r['model']} | {r.get('backbone', '')} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.2f} | "
+            f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} |"
+        )
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]

@@ -1,4 +1,5 @@
 """``section.field=value`` overrides on frozen config dataclasses, with type coercion."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,14 @@ import yaml
 
 from dynaseg.errors import UserError
 
-__all__ = ["ConfigError", "apply_overrides", "with_overrides", "from_dict", "to_dict", "field_paths"]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "with_overrides",
+    "from_dict",
+    "to_dict",
+    "field_paths",
+]
 
 
 class ConfigError(UserError, ValueError):
@@ -44,7 +52,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, dict) and "kind" in value:
             # Discriminated union of configs: pick the dataclass whose ``kind`` admits the value.
             for arg in args:
-                if dataclasses.is_dataclass(arg) and value["kind"] in typing.get_args(typing.get_type_hints(arg).get("kind")):
+                if dataclasses.is_dataclass(arg) and value["kind"] in typing.get_args(
+                    typing.get_type_hints(arg).get("kind")
+                ):
                     return _coerce(value, arg, key)
         errors = []
         for arg in args:
@@ -74,7 +84,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return False
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
             try:
                 return int(str(value).replace("_", ""))
             except ValueError:
@@ -113,7 +125,9 @@ def _set(cfg: Any, parts: list[str], value: Any, full_key: str, root: Any) -> An
     if len(parts) == 1:
         current = getattr(cfg, name)
         if dataclasses.is_dataclass(current) and not isinstance(value, dict):
-            raise ConfigError(f"{full_key} is a section; set one of its fields, e.g. {full_key}.{dataclasses.fields(current)[0].name}=...")
+            raise ConfigError(
+                f"{full_key} is a section; set one of its fields, e.g. {full_key}.{dataclasses.fields(current)[0].name}=..."
+            )
         new = _coerce(value, hints[name], full_key)
     else:
         child = getattr(cfg, name)
@@ -150,12 +164,14 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples become lists) for YAML/JSON."""
+
     def convert(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [convert(x) for x in v]
         return v
+
     return convert(cfg)
 
 

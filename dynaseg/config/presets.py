@@ -1,4 +1,5 @@
 """Named experiment presets: plain functions that start from a base and override fields."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,87 +30,155 @@ def blendmask_r50_fpn_1x() -> ExperimentConfig:
 
 
 def blendmask_r50_fpn_3x() -> ExperimentConfig:
-    return with_overrides(blendmask_r50_fpn_1x(), {
-        "solver.max_iter": 270_000, "solver.steps": (210_000, 250_000), "output_dir": "runs/blendmask_r50_fpn_3x"})
+    return with_overrides(
+        blendmask_r50_fpn_1x(),
+        {
+            "solver.max_iter": 270_000,
+            "solver.steps": (210_000, 250_000),
+            "output_dir": "runs/blendmask_r50_fpn_3x",
+        },
+    )
 
 
 def blendmask_r101_fpn_3x() -> ExperimentConfig:
-    return with_overrides(blendmask_r50_fpn_3x(), {
-        "model.backbone.depth": 101, "output_dir": "runs/blendmask_r101_fpn_3x"})
+    return with_overrides(
+        blendmask_r50_fpn_3x(),
+        {"model.backbone.depth": 101, "output_dir": "runs/blendmask_r101_fpn_3x"},
+    )
 
 
 def blendmask_r18_synth_cpu() -> ExperimentConfig:
     """The demo: a narrow ResNet-18 BlendMask trained from scratch on the synthetic set on a CPU."""
-    return with_overrides(ExperimentConfig(), {
-        "model.num_classes": _SYNTH_CLASSES,
-        "model.backbone.depth": 18, "model.backbone.width": 16, "model.backbone.norm": "BN",
-        "model.backbone.freeze_at": 0, "model.backbone.fpn_channels": 64,
-        "model.fcos.num_convs": 2, "model.fcos.strides": (8, 16, 32, 64, 128),
-        "model.fcos.sizes_of_interest": (32, 64, 128, 256),
-        "model.basis.channels": 64, "model.basis.num_convs": 2, "model.basis.semantic_channels": 32,
-        "model.blender.resolution": 56,
-        "data.train_json": "datasets/synth/annotations/instances_train.json",
-        "data.train_images": "datasets/synth/train",
-        "data.val_json": "datasets/synth/annotations/instances_val.json",
-        "data.val_images": "datasets/synth/val",
-        "data.min_size_train": (224, 240, 256, 272, 288), "data.max_size_train": 480,
-        # Testing above the training scales helps the many small objects (+5 mask AP measured).
-        "data.min_size_test": 320, "data.max_size_test": 600,
-        "data.batch_size": 8, "data.num_workers": 1, "data.max_instances": 0,
-        "solver.base_lr": 0.05, "solver.max_iter": 2000, "solver.lr_schedule": "cosine",
-        "solver.warmup_iters": 100, "solver.clip_grad_norm": 5.0, "solver.weight_decay": 1e-4,
-        "solver.checkpoint_period": 250, "solver.log_period": 10,
-        "output_dir": "runs/blendmask_r18_synth_cpu", "device": "cpu", "channels_last": True,
-    })
+    return with_overrides(
+        ExperimentConfig(),
+        {
+            "model.num_classes": _SYNTH_CLASSES,
+            "model.backbone.depth": 18,
+            "model.backbone.width": 16,
+            "model.backbone.norm": "BN",
+            "model.backbone.freeze_at": 0,
+            "model.backbone.fpn_channels": 64,
+            "model.fcos.num_convs": 2,
+            "model.fcos.strides": (8, 16, 32, 64, 128),
+            "model.fcos.sizes_of_interest": (32, 64, 128, 256),
+            "model.basis.channels": 64,
+            "model.basis.num_convs": 2,
+            "model.basis.semantic_channels": 32,
+            "model.blender.resolution": 56,
+            "data.train_json": "datasets/synth/annotations/instances_train.json",
+            "data.train_images": "datasets/synth/train",
+            "data.val_json": "datasets/synth/annotations/instances_val.json",
+            "data.val_images": "datasets/synth/val",
+            "data.min_size_train": (224, 240, 256, 272, 288),
+            "data.max_size_train": 480,
+            # Testing above the training scales helps the many small objects (+5 mask AP measured).
+            "data.min_size_test": 320,
+            "data.max_size_test": 600,
+            "data.batch_size": 8,
+            "data.num_workers": 1,
+            "data.max_instances": 0,
+            "solver.base_lr": 0.05,
+            "solver.max_iter": 2000,
+            "solver.lr_schedule": "cosine",
+            "solver.warmup_iters": 100,
+            "solver.clip_grad_norm": 5.0,
+            "solver.weight_decay": 1e-4,
+            "solver.checkpoint_period": 250,
+            "solver.log_period": 10,
+            "output_dir": "runs/blendmask_r18_synth_cpu",
+            "device": "cpu",
+            "channels_last": True,
+        },
+    )
 
 
 def blendmask_tiny() -> ExperimentConfig:
     """The smallest sensible model, for tests: trains a few iterations in seconds."""
-    return with_overrides(blendmask_r18_synth_cpu(), {
-        "model.backbone.width": 8, "model.backbone.fpn_channels": 32, "model.fcos.num_convs": 1,
-        "model.basis.channels": 32, "model.basis.num_convs": 1, "model.basis.semantic_channels": 16,
-        "model.blender.resolution": 28, "model.blender.attention_size": 7,
-        "data.min_size_train": (128,), "data.max_size_train": 192, "data.min_size_test": 128,
-        "data.max_size_test": 192, "data.batch_size": 2, "data.num_workers": 0,
-        "solver.max_iter": 20, "solver.warmup_iters": 5, "solver.checkpoint_period": 10,
-        "solver.log_period": 5, "output_dir": "runs/tiny",
-    })
+    return with_overrides(
+        blendmask_r18_synth_cpu(),
+        {
+            "model.backbone.width": 8,
+            "model.backbone.fpn_channels": 32,
+            "model.fcos.num_convs": 1,
+            "model.basis.channels": 32,
+            "model.basis.num_convs": 1,
+            "model.basis.semantic_channels": 16,
+            "model.blender.resolution": 28,
+            "model.blender.attention_size": 7,
+            "data.min_size_train": (128,),
+            "data.max_size_train": 192,
+            "data.min_size_test": 128,
+            "data.max_size_test": 192,
+            "data.batch_size": 2,
+            "data.num_workers": 0,
+            "solver.max_iter": 20,
+            "solver.warmup_iters": 5,
+            "solver.checkpoint_period": 10,
+            "solver.log_period": 5,
+            "output_dir": "runs/tiny",
+        },
+    )
 
 
 def mask_rcnn_r50_fpn_1x() -> ExperimentConfig:
     """detectron2's Mask R-CNN R50-FPN 1x: bs16, LR 0.02, 90k iterations, 28×28 masks."""
-    return ExperimentConfig(model=RCNNConfig(kind="mask_rcnn"), solver=SolverConfig(base_lr=0.02),
-                            output_dir="runs/mask_rcnn_r50_fpn_1x")
+    return ExperimentConfig(
+        model=RCNNConfig(kind="mask_rcnn"),
+        solver=SolverConfig(base_lr=0.02),
+        output_dir="runs/mask_rcnn_r50_fpn_1x",
+    )
 
 
 def dynamask_r50_fpn_1x() -> ExperimentConfig:
     """DynaMask R50-FPN 1x (paper §4.1): one epoch without the MSM, then all modules together."""
-    return ExperimentConfig(model=RCNNConfig(kind="dynamask"), solver=SolverConfig(base_lr=0.02),
-                            output_dir="runs/dynamask_r50_fpn_1x")
+    return ExperimentConfig(
+        model=RCNNConfig(kind="dynamask"),
+        solver=SolverConfig(base_lr=0.02),
+        output_dir="runs/dynamask_r50_fpn_1x",
+    )
 
 
 def _rcnn_synth_cpu(kind: str) -> ExperimentConfig:
     """Narrow two-stage model for the synthetic set on a CPU: few sampled RoIs, capped mask RoIs."""
     base = blendmask_r18_synth_cpu()
-    cfg = ExperimentConfig(model=RCNNConfig(kind=kind), data=base.data, solver=base.solver, device="cpu",
-                           channels_last=True, output_dir=f"runs/{kind}_r18_synth_cpu")
-    return with_overrides(cfg, {
-        "model.num_classes": _SYNTH_CLASSES,
-        "model.backbone.depth": 18, "model.backbone.width": 16, "model.backbone.norm": "BN",
-        "model.backbone.freeze_at": 0, "model.backbone.fpn_channels": 64,
-        "model.rpn.anchor_sizes": (16, 32, 64, 128, 256),
-        "model.rpn.pre_nms_topk_train": 600, "model.rpn.post_nms_topk_train": 300,
-        "model.rpn.pre_nms_topk_test": 300, "model.rpn.post_nms_topk_test": 150,
-        "model.box_head.fc_dim": 256, "model.box_head.batch_size_per_image": 128,
-        # Mask-RoI work dominates a CPU step (it grows as the RPN learns): narrow heads, 8 mask RoIs/image.
-        "model.mask_head.conv_dim": 32,
-        "model.dynamask.stage_channels": (32, 16, 8, 8), "model.dynamask.msm_conv_channels": 32,
-        "model.dynamask.msm_fc_channels": 128, "model.dynamask.msm_start_iter": 600,
-        # The narrow head's costs are not the paper's G: C_t as a fraction of its own 112 cost,
-        # 1.0 / 1.40 = the paper's default row (C_t = 1.0, λ2 = 0.4).
-        "model.dynamask.budget_unit": "fraction", "model.dynamask.budget_target": round(1.0 / 1.40, 4),
-        "model.max_mask_rois_per_image": 8, "solver.base_lr": 0.02,
-    })
+    cfg = ExperimentConfig(
+        model=RCNNConfig(kind=kind),
+        data=base.data,
+        solver=base.solver,
+        device="cpu",
+        channels_last=True,
+        output_dir=f"runs/{kind}_r18_synth_cpu",
+    )
+    return with_overrides(
+        cfg,
+        {
+            "model.num_classes": _SYNTH_CLASSES,
+            "model.backbone.depth": 18,
+            "model.backbone.width": 16,
+            "model.backbone.norm": "BN",
+            "model.backbone.freeze_at": 0,
+            "model.backbone.fpn_channels": 64,
+            "model.rpn.anchor_sizes": (16, 32, 64, 128, 256),
+            "model.rpn.pre_nms_topk_train": 600,
+            "model.rpn.post_nms_topk_train": 300,
+            "model.rpn.pre_nms_topk_test": 300,
+            "model.rpn.post_nms_topk_test": 150,
+            "model.box_head.fc_dim": 256,
+            "model.box_head.batch_size_per_image": 128,
+            # Mask-RoI work dominates a CPU step (it grows as the RPN learns): narrow heads, 8 mask RoIs/image.
+            "model.mask_head.conv_dim": 32,
+            "model.dynamask.stage_channels": (32, 16, 8, 8),
+            "model.dynamask.msm_conv_channels": 32,
+            "model.dynamask.msm_fc_channels": 128,
+            "model.dynamask.msm_start_iter": 600,
+            # The narrow head's costs are not the paper's G: C_t as a fraction of its own 112 cost,
+            # 1.0 / 1.40 = the paper's default row (C_t = 1.0, λ2 = 0.4).
+            "model.dynamask.budget_unit": "fraction",
+            "model.dynamask.budget_target": round(1.0 / 1.40, 4),
+            "model.max_mask_rois_per_image": 8,
+            "solver.base_lr": 0.02,
+        },
+    )
 
 
 def mask_rcnn_r18_synth_cpu() -> ExperimentConfig:
@@ -123,17 +192,27 @@ def dynamask_r18_synth_cpu() -> ExperimentConfig:
 def _rcnn_tiny(kind: str) -> ExperimentConfig:
     tiny = blendmask_tiny()
     cfg = dataclasses.replace(_rcnn_synth_cpu(kind), data=tiny.data, solver=tiny.solver)
-    return with_overrides(cfg, {
-        "output_dir": f"runs/{kind}_tiny",
-        "model.backbone.width": 8, "model.backbone.fpn_channels": 32,
-        "model.rpn.pre_nms_topk_train": 200, "model.rpn.post_nms_topk_train": 100,
-        "model.rpn.pre_nms_topk_test": 100, "model.rpn.post_nms_topk_test": 50,
-        "model.box_head.fc_dim": 64, "model.box_head.batch_size_per_image": 32,
-        "model.mask_head.conv_dim": 16, "model.mask_head.num_convs": 2,
-        "model.dynamask.stage_channels": (32, 16, 8, 8), "model.dynamask.msm_conv_channels": 8,
-        "model.dynamask.msm_fc_channels": 32, "model.dynamask.msm_start_iter": 10,
-        "model.max_mask_rois_per_image": 8,
-    })
+    return with_overrides(
+        cfg,
+        {
+            "output_dir": f"runs/{kind}_tiny",
+            "model.backbone.width": 8,
+            "model.backbone.fpn_channels": 32,
+            "model.rpn.pre_nms_topk_train": 200,
+            "model.rpn.post_nms_topk_train": 100,
+            "model.rpn.pre_nms_topk_test": 100,
+            "model.rpn.post_nms_topk_test": 50,
+            "model.box_head.fc_dim": 64,
+            "model.box_head.batch_size_per_image": 32,
+            "model.mask_head.conv_dim": 16,
+            "model.mask_head.num_convs": 2,
+            "model.dynamask.stage_channels": (32, 16, 8, 8),
+            "model.dynamask.msm_conv_channels": 8,
+            "model.dynamask.msm_fc_channels": 32,
+            "model.dynamask.msm_start_iter": 10,
+            "model.max_mask_rois_per_image": 8,
+        },
+    )
 
 
 def mask_rcnn_tiny() -> ExperimentConfig:
@@ -151,45 +230,74 @@ def dr1mask_r50_fpn_1x() -> ExperimentConfig:
 
 def dr1mask_panoptic_r50_fpn_1x() -> ExperimentConfig:
     """Panoptic DR1Mask R50 1x on COCO panoptic: 53 stuff classes, C_F = 64, vector embedding (Table 7)."""
-    return with_overrides(dr1mask_r50_fpn_1x(), {
-        "model.num_stuff_classes": 53, "model.dr1.basis_channels": 64, "model.dr1.attention": "vector",
-        "model.dr1.semantic_loss_weight": 0.0,
-        "data.panoptic_train_json": "datasets/coco/annotations/panoptic_train2017.json",
-        "data.panoptic_train_dir": "datasets/coco/annotations/panoptic_train2017",
-        "data.panoptic_val_json": "datasets/coco/annotations/panoptic_val2017.json",
-        "data.panoptic_val_dir": "datasets/coco/annotations/panoptic_val2017",
-        "output_dir": "runs/dr1mask_panoptic_r50_fpn_1x",
-    })
+    return with_overrides(
+        dr1mask_r50_fpn_1x(),
+        {
+            "model.num_stuff_classes": 53,
+            "model.dr1.basis_channels": 64,
+            "model.dr1.attention": "vector",
+            "model.dr1.semantic_loss_weight": 0.0,
+            "data.panoptic_train_json": "datasets/coco/annotations/panoptic_train2017.json",
+            "data.panoptic_train_dir": "datasets/coco/annotations/panoptic_train2017",
+            "data.panoptic_val_json": "datasets/coco/annotations/panoptic_val2017.json",
+            "data.panoptic_val_dir": "datasets/coco/annotations/panoptic_val2017",
+            "output_dir": "runs/dr1mask_panoptic_r50_fpn_1x",
+        },
+    )
 
 
 def dr1mask_r18_synth_cpu() -> ExperimentConfig:
     """DR1Mask with the demo's backbone, FCOS, data and schedule (same budget as blendmask_r18_synth_cpu)."""
     base = blendmask_r18_synth_cpu()
-    cfg = ExperimentConfig(model=DR1MaskConfig(), data=base.data, solver=base.solver, device="cpu",
-                           channels_last=True, output_dir="runs/dr1mask_r18_synth_cpu")
-    return with_overrides(cfg, {
-        "model.num_classes": _SYNTH_CLASSES, "model.backbone": to_dict(base.model.backbone),
-        "model.fcos": to_dict(base.model.fcos), "model.dr1.semantic_channels": 32,
-    })
+    cfg = ExperimentConfig(
+        model=DR1MaskConfig(),
+        data=base.data,
+        solver=base.solver,
+        device="cpu",
+        channels_last=True,
+        output_dir="runs/dr1mask_r18_synth_cpu",
+    )
+    return with_overrides(
+        cfg,
+        {
+            "model.num_classes": _SYNTH_CLASSES,
+            "model.backbone": to_dict(base.model.backbone),
+            "model.fcos": to_dict(base.model.fcos),
+            "model.dr1.semantic_channels": 32,
+        },
+    )
 
 
 def dr1mask_panoptic_r18_synth_cpu() -> ExperimentConfig:
     """Panoptic DR1Mask on the synthetic set's panoptic annotations (2 stuff classes: sky, ground)."""
-    return with_overrides(dr1mask_r18_synth_cpu(), {
-        "model.num_stuff_classes": _SYNTH_STUFF_CLASSES, "model.dr1.basis_channels": 64,
-        "model.dr1.attention": "vector", "model.dr1.semantic_loss_weight": 0.0,
-        "output_dir": "runs/dr1mask_panoptic_r18_synth_cpu",
-    })
+    return with_overrides(
+        dr1mask_r18_synth_cpu(),
+        {
+            "model.num_stuff_classes": _SYNTH_STUFF_CLASSES,
+            "model.dr1.basis_channels": 64,
+            "model.dr1.attention": "vector",
+            "model.dr1.semantic_loss_weight": 0.0,
+            "output_dir": "runs/dr1mask_panoptic_r18_synth_cpu",
+        },
+    )
 
 
 def _dr1mask_tiny(cfg: ExperimentConfig, output_dir: str) -> ExperimentConfig:
     tiny = blendmask_tiny()
     cfg = dataclasses.replace(cfg, data=tiny.data, solver=tiny.solver)
-    return with_overrides(cfg, {
-        "model.backbone.width": 8, "model.backbone.fpn_channels": 32, "model.fcos.num_convs": 1,
-        "model.dr1.basis_channels": 16, "model.dr1.resolution": 28, "model.dr1.attention_size": 7,
-        "model.dr1.semantic_channels": 16, "output_dir": output_dir,
-    })
+    return with_overrides(
+        cfg,
+        {
+            "model.backbone.width": 8,
+            "model.backbone.fpn_channels": 32,
+            "model.fcos.num_convs": 1,
+            "model.dr1.basis_channels": 16,
+            "model.dr1.resolution": 28,
+            "model.dr1.attention_size": 7,
+            "model.dr1.semantic_channels": 16,
+            "output_dir": output_dir,
+        },
+    )
 
 
 def dr1mask_tiny() -> ExperimentConfig:
@@ -241,6 +349,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise ConfigError(f"{path}: {e}") from None
     else:
         import difflib
+
         close = difflib.get_close_matches(name_or_path, PRESETS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; presets: {', '.join(PRESETS)}"
         raise ConfigError(f"unknown config '{name_or_path}' (not a preset or a .yaml file){hint}")

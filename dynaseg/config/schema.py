@@ -3,16 +3,29 @@
 Only builder functions read these; modules take plain keyword arguments. Every field can be
 overridden from the command line as ``section.field=value`` (see ``config/overrides.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
-    "BackboneConfig", "FCOSConfig", "BasisConfig", "BlenderConfig", "BlendMaskConfig",
-    "RPNConfig", "BoxHeadConfig", "FCNMaskHeadConfig", "DynaMaskHeadConfig", "RCNNConfig",
-    "DR1HeadConfig", "DR1MaskConfig",
-    "DataConfig", "SolverConfig", "InferenceConfig", "ExperimentConfig",
+    "BackboneConfig",
+    "FCOSConfig",
+    "BasisConfig",
+    "BlenderConfig",
+    "BlendMaskConfig",
+    "RPNConfig",
+    "BoxHeadConfig",
+    "FCNMaskHeadConfig",
+    "DynaMaskHeadConfig",
+    "RCNNConfig",
+    "DR1HeadConfig",
+    "DR1MaskConfig",
+    "DataConfig",
+    "SolverConfig",
+    "InferenceConfig",
+    "ExperimentConfig",
 ]
 
 Norm = Literal["FrozenBN", "BN", "GN", "SyncBN", "none"]
@@ -21,50 +34,52 @@ Norm = Literal["FrozenBN", "BN", "GN", "SyncBN", "none"]
 @dataclass(frozen=True, kw_only=True)
 class BackboneConfig:
     depth: Literal[18, 34, 50, 101] = 50
-    width: int = 64                      # stem / first-stage width; 64 = torchvision ResNet, smaller = CPU presets
-    norm: Norm = "FrozenBN"              # FrozenBN for pretrained weights; BN or GN from scratch
-    freeze_at: int = 2                   # 0: train all; 1: freeze stem; k: freeze stem + stages res2..res{k}
+    width: int = 64  # stem / first-stage width; 64 = torchvision ResNet, smaller = CPU presets
+    norm: Norm = "FrozenBN"  # FrozenBN for pretrained weights; BN or GN from scratch
+    freeze_at: int = 2  # 0: train all; 1: freeze stem; k: freeze stem + stages res2..res{k}
     fpn_channels: int = 256
     fpn_norm: Norm = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
 class FCOSConfig:
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128)        # P3..P7
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)  # P3..P7
     sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512)
-    num_convs: int = 4                   # per tower (cls and box)
+    num_convs: int = 4  # per tower (cls and box)
     norm: Norm = "GN"
     prior_prob: float = 0.01
     center_sampling_radius: float = 1.5  # in strides; 0 disables centre sampling
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    use_scale: bool = False              # BlendMask turns off the per-level Scale
+    use_scale: bool = False  # BlendMask turns off the per-level Scale
     # Inference parameters
-    score_threshold: float = 0.05        # applied to sqrt-free cls*ctr when thresh_with_ctr
+    score_threshold: float = 0.05  # applied to sqrt-free cls*ctr when thresh_with_ctr
     thresh_with_ctr: bool = True
-    pre_nms_topk: int = 1000             # per level per image
+    pre_nms_topk: int = 1000  # per level per image
     nms_threshold: float = 0.6
-    class_agnostic_nms: bool = False     # one NMS over all classes: one box per object (AP: lower, measured)
+    class_agnostic_nms: bool = (
+        False  # one NMS over all classes: one box per object (AP: lower, measured)
+    )
     max_detections: int = 100
 
 
 @dataclass(frozen=True, kw_only=True)
 class BasisConfig:
-    num_bases: int = 4                   # K
+    num_bases: int = 4  # K
     channels: int = 128
     num_convs: int = 3
-    norm: Norm = "BN"                    # SyncBN only under DDP on CUDA (falls back to BN otherwise)
-    semantic_loss_weight: float = 0.3    # 0 disables the auxiliary semantic head
+    norm: Norm = "BN"  # SyncBN only under DDP on CUDA (falls back to BN otherwise)
+    semantic_loss_weight: float = 0.3  # 0 disables the auxiliary semantic head
     semantic_channels: int = 128
 
 
 @dataclass(frozen=True, kw_only=True)
 class BlenderConfig:
-    attention_size: int = 14             # M
-    resolution: int = 56                 # R
+    attention_size: int = 14  # M
+    resolution: int = 56  # R
     sampling_ratio: int = 1
     mask_loss_weight: float = 1.0
-    mask_threshold: float = 0.5          # paste-back threshold
+    mask_threshold: float = 0.5  # paste-back threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,18 +87,18 @@ class BlendMaskConfig:
     kind: Literal["blendmask"] = "blendmask"
     num_classes: int = 80
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    backbone_weights: str = ""           # local torchvision ResNet checkpoint (.pth / .safetensors)
+    backbone_weights: str = ""  # local torchvision ResNet checkpoint (.pth / .safetensors)
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     blender: BlenderConfig = field(default_factory=BlenderConfig)
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)   # RGB, 0-255
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
 
 
 @dataclass(frozen=True, kw_only=True)
 class RPNConfig:
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)      # one per level P2..P6
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     pre_nms_topk_train: int = 2000
     pre_nms_topk_test: int = 1000
@@ -130,7 +145,9 @@ class DynaMaskHeadConfig:
     # so the per-instance cost is Table 7's 0.23 / 0.62 / 1.01 / 1.40 G (the official code: 256/128/64/32).
     stage_channels: tuple[int, int, int, int] = (256, 136, 64, 24)
     class_specific: bool = True
-    fuse_after_upsample: bool = True     # the paper's order (FAM on the upsampled L_r); False: fuse, then upsample
+    fuse_after_upsample: bool = (
+        True  # the paper's order (FAM on the upsampled L_r); False: fuse, then upsample
+    )
     msm_conv_channels: int = 128
     msm_fc_channels: int = 512
     gumbel_tau: float = 0.5
@@ -145,10 +162,12 @@ class DynaMaskHeadConfig:
     # ê of Eq. 4: the Laplacian edges of each resolution's own predicted mask (Fig. 5, the paper), or
     # a separate 1×1 edge predictor per resolution ("head", the official code).
     edge_source: Literal["mask", "head"] = "mask"
-    lambda_edge: float = 0.1             # λ1 (Eq. 7)
-    lambda_reg: float = 0.4              # λ2 (Eq. 7)
-    msm_start_iter: int = 7330           # phase 1 without the MSM: one COCO epoch at batch 16
-    policy: Literal["msm", "size", "quota", "14", "28", "56", "112"] = "msm"   # inference resolution choice
+    lambda_edge: float = 0.1  # λ1 (Eq. 7)
+    lambda_reg: float = 0.4  # λ2 (Eq. 7)
+    msm_start_iter: int = 7330  # phase 1 without the MSM: one COCO epoch at batch 16
+    policy: Literal["msm", "size", "quota", "14", "28", "56", "112"] = (
+        "msm"  # inference resolution choice
+    )
     # √(w0·h0) of the size rule (Eq. 8, policy "size"): "image" reads w0, h0 as each input image's size
     # (the paper's words); a number is a fixed side, e.g. 224 (FPN's canonical size, closer to Table 8's mix).
     size_reference: Literal["image"] | float = "image"
@@ -170,7 +189,9 @@ class RCNNConfig:
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: FCNMaskHeadConfig = field(default_factory=FCNMaskHeadConfig)
     dynamask: DynaMaskHeadConfig = field(default_factory=DynaMaskHeadConfig)
-    max_mask_rois_per_image: int = 0     # cap positive RoIs fed to the mask branch (CPU presets); 0 = all
+    max_mask_rois_per_image: int = (
+        0  # cap positive RoIs fed to the mask branch (CPU presets); 0 = all
+    )
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
@@ -180,27 +201,37 @@ class RCNNConfig:
 class DR1HeadConfig:
     """DR1Mask's top layer, DR1Basis, instance predictor and panoptic layer (paper §3)."""
 
-    basis_channels: int = 32             # C_F: 32 for instances, 64 for panoptic (paper Table 6)
+    basis_channels: int = 32  # C_F: 32 for instances, 64 for panoptic (paper Table 6)
     basis_norm: Norm = "BN"
-    aligned_upsample: bool = True        # ×2 aligned with strided convs + crop (Table 5); False: bilinear resize
-    dynamic_factors: Literal["both", "pre", "post", "none"] = "both"   # Table 1 ablation: A, B, both, neither
-    context_position: Literal["box_tower", "cls_tower", "fpn"] = "box_tower"   # Table 3 ablation
-    attention: Literal["factored", "full", "vector"] = "factored"      # Table 4 (panoptic: vector, Table 7)
-    num_bases: int = 4                   # K
-    attention_size: int = 14             # M
-    attention_rank: int = 4              # D of Eq. 8
-    resolution: int = 56                 # R, RoIAlign of the basis
+    aligned_upsample: bool = (
+        True  # ×2 aligned with strided convs + crop (Table 5); False: bilinear resize
+    )
+    dynamic_factors: Literal["both", "pre", "post", "none"] = (
+        "both"  # Table 1 ablation: A, B, both, neither
+    )
+    context_position: Literal["box_tower", "cls_tower", "fpn"] = "box_tower"  # Table 3 ablation
+    attention: Literal["factored", "full", "vector"] = (
+        "factored"  # Table 4 (panoptic: vector, Table 7)
+    )
+    num_bases: int = 4  # K
+    attention_size: int = 14  # M
+    attention_rank: int = 4  # D of Eq. 8
+    resolution: int = 56  # R, RoIAlign of the basis
     sampling_ratio: int = 1
     mask_loss_weight: float = 1.0
     mask_threshold: float = 0.5
-    semantic_loss_weight: float = 0.3    # BlendMask's auxiliary thing-semantic head on P3 (0: off)
+    semantic_loss_weight: float = 0.3  # BlendMask's auxiliary thing-semantic head on P3 (0: off)
     semantic_channels: int = 128
     panoptic_loss_weight: float = 1.0
     # Panoptic inference
-    panoptic_score_threshold: float = 0.3   # detections that become thing rows of the panoptic layer
-    panoptic_group_iou: float = 0.5      # detections of any class overlapping more (box IoU) are one instance: one mean row
-    panoptic_restrict_to_boxes: bool = False  # thing maps count only inside their box (not in the paper)
-    panoptic_min_stuff_area: int = 0     # stuff segments smaller than this become void (pixels)
+    panoptic_score_threshold: float = 0.3  # detections that become thing rows of the panoptic layer
+    panoptic_group_iou: float = (
+        0.5  # detections of any class overlapping more (box IoU) are one instance: one mean row
+    )
+    panoptic_restrict_to_boxes: bool = (
+        False  # thing maps count only inside their box (not in the paper)
+    )
+    panoptic_min_stuff_area: int = 0  # stuff segments smaller than this become void (pixels)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,15 +239,15 @@ class DR1MaskConfig:
     """DR1Mask on FCOS: instance segmentation, plus panoptic with ``num_stuff_classes > 0``."""
 
     kind: Literal["dr1mask"] = "dr1mask"
-    num_classes: int = 80                # thing classes
-    num_stuff_classes: int = 0           # S; 0 = instance segmentation only (COCO panoptic: 53)
+    num_classes: int = 80  # thing classes
+    num_stuff_classes: int = 0  # S; 0 = instance segmentation only (COCO panoptic: 53)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     backbone_weights: str = ""
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     dr1: DR1HeadConfig = field(default_factory=DR1HeadConfig)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    size_divisibility: int = 4           # paper §3.3: 4 with aligned upsampling instead of 32
+    size_divisibility: int = 4  # paper §3.3: 4 with aligned upsampling instead of 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,16 +256,25 @@ class DataConfig:
     train_images: str = "datasets/synth/train"
     val_json: str = "datasets/synth/annotations/instances_val.json"
     val_images: str = "datasets/synth/val"
-    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)   # short side, sampled per image
+    min_size_train: tuple[int, ...] = (
+        640,
+        672,
+        704,
+        736,
+        768,
+        800,
+    )  # short side, sampled per image
     max_size_train: int = 1333
     min_size_test: int = 800
     max_size_test: int = 1333
     hflip_prob: float = 0.5
-    batch_size: int = 16                 # total over all processes
+    batch_size: int = 16  # total over all processes
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
-    max_instances: int = 0               # cap per training image (largest kept); 0 = no cap
-    on_error: Literal["stop", "skip"] = "stop"   # unreadable image / bad annotation: stop, or report once and skip
+    max_instances: int = 0  # cap per training image (largest kept); 0 = no cap
+    on_error: Literal["stop", "skip"] = (
+        "stop"  # unreadable image / bad annotation: stop, or report once and skip
+    )
     # COCO panoptic annotations (panoptic models): JSON + folder of PNGs per split
     panoptic_train_json: str = "datasets/synth/annotations/panoptic_train.json"
     panoptic_train_dir: str = "datasets/synth/annotations/panoptic_train"
@@ -254,23 +294,25 @@ class SolverConfig:
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
-    clip_grad_norm: float = 0.0          # 0 disables
-    amp: bool = False                    # CUDA autocast (bf16 where supported, else fp16 + GradScaler)
+    clip_grad_norm: float = 0.0  # 0 disables
+    amp: bool = False  # CUDA autocast (bf16 where supported, else fp16 + GradScaler)
     checkpoint_period: int = 5000
-    eval_period: int = 0                 # 0: evaluate only at the end
+    eval_period: int = 0  # 0: evaluate only at the end
     log_period: int = 20
-    on_nonfinite: Literal["stop", "skip"] = "stop"   # NaN/inf loss: stop naming the term, or skip the step
-    max_nonfinite_skips: int = 10        # with "skip": stop after this many consecutive skipped steps
+    on_nonfinite: Literal["stop", "skip"] = (
+        "stop"  # NaN/inf loss: stop naming the term, or skip the step
+    )
+    max_nonfinite_skips: int = 10  # with "skip": stop after this many consecutive skipped steps
 
 
 @dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
     """Optional inference speed-ups (``dynaseg.inference.optimize``); eval, predict, serve and bench use them."""
 
-    fold_norms: bool = True              # fold eval BatchNorm / FrozenBN into the preceding conv (exact)
-    amp: Literal["none", "bf16", "fp16"] = "none"   # autocast of backbone + FPN and dense heads
-    compile: bool = False                # torch.compile of the same dense submodules
-    compile_backend: str = "inductor"    # torch.compile backend (tests use "aot_eager": no C++ build)
+    fold_norms: bool = True  # fold eval BatchNorm / FrozenBN into the preceding conv (exact)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast of backbone + FPN and dense heads
+    compile: bool = False  # torch.compile of the same dense submodules
+    compile_backend: str = "inductor"  # torch.compile backend (tests use "aot_eager": no C++ build)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +323,6 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    deterministic: bool = False          # torch.use_deterministic_algorithms: bit-exact reruns and resumes
-    channels_last: bool = False          # NHWC memory format (≈25 % faster convolutions on CPU here)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns and resumes
+    channels_last: bool = False  # NHWC memory format (≈25 % faster convolutions on CPU here)

@@ -1,4 +1,5 @@
 """Config → dataset: COCO instances, or COCO panoptic for models with stuff classes."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,27 +19,36 @@ def is_panoptic(cfg: ExperimentConfig) -> bool:
     return getattr(cfg.model, "num_stuff_classes", 0) > 0
 
 
-def load_split(cfg: ExperimentConfig, split: Literal["train", "val"]) -> CocoInstances | CocoPanoptic:
+def load_split(
+    cfg: ExperimentConfig, split: Literal["train", "val"]
+) -> CocoInstances | CocoPanoptic:
     """The validated annotations of a split; checks the class counts against the model."""
     d = cfg.data
     images = d.train_images if split == "train" else d.val_images
     if is_panoptic(cfg):
         json_path = d.panoptic_train_json if split == "train" else d.panoptic_val_json
         data: CocoInstances | CocoPanoptic = load_coco_panoptic(
-            json_path, images, d.panoptic_train_dir if split == "train" else d.panoptic_val_dir)
-        if data.num_stuff_classes != cfg.model.num_stuff_classes:   # type: ignore[union-attr]
-            raise ValueError(f"{json_path}: {data.num_stuff_classes} stuff categories but model.num_stuff_classes="
-                             f"{cfg.model.num_stuff_classes}; set model.num_stuff_classes={data.num_stuff_classes}")
+            json_path, images, d.panoptic_train_dir if split == "train" else d.panoptic_val_dir
+        )
+        if data.num_stuff_classes != cfg.model.num_stuff_classes:  # type: ignore[union-attr]
+            raise ValueError(
+                f"{json_path}: {data.num_stuff_classes} stuff categories but model.num_stuff_classes="
+                f"{cfg.model.num_stuff_classes}; set model.num_stuff_classes={data.num_stuff_classes}"
+            )
     else:
         json_path = d.train_json if split == "train" else d.val_json
         data = load_coco_instances(json_path, images)
     if data.num_classes != cfg.model.num_classes:
-        raise ValueError(f"{json_path}: {data.num_classes} thing categories but model.num_classes="
-                         f"{cfg.model.num_classes}; set model.num_classes={data.num_classes}")
+        raise ValueError(
+            f"{json_path}: {data.num_classes} thing categories but model.num_classes="
+            f"{cfg.model.num_classes}; set model.num_classes={data.num_classes}"
+        )
     return data
 
 
-def build_dataset(cfg: ExperimentConfig, data: CocoInstances | CocoPanoptic, *, train: bool) -> InstanceDataset:
+def build_dataset(
+    cfg: ExperimentConfig, data: CocoInstances | CocoPanoptic, *, train: bool
+) -> InstanceDataset:
     """The map-style dataset over ``data`` with the config's train or test transforms.
 
     ``data.on_error`` decides what an unreadable image does: "stop" raises, "skip" reports it once
@@ -47,13 +57,24 @@ def build_dataset(cfg: ExperimentConfig, data: CocoInstances | CocoPanoptic, *, 
     """
     d = cfg.data
     if not data.records:
-        raise DatasetError(f"{data.json_path}: 'images' is empty, nothing to {'train' if train else 'evaluate'} on")
-    transforms = (build_train_transforms(d.min_size_train, d.max_size_train, d.hflip_prob) if train
-                  else build_test_transforms(d.min_size_test, d.max_size_test))
+        raise DatasetError(
+            f"{data.json_path}: 'images' is empty, nothing to {'train' if train else 'evaluate'} on"
+        )
+    transforms = (
+        build_train_transforms(d.min_size_train, d.max_size_train, d.hflip_prob)
+        if train
+        else build_test_transforms(d.min_size_test, d.max_size_test)
+    )
     max_instances = d.max_instances if train else 0
     cls = PanopticDataset if isinstance(data, CocoPanoptic) else InstanceDataset
-    return cls(data, transforms, train=train, max_instances=max_instances, seed=cfg.seed,  # type: ignore[arg-type]
-               on_error=d.on_error)
+    return cls(
+        data,
+        transforms,
+        train=train,
+        max_instances=max_instances,
+        seed=cfg.seed,  # type: ignore[arg-type]
+        on_error=d.on_error,
+    )
 
 
 def dataset_metadata(data: CocoInstances | CocoPanoptic) -> dict:

@@ -10,6 +10,7 @@ more than one image size beyond it, empty RLEs) are dropped; boxes reaching outs
 clipped. Every drop or fix is counted in :attr:`CocoInstances.stats` and logged as one summary line
 per reason on the ``dynaseg.data`` logger, so nothing disappears silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ from typing import Any
 from dynaseg.errors import UserError
 
 __all__ = [
-    "DatasetError", "AnnotationRecord", "ImageRecord", "CocoInstances", "load_coco_instances",
-    "STAT_REASONS", "MAX_IMAGE_PIXELS", "rle_string_counts", "unwrap_worker_message",
+    "DatasetError",
+    "AnnotationRecord",
+    "ImageRecord",
+    "CocoInstances",
+    "load_coco_instances",
+    "STAT_REASONS",
+    "MAX_IMAGE_PIXELS",
+    "rle_string_counts",
+    "unwrap_worker_message",
 ]
 
 logger = logging.getLogger("dynaseg.data")
@@ -34,22 +42,29 @@ logger = logging.getLogger("dynaseg.data")
 # stats key -> (log level, description); dropped_* are annotations (or polygon parts) removed.
 STAT_REASONS: dict[str, tuple[int, str]] = {
     "clipped_bbox": (logging.INFO, "boxes clipped to the image"),
-    "dropped_degenerate_bbox": (logging.WARNING, "annotations dropped: zero-area box after clipping"),
-    "dropped_nonfinite_bbox": (logging.WARNING,
-                               "annotations dropped: NaN/inf (or out of float range) box coordinates"),
-    "dropped_polygon_parts": (logging.WARNING,
-                              "polygon parts dropped: < 3 points, odd length, NaN/inf, zero area, or "
-                              "outside the image (or a vertex more than one image size beyond it)"),
+    "dropped_degenerate_bbox": (
+        logging.WARNING,
+        "annotations dropped: zero-area box after clipping",
+    ),
+    "dropped_nonfinite_bbox": (
+        logging.WARNING,
+        "annotations dropped: NaN/inf (or out of float range) box coordinates",
+    ),
+    "dropped_polygon_parts": (
+        logging.WARNING,
+        "polygon parts dropped: < 3 points, odd length, NaN/inf, zero area, or "
+        "outside the image (or a vertex more than one image size beyond it)",
+    ),
     "dropped_no_valid_polygon": (logging.WARNING, "annotations dropped: no valid polygon left"),
     "dropped_empty_rle": (logging.WARNING, "annotations dropped: RLE mask with zero area"),
     "dropped_missing_segmentation": (logging.WARNING, "annotations dropped: no 'segmentation'"),
     "duplicate_annotation_ids": (logging.WARNING, "annotation ids used more than once (kept)"),
 }
 _MAX_LISTED = 5  # missing files named in an error message
-_MAX_ID = 2 ** 63  # ids must fit in int64
+_MAX_ID = 2**63  # ids must fit in int64
 # Compressed RLEs of larger masks need run lengths of more than 6 five-bit groups, which pycocotools'
 # decoder (32-bit int shifts) reads inconsistently.
-MAX_IMAGE_PIXELS = 2 ** 29 - 1
+MAX_IMAGE_PIXELS = 2**29 - 1
 
 
 def unwrap_worker_message(type_name: str, message: str) -> tuple[str, str] | None:
@@ -62,7 +77,7 @@ def unwrap_worker_message(type_name: str, message: str) -> tuple[str, str] | Non
     for k in range(len(lines) - 1, 0, -1):
         m = re.match(rf"(?:[\w.]+\.)?{type_name}: (.*)", lines[k])
         if m:
-            return "\n".join([m.group(1), *lines[k + 1:]]), "\n".join(lines[:k])
+            return "\n".join([m.group(1), *lines[k + 1 :]]), "\n".join(lines[:k])
     return None
 
 
@@ -74,7 +89,11 @@ class DatasetError(UserError, ValueError):
     """
 
     def __init__(self, message: str = "") -> None:
-        unwrapped = unwrap_worker_message(type(self).__name__, message) if isinstance(message, str) else None
+        unwrapped = (
+            unwrap_worker_message(type(self).__name__, message)
+            if isinstance(message, str)
+            else None
+        )
         super().__init__(unwrapped[0] if unwrapped else message)
         if unwrapped:
             self.add_note(unwrapped[1])
@@ -132,8 +151,13 @@ class CocoInstances:
         return len(self.category_ids)
 
 
-def load_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike, *,
-                        check_files: bool = True, log: logging.Logger = logger) -> CocoInstances:
+def load_coco_instances(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    check_files: bool = True,
+    log: logging.Logger = logger,
+) -> CocoInstances:
     """Parse, validate and clean a COCO instances file.
 
     Args:
@@ -150,24 +174,38 @@ def load_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathL
     category_ids, class_names = _parse_categories(data["categories"], json_path)
     images = _parse_images(data["images"], json_path, image_root)
     stats: Counter[str] = Counter({k: 0 for k in STAT_REASONS})
-    per_image = _parse_annotations(data["annotations"], json_path, images,
-                                   {c: i for i, c in enumerate(category_ids)}, stats)
+    per_image = _parse_annotations(
+        data["annotations"], json_path, images, {c: i for i, c in enumerate(category_ids)}, stats
+    )
     if check_files:
         _check_files(json_path, image_root, [im["file_name"] for im in images.values()])
 
-    records = [ImageRecord(image_id=i, file_name=im["file_name"], height=im["height"],
-                           width=im["width"], annotations=tuple(per_image.get(i, ())))
-               for i, im in images.items()]
+    records = [
+        ImageRecord(
+            image_id=i,
+            file_name=im["file_name"],
+            height=im["height"],
+            width=im["width"],
+            annotations=tuple(per_image.get(i, ())),
+        )
+        for i, im in images.items()
+    ]
     stats["images"] = len(records)
     stats["annotations"] = sum(len(r.annotations) for r in records)
     stats["crowd_annotations"] = sum(a.iscrowd for r in records for a in r.annotations)
     stats["images_without_annotations"] = sum(not r.annotations for r in records)
     _log_stats(log, json_path, stats)
-    return CocoInstances(records=records, category_ids=category_ids, class_names=class_names,
-                         stats=dict(stats), json_path=json_path)
+    return CocoInstances(
+        records=records,
+        category_ids=category_ids,
+        class_names=class_names,
+        stats=dict(stats),
+        json_path=json_path,
+    )
 
 
 # ----------------------------------------------------------------------------- file level
+
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
@@ -178,7 +216,9 @@ def _read_json(path: str) -> dict[str, Any]:
     except IsADirectoryError:
         raise DatasetError(f"{path}: is a directory, expected a COCO JSON file") from None
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DatasetError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
     except RecursionError:
         raise DatasetError(f"{path}: JSON nested too deeply to parse") from None
     except UnicodeDecodeError:
@@ -189,8 +229,10 @@ def _read_json(path: str) -> dict[str, Any]:
         raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
-        raise DatasetError(f"{path}: missing top-level key(s) {missing}; a COCO instances file "
-                           f"needs 'images', 'annotations' and 'categories'")
+        raise DatasetError(
+            f"{path}: missing top-level key(s) {missing}; a COCO instances file "
+            f"needs 'images', 'annotations' and 'categories'"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data[key], list):
             raise DatasetError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
@@ -203,20 +245,28 @@ def _check_files(json_path: str, image_root: str, paths: list[str]) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")
-        raise DatasetError(f"{json_path}: {len(missing)} of {len(paths)} images are missing on disk "
-                           f"(image root {image_root}): {listed}")
+        raise DatasetError(
+            f"{json_path}: {len(missing)} of {len(paths)} images are missing on disk "
+            f"(image root {image_root}): {listed}"
+        )
 
 
 def _log_stats(log: logging.Logger, json_path: str, stats: Counter[str]) -> None:
-    log.info("%s: %d images (%d without annotations), %d annotations kept (%d crowd)", json_path,
-             stats["images"], stats["images_without_annotations"], stats["annotations"],
-             stats["crowd_annotations"])
+    log.info(
+        "%s: %d images (%d without annotations), %d annotations kept (%d crowd)",
+        json_path,
+        stats["images"],
+        stats["images_without_annotations"],
+        stats["annotations"],
+        stats["crowd_annotations"],
+    )
     for key, (level, text) in STAT_REASONS.items():
         if stats[key]:
             log.log(level, "%s: %d %s [%s]", json_path, stats[key], text, key)
 
 
 # ----------------------------------------------------------------------------- field helpers
+
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -281,16 +331,24 @@ def _parse_images(imgs: list, path: str, image_root: str) -> dict[int, dict[str,
             raise DatasetError(f"{where}: size {h}x{w} exceeds {MAX_IMAGE_PIXELS} pixels")
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
-        images[iid] = {"file_name": os.path.abspath(os.path.join(image_root, im["file_name"])),
-                       "height": h, "width": w}
+        images[iid] = {
+            "file_name": os.path.abspath(os.path.join(image_root, im["file_name"])),
+            "height": h,
+            "width": w,
+        }
     return images
 
 
 # ----------------------------------------------------------------------------- annotations
 
-def _parse_annotations(anns: list, path: str, images: dict[int, dict[str, Any]],
-                       cat_to_contiguous: dict[int, int],
-                       stats: Counter[str]) -> dict[int, list[AnnotationRecord]]:
+
+def _parse_annotations(
+    anns: list,
+    path: str,
+    images: dict[int, dict[str, Any]],
+    cat_to_contiguous: dict[int, int],
+    stats: Counter[str],
+) -> dict[int, list[AnnotationRecord]]:
     per_image: dict[int, list[AnnotationRecord]] = {}
     seen_ids: set[Any] = set()
     for k, ann in enumerate(anns):
@@ -298,7 +356,9 @@ def _parse_annotations(anns: list, path: str, images: dict[int, dict[str, Any]],
         _require(ann, ("image_id", "category_id", "bbox"), where)
         if "id" in ann:
             if not isinstance(ann["id"], (int, float, str)):
-                raise DatasetError(f"{where}: 'id' must be a number or a string, got {_short(ann['id'])}")
+                raise DatasetError(
+                    f"{where}: 'id' must be a number or a string, got {_short(ann['id'])}"
+                )
             where = f"{path}: annotation id={_short(ann['id'], 40)}"
             if ann["id"] in seen_ids:
                 stats["duplicate_annotation_ids"] += 1
@@ -308,16 +368,21 @@ def _parse_annotations(anns: list, path: str, images: dict[int, dict[str, Any]],
             raise DatasetError(f"{where}: image_id {_short(image_id)} is not in 'images'")
         category_id = ann["category_id"]
         if not _is_number(category_id) or category_id not in cat_to_contiguous:
-            raise DatasetError(f"{where}: unknown category_id {_short(category_id)} "
-                               f"(known: {sorted(cat_to_contiguous)[:20]})")
-        record = _parse_annotation(ann, where, images[image_id], cat_to_contiguous[category_id], stats)
+            raise DatasetError(
+                f"{where}: unknown category_id {_short(category_id)} "
+                f"(known: {sorted(cat_to_contiguous)[:20]})"
+            )
+        record = _parse_annotation(
+            ann, where, images[image_id], cat_to_contiguous[category_id], stats
+        )
         if record is not None:
             per_image.setdefault(int(image_id), []).append(record)
     return per_image
 
 
-def _parse_annotation(ann: dict, where: str, image: dict[str, Any], category: int,
-                      stats: Counter[str]) -> AnnotationRecord | None:
+def _parse_annotation(
+    ann: dict, where: str, image: dict[str, Any], category: int, stats: Counter[str]
+) -> AnnotationRecord | None:
     """One annotation -> record, or None (counted in stats) when it is degenerate."""
     h, w = image["height"], image["width"]
     box = _clip_bbox(ann["bbox"], h, w, where, stats)
@@ -338,16 +403,21 @@ def _parse_annotation(ann: dict, where: str, image: dict[str, Any], category: in
             stats["dropped_no_valid_polygon"] += 1
             return None
     else:
-        raise DatasetError(f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
-                           f"got {type(seg).__name__}")
+        raise DatasetError(
+            f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
+            f"got {type(seg).__name__}"
+        )
     iscrowd = ann.get("iscrowd", 0)
     if iscrowd not in (0, 1, True, False):
         raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
-    return AnnotationRecord(category=category, bbox_xyxy=box, segmentation=seg, iscrowd=bool(iscrowd))
+    return AnnotationRecord(
+        category=category, bbox_xyxy=box, segmentation=seg, iscrowd=bool(iscrowd)
+    )
 
 
-def _clip_bbox(bbox: Any, h: int, w: int, where: str,
-               stats: Counter[str]) -> tuple[float, float, float, float] | None:
+def _clip_bbox(
+    bbox: Any, h: int, w: int, where: str, stats: Counter[str]
+) -> tuple[float, float, float, float] | None:
     """COCO XYWH -> XYXY clipped to [0, w] x [0, h]; None (counted) when degenerate."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
         raise DatasetError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {_short(bbox)}")
@@ -356,8 +426,12 @@ def _clip_bbox(bbox: Any, h: int, w: int, where: str,
         return None
     x, y, bw, bh = (float(v) for v in bbox)
     raw = (x, y, x + bw, y + bh)
-    box = (min(max(raw[0], 0.0), w), min(max(raw[1], 0.0), h),
-           min(max(raw[2], 0.0), w), min(max(raw[3], 0.0), h))
+    box = (
+        min(max(raw[0], 0.0), w),
+        min(max(raw[1], 0.0), h),
+        min(max(raw[2], 0.0), w),
+        min(max(raw[3], 0.0), h),
+    )
     if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
         stats["dropped_degenerate_bbox"] += 1
         return None
@@ -366,7 +440,9 @@ def _clip_bbox(bbox: Any, h: int, w: int, where: str,
     return box
 
 
-def _valid_polygons(polys: list, h: int, w: int, where: str, stats: Counter[str]) -> list[list[float]]:
+def _valid_polygons(
+    polys: list, h: int, w: int, where: str, stats: Counter[str]
+) -> list[list[float]]:
     """Keep polygon parts with >= 3 finite points, non-zero area, overlapping the image and within
     one image size of it (pycocotools' rasterisation time grows with the coordinates); count the
     others."""
@@ -379,15 +455,28 @@ def _valid_polygons(polys: list, h: int, w: int, where: str, stats: Counter[str]
         except OverflowError:  # a float plus an integer beyond float range
             total = math.inf
         if total is None:
-            raise DatasetError(f"{where}: polygon parts must be lists of numbers "
-                               f"[x0, y0, x1, y1, ...], got {_short(part, 80)}")
-        if len(part) < 6 or len(part) % 2 or not _finite(total):  # a NaN/inf coordinate makes the sum so
+            raise DatasetError(
+                f"{where}: polygon parts must be lists of numbers "
+                f"[x0, y0, x1, y1, ...], got {_short(part, 80)}"
+            )
+        if (
+            len(part) < 6 or len(part) % 2 or not _finite(total)
+        ):  # a NaN/inf coordinate makes the sum so
             stats["dropped_polygon_parts"] += 1
             continue
         xs, ys = part[0::2], part[1::2]
         x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)  # exact, also for huge integers
-        if (x0 >= w or y0 >= h or x1 <= 0 or y1 <= 0 or x0 < -w or y0 < -h or x1 > 2 * w or y1 > 2 * h
-                or _polygon_area(part) < 1e-6):
+        if (
+            x0 >= w
+            or y0 >= h
+            or x1 <= 0
+            or y1 <= 0
+            or x0 < -w
+            or y0 < -h
+            or x1 > 2 * w
+            or y1 > 2 * h
+            or _polygon_area(part) < 1e-6
+        ):
             stats["dropped_polygon_parts"] += 1
             continue
         kept.append(part)
@@ -396,7 +485,9 @@ def _valid_polygons(polys: list, h: int, w: int, where: str, stats: Counter[str]
 
 def _polygon_area(coords: list[float]) -> float:
     xs, ys = coords[0::2], coords[1::2]  # shoelace formula
-    twice = sum(map(operator.mul, xs, ys[1:] + ys[:1])) - sum(map(operator.mul, ys, xs[1:] + xs[:1]))
+    twice = sum(map(operator.mul, xs, ys[1:] + ys[:1])) - sum(
+        map(operator.mul, ys, xs[1:] + xs[:1])
+    )
     return abs(twice) / 2.0
 
 
@@ -405,12 +496,16 @@ def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
     _require(rle, ("size", "counts"), where + " RLE")
     size = rle["size"]
     if not isinstance(size, (list, tuple)) or list(size) != [h, w]:
-        raise DatasetError(f"{where}: RLE size {_short(size)} does not match the image size [{h}, {w}] (h, w)")
+        raise DatasetError(
+            f"{where}: RLE size {_short(size)} does not match the image size [{h}, {w}] (h, w)"
+        )
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed: alternating background/foreground run lengths
         if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
-            raise DatasetError(f"{where}: uncompressed RLE counts must be non-negative integers "
-                               f"summing to h*w = {h * w}")
+            raise DatasetError(
+                f"{where}: uncompressed RLE counts must be non-negative integers "
+                f"summing to h*w = {h * w}"
+            )
         counts = [int(c) for c in counts]  # bools -> ints
         runs = counts
     elif isinstance(counts, str):
@@ -418,10 +513,14 @@ def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
         # or write past the mask, so they are checked here.
         runs = rle_string_counts(counts)
         if runs is None or sum(runs) != h * w:
-            raise DatasetError(f"{where}: compressed RLE counts {_short(counts, 40)} do not decode to run "
-                               f"lengths summing to h*w = {h * w}")
+            raise DatasetError(
+                f"{where}: compressed RLE counts {_short(counts, 40)} do not decode to run "
+                f"lengths summing to h*w = {h * w}"
+            )
     else:
-        raise DatasetError(f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}")
+        raise DatasetError(
+            f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}"
+        )
     return {"size": [h, w], "counts": counts} if sum(runs[1::2]) > 0 else None
 
 

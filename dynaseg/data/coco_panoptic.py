@@ -13,6 +13,7 @@ annotation is kept with no segments (all void) and counted in ``images_without_a
 The PNG contents are checked when a sample is read (see
 :class:`~dynaseg.data.panoptic_dataset.PanopticDataset`), not here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ __all__ = ["PanopticSegmentRecord", "PanopticImageRecord", "CocoPanoptic", "load
 logger = logging.getLogger("dynaseg.data")
 
 _MAX_LISTED = 5  # missing files named in an error message
-_MAX_SEGMENT_ID = 256 ** 3  # ids are stored as 24-bit RGB
+_MAX_SEGMENT_ID = 256**3  # ids are stored as 24-bit RGB
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +117,14 @@ class CocoPanoptic:
         return len(self.stuff_category_ids)
 
 
-def load_coco_panoptic(json_path: str | os.PathLike, image_root: str | os.PathLike,
-                       panoptic_root: str | os.PathLike, *, check_files: bool = True,
-                       log: logging.Logger = logger) -> CocoPanoptic:
+def load_coco_panoptic(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    panoptic_root: str | os.PathLike,
+    *,
+    check_files: bool = True,
+    log: logging.Logger = logger,
+) -> CocoPanoptic:
     """Parse and validate a COCO panoptic file.
 
     Args:
@@ -131,11 +137,15 @@ def load_coco_panoptic(json_path: str | os.PathLike, image_root: str | os.PathLi
     Raises:
         DatasetError: the file is missing, not JSON, or inconsistent (see module docstring).
     """
-    json_path, image_root, panoptic_root = (os.fspath(p) for p in (json_path, image_root, panoptic_root))
+    json_path, image_root, panoptic_root = (
+        os.fspath(p) for p in (json_path, image_root, panoptic_root)
+    )
     data = _read_json(json_path)
     categories = _parse_categories(data["categories"], json_path)
     images = _parse_images(data["images"], json_path, image_root)
-    per_image = _parse_annotations(data["annotations"], json_path, panoptic_root, images, categories)
+    per_image = _parse_annotations(
+        data["annotations"], json_path, panoptic_root, images, categories
+    )
     if check_files:
         _check_files(json_path, image_root, [im["file_name"] for im in images.values()])
         _check_pngs(json_path, panoptic_root, [png for png, _ in per_image.values()])
@@ -143,9 +153,16 @@ def load_coco_panoptic(json_path: str | os.PathLike, image_root: str | os.PathLi
     records = []
     for image_id, im in images.items():
         png, segments = per_image.get(image_id, (None, ()))
-        records.append(PanopticImageRecord(image_id=image_id, file_name=im["file_name"],
-                                           height=im["height"], width=im["width"],
-                                           panoptic_file=png, segments=tuple(segments)))
+        records.append(
+            PanopticImageRecord(
+                image_id=image_id,
+                file_name=im["file_name"],
+                height=im["height"],
+                width=im["width"],
+                panoptic_file=png,
+                segments=tuple(segments),
+            )
+        )
     thing_ids = sorted(c for c, (isthing, _) in categories.items() if isthing)
     stuff_ids = sorted(c for c, (isthing, _) in categories.items() if not isthing)
     segs = [s for r in records for s in r.segments]
@@ -157,17 +174,32 @@ def load_coco_panoptic(json_path: str | os.PathLike, image_root: str | os.PathLi
         "stuff_segments": sum(not s.isthing for s in segs),
         "crowd_segments": sum(s.iscrowd for s in segs),
     }
-    log.info("%s: %d images (%d without a panoptic annotation), %d segments (%d things, %d stuff, "
-             "%d crowd), %d thing and %d stuff classes", json_path, stats["images"],
-             stats["images_without_annotations"], stats["segments"], stats["thing_segments"],
-             stats["stuff_segments"], stats["crowd_segments"], len(thing_ids), len(stuff_ids))
-    return CocoPanoptic(records=records, category_ids=thing_ids,
-                        class_names=[categories[c][1] for c in thing_ids],
-                        stuff_category_ids=stuff_ids, stuff_names=[categories[c][1] for c in stuff_ids],
-                        stats=stats, json_path=json_path)
+    log.info(
+        "%s: %d images (%d without a panoptic annotation), %d segments (%d things, %d stuff, "
+        "%d crowd), %d thing and %d stuff classes",
+        json_path,
+        stats["images"],
+        stats["images_without_annotations"],
+        stats["segments"],
+        stats["thing_segments"],
+        stats["stuff_segments"],
+        stats["crowd_segments"],
+        len(thing_ids),
+        len(stuff_ids),
+    )
+    return CocoPanoptic(
+        records=records,
+        category_ids=thing_ids,
+        class_names=[categories[c][1] for c in thing_ids],
+        stuff_category_ids=stuff_ids,
+        stuff_names=[categories[c][1] for c in stuff_ids],
+        stats=stats,
+        json_path=json_path,
+    )
 
 
 # ----------------------------------------------------------------------------- categories
+
 
 def _parse_categories(cats: list, path: str) -> dict[int, tuple[bool, str]]:
     """COCO category id -> (isthing, name)."""
@@ -185,8 +217,10 @@ def _parse_categories(cats: list, path: str) -> dict[int, tuple[bool, str]]:
         raise DatasetError(f"{path}: 'categories' is empty")
     num_stuff = sum(not isthing for isthing, _ in out.values())
     if num_stuff >= IGNORE_LABEL:
-        raise DatasetError(f"{path}: {num_stuff} stuff categories; at most {IGNORE_LABEL - 1} are "
-                           f"supported ({IGNORE_LABEL} is the ignore label of the semantic map)")
+        raise DatasetError(
+            f"{path}: {num_stuff} stuff categories; at most {IGNORE_LABEL - 1} are "
+            f"supported ({IGNORE_LABEL} is the ignore label of the semantic map)"
+        )
     return out
 
 
@@ -194,16 +228,23 @@ def _contiguous(categories: dict[int, tuple[bool, str]]) -> dict[int, int]:
     """COCO category id -> contiguous id within its kind (things and stuff numbered separately)."""
     out: dict[int, int] = {}
     for kind in (True, False):
-        for i, c in enumerate(sorted(c for c, (isthing, _) in categories.items() if isthing == kind)):
+        for i, c in enumerate(
+            sorted(c for c, (isthing, _) in categories.items() if isthing == kind)
+        ):
             out[c] = i
     return out
 
 
 # ----------------------------------------------------------------------------- annotations
 
-def _parse_annotations(anns: list, path: str, panoptic_root: str, images: dict[int, dict[str, Any]],
-                       categories: dict[int, tuple[bool, str]],
-                       ) -> dict[int, tuple[str, list[PanopticSegmentRecord]]]:
+
+def _parse_annotations(
+    anns: list,
+    path: str,
+    panoptic_root: str,
+    images: dict[int, dict[str, Any]],
+    categories: dict[int, tuple[bool, str]],
+) -> dict[int, tuple[str, list[PanopticSegmentRecord]]]:
     """image id -> (absolute PNG path, segments)."""
     contiguous = _contiguous(categories)
     per_image: dict[int, tuple[str, list[PanopticSegmentRecord]]] = {}
@@ -220,45 +261,63 @@ def _parse_annotations(anns: list, path: str, panoptic_root: str, images: dict[i
         if not isinstance(ann["file_name"], str) or not ann["file_name"]:
             raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
         if not isinstance(ann["segments_info"], list):
-            raise DatasetError(f"{where}: 'segments_info' must be a list, "
-                               f"got {type(ann['segments_info']).__name__}")
+            raise DatasetError(
+                f"{where}: 'segments_info' must be a list, "
+                f"got {type(ann['segments_info']).__name__}"
+            )
         png = os.path.abspath(os.path.join(panoptic_root, ann["file_name"]))
         segments: list[PanopticSegmentRecord] = []
         seen: set[int] = set()
         for j, seg in enumerate(ann["segments_info"]):
-            segment = _parse_segment(seg, f"{where} ({ann['file_name']}) segments_info[{j}]",
-                                     categories, contiguous)
+            segment = _parse_segment(
+                seg, f"{where} ({ann['file_name']}) segments_info[{j}]", categories, contiguous
+            )
             if segment.id in seen:
-                raise DatasetError(f"{where} ({ann['file_name']}): duplicated segment id {segment.id}")
+                raise DatasetError(
+                    f"{where} ({ann['file_name']}): duplicated segment id {segment.id}"
+                )
             seen.add(segment.id)
             segments.append(segment)
         per_image[image_id] = (png, segments)
     return per_image
 
 
-def _parse_segment(seg: Any, where: str, categories: dict[int, tuple[bool, str]],
-                   contiguous: dict[int, int]) -> PanopticSegmentRecord:
+def _parse_segment(
+    seg: Any, where: str, categories: dict[int, tuple[bool, str]], contiguous: dict[int, int]
+) -> PanopticSegmentRecord:
     _require(seg, ("id", "category_id"), where)
     sid = _as_int(seg["id"], "id", where)
     if not 0 < sid < _MAX_SEGMENT_ID:
         raise DatasetError(f"{where}: segment id {sid} outside [1, 256³) (0 is void)")
     category_id = seg["category_id"]
     if not _is_number(category_id) or category_id not in categories:
-        raise DatasetError(f"{where}: unknown category_id {_short(category_id)} (known: {sorted(categories)[:20]})")
+        raise DatasetError(
+            f"{where}: unknown category_id {_short(category_id)} (known: {sorted(categories)[:20]})"
+        )
     iscrowd = seg.get("iscrowd", 0)
     if iscrowd not in (0, 1, True, False):
         raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
     bbox = seg.get("bbox")
     if bbox is not None:
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox))
-                or not all(map(_finite, bbox))):
-            raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}")
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(map(_is_number, bbox))
+            or not all(map(_finite, bbox))
+        ):
+            raise DatasetError(
+                f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}"
+            )
         x, y, w, h = (float(v) for v in bbox)
         bbox = (x, y, x + w, y + h)
     category_id = int(category_id)
-    return PanopticSegmentRecord(id=sid, category=contiguous[category_id],
-                                 isthing=categories[category_id][0], iscrowd=bool(iscrowd),
-                                 bbox_xyxy=bbox)
+    return PanopticSegmentRecord(
+        id=sid,
+        category=contiguous[category_id],
+        isthing=categories[category_id][0],
+        iscrowd=bool(iscrowd),
+        bbox_xyxy=bbox,
+    )
 
 
 def _check_pngs(json_path: str, panoptic_root: str, paths: list[str]) -> None:
@@ -267,5 +326,7 @@ def _check_pngs(json_path: str, panoptic_root: str, paths: list[str]) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")
-        raise DatasetError(f"{json_path}: {len(missing)} of {len(paths)} panoptic PNGs are missing on "
-                           f"disk (panoptic root {panoptic_root}): {listed}")
+        raise DatasetError(
+            f"{json_path}: {len(missing)} of {len(paths)} panoptic PNGs are missing on "
+            f"disk (panoptic root {panoptic_root}): {listed}"
+        )

@@ -1,4 +1,5 @@
 """Collate :class:`~dynaseg.data.dataset.Sample` lists into a padded :class:`~dynaseg.structures.Batch`."""
+
 from __future__ import annotations
 
 import torch
@@ -51,20 +52,25 @@ class BatchCollator:
         )
 
 
-def _pad_sem_seg(samples: list[Sample], sizes: list[tuple[int, int]],
-                 padded: tuple[int, int]) -> torch.Tensor | None:
+def _pad_sem_seg(
+    samples: list[Sample], sizes: list[tuple[int, int]], padded: tuple[int, int]
+) -> torch.Tensor | None:
     """Each sample's (h, w) ``sem_seg`` into a (B, Hp, Wp) int64 map filled with IGNORE_LABEL; None
     when no sample has one."""
     present = [s.sem_seg is not None for s in samples]
     if not any(present):
         return None
     if not all(present):
-        raise ValueError(f"BatchCollator: {sum(present)} of {len(samples)} samples carry a sem_seg; "
-                         f"mixing panoptic and instance-only samples in a batch is not supported")
+        raise ValueError(
+            f"BatchCollator: {sum(present)} of {len(samples)} samples carry a sem_seg; "
+            f"mixing panoptic and instance-only samples in a batch is not supported"
+        )
     out = torch.full((len(samples), *padded), IGNORE_LABEL, dtype=torch.int64)
     for k, (s, (h, w)) in enumerate(zip(samples, sizes)):
         if tuple(s.sem_seg.shape) != (h, w):
-            raise ValueError(f"BatchCollator: sem_seg of image id {s.image_id} is {tuple(s.sem_seg.shape)}, "
-                             f"its image is {(h, w)}")
+            raise ValueError(
+                f"BatchCollator: sem_seg of image id {s.image_id} is {tuple(s.sem_seg.shape)}, "
+                f"its image is {(h, w)}"
+            )
         out[k, :h, :w].copy_(s.sem_seg)
     return out

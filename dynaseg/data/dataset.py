@@ -23,6 +23,7 @@ The memory of bad files lives in the dataset object, so each DataLoader worker p
 bad file once (at most ``num_workers`` reports with workers, once with ``num_workers=0``), across
 epochs as long as the workers persist (they do in training).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,12 @@ SAMPLE_ERRORS: tuple[type[Exception], ...] = (ImageReadError, DatasetError)
 
 # pycocotools' Cython decode calls np.array(copy=False) on its own buffer; NumPy 2 warns about it
 # on every call. Harmless (NumPy copies), and not ours to fix.
-warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
-                        category=DeprecationWarning, module=r"pycocotools")
+warnings.filterwarnings(
+    "ignore",
+    message=r"__array__ implementation doesn't accept a copy keyword",
+    category=DeprecationWarning,
+    module=r"pycocotools",
+)
 
 
 @dataclass
@@ -84,8 +89,9 @@ def derive_seed(*values: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
-def rasterize_masks(annotations: tuple[AnnotationRecord, ...] | list[AnnotationRecord],
-                    height: int, width: int) -> Tensor:
+def rasterize_masks(
+    annotations: tuple[AnnotationRecord, ...] | list[AnnotationRecord], height: int, width: int
+) -> Tensor:
     """Polygons / RLEs -> (N, height, width) bool (polygon parts of one object merged)."""
     if not annotations:
         return torch.zeros(0, height, width, dtype=torch.bool)
@@ -119,8 +125,16 @@ class InstanceDataset(torch.utils.data.Dataset):
     the resize) are dropped with their box and label; boxes are clamped to the image.
     """
 
-    def __init__(self, instances: CocoInstances, transforms: Transform | None, *, train: bool,
-                 max_instances: int = 0, seed: int = 0, on_error: Literal["stop", "skip"] = "stop") -> None:
+    def __init__(
+        self,
+        instances: CocoInstances,
+        transforms: Transform | None,
+        *,
+        train: bool,
+        max_instances: int = 0,
+        seed: int = 0,
+        on_error: Literal["stop", "skip"] = "stop",
+    ) -> None:
         if on_error not in ("stop", "skip"):
             raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
         self.records: list[ImageRecord] = instances.records
@@ -172,8 +186,10 @@ class InstanceDataset(torch.utils.data.Dataset):
             except SAMPLE_ERRORS as e:
                 self._report(j, e, "the next readable image is used instead")
         first = self._bad[min(self._bad)]
-        raise DatasetError(f"{self.json_path or 'dataset'}: none of the {n} images can be read, "
-                           f"data.on_error=skip has nothing to use instead (first: {first})")
+        raise DatasetError(
+            f"{self.json_path or 'dataset'}: none of the {n} images can be read, "
+            f"data.on_error=skip has nothing to use instead (first: {first})"
+        )
 
     def _load(self, epoch: int, i: int) -> Sample:
         """Image ``i`` as augmented in ``epoch``; raises the read errors."""
@@ -207,7 +223,9 @@ class InstanceDataset(torch.utils.data.Dataset):
         """Non-crowd annotations, capped to the largest ``max_instances`` in training."""
         anns = [a for a in rec.annotations if not a.iscrowd]
         if self.train and 0 < self.max_instances < len(anns):
-            area = [(a.bbox_xyxy[2] - a.bbox_xyxy[0]) * (a.bbox_xyxy[3] - a.bbox_xyxy[1]) for a in anns]
+            area = [
+                (a.bbox_xyxy[2] - a.bbox_xyxy[0]) * (a.bbox_xyxy[3] - a.bbox_xyxy[1]) for a in anns
+            ]
             keep = sorted(sorted(range(len(anns)), key=lambda k: -area[k])[: self.max_instances])
             anns = [anns[k] for k in keep]
         return anns
@@ -217,7 +235,9 @@ class InstanceDataset(torch.utils.data.Dataset):
         boxes = torch.tensor([a.bbox_xyxy for a in anns], dtype=torch.float32).reshape(-1, 4)
         return {
             "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(rec.height, rec.width)),
+            "boxes": tv_tensors.BoundingBoxes(
+                boxes, format="XYXY", canvas_size=(rec.height, rec.width)
+            ),
             "masks": tv_tensors.Mask(rasterize_masks(anns, rec.height, rec.width)),
             "labels": torch.tensor([a.category for a in anns], dtype=torch.int64),
         }
@@ -234,15 +254,27 @@ class InstanceDataset(torch.utils.data.Dataset):
         boxes = torch.minimum(boxes.clamp(min=0), limits)
         masks = sample["masks"].as_subclass(Tensor).bool()
         keep = masks.flatten(1).any(dim=1)
-        target = Instances(image_size=size, boxes=boxes, labels=sample["labels"].as_subclass(Tensor).long(),
-                           masks=masks)
+        target = Instances(
+            image_size=size,
+            boxes=boxes,
+            labels=sample["labels"].as_subclass(Tensor).long(),
+            masks=masks,
+        )
         if not bool(keep.all()):
             target = target[keep]
         sem_seg = sample.get("sem_seg")
         if sem_seg is not None:
             sem_seg = sem_seg.as_subclass(Tensor).long()
             if tuple(sem_seg.shape) != size:
-                raise ValueError(f"{rec.file_name}: sem_seg is {tuple(sem_seg.shape)} after the transforms "
-                                 f"but the image is {size}; pass it as a tv_tensors.Mask")
-        return Sample(image=image, target=target, image_id=rec.image_id,
-                      original_size=(rec.height, rec.width), file_name=rec.file_name, sem_seg=sem_seg)
+                raise ValueError(
+                    f"{rec.file_name}: sem_seg is {tuple(sem_seg.shape)} after the transforms "
+                    f"but the image is {size}; pass it as a tv_tensors.Mask"
+                )
+        return Sample(
+            image=image,
+            target=target,
+            image_id=rec.image_id,
+            original_size=(rec.height, rec.width),
+            file_name=rec.file_name,
+            sem_seg=sem_seg,
+        )

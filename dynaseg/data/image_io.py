@@ -9,6 +9,7 @@ refused before any pixel is decoded. Every failure -- missing file, unknown form
 corrupt data, size that disagrees with the annotation -- raises :class:`ImageReadError`, whose
 message starts with the file path.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,12 @@ __all__ = ["ImageReadError", "read_image"]
 _DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
 
 _MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
-    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
 )
 _TRUNCATION_HINTS = ("truncated", "incomplete", "out of bound", "premature end")
 _MESSAGE = re.compile(r"(.*): cannot read image \((.*)\)", re.DOTALL)
@@ -53,7 +58,11 @@ class ImageReadError(UserError, OSError):
     """
 
     def __init__(self, path: str | os.PathLike, reason: str = "") -> None:
-        unwrapped = unwrap_worker_message(type(self).__name__, path) if not reason and isinstance(path, str) else None
+        unwrapped = (
+            unwrap_worker_message(type(self).__name__, path)
+            if not reason and isinstance(path, str)
+            else None
+        )
         if unwrapped:
             m = _MESSAGE.fullmatch(unwrapped[0])
             path, reason = (m.group(1), m.group(2)) if m else (unwrapped[0], "")
@@ -87,8 +96,11 @@ def read_image(path: str | os.PathLike, expected_size: tuple[int, int] | None = 
     path = os.fspath(path)
     data = _read_bytes(path)
     header = _header_size(path, data)
-    if expected_size is not None and header is not None and header not in (
-            tuple(expected_size), tuple(expected_size)[::-1]):  # swapped: maybe an EXIF rotation
+    if (
+        expected_size is not None
+        and header is not None
+        and header not in (tuple(expected_size), tuple(expected_size)[::-1])
+    ):  # swapped: maybe an EXIF rotation
         _check_size(path, header, tuple(expected_size), what="size")
     image = _decode(path, data)
     if expected_size is not None:
@@ -146,16 +158,23 @@ def _decode(path: str, data: bytes) -> Tensor:
             detail = re.sub(r"^.*\.cpp:\d+,\s*", "", str(e).strip().splitlines()[0])
             if any(h in detail.lower() for h in _TRUNCATION_HINTS):
                 raise ImageReadError(path, f"truncated {fmt}") from None
-            reason = (f"corrupt {fmt}: {detail}" if fmt != "unknown format"
-                      else "not a recognised image format")
+            reason = (
+                f"corrupt {fmt}: {detail}"
+                if fmt != "unknown format"
+                else "not a recognised image format"
+            )
     try:
         return _decode_pil(data)
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         if not reason:
             msg = str(e)
-            reason = (f"truncated {fmt}" if "truncated" in msg.lower()
-                      else "not a recognised image format" if fmt == "unknown format"
-                      else f"corrupt {fmt}: {msg}")
+            reason = (
+                f"truncated {fmt}"
+                if "truncated" in msg.lower()
+                else "not a recognised image format"
+                if fmt == "unknown format"
+                else f"corrupt {fmt}: {msg}"
+            )
         raise ImageReadError(path, reason) from None
 
 
@@ -191,12 +210,15 @@ def _decode_pil(data: bytes) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def _check_size(path: str, got: tuple[int, int], expected: tuple[int, int], *,
-                what: str = "decoded size") -> None:
+def _check_size(
+    path: str, got: tuple[int, int], expected: tuple[int, int], *, what: str = "decoded size"
+) -> None:
     if got == expected:
         return
-    reason = (f"{what} {got[0]}x{got[1]} (HxW) does not match the annotation's "
-              f"{expected[0]}x{expected[1]}")
+    reason = (
+        f"{what} {got[0]}x{got[1]} (HxW) does not match the annotation's "
+        f"{expected[0]}x{expected[1]}"
+    )
     if got == expected[::-1]:
         reason += "; width and height are swapped, probably by the EXIF orientation tag"
     raise ImageReadError(path, reason)

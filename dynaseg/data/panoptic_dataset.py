@@ -12,6 +12,7 @@ The transforms (``dynaseg.data.transforms``) move ``sem_seg`` with the image as 
 ``tv_tensors.Mask`` (nearest resize, flips) and never filter it with the boxes. Augmentation seeding
 and epoch-encoded indices are those of :class:`~dynaseg.data.dataset.InstanceDataset`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -51,10 +52,24 @@ class PanopticDataset(InstanceDataset):
     :class:`~dynaseg.data.coco.DatasetError` naming the PNG.
     """
 
-    def __init__(self, panoptic: CocoPanoptic, transforms: Transform | None, *, train: bool,
-                 max_instances: int = 0, seed: int = 0, on_error: Literal["stop", "skip"] = "stop") -> None:
-        super().__init__(panoptic, transforms, train=train, max_instances=max_instances,  # type: ignore[arg-type]
-                         seed=seed, on_error=on_error)
+    def __init__(
+        self,
+        panoptic: CocoPanoptic,
+        transforms: Transform | None,
+        *,
+        train: bool,
+        max_instances: int = 0,
+        seed: int = 0,
+        on_error: Literal["stop", "skip"] = "stop",
+    ) -> None:
+        super().__init__(
+            panoptic,
+            transforms,
+            train=train,
+            max_instances=max_instances,  # type: ignore[arg-type]
+            seed=seed,
+            on_error=on_error,
+        )
         self.records: list[PanopticImageRecord] = panoptic.records  # type: ignore[assignment]
         self.stuff_names = panoptic.stuff_names
 
@@ -62,8 +77,9 @@ class PanopticDataset(InstanceDataset):
         masks, labels, sem_seg = self._targets(rec, _read_ids(rec))
         return {
             "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(_mask_boxes(masks), format="XYXY",
-                                              canvas_size=(rec.height, rec.width)),
+            "boxes": tv_tensors.BoundingBoxes(
+                _mask_boxes(masks), format="XYXY", canvas_size=(rec.height, rec.width)
+            ),
             "masks": tv_tensors.Mask(masks),
             "labels": labels,
             "sem_seg": tv_tensors.Mask(sem_seg),
@@ -71,15 +87,21 @@ class PanopticDataset(InstanceDataset):
 
     def _blank_sample(self, rec: PanopticImageRecord) -> dict[str, Any]:  # type: ignore[override]
         sample = super()._blank_sample(rec)  # type: ignore[arg-type]
-        sample["sem_seg"] = tv_tensors.Mask(torch.full((rec.height, rec.width), IGNORE_LABEL, dtype=torch.uint8))
+        sample["sem_seg"] = tv_tensors.Mask(
+            torch.full((rec.height, rec.width), IGNORE_LABEL, dtype=torch.uint8)
+        )
         return sample
 
     def _targets(self, rec: PanopticImageRecord, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(H, W) segment ids -> thing masks (N, H, W) bool, labels (N,) int64, sem_seg (H, W) uint8."""
-        uniq, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+        uniq, inverse, counts = torch.unique(
+            ids, sorted=True, return_inverse=True, return_counts=True
+        )
         _check_ids(rec, set(uniq.tolist()) - {0})
         position = {int(v): k for k, v in enumerate(uniq.tolist())}
-        table = torch.full((len(uniq),), IGNORE_LABEL, dtype=torch.uint8)  # position in uniq -> label
+        table = torch.full(
+            (len(uniq),), IGNORE_LABEL, dtype=torch.uint8
+        )  # position in uniq -> label
         things: list[tuple[int, int]] = []  # (position, label)
         for seg in rec.segments:
             if seg.iscrowd:
@@ -105,8 +127,10 @@ def _read_ids(rec: PanopticImageRecord) -> Tensor:
     rgb = read_image(rec.panoptic_file)
     h, w = int(rgb.shape[-2]), int(rgb.shape[-1])
     if (h, w) != (rec.height, rec.width):
-        raise DatasetError(f"{rec.panoptic_file}: panoptic PNG is {h}x{w} (HxW) but its image "
-                           f"{rec.file_name} is {rec.height}x{rec.width}")
+        raise DatasetError(
+            f"{rec.panoptic_file}: panoptic PNG is {h}x{w} (HxW) but its image "
+            f"{rec.file_name} is {rec.height}x{rec.width}"
+        )
     return torch.from_numpy(rgb_to_id(rgb.permute(1, 2, 0).numpy()))
 
 
@@ -115,11 +139,15 @@ def _check_ids(rec: PanopticImageRecord, present: set[int]) -> None:
     listed = {s.id for s in rec.segments}
     absent, unlisted = sorted(listed - present), sorted(present - listed)
     if absent:
-        raise DatasetError(f"{rec.panoptic_file}: segment id(s) {absent[:_MAX_LISTED]} of image id="
-                           f"{rec.image_id} in the JSON have no pixels in the PNG")
+        raise DatasetError(
+            f"{rec.panoptic_file}: segment id(s) {absent[:_MAX_LISTED]} of image id="
+            f"{rec.image_id} in the JSON have no pixels in the PNG"
+        )
     if unlisted:
-        raise DatasetError(f"{rec.panoptic_file}: the PNG has segment id(s) {unlisted[:_MAX_LISTED]} that "
-                           f"image id={rec.image_id}'s segments_info does not list")
+        raise DatasetError(
+            f"{rec.panoptic_file}: the PNG has segment id(s) {unlisted[:_MAX_LISTED]} that "
+            f"image id={rec.image_id}'s segments_info does not list"
+        )
 
 
 def _mask_boxes(masks: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ Index encoding: :class:`TrainingSampler` yields ``epoch * size + i`` rather than
 therefore travels with the index into any worker process, with no shared state and no
 ``set_epoch`` calls, and a resumed run reproduces the uninterrupted run batch for batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,10 @@ from dynaseg.data.collate import BatchCollator
 from dynaseg.data.dataset import derive_seed
 
 __all__ = [
-    "TrainingSampler", "GroupedBatchSampler", "InferenceSampler", "build_train_loader",
+    "TrainingSampler",
+    "GroupedBatchSampler",
+    "InferenceSampler",
+    "build_train_loader",
     "build_test_loader",
 ]
 
@@ -43,8 +47,16 @@ class TrainingSampler(Sampler[int]):
         shuffle: False gives ``range(size)`` every epoch.
     """
 
-    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 skip: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if size <= 0:
             raise ValueError(f"TrainingSampler needs a non-empty dataset, got size={size}")
         _check_rank(rank, world_size)
@@ -62,7 +74,7 @@ class TrainingSampler(Sampler[int]):
         total = self.per_rank * self.world_size
         if total > self.size:  # wrap around so every rank gets the same count
             perm = perm.repeat(math.ceil(total / self.size))[:total]
-        return perm[self.rank::self.world_size].tolist()
+        return perm[self.rank :: self.world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.skip, self.per_rank)
@@ -88,8 +100,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
             depends on the whole stream, so it is replayed; this reads indices only, no images).
     """
 
-    def __init__(self, sampler: Iterable[int], group_ids: Sequence[int] | None, batch_size: int,
-                 *, skip_batches: int = 0) -> None:
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        group_ids: Sequence[int] | None,
+        batch_size: int,
+        *,
+        skip_batches: int = 0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
@@ -129,9 +147,18 @@ class InferenceSampler(Sampler[int]):
         return self.stop - self.start
 
 
-def build_train_loader(dataset: Dataset, *, batch_size_per_rank: int, num_workers: int,
-                       aspect_ratio_grouping: bool, seed: int, rank: int = 0, world_size: int = 1,
-                       start_iter: int = 0, size_divisibility: int = 32) -> DataLoader:
+def build_train_loader(
+    dataset: Dataset,
+    *,
+    batch_size_per_rank: int,
+    num_workers: int,
+    aspect_ratio_grouping: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iter: int = 0,
+    size_divisibility: int = 32,
+) -> DataLoader:
     """Infinite loader of :class:`~dynaseg.structures.Batch` for one rank.
 
     ``dataset`` must decode epoch-encoded indices (``InstanceDataset`` does) and, for grouping,
@@ -142,19 +169,39 @@ def build_train_loader(dataset: Dataset, *, batch_size_per_rank: int, num_worker
     if aspect_ratio_grouping:
         group_ids = [0 if ar >= 1.0 else 1 for ar in dataset.aspect_ratios()]  # type: ignore[attr-defined]
         sampler = TrainingSampler(size, seed=seed, rank=rank, world_size=world_size)
-        batches = GroupedBatchSampler(sampler, group_ids, batch_size_per_rank, skip_batches=start_iter)
+        batches = GroupedBatchSampler(
+            sampler, group_ids, batch_size_per_rank, skip_batches=start_iter
+        )
     else:  # plain chunking: skipping indices is O(1)
-        sampler = TrainingSampler(size, seed=seed, rank=rank, world_size=world_size,
-                                  skip=start_iter * batch_size_per_rank)
+        sampler = TrainingSampler(
+            size, seed=seed, rank=rank, world_size=world_size, skip=start_iter * batch_size_per_rank
+        )
         batches = GroupedBatchSampler(sampler, None, batch_size_per_rank)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=BatchCollator(size_divisibility), persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=BatchCollator(size_divisibility),
+        persistent_workers=num_workers > 0,
+    )
 
 
-def build_test_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, rank: int = 0,
-                      world_size: int = 1, size_divisibility: int = 32) -> DataLoader:
+def build_test_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    size_divisibility: int = 32,
+) -> DataLoader:
     """Finite, ordered loader over this rank's contiguous shard of ``dataset``."""
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
     batches = BatchSampler(sampler, batch_size, drop_last=False)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=BatchCollator(size_divisibility), persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=BatchCollator(size_divisibility),
+        persistent_workers=num_workers > 0,
+    )

@@ -10,6 +10,7 @@ Every image is drawn from its own ``np.random.Generator`` seeded with
 ``(seed, split, index)``, so the same seed gives byte-identical files and an image
 does not depend on how many others are generated.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -43,14 +44,18 @@ _PNG_KW = {"compress_level": 1, "compress_type": zlib.Z_HUFFMAN_ONLY}
 
 def thing_categories() -> list[dict]:
     """COCO ``categories`` entries for the thing classes (ids 1..7)."""
-    return [{"id": i + 1, "name": n, "supercategory": "easy" if n in EASY_CLASSES else "hard"}
-            for i, n in enumerate(THING_CLASSES)]
+    return [
+        {"id": i + 1, "name": n, "supercategory": "easy" if n in EASY_CLASSES else "hard"}
+        for i, n in enumerate(THING_CLASSES)
+    ]
 
 
 def panoptic_categories() -> list[dict]:
     """COCO panoptic ``categories``: things (isthing=1) then stuff (isthing=0, ids 8, 9)."""
-    stuff = [{"id": len(THING_CLASSES) + i + 1, "name": n, "supercategory": "stuff", "isthing": 0}
-             for i, n in enumerate(STUFF_CLASSES)]
+    stuff = [
+        {"id": len(THING_CLASSES) + i + 1, "name": n, "supercategory": "stuff", "isthing": 0}
+        for i, n in enumerate(STUFF_CLASSES)
+    ]
     return [{**c, "isthing": 1} for c in thing_categories()] + stuff
 
 
@@ -74,9 +79,14 @@ class SyntheticSample:
 
 
 # ----------------------------------------------------------------------------- shapes
-def _shape_mask(name: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
+def _shape_mask(
+    name: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, R: float
+) -> np.ndarray:
     """Boolean mask of shape ``name`` of outer radius ``R`` in its rotated local frame (u, v)."""
-    if name in ("square", "triangle"):  # regular polygon with vertices on radius R: half-plane tests
+    if name in (
+        "square",
+        "triangle",
+    ):  # regular polygon with vertices on radius R: half-plane tests
         k = 4 if name == "square" else 3
         phis = 2 * np.pi * (np.arange(k) + 0.5) / k
         apothem = R * np.cos(np.pi / k)
@@ -129,7 +139,11 @@ def _texture(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.nda
     ys, xs = ys.ravel().astype(np.float32), xs.ravel().astype(np.float32)
     out = np.zeros((ys.size, xs.size), np.float32)
     for _ in range(3):
-        freq, ang, phase = 2 * np.pi / rng.uniform(15, 150), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        freq, ang, phase = (
+            2 * np.pi / rng.uniform(15, 150),
+            rng.uniform(0, np.pi),
+            rng.uniform(0, 2 * np.pi),
+        )
         ay = (np.float32(freq * np.sin(ang)) * ys + np.float32(phase))[:, None]
         ax = (np.float32(freq * np.cos(ang)) * xs)[None, :]
         out += np.sin(ay) * np.cos(ax)
@@ -153,14 +167,19 @@ def _draw_layout(rng: np.random.Generator, H: int, W: int, n: int, backgrounds: 
         c, s = np.cos(rot), np.sin(rot)
         u, v = dx * c + dy * s, dy * c - dx * s
         local = _shape_mask(THING_CLASSES[cls], rng, u, v, R)
-        for attempt in range(1000):  # saturated colour, far from the backgrounds and (if possible) other objects
+        for attempt in range(
+            1000
+        ):  # saturated colour, far from the backgrounds and (if possible) other objects
             colour = _hsv(rng.random(), rng.uniform(0.65, 1), rng.uniform(0.55, 1))
             if min(np.linalg.norm(colour - b) for b in backgrounds) > 80 and (
-                    attempt >= 20 or all(np.linalg.norm(colour - prev) > 60 for prev in colours)):
+                attempt >= 20 or all(np.linalg.norm(colour - prev) > 60 for prev in colours)
+            ):
                 break
         colours.append(colour)
         ang, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3)
-        shade = 1 + strength * (np.cos(ang) * u + np.sin(ang) * v) / R + 0.06 * _texture(rng, dy, dx)
+        shade = (
+            1 + strength * (np.cos(ang) * u + np.sin(ang) * v) / R + 0.06 * _texture(rng, dy, dx)
+        )
         window = (slice(y0, y1), slice(x0, x1))
         mask = np.zeros((H, W), bool)
         mask[window] = local
@@ -168,8 +187,14 @@ def _draw_layout(rng: np.random.Generator, H: int, W: int, n: int, backgrounds: 
     return objs
 
 
-def render_sample(seed: int, split: str, index: int, image_size: int | tuple[int, int] = 320,
-                  max_objects: int = 8, min_objects: int = 1) -> SyntheticSample:
+def render_sample(
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int | tuple[int, int] = 320,
+    max_objects: int = 8,
+    min_objects: int = 1,
+) -> SyntheticSample:
     """Render image ``index`` of ``split`` deterministically from ``(seed, split, index)``."""
     H, W = _check_size(image_size)
     if split not in _SPLIT_CODES:
@@ -180,12 +205,20 @@ def render_sample(seed: int, split: str, index: int, image_size: int | tuple[int
     # Background: wavy sky/ground boundary, muted base colours, smooth texture, per-pixel noise.
     boundary = np.full(W, rng.uniform(0.3, 0.7) * H, np.float32)
     for _ in range(3):
-        amp, cycles, phase = rng.uniform(0, 0.06) * H, rng.uniform(0.3, 4), rng.uniform(0, 2 * np.pi)
+        amp, cycles, phase = (
+            rng.uniform(0, 0.06) * H,
+            rng.uniform(0.3, 4),
+            rng.uniform(0, 2 * np.pi),
+        )
         boundary += amp * np.sin(2 * np.pi * cycles * xx[0] / W + phase)
     sky = yy + 0.5 < boundary[None, :]
     bases = [_hsv(rng.random(), rng.uniform(0.05, 0.35), rng.uniform(0.3, 0.9)) for _ in range(2)]
-    lum = np.where(sky, rng.uniform(8, 25) * _texture(rng, yy, xx), rng.uniform(8, 25) * _texture(rng, yy, xx))
-    image = np.stack([np.where(sky, b0, b1) + lum for b0, b1 in zip(*bases)])  # channel-first: faster
+    lum = np.where(
+        sky, rng.uniform(8, 25) * _texture(rng, yy, xx), rng.uniform(8, 25) * _texture(rng, yy, xx)
+    )
+    image = np.stack(
+        [np.where(sky, b0, b1) + lum for b0, b1 in zip(*bases)]
+    )  # channel-first: faster
     # Things, painted in order; re-drawn until enough instances survive occlusion/size filtering.
     for _ in range(100):
         objs = _draw_layout(rng, H, W, int(rng.integers(min_objects, max_objects + 1)), bases)
@@ -212,9 +245,13 @@ def render_sample(seed: int, split: str, index: int, image_size: int | tuple[int
 
 # ----------------------------------------------------------------------------- writer
 def _check_size(image_size) -> tuple[int, int]:
-    hw = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+    hw = (
+        (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+    )
     if len(hw) != 2 or any(not isinstance(s, (int, np.integer)) or s < 32 for s in hw):
-        raise ValueError(f"image_size must be an int or (height, width) of ints >= 32, got {image_size!r}")
+        raise ValueError(
+            f"image_size must be an int or (height, width) of ints >= 32, got {image_size!r}"
+        )
     return int(hw[0]), int(hw[1])
 
 
@@ -228,17 +265,31 @@ def _write_json(obj: dict, path: Path) -> None:
         json.dump(obj, f)
 
 
-def generate_synthetic(out_dir: str | Path, *, num_train: int = 200, num_val: int = 50,
-                       image_size: int | tuple[int, int] = 320, seed: int = 0, max_objects: int = 8,
-                       min_objects: int = 1, panoptic: bool = True, progress: bool = False) -> dict[str, Path]:
+def generate_synthetic(
+    out_dir: str | Path,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: int | tuple[int, int] = 320,
+    seed: int = 0,
+    max_objects: int = 8,
+    min_objects: int = 1,
+    panoptic: bool = True,
+    progress: bool = False,
+) -> dict[str, Path]:
     """Write the synthetic dataset (images, COCO instances and optionally panoptic) under ``out_dir``.
 
     ``image_size`` is an int or ``(height, width)``. Returns the written paths: ``train_json``,
     ``val_json``, ``train_images``, ``val_images`` and, if ``panoptic``, ``panoptic_{split}_json``
     and ``panoptic_{split}_dir``.
     """
-    for name, val in (("num_train", num_train), ("num_val", num_val), ("seed", seed),
-                      ("min_objects", min_objects), ("max_objects", max_objects)):
+    for name, val in (
+        ("num_train", num_train),
+        ("num_val", num_val),
+        ("seed", seed),
+        ("min_objects", min_objects),
+        ("max_objects", max_objects),
+    ):
         if not isinstance(val, (int, np.integer)) or val < 0:
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     if max_objects < min_objects:
@@ -249,6 +300,7 @@ def generate_synthetic(out_dir: str | Path, *, num_train: int = 200, num_val: in
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=num_train + num_val, desc="synthetic", unit="img")
     stuff_ids = [len(THING_CLASSES) + 1 + i for i in range(len(STUFF_CLASSES))]
     paths: dict[str, Path] = {}
@@ -273,33 +325,76 @@ def generate_synthetic(out_dir: str | Path, *, num_train: int = 200, num_val: in
                 bbox = [float(b) for b in mask_utils.toBbox(rle)]
                 area = int(mask_utils.area(rle))
                 rle["counts"] = rle["counts"].decode("ascii")
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": obj.category_id,
-                             "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})
-                segments.append({"id": len(segments) + 1, "category_id": obj.category_id, "area": area,
-                                 "bbox": [int(b) for b in bbox], "iscrowd": 0})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": obj.category_id,
+                        "segmentation": rle,
+                        "area": area,
+                        "bbox": bbox,
+                        "iscrowd": 0,
+                    }
+                )
+                segments.append(
+                    {
+                        "id": len(segments) + 1,
+                        "category_id": obj.category_id,
+                        "area": area,
+                        "bbox": [int(b) for b in bbox],
+                        "iscrowd": 0,
+                    }
+                )
                 pan_ids[obj.visible] = segments[-1]["id"]
             if panoptic:
                 for cat, region in zip(stuff_ids, (sample.sky, ~sample.sky)):
                     region = region & ~covered
                     if region.any():
-                        segments.append({"id": len(segments) + 1, "category_id": cat, "area": int(region.sum()),
-                                         "bbox": _bbox(region), "iscrowd": 0})
+                        segments.append(
+                            {
+                                "id": len(segments) + 1,
+                                "category_id": cat,
+                                "area": int(region.sum()),
+                                "bbox": _bbox(region),
+                                "iscrowd": 0,
+                            }
+                        )
                         pan_ids[region] = segments[-1]["id"]
-                rgba = pan_ids.astype("<u4").view(np.uint8).reshape(H, W, 4)  # id = R + 256 G + 256^2 B
+                rgba = (
+                    pan_ids.astype("<u4").view(np.uint8).reshape(H, W, 4)
+                )  # id = R + 256 G + 256^2 B
                 Image.fromarray(rgba).convert("RGB").save(pan_dir / file_name, compress_level=1)
-                pan_anns.append({"image_id": image_id, "file_name": file_name, "segments_info": segments})
+                pan_anns.append(
+                    {"image_id": image_id, "file_name": file_name, "segments_info": segments}
+                )
             if bar is not None:
                 bar.update()
         info = {"description": f"dynaseg synthetic shapes ({split}, seed={seed})", "version": "1.0"}
         paths[f"{split}_json"] = out_dir / "annotations" / f"instances_{split}.json"
         paths[f"{split}_images"] = img_dir
-        _write_json({"info": info, "licenses": [], "images": images, "annotations": anns,
-                     "categories": thing_categories()}, paths[f"{split}_json"])
+        _write_json(
+            {
+                "info": info,
+                "licenses": [],
+                "images": images,
+                "annotations": anns,
+                "categories": thing_categories(),
+            },
+            paths[f"{split}_json"],
+        )
         if panoptic:
             paths[f"panoptic_{split}_json"] = out_dir / "annotations" / f"panoptic_{split}.json"
             paths[f"panoptic_{split}_dir"] = pan_dir
-            _write_json({"info": info, "licenses": [], "images": images, "annotations": pan_anns,
-                         "categories": panoptic_categories()}, paths[f"panoptic_{split}_json"])
+            _write_json(
+                {
+                    "info": info,
+                    "licenses": [],
+                    "images": images,
+                    "annotations": pan_anns,
+                    "categories": panoptic_categories(),
+                },
+                paths[f"panoptic_{split}_json"],
+            )
     if bar is not None:
         bar.close()
     return paths

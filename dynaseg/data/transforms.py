@@ -15,6 +15,7 @@ boxes are removed. ``sem_seg`` is a per-pixel map, not a per-instance field (``D
 resized (nearest) and flipped with the image but never filtered with the boxes. All randomness comes
 from torch's global RNG, which the dataset seeds per sample.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,12 +28,19 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "ResizeShortestEdge", "SanitizeInstances", "build_train_transforms", "build_test_transforms",
-    "resized_shape", "ALIGNED_KEYS", "DENSE_KEYS",
+    "ResizeShortestEdge",
+    "SanitizeInstances",
+    "build_train_transforms",
+    "build_test_transforms",
+    "resized_shape",
+    "ALIGNED_KEYS",
+    "DENSE_KEYS",
 ]
 
 ALIGNED_KEYS = ("labels", "iscrowd")  # per-instance plain tensors kept aligned with the boxes
-DENSE_KEYS = ("sem_seg",)  # per-pixel tv_tensors.Mask maps: transformed with the image, never sanitised
+DENSE_KEYS = (
+    "sem_seg",
+)  # per-pixel tv_tensors.Mask maps: transformed with the image, never sanitised
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -55,11 +63,19 @@ class ResizeShortestEdge(v2.Transform):
     uint8 output is computed in float: torch's uint8 antialiasing kernel asserts on it).
     """
 
-    def __init__(self, short_edge_lengths: int | Sequence[int], max_size: int,
-                 interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
-                 antialias: bool = True) -> None:
+    def __init__(
+        self,
+        short_edge_lengths: int | Sequence[int],
+        max_size: int,
+        interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+        antialias: bool = True,
+    ) -> None:
         super().__init__()
-        lengths = [short_edge_lengths] if isinstance(short_edge_lengths, int) else list(short_edge_lengths)
+        lengths = (
+            [short_edge_lengths]
+            if isinstance(short_edge_lengths, int)
+            else list(short_edge_lengths)
+        )
         if not lengths or min(lengths) <= 0:
             raise ValueError(f"short_edge_lengths must be positive, got {short_edge_lengths!r}")
         self.short_edge_lengths = lengths
@@ -69,19 +85,36 @@ class ResizeShortestEdge(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = _query_size(flat_inputs)
-        k = int(torch.randint(len(self.short_edge_lengths), ())) if len(self.short_edge_lengths) > 1 else 0
-        return {"size": list(resized_shape(height, width, self.short_edge_lengths[k], self.max_size))}
+        k = (
+            int(torch.randint(len(self.short_edge_lengths), ()))
+            if len(self.short_edge_lengths) > 1
+            else 0
+        )
+        return {
+            "size": list(resized_shape(height, width, self.short_edge_lengths[k], self.max_size))
+        }
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
             return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT)
-        if (isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8 and self.antialias
-                and list(params["size"]) == [1, 1] and inpt.shape[-2] > 1):
+        if (
+            isinstance(inpt, tv_tensors.Image)
+            and inpt.dtype == torch.uint8
+            and self.antialias
+            and list(params["size"]) == [1, 1]
+            and inpt.shape[-2] > 1
+        ):
             # torch's uint8 antialiased kernel fails an internal assert for a 1x1 output: go via float.
-            out = F.resize(inpt.as_subclass(Tensor).float(), [1, 1], interpolation=self.interpolation,
-                           antialias=True)
+            out = F.resize(
+                inpt.as_subclass(Tensor).float(),
+                [1, 1],
+                interpolation=self.interpolation,
+                antialias=True,
+            )
             return tv_tensors.wrap(out.round_().clamp_(0, 255).to(torch.uint8), like=inpt)
-        return F.resize(inpt, params["size"], interpolation=self.interpolation, antialias=self.antialias)
+        return F.resize(
+            inpt, params["size"], interpolation=self.interpolation, antialias=self.antialias
+        )
 
 
 def _query_size(flat_inputs: list[Any]) -> tuple[int, int]:
@@ -91,7 +124,9 @@ def _query_size(flat_inputs: list[Any]) -> tuple[int, int]:
     for x in flat_inputs:
         if isinstance(x, tv_tensors.BoundingBoxes):
             return tuple(x.canvas_size)  # type: ignore[return-value]
-    raise TypeError("ResizeShortestEdge needs a tv_tensors.Image, Mask or BoundingBoxes in the sample")
+    raise TypeError(
+        "ResizeShortestEdge needs a tv_tensors.Image, Mask or BoundingBoxes in the sample"
+    )
 
 
 def _aligned_tensors(sample: Any) -> tuple[Tensor, ...]:
@@ -116,7 +151,9 @@ class SanitizeInstances(v2.SanitizeBoundingBoxes):
         return {k: sample[k] if k in DENSE_KEYS else out[k] for k in sample}
 
 
-def build_train_transforms(min_sizes: Sequence[int], max_size: int, hflip_prob: float) -> v2.Compose:
+def build_train_transforms(
+    min_sizes: Sequence[int], max_size: int, hflip_prob: float
+) -> v2.Compose:
     """Random short side in ``min_sizes`` (long side <= ``max_size``), horizontal flip with
     ``hflip_prob``, then drop boxes narrower/shorter than 1 px (or under 1 px^2) with their masks,
     labels and crowd flags (a ``sem_seg`` map is resized and flipped, not filtered)."""

@@ -1,6 +1,7 @@
 """torch.distributed process groups: setup from torchrun's environment, teardown, failure spreading.
 
 The collectives themselves (reductions, gathers) are in ``dynaseg/utils/comm.py``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,7 @@ from dynaseg.utils.comm import get_rank, get_world_size, is_distributed
 __all__ = ["init_distributed", "cleanup", "spread_failures", "FailureWatch", "PeerRankFailed"]
 
 logger = logging.getLogger("dynaseg.distributed")
-_FAILED = "dynaseg/failed"   # store key: "rank R: Type: message" of the first rank that failed
+_FAILED = "dynaseg/failed"  # store key: "rank R: Type: message" of the first rank that failed
 _ACKS = "dynaseg/failure_acks"
 
 
@@ -66,13 +67,23 @@ class FailureWatch:
     with exit status 1: a rank blocked in a collective (NCCL) cannot be interrupted otherwise.
     """
 
-    def __init__(self, store: dist.Store, *, rank: int, world_size: int, poll_s: float = 1.0,
-                 grace_s: float = 30.0, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        *,
+        rank: int,
+        world_size: int,
+        poll_s: float = 1.0,
+        grace_s: float = 30.0,
+        ack_timeout_s: float = 5.0,
+    ) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.poll_s, self.grace_s, self.ack_timeout_s = poll_s, grace_s, ack_timeout_s
-        self.failure: str | None = None   # the first failure seen, "rank R: Type: message"
+        self.failure: str | None = None  # the first failure seen, "rank R: Type: message"
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="dynaseg-failure-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, name="dynaseg-failure-watch", daemon=True
+        )
 
     def start(self) -> FailureWatch:
         self._thread.start()
@@ -101,8 +112,12 @@ class FailureWatch:
                 return
         if self._stop.wait(self.grace_s):
             return
-        logger.error("rank %d: still running %g s after %s; exiting", self.rank, self.grace_s,
-                     _peer_message(self.failure or "another rank failed"))
+        logger.error(
+            "rank %d: still running %g s after %s; exiting",
+            self.rank,
+            self.grace_s,
+            _peer_message(self.failure or "another rank failed"),
+        )
         logging.shutdown()
         os._exit(1)
 
@@ -117,7 +132,9 @@ class FailureWatch:
         if first == mine:
             deadline = time.monotonic() + self.ack_timeout_s
             with contextlib.suppress(Exception):
-                while self.store.add(_ACKS, 0) < self.world_size - 1 and time.monotonic() < deadline:
+                while (
+                    self.store.add(_ACKS, 0) < self.world_size - 1 and time.monotonic() < deadline
+                ):
                     time.sleep(0.05)
         return first
 
@@ -138,12 +155,16 @@ def spread_failures(*, poll_s: float = 1.0, grace_s: float = 30.0) -> Iterator[N
     The rank that raised re-raises its error; the others raise ``PeerRankFailed`` naming it (or exit
     with status 1 after ``grace_s`` if blocked). No-op without a process group.
     """
-    default_store = getattr(dist.distributed_c10d, "_get_default_store", None)  # private, stable since torch 1.x
+    default_store = getattr(
+        dist.distributed_c10d, "_get_default_store", None
+    )  # private, stable since torch 1.x
     store = default_store() if is_distributed() and default_store is not None else None
     if store is None:
         yield
         return
-    watch = FailureWatch(store, rank=get_rank(), world_size=get_world_size(), poll_s=poll_s, grace_s=grace_s).start()
+    watch = FailureWatch(
+        store, rank=get_rank(), world_size=get_world_size(), poll_s=poll_s, grace_s=grace_s
+    ).start()
     try:
         yield
     except BaseException as e:

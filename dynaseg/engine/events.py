@@ -1,4 +1,5 @@
 """Training history: JSON lines (the source of the loss curve) plus TensorBoard scalars."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,26 @@ class EventWriter:
     holds two histories for the same iterations.
     """
 
-    def __init__(self, output_dir: str | Path, *, start_iter: int = 0, tensorboard: bool = True) -> None:
+    def __init__(
+        self, output_dir: str | Path, *, start_iter: int = 0, tensorboard: bool = True
+    ) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
-        kept = [e for e in read_history(self.path) if e.get("iter", 0) < start_iter] if start_iter else []
+        kept = (
+            [e for e in read_history(self.path) if e.get("iter", 0) < start_iter]
+            if start_iter
+            else []
+        )
         text = "".join(json.dumps(e) + "\n" for e in kept)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))   # a kill here keeps the old history
+        atomic_write(
+            self.path, lambda tmp: Path(tmp).write_text(text)
+        )  # a kill here keeps the old history
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_iter or None)
+
+            self._tb = SummaryWriter(
+                str(Path(output_dir) / "tensorboard"), purge_step=start_iter or None
+            )
 
     def write(self, iteration: int, scalars: dict[str, Any]) -> None:
         with self.path.open("a") as f:

@@ -1,6 +1,7 @@
 """The loss-curve plot every training run leaves (``loss_curve.png``): the total loss and every
 ``loss_*`` term against iteration, raw and as a moving average, on a log scale where possible. Drawn
 with matplotlib's Agg canvas, without touching the global matplotlib backend."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def _loss_series(history: Sequence[Mapping[str, Any]]) -> dict[str, tuple[np.nda
     keys.sort(key=lambda k: (k != "loss", k))
     series = {}
     for key in keys:
-        pts = [(float(e.get("iter", i)), float(e[key])) for i, e in enumerate(history)
-               if key in e and _is_number(e[key]) and math.isfinite(float(e[key]))]
+        pts = [
+            (float(e.get("iter", i)), float(e[key]))
+            for i, e in enumerate(history)
+            if key in e and _is_number(e[key]) and math.isfinite(float(e[key]))
+        ]
         if pts:
             x, y = np.asarray(pts, dtype=np.float64).T
             series[key] = (x, y)
@@ -45,8 +49,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
 
-def plot_loss_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *,
-                     smoothing_window: int = 20, title: str = "training loss") -> Path:
+def plot_loss_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    smoothing_window: int = 20,
+    title: str = "training loss",
+) -> Path:
     """Plot total loss and each ``loss_*`` term vs iteration to a PNG (~100 dpi).
 
     Args:
@@ -62,8 +71,10 @@ def plot_loss_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *,
         raise ValueError("plot_loss_curves: history is empty, nothing to plot")
     series = _loss_series(history)
     if not series:
-        raise ValueError("plot_loss_curves: no 'loss' or 'loss_*' values in history "
-                         f"(keys seen: {sorted({k for e in history for k in e})})")
+        raise ValueError(
+            "plot_loss_curves: no 'loss' or 'loss_*' values in history "
+            f"(keys seen: {sorted({k for e in history for k in e})})"
+        )
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -71,7 +82,7 @@ def plot_loss_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *,
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     log_y = all((y > 0).any() for _, y in series.values())
-    palette = [f"C{k}" for k in range(10)]           # matplotlib's default colour cycle
+    palette = [f"C{k}" for k in range(10)]  # matplotlib's default colour cycle
     for k, (key, (x, y)) in enumerate(series.items()):
         total = key == "loss"
         color = "black" if total else palette[k % len(palette)]

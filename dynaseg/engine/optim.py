@@ -1,4 +1,5 @@
 """SGD with per-group weight decay, and warm-up + multi-step / cosine learning-rate schedules."""
+
 from __future__ import annotations
 
 import bisect
@@ -39,5 +40,7 @@ def lr_factor(iteration: int, cfg: SolverConfig) -> float:
     return decay
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SolverConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))

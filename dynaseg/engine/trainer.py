@@ -1,4 +1,5 @@
 """The training loop: iteration-based, resumable, DDP-aware, with progress, logging and evaluation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,8 @@ class TrainingResult:
     """What a finished run produced."""
 
     output_dir: Path
-    weights: Path                 # model_final.safetensors
-    metrics: dict                 # evaluate_coco output ({} when there is no validation set)
+    weights: Path  # model_final.safetensors
+    metrics: dict  # evaluate_coco output ({} when there is no validation set)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -62,9 +63,10 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, check_grads: bool,
-               iteration: int) -> str:
-    """"" when every rank's losses (and, with ``check_grads``, gradients) are finite, else what is not.
+def _nonfinite(
+    losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, check_grads: bool, iteration: int
+) -> str:
+    """ "" when every rank's losses (and, with ``check_grads``, gradients) are finite, else what is not.
 
     One all-reduce per step (and a single host sync) so that all ranks take the same decision.
     """
@@ -73,8 +75,11 @@ def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, chec
     flags = comm.reduce_max(torch.stack([loss_bad, grad_bad]).float()).tolist()
     if not any(flags):
         return ""
-    local = [(k, v.detach().float().flatten()[0].item() if v.numel() == 1 else float("nan"))
-             for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+    local = [
+        (k, v.detach().float().flatten()[0].item() if v.numel() == 1 else float("nan"))
+        for k, v in losses.items()
+        if not torch.isfinite(v.detach()).all()
+    ]
     gathered = comm.all_gather_objects(local)
     where = (lambda r: f" on rank {r}") if len(gathered) > 1 else (lambda r: "")
     terms = ", ".join(f"{k}={v}{where(r)}" for r, items in enumerate(gathered) for k, v in items)
@@ -83,7 +88,9 @@ def _nonfinite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, *, chec
     return f"non-finite gradients at iteration {iteration} (total grad norm {grad_norm.item()}) with finite losses"
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = False, model: nn.Module | None = None) -> TrainingResult:
+def train(
+    cfg: ExperimentConfig, *, resume: bool = False, model: nn.Module | None = None
+) -> TrainingResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.solver.max_iter`` iterations.
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard events),
@@ -99,7 +106,9 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, model: nn.Module | Non
         return _train(cfg, resume=resume, device=device, model=model)
 
 
-def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: nn.Module | None) -> TrainingResult:
+def _train(
+    cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: nn.Module | None
+) -> TrainingResult:
     rank, world = comm.get_rank(), comm.get_world_size()
     main = comm.is_main_process()
     out = Path(cfg.output_dir)
@@ -115,7 +124,9 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
 
     data = load_split(cfg, "train")
     if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} processes")
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} processes"
+        )
     dataset = build_dataset(cfg, data, train=True)
 
     model_name = cfg.model.kind if model is None else type(model).__name__
@@ -137,27 +148,44 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
             except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{last}: optimizer/scheduler state does not match this config "
-                                      f"({type(e).__name__}: {e})") from None
+                raise CheckpointError(
+                    f"{last}: optimizer/scheduler state does not match this config "
+                    f"({type(e).__name__}: {e})"
+                ) from None
             if scaler is not None and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
             resume_rng = state.get("rng")
             start_iter = int(state["iteration"])
-            skips, skips_in_a_row = int(state.get("nonfinite_skips", 0)), int(state.get("nonfinite_in_a_row", 0))
+            skips, skips_in_a_row = (
+                int(state.get("nonfinite_skips", 0)),
+                int(state.get("nonfinite_in_a_row", 0)),
+            )
             logger.info("resumed from %s at iteration %d", last, start_iter)
     if world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # DynaMask's first phase leaves the Mask Switch Module unused; so does DR1Mask's
         # "no dynamic factors" ablation with the context conv.
-        unused = cfg.model.kind == "dynamask" or (cfg.model.kind == "dr1mask" and cfg.model.dr1.dynamic_factors == "none")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=unused)
+        unused = cfg.model.kind == "dynamask" or (
+            cfg.model.kind == "dr1mask" and cfg.model.dr1.dynamic_factors == "none"
+        )
+        model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused,
+        )
 
-    loader = build_train_loader(dataset, batch_size_per_rank=cfg.data.batch_size // world,
-                                num_workers=cfg.data.num_workers, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-                                seed=cfg.seed, rank=rank, world_size=world, start_iter=start_iter,
-                                size_divisibility=cfg.model.size_divisibility)
+    loader = build_train_loader(
+        dataset,
+        batch_size_per_rank=cfg.data.batch_size // world,
+        num_workers=cfg.data.num_workers,
+        aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        start_iter=start_iter,
+        size_divisibility=cfg.model.size_divisibility,
+    )
     # The record of the resumed iteration itself was written before its checkpoint: keep it.
     events = EventWriter(out, start_iter=start_iter + 1 if start_iter else 0) if main else None
     weights_meta = {**dataset_metadata(data), "model": model_name}
@@ -165,18 +193,29 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
     def checkpoint(iteration: int) -> None:
         if main:
             # The global RNG drives RoI sampling and Gumbel noise: saving it makes resumes exact.
-            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "nonfinite_skips": skips, "nonfinite_in_a_row": skips_in_a_row}
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "nonfinite_skips": skips,
+                "nonfinite_in_a_row": skips_in_a_row,
+            }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             save_training_state(out, iteration, state)
 
     model.train()
-    bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="train", disable=not main, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 15)
+    bar = tqdm(
+        total=cfg.solver.max_iter,
+        initial=start_iter,
+        desc="train",
+        disable=not main,
+        dynamic_ncols=True,
+        mininterval=1 if sys.stderr.isatty() else 15,
+    )
     data_iter = iter(loader)
-    if resume_rng is not None:   # after iter(loader), which draws a seed from the global RNG
+    if resume_rng is not None:  # after iter(loader), which draws a seed from the global RNG
         torch.set_rng_state(resume_rng)
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = list(model.buffers())
@@ -184,7 +223,7 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
     logger.info("training iterations %d to %d", start_iter + 1, cfg.solver.max_iter)
     start = time.perf_counter()
     for iteration in range(start_iter, cfg.solver.max_iter):
-        done = iteration + 1   # iteration numbers in messages and events count steps from 1
+        done = iteration + 1  # iteration numbers in messages and events count steps from 1
         batch = next(data_iter).to(device, memory_format=memory_format)
         # A skipped step must not leave BatchNorm statistics (or step counters) of its forward pass.
         saved_buffers = [b.detach().clone() for b in buffers] if skip_mode else None
@@ -201,20 +240,28 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
         # With fp16 AMP, inf gradients are the GradScaler's business (it skips and lowers the scale).
         problem = _nonfinite(losses, grad_norm, check_grads=scaler is None, iteration=done)
         if problem and not skip_mode:
-            raise FloatingPointError(f"{problem} (solver.on_nonfinite=stop; \"skip\" skips such steps)")
+            raise FloatingPointError(
+                f'{problem} (solver.on_nonfinite=stop; "skip" skips such steps)'
+            )
         if problem:
             skips, skips_in_a_row = skips + 1, skips_in_a_row + 1
             if skips_in_a_row > cfg.solver.max_nonfinite_skips:
-                raise FloatingPointError(f"{problem}, after {skips_in_a_row - 1} skipped steps in a row: stopping "
-                                         f"(solver.max_nonfinite_skips={cfg.solver.max_nonfinite_skips})")
+                raise FloatingPointError(
+                    f"{problem}, after {skips_in_a_row - 1} skipped steps in a row: stopping "
+                    f"(solver.max_nonfinite_skips={cfg.solver.max_nonfinite_skips})"
+                )
             with torch.no_grad():
                 for b, saved in zip(buffers, saved_buffers):
                     b.copy_(saved)
             if scaler is not None:
                 scaler.update()
             if main:
-                logger.warning("%s: step skipped (%d in a row, %d in total)", problem, skips_in_a_row, skips)
-                events.write(done, {"nonfinite_skipped": 1, "nonfinite_skips": skips, "nonfinite": problem})
+                logger.warning(
+                    "%s: step skipped (%d in a row, %d in total)", problem, skips_in_a_row, skips
+                )
+                events.write(
+                    done, {"nonfinite_skipped": 1, "nonfinite_skips": skips, "nonfinite": problem}
+                )
         else:
             skips_in_a_row = 0
             if scaler is not None:
@@ -222,22 +269,37 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
                 scaler.update()
             else:
                 optimizer.step()
-        scheduler.step()   # also after a skipped step: the schedule follows the iteration number
+        scheduler.step()  # also after a skipped step: the schedule follows the iteration number
 
         if not problem and (done % cfg.solver.log_period == 0 or done == cfg.solver.max_iter):
             reduced = {k: comm.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
             if main:
-                scalars = {"loss": sum(reduced.values()), **reduced, "lr": optimizer.param_groups[0]["lr"],
-                           "grad_norm": grad_norm.item(),
-                           "time_per_iter": (time.perf_counter() - start) / max(done - start_iter, 1)}
+                scalars = {
+                    "loss": sum(reduced.values()),
+                    **reduced,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm.item(),
+                    "time_per_iter": (time.perf_counter() - start) / max(done - start_iter, 1),
+                }
                 if skips:
                     scalars["nonfinite_skips"] = skips
                 events.write(done, scalars)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")})
+                bar.set_postfix(
+                    {
+                        k.replace("loss_", ""): f"{v:.3f}"
+                        for k, v in scalars.items()
+                        if k.startswith("loss")
+                    }
+                )
         bar.update(1)
         if done % cfg.solver.checkpoint_period == 0 and done < cfg.solver.max_iter:
             checkpoint(done)
-        if cfg.solver.eval_period and done % cfg.solver.eval_period == 0 and done < cfg.solver.max_iter and cfg.data.val_json:
+        if (
+            cfg.solver.eval_period
+            and done % cfg.solver.eval_period == 0
+            and done < cfg.solver.max_iter
+            and cfg.data.val_json
+        ):
             metrics = evaluate_model(cfg, _unwrap(model), device)
             if main:
                 events.write(done, _metric_scalars(metrics))
@@ -257,7 +319,13 @@ def _train(cfg: ExperimentConfig, *, resume: bool, device: torch.device, model: 
 
 def _metric_scalars(metrics: dict) -> dict[str, float]:
     """Flat scalars for the event log: bbox/AP…, segm/AP…, panoptic/PQ, panoptic/PQ_Things…"""
-    out = {f"{t}/{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t].items() if k != "per_class"}
+    out = {
+        f"{t}/{k}": v
+        for t in ("bbox", "segm")
+        if t in metrics
+        for k, v in metrics[t].items()
+        if k != "per_class"
+    }
     for group, values in metrics.get("panoptic", {}).items():
         if group != "per_class":
             suffix = "" if group == "All" else f"_{group}"
@@ -271,7 +339,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _plot_history(out: Path) -> None:
     from dynaseg.engine.loss_curve import plot_loss_curves
+
     history = [h for h in read_history(out / "metrics.jsonl") if "loss" in h]
     if history:
         plot_loss_curves(history, out / "loss_curve.png")
-

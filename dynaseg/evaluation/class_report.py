@@ -6,6 +6,7 @@ whether the best-scored of them has the right class. It also counts other-class 
 detections that overlap a better-scored detection of another class (what an overlay shows as
 several boxes with mixed labels on one object).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,15 @@ def _xyxy(boxes: list[list[float]]) -> torch.Tensor:
     return box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
 
-def class_report(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *, iou_threshold: float = 0.5,
-                 size_bounds: tuple[float, ...] = (16, 32, 64), duplicate_score: float = 0.3,
-                 duplicate_iou: float = 0.6) -> dict[str, Any]:
+def class_report(
+    gt: Mapping[str, Any],
+    results: Sequence[Mapping[str, Any]],
+    *,
+    iou_threshold: float = 0.5,
+    size_bounds: tuple[float, ...] = (16, 32, 64),
+    duplicate_score: float = 0.3,
+    duplicate_iou: float = 0.6,
+) -> dict[str, Any]:
     """Classification of found objects per size, and the other-class duplicate rate.
 
     Args:
@@ -42,8 +49,10 @@ def class_report(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
     edges = [0.0, *map(float, size_bounds), math.inf]
-    buckets = [{"range": [lo, hi], "objects": 0, "right": 0, "wrong": 0, "missed": 0}
-               for lo, hi in zip(edges[:-1], edges[1:])]
+    buckets = [
+        {"range": [lo, hi], "objects": 0, "right": 0, "wrong": 0, "missed": 0}
+        for lo, hi in zip(edges[:-1], edges[1:])
+    ]
     for ann in gt["annotations"]:
         if ann.get("iscrowd", 0):
             continue
@@ -51,8 +60,11 @@ def class_report(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
         bucket = next(b for b in buckets if b["range"][0] <= side < b["range"][1])
         bucket["objects"] += 1
         dets = by_image.get(int(ann["image_id"]), [])
-        overlap = (box_iou(_xyxy([ann["bbox"]]), _xyxy([d["bbox"] for d in dets]))[0] > iou_threshold
-                   if dets else torch.zeros(0, dtype=torch.bool))
+        overlap = (
+            box_iou(_xyxy([ann["bbox"]]), _xyxy([d["bbox"] for d in dets]))[0] > iou_threshold
+            if dets
+            else torch.zeros(0, dtype=torch.bool)
+        )
         if not overlap.any():
             bucket["missed"] += 1
             continue
@@ -68,10 +80,20 @@ def class_report(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
         iou = box_iou(boxes, boxes)
         scores = torch.tensor([d["score"] for d in dets])
         labels = torch.tensor([d["category_id"] for d in dets])
-        beaten = (iou > duplicate_iou) & (scores[None, :] > scores[:, None]) & (labels[None, :] != labels[:, None])
+        beaten = (
+            (iou > duplicate_iou)
+            & (scores[None, :] > scores[:, None])
+            & (labels[None, :] != labels[:, None])
+        )
         duplicates += int(beaten.any(dim=1).sum())
-    return {"buckets": buckets,
-            "duplicates": {"score_threshold": duplicate_score, "detections": kept, "other_class": duplicates}}
+    return {
+        "buckets": buckets,
+        "duplicates": {
+            "score_threshold": duplicate_score,
+            "detections": kept,
+            "other_class": duplicates,
+        },
+    }
 
 
 def format_class_report(report: Mapping[str, Any]) -> str:
@@ -81,8 +103,12 @@ def format_class_report(report: Mapping[str, Any]) -> str:
         lo, hi = b["range"]
         name = f"[{lo:g}, {hi:g})" if math.isfinite(hi) else f">= {lo:g}"
         share = 100 * b["right"] / b["objects"] if b["objects"] else float("nan")
-        lines.append(f"{name:<14}{b['objects']:>9}{b['right']:>8}{b['wrong']:>8}{b['missed']:>8}{share:>9.1f}")
+        lines.append(
+            f"{name:<14}{b['objects']:>9}{b['right']:>8}{b['wrong']:>8}{b['missed']:>8}{share:>9.1f}"
+        )
     d = report["duplicates"]
-    lines.append(f"detections with score >= {d['score_threshold']:g}: {d['detections']}, of which "
-                 f"{d['other_class']} overlap a better-scored detection of another class")
+    lines.append(
+        f"detections with score >= {d['score_threshold']:g}: {d['detections']}, of which "
+        f"{d['other_class']} overlap a better-scored detection of another class"
+    )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Typical use::
     metrics = evaluate_coco("val.json", results)
     print(format_metrics_table(metrics))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,12 @@ class CategoryMap:
     Contiguous ids follow the order of ascending COCO category id.
     """
 
-    def __init__(self, category_ids: Sequence[int], names: Sequence[str],
-                 supercategories: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        category_ids: Sequence[int],
+        names: Sequence[str],
+        supercategories: Sequence[str] | None = None,
+    ) -> None:
         if len(category_ids) != len(names):
             raise ValueError(f"CategoryMap: {len(category_ids)} ids but {len(names)} names")
         if len(set(category_ids)) != len(category_ids):
@@ -68,7 +73,9 @@ class CategoryMap:
         self.category_ids: list[int] = [int(c) for c in category_ids]
         self.names: list[str] = [str(n) for n in names]
         # COCO's optional "supercategory" of each class ("" where the file has none)
-        self.supercategories: list[str] = [str(s) for s in supercategories] if supercategories else [""] * len(names)
+        self.supercategories: list[str] = (
+            [str(s) for s in supercategories] if supercategories else [""] * len(names)
+        )
         self._to_contig = {c: i for i, c in enumerate(self.category_ids)}
 
     @classmethod
@@ -82,15 +89,19 @@ class CategoryMap:
         if not isinstance(cats, list) or not cats:
             raise EvaluationError(f"{name}: no 'categories' list")
         cats = sorted(cats, key=lambda c: int(c["id"]))
-        return cls([c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats],
-                   [c.get("supercategory") or "" for c in cats])
+        return cls(
+            [c["id"] for c in cats],
+            [c.get("name", str(c["id"])) for c in cats],
+            [c.get("supercategory") or "" for c in cats],
+        )
 
     def __len__(self) -> int:
         return len(self.category_ids)
 
     def __repr__(self) -> str:
-        pairs = ", ".join(f"{i}->{c}:{n}" for i, (c, n) in
-                          enumerate(zip(self.category_ids[:5], self.names[:5])))
+        pairs = ", ".join(
+            f"{i}->{c}:{n}" for i, (c, n) in enumerate(zip(self.category_ids[:5], self.names[:5]))
+        )
         more = ", ..." if len(self) > 5 else ""
         return f"CategoryMap({len(self)} classes: {pairs}{more})"
 
@@ -105,8 +116,9 @@ class CategoryMap:
         try:
             return self._to_contig[int(cat_id)]
         except KeyError:
-            raise KeyError(f"unknown COCO category id {cat_id}; "
-                           f"known: {self.category_ids}") from None
+            raise KeyError(
+                f"unknown COCO category id {cat_id}; known: {self.category_ids}"
+            ) from None
 
     def name_of(self, contig: int) -> str:
         """Class name of a contiguous id."""
@@ -115,8 +127,9 @@ class CategoryMap:
 
 
 # --------------------------------------------------------------------------- results
-def instances_to_coco_results(instances: Instances, image_id: int,
-                              category_map: CategoryMap | None = None) -> list[dict]:
+def instances_to_coco_results(
+    instances: Instances, image_id: int, category_map: CategoryMap | None = None
+) -> list[dict]:
     """Convert one image's predictions to COCO result dicts.
 
     Args:
@@ -136,8 +149,11 @@ def instances_to_coco_results(instances: Instances, image_id: int,
     boxes = instances.boxes.detach().to("cpu", torch.float64).numpy()
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
     labels = instances.labels.detach().cpu().numpy().astype(np.int64)
-    scores = (np.ones(n) if instances.scores is None
-              else instances.scores.detach().to("cpu", torch.float64).numpy().round(6))
+    scores = (
+        np.ones(n)
+        if instances.scores is None
+        else instances.scores.detach().to("cpu", torch.float64).numpy().round(6)
+    )
     cat_ids = _labels_to_category_ids(labels, category_map)
     rles = encode_masks(instances.masks) if instances.masks is not None else None
 
@@ -197,8 +213,9 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
         name = str(gt)
         gt = _load_json(gt, "ground-truth file")
     if not isinstance(gt, Mapping):
-        raise EvaluationError(f"ground truth {name}: expected a JSON object, "
-                              f"got {type(gt).__name__}")
+        raise EvaluationError(
+            f"ground truth {name}: expected a JSON object, got {type(gt).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise EvaluationError(f"ground truth {name}: missing '{key}' list")
@@ -221,8 +238,9 @@ def _load_results(results: Sequence[dict] | str | Path) -> tuple[list, str]:
     else:
         name, data = "<results list>", results
     if not isinstance(data, list):
-        raise EvaluationError(f"results {_q(name)}: expected a JSON list of detections, "
-                              f"got {type(data).__name__}")
+        raise EvaluationError(
+            f"results {_q(name)}: expected a JSON list of detections, got {type(data).__name__}"
+        )
     return data, name
 
 
@@ -230,8 +248,9 @@ def _q(name: str) -> str:
     return name if name.startswith("<") else f"file '{name}'"
 
 
-def _validate_results(results: list, name: str, gt: dict, gt_name: str,
-                      iou_types: Sequence[str]) -> None:
+def _validate_results(
+    results: list, name: str, gt: dict, gt_name: str, iou_types: Sequence[str]
+) -> None:
     """Raise :class:`EvaluationError` on the first malformed entry (one line, names the file)."""
     required = ["image_id", "category_id", "score"]
     if "bbox" in iou_types:
@@ -246,18 +265,26 @@ def _validate_results(results: list, name: str, gt: dict, gt_name: str,
             raise EvaluationError(f"{where}: entry {i} is a {type(r).__name__}, expected an object")
         missing = [k for k in required if k not in r]
         if missing:
-            hint = (" (iou_types includes 'segm' but results carry no masks; "
-                    "use iou_types=('bbox',))" if missing == ["segmentation"] else "")
+            hint = (
+                " (iou_types includes 'segm' but results carry no masks; use iou_types=('bbox',))"
+                if missing == ["segmentation"]
+                else ""
+            )
             raise EvaluationError(f"{where}: entry {i} is missing key(s) {missing}{hint}")
         if r["image_id"] not in sizes:
-            raise EvaluationError(f"{where}: entry {i} has image_id {r['image_id']!r} "
-                                  f"which is not in ground truth {gt_name}")
+            raise EvaluationError(
+                f"{where}: entry {i} has image_id {r['image_id']!r} "
+                f"which is not in ground truth {gt_name}"
+            )
         if r["category_id"] not in cat_ids:
-            raise EvaluationError(f"{where}: entry {i} has unknown category_id "
-                                  f"{r['category_id']!r} (ground truth has {sorted(cat_ids)})")
+            raise EvaluationError(
+                f"{where}: entry {i} has unknown category_id "
+                f"{r['category_id']!r} (ground truth has {sorted(cat_ids)})"
+            )
         if "bbox" in required and (not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4):
-            raise EvaluationError(f"{where}: entry {i} bbox must be [x, y, w, h], "
-                                  f"got {r['bbox']!r}")
+            raise EvaluationError(
+                f"{where}: entry {i} bbox must be [x, y, w, h], got {r['bbox']!r}"
+            )
         if "segmentation" in required:
             _check_rle(r["segmentation"], sizes[r["image_id"]], f"{where}: entry {i}")
 
@@ -266,13 +293,16 @@ def _check_rle(seg: Any, hw: tuple[int, int], where: str) -> None:
     if not isinstance(seg, Mapping) or "counts" not in seg or "size" not in seg:
         raise EvaluationError(f"{where}: segmentation must be an RLE dict with 'size' and 'counts'")
     if tuple(seg["size"]) != hw:
-        raise EvaluationError(f"{where}: mask size {list(seg['size'])} != image size {list(hw)} "
-                              "(masks must be at the original image resolution)")
+        raise EvaluationError(
+            f"{where}: mask size {list(seg['size'])} != image size {list(hw)} "
+            "(masks must be at the original image resolution)"
+        )
 
 
 # --------------------------------------------------------------------------- backends
-def _run_faster(gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None,
-                verbose: bool) -> tuple[np.ndarray, Any]:
+def _run_faster(
+    gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None, verbose: bool
+) -> tuple[np.ndarray, Any]:
     from faster_coco_eval import COCO, COCOeval_faster
 
     log = print if verbose else _silent
@@ -282,8 +312,9 @@ def _run_faster(gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] 
     return _evaluate(ev, image_ids, verbose)
 
 
-def _run_pycocotools(gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None,
-                     verbose: bool) -> tuple[np.ndarray, Any]:
+def _run_pycocotools(
+    gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None, verbose: bool
+) -> tuple[np.ndarray, Any]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -335,17 +366,23 @@ def _stats_from_precision(precision: np.ndarray, params: Any) -> dict[str, float
 def _per_class(precision: np.ndarray, params: Any, cmap: CategoryMap) -> dict[str, float]:
     m = list(params.maxDets).index(100)
     k_of = {int(c): k for k, c in enumerate(params.catIds)}
-    return {name: _mean_valid(precision[:, :, k_of[cid], 0, m]) if cid in k_of else math.nan
-            for cid, name in zip(cmap.category_ids, cmap.names)}
+    return {
+        name: _mean_valid(precision[:, :, k_of[cid], 0, m]) if cid in k_of else math.nan
+        for cid, name in zip(cmap.category_ids, cmap.names)
+    }
 
 
 def _empty_metrics(gt: dict, cmap: CategoryMap, image_ids: list[int] | None) -> dict:
     keep = None if image_ids is None else set(image_ids)
-    with_gt = {a["category_id"] for a in gt["annotations"]
-               if not a.get("iscrowd", 0) and (keep is None or a["image_id"] in keep)}
+    with_gt = {
+        a["category_id"]
+        for a in gt["annotations"]
+        if not a.get("iscrowd", 0) and (keep is None or a["image_id"] in keep)
+    }
     out: dict[str, Any] = {k: 0.0 for k in STAT_NAMES}
-    out["per_class"] = {n: (0.0 if c in with_gt else math.nan)
-                        for c, n in zip(cmap.category_ids, cmap.names)}
+    out["per_class"] = {
+        n: (0.0 if c in with_gt else math.nan) for c, n in zip(cmap.category_ids, cmap.names)
+    }
     return out
 
 
@@ -358,12 +395,15 @@ def _prepare_dets(results: list[dict], iou_type: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != drop} for r in results]
 
 
-def evaluate_coco(gt: str | Path | Mapping[str, Any],
-                  results: Sequence[dict] | str | Path,
-                  iou_types: Iterable[str] = ("bbox", "segm"), *,
-                  backend: str = "faster",
-                  image_ids: Iterable[int] | None = None,
-                  verbose: bool = False) -> dict[str, dict]:
+def evaluate_coco(
+    gt: str | Path | Mapping[str, Any],
+    results: Sequence[dict] | str | Path,
+    iou_types: Iterable[str] = ("bbox", "segm"),
+    *,
+    backend: str = "faster",
+    image_ids: Iterable[int] | None = None,
+    verbose: bool = False,
+) -> dict[str, dict]:
     """Run COCO evaluation.
 
     Args:
@@ -428,8 +468,9 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_per_class_table(metrics: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox",
-                           columns: int = 3) -> str:
+def format_per_class_table(
+    metrics: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox", columns: int = 3
+) -> str:
     """Plain-text per-class AP table for one iou type, ``columns`` (name, AP) pairs per row."""
     if iou_type not in metrics:
         raise KeyError(f"no {iou_type!r} metrics; have {list(metrics)}")
@@ -441,5 +482,5 @@ def format_per_class_table(metrics: Mapping[str, Mapping[str, Any]], iou_type: s
     header = "   ".join(f"{'category':<{width}}{'AP':>6}" for _ in range(ncol))
     lines = [f"per-class {iou_type} AP", header, "-" * len(header)]
     for i in range(0, len(items), columns):
-        lines.append("   ".join(f"{n:<{width}}{_fmt(v, 6)}" for n, v in items[i:i + columns]))
+        lines.append("   ".join(f"{n:<{width}}{_fmt(v, 6)}" for n, v in items[i : i + columns]))
     return "\n".join(lines)

@@ -24,6 +24,7 @@ segment and a group ("Things"/"Stuff") without any valid category (NaN instead o
 zero) are reported. Per-class numbers of categories with no gt and no prediction are NaN (the API
 writes 0.0 there; both leave them out of the averages).
 """
+
 from __future__ import annotations
 
 import json
@@ -91,16 +92,24 @@ def _as_ids(ids: np.ndarray | torch.Tensor, where: str, what: str) -> np.ndarray
     return ids
 
 
-def _segments_by_id(segments: Sequence[Mapping[str, Any]], where: str, what: str) -> dict[int, Mapping]:
+def _segments_by_id(
+    segments: Sequence[Mapping[str, Any]], where: str, what: str
+) -> dict[int, Mapping]:
     out: dict[int, Mapping] = {}
     for i, s in enumerate(segments):
         if not isinstance(s, Mapping) or "id" not in s or "category_id" not in s:
-            raise PanopticEvalError(f"{where}: {what} segments_info[{i}] needs 'id' and 'category_id'")
+            raise PanopticEvalError(
+                f"{where}: {what} segments_info[{i}] needs 'id' and 'category_id'"
+            )
         sid = int(s["id"])
         if sid == VOID:
-            raise PanopticEvalError(f"{where}: {what} segments_info[{i}] has id 0, which is reserved for void")
+            raise PanopticEvalError(
+                f"{where}: {what} segments_info[{i}] has id 0, which is reserved for void"
+            )
         if sid in out:
-            raise PanopticEvalError(f"{where}: {what} segment id {sid} is listed twice in segments_info")
+            raise PanopticEvalError(
+                f"{where}: {what} segment id {sid} is listed twice in segments_info"
+            )
         out[sid] = s
     return out
 
@@ -127,9 +136,15 @@ class PQAccumulator:
         self.counts: dict[int, PQCounts] = {cid: PQCounts() for cid in self.categories}
         self.num_images = 0
 
-    def add_image(self, *, gt_ids: np.ndarray | torch.Tensor, gt_segments: Sequence[Mapping[str, Any]],
-                  pred_ids: np.ndarray | torch.Tensor, pred_segments: Sequence[Mapping[str, Any]],
-                  where: str = "image") -> None:
+    def add_image(
+        self,
+        *,
+        gt_ids: np.ndarray | torch.Tensor,
+        gt_segments: Sequence[Mapping[str, Any]],
+        pred_ids: np.ndarray | torch.Tensor,
+        pred_segments: Sequence[Mapping[str, Any]],
+        where: str = "image",
+    ) -> None:
         """Match one image's segments and add the counts.
 
         Args:
@@ -148,8 +163,10 @@ class PQAccumulator:
         gt = _as_ids(gt_ids, where, "ground-truth")
         pred = _as_ids(pred_ids, where, "prediction")
         if gt.shape != pred.shape:
-            raise PanopticEvalError(f"{where}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) != "
-                                    f"ground-truth size {gt.shape[1]}x{gt.shape[0]}")
+            raise PanopticEvalError(
+                f"{where}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) != "
+                f"ground-truth size {gt.shape[1]}x{gt.shape[0]}"
+            )
         gt_segms = _segments_by_id(gt_segments, where, "ground-truth")
         pred_segms = _segments_by_id(pred_segments, where, "prediction")
 
@@ -160,34 +177,46 @@ class PQAccumulator:
             if sid == VOID:
                 continue
             if sid not in gt_segms:
-                raise PanopticEvalError(f"{where}: ground-truth PNG has segment id {sid} that is not in its "
-                                        "segments_info")
+                raise PanopticEvalError(
+                    f"{where}: ground-truth PNG has segment id {sid} that is not in its "
+                    "segments_info"
+                )
             if "area" not in gt_segms[sid]:
                 gt_area[sid] = n
         for sid, s in gt_segms.items():
             if int(s["category_id"]) not in self.categories:
-                raise PanopticEvalError(f"{where}: ground-truth segment {sid} has unknown category_id "
-                                        f"{s['category_id']} (categories: {sorted(self.categories)})")
+                raise PanopticEvalError(
+                    f"{where}: ground-truth segment {sid} has unknown category_id "
+                    f"{s['category_id']} (categories: {sorted(self.categories)})"
+                )
         pred_area: dict[int, int] = {}
         ids, counts = np.unique(pred, return_counts=True)
         for sid, n in zip(ids.tolist(), counts.tolist()):
             if sid == VOID:
                 continue
             if sid not in pred_segms:
-                raise PanopticEvalError(f"{where}: prediction PNG has segment id {sid} that is not in its "
-                                        "segments_info")
+                raise PanopticEvalError(
+                    f"{where}: prediction PNG has segment id {sid} that is not in its segments_info"
+                )
             if int(pred_segms[sid]["category_id"]) not in self.categories:
-                raise PanopticEvalError(f"{where}: predicted segment {sid} has unknown category_id "
-                                        f"{pred_segms[sid]['category_id']} (categories: {sorted(self.categories)})")
+                raise PanopticEvalError(
+                    f"{where}: predicted segment {sid} has unknown category_id "
+                    f"{pred_segms[sid]['category_id']} (categories: {sorted(self.categories)})"
+                )
             pred_area[sid] = n
         missing = sorted(set(pred_segms) - set(pred_area))
         if missing:
-            raise PanopticEvalError(f"{where}: predicted segment ids {missing[:10]} are in segments_info but not "
-                                    "in the prediction PNG")
+            raise PanopticEvalError(
+                f"{where}: predicted segment ids {missing[:10]} are in segments_info but not "
+                "in the prediction PNG"
+            )
 
         # Pixel counts of every (gt id, pred id) pair, void included.
         keys, inter = np.unique(gt * OFFSET + pred, return_counts=True)
-        pairs = {(int(k) // OFFSET, int(k) % OFFSET): int(n) for k, n in zip(keys.tolist(), inter.tolist())}
+        pairs = {
+            (int(k) // OFFSET, int(k) % OFFSET): int(n)
+            for k, n in zip(keys.tolist(), inter.tolist())
+        }
 
         gt_cat = {sid: int(s["category_id"]) for sid, s in gt_segms.items()}
         pred_cat = {sid: int(s["category_id"]) for sid, s in pred_segms.items()}
@@ -211,7 +240,9 @@ class PQAccumulator:
             if g in gt_matched:
                 continue
             if g in crowd:
-                crowd_of_category[gt_cat[g]] = g  # as in the API: the last crowd segment of a category counts
+                crowd_of_category[gt_cat[g]] = (
+                    g  # as in the API: the last crowd segment of a category counts
+                )
                 continue
             self.counts[gt_cat[g]].fn += 1
 
@@ -243,12 +274,19 @@ class PQAccumulator:
                 denom = c.tp + 0.5 * c.fp + 0.5 * c.fn
                 pq, sq, rq = c.iou / denom, (c.iou / c.tp if c.tp else 0.0), c.tp / denom
                 valid[cid] = (pq, sq, rq)
-            per_class[str(cat.get("name", cid))] = {"PQ": 100.0 * pq, "SQ": 100.0 * sq, "RQ": 100.0 * rq,
-                                                    "isthing": isthing}
+            per_class[str(cat.get("name", cid))] = {
+                "PQ": 100.0 * pq,
+                "SQ": 100.0 * sq,
+                "RQ": 100.0 * rq,
+                "isthing": isthing,
+            }
         out: dict[str, Any] = {}
         for group, isthing in _GROUPS:
-            rows = [v for cid, v in valid.items()
-                    if isthing is None or (int(self.categories[cid].get("isthing", 0)) == 1) == isthing]
+            rows = [
+                v
+                for cid, v in valid.items()
+                if isthing is None or (int(self.categories[cid].get("isthing", 0)) == 1) == isthing
+            ]
             n = len(rows)
             mean = [100.0 * sum(r[i] for r in rows) / n if n else math.nan for i in range(3)]
             out[group] = {"PQ": mean[0], "SQ": mean[1], "RQ": mean[2], "N": n}
@@ -256,17 +294,31 @@ class PQAccumulator:
         return out
 
 
-def pq_compute_arrays(images: Iterable[tuple[np.ndarray | torch.Tensor, Sequence[Mapping[str, Any]],
-                                             np.ndarray | torch.Tensor, Sequence[Mapping[str, Any]]]], *,
-                      categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def pq_compute_arrays(
+    images: Iterable[
+        tuple[
+            np.ndarray | torch.Tensor,
+            Sequence[Mapping[str, Any]],
+            np.ndarray | torch.Tensor,
+            Sequence[Mapping[str, Any]],
+        ]
+    ],
+    *,
+    categories: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
     """PQ of in-memory images, each ``(gt_ids (H, W), gt_segments, pred_ids (H, W), pred_segments)``.
 
     Same result shape as :meth:`PQAccumulator.result`.
     """
     acc = PQAccumulator(categories=categories)
     for i, (gt_ids, gt_segments, pred_ids, pred_segments) in enumerate(images):
-        acc.add_image(gt_ids=gt_ids, gt_segments=gt_segments, pred_ids=pred_ids, pred_segments=pred_segments,
-                      where=f"image {i}")
+        acc.add_image(
+            gt_ids=gt_ids,
+            gt_segments=gt_segments,
+            pred_ids=pred_ids,
+            pred_segments=pred_segments,
+            where=f"image {i}",
+        )
     return acc.result()
 
 
@@ -274,7 +326,9 @@ def pq_compute_arrays(images: Iterable[tuple[np.ndarray | torch.Tensor, Sequence
 def _load_panoptic_json(path: str | Path, what: str, *, need_categories: bool) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise PanopticEvalError(f"{what} file '{p}' does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+        raise PanopticEvalError(
+            f"{what} file '{p}' does not exist" + (" (it is a folder)" if p.is_dir() else "")
+        )
     try:
         with p.open() as f:
             data = json.load(f)
@@ -283,16 +337,24 @@ def _load_panoptic_json(path: str | Path, what: str, *, need_categories: bool) -
     except UnicodeDecodeError:
         raise PanopticEvalError(f"{what} file '{p}' is not valid JSON: not UTF-8 text") from None
     if not isinstance(data, Mapping):
-        raise PanopticEvalError(f"{what} file '{p}': expected a JSON object, got {type(data).__name__}")
+        raise PanopticEvalError(
+            f"{what} file '{p}': expected a JSON object, got {type(data).__name__}"
+        )
     keys = ("annotations", "categories") if need_categories else ("annotations",)
     for key in keys:
         if not isinstance(data.get(key), list):
             raise PanopticEvalError(f"{what} file '{p}': missing '{key}' list")
     for i, a in enumerate(data["annotations"]):
-        if not (isinstance(a, Mapping) and "image_id" in a and "file_name" in a
-                and isinstance(a.get("segments_info"), list)):
-            raise PanopticEvalError(f"{what} file '{p}': annotations[{i}] needs 'image_id', 'file_name' and a "
-                                    "'segments_info' list")
+        if not (
+            isinstance(a, Mapping)
+            and "image_id" in a
+            and "file_name" in a
+            and isinstance(a.get("segments_info"), list)
+        ):
+            raise PanopticEvalError(
+                f"{what} file '{p}': annotations[{i}] needs 'image_id', 'file_name' and a "
+                "'segments_info' list"
+            )
     return data
 
 
@@ -304,14 +366,18 @@ def _read_png_ids(path: Path, what: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("RGB", "RGBA"):
-                raise PanopticEvalError(f"{what} PNG '{path}' is {im.mode}, expected RGB-encoded segment ids")
+                raise PanopticEvalError(
+                    f"{what} PNG '{path}' is {im.mode}, expected RGB-encoded segment ids"
+                )
             rgb = np.asarray(im)
     except (UnidentifiedImageError, OSError) as e:
         raise PanopticEvalError(f"{what} PNG '{path}' cannot be read: {e}") from None
     return rgb_to_id(rgb)
 
 
-def pq_compute(gt_json: str | Path, gt_dir: str | Path, pred_json: str | Path, pred_dir: str | Path) -> dict[str, Any]:
+def pq_compute(
+    gt_json: str | Path, gt_dir: str | Path, pred_json: str | Path, pred_dir: str | Path
+) -> dict[str, Any]:
     """PQ of COCO panoptic prediction files against COCO panoptic ground truth.
 
     Note the argument order (gt JSON, gt PNG folder, pred JSON, pred PNG folder) differs from the
@@ -343,19 +409,27 @@ def pq_compute(gt_json: str | Path, gt_dir: str | Path, pred_json: str | Path, p
     pred_by_image: dict[Any, Mapping] = {}
     for a in pred["annotations"]:
         if a["image_id"] in pred_by_image:
-            raise PanopticEvalError(f"prediction file '{pred_json}': image_id {a['image_id']!r} appears twice")
+            raise PanopticEvalError(
+                f"prediction file '{pred_json}': image_id {a['image_id']!r} appears twice"
+            )
         pred_by_image[a["image_id"]] = a
     for gt_ann in gt["annotations"]:
         image_id = gt_ann["image_id"]
         if image_id not in pred_by_image:
-            raise PanopticEvalError(f"prediction file '{pred_json}' has no annotation for image_id {image_id!r} "
-                                    f"of ground truth '{gt_json}'")
+            raise PanopticEvalError(
+                f"prediction file '{pred_json}' has no annotation for image_id {image_id!r} "
+                f"of ground truth '{gt_json}'"
+            )
         pred_ann = pred_by_image[image_id]
         gt_png, pred_png = gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"]
-        acc.add_image(gt_ids=_read_png_ids(gt_png, "ground-truth"), gt_segments=gt_ann["segments_info"],
-                      pred_ids=_read_png_ids(pred_png, "prediction"), pred_segments=pred_ann["segments_info"],
-                      where=f"prediction '{pred_json}', image_id {image_id!r} (PNGs: prediction '{pred_png}', "
-                            f"ground truth '{gt_png}')")
+        acc.add_image(
+            gt_ids=_read_png_ids(gt_png, "ground-truth"),
+            gt_segments=gt_ann["segments_info"],
+            pred_ids=_read_png_ids(pred_png, "prediction"),
+            pred_segments=pred_ann["segments_info"],
+            where=f"prediction '{pred_json}', image_id {image_id!r} (PNGs: prediction '{pred_png}', "
+            f"ground truth '{gt_png}')",
+        )
     return acc.result()
 
 
@@ -370,7 +444,11 @@ def format_panoptic_table(metrics: Mapping[str, Any], *, per_class: bool = True)
     lines = [header, "-" * len(header)]
     for group, _ in _GROUPS:
         row = metrics[group]
-        lines.append(f"{group:<10}" + "".join(_fmt(row[k], 7) for k in ("PQ", "SQ", "RQ")) + f"{row['N']:>5d}")
+        lines.append(
+            f"{group:<10}"
+            + "".join(_fmt(row[k], 7) for k in ("PQ", "SQ", "RQ"))
+            + f"{row['N']:>5d}"
+        )
     classes = metrics.get("per_class", {}) if per_class else {}
     if classes:
         width = max(10, max(len(n) for n in classes) + 2)
@@ -378,5 +456,7 @@ def format_panoptic_table(metrics: Mapping[str, Any], *, per_class: bool = True)
         lines += ["", "per-class PQ", head, "-" * len(head)]
         for name, row in classes.items():
             kind = "thing" if row["isthing"] else "stuff"
-            lines.append(f"{name:<{width}}{kind:<7}" + "".join(_fmt(row[k], 7) for k in ("PQ", "SQ", "RQ")))
+            lines.append(
+                f"{name:<{width}}{kind:<7}" + "".join(_fmt(row[k], 7) for k in ("PQ", "SQ", "RQ"))
+            )
     return "\n".join(lines)

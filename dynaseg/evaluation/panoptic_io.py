@@ -10,6 +10,7 @@ Typical use::
     write_panoptic_predictions(entries, json_path="pred.json", png_dir="pred/", categories=categories)
     metrics = pq_compute("gt.json", "gt/", "pred.json", "pred/")
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,14 @@ def _boxes(ids: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> np.ndarray
     return np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1)
 
 
-def panoptic_to_coco(pan: PanopticSegmentation, *, image_id: int, file_name: str,
-                     thing_category_ids: Sequence[int], stuff_category_ids: Sequence[int]
-                     ) -> tuple[np.ndarray, dict[str, Any]]:
+def panoptic_to_coco(
+    pan: PanopticSegmentation,
+    *,
+    image_id: int,
+    file_name: str,
+    thing_category_ids: Sequence[int],
+    stuff_category_ids: Sequence[int],
+) -> tuple[np.ndarray, dict[str, Any]]:
     """One prediction → (H, W, 3) uint8 COCO panoptic PNG array and its annotation dict.
 
     Args:
@@ -63,7 +69,9 @@ def panoptic_to_coco(pan: PanopticSegmentation, *, image_id: int, file_name: str
     segments = {int(s.id): s for s in pan.segments}
     unlisted = [int(i) for i in uniq if i != 0 and int(i) not in segments]
     if unlisted:
-        raise ValueError(f"image {image_id}: segment ids {unlisted[:10]} are in the id map but not in segments")
+        raise ValueError(
+            f"image {image_id}: segment ids {unlisted[:10]} are in the id map but not in segments"
+        )
     boxes = _boxes(ids, uniq, inverse.ravel())
     index = {int(i): k for k, i in enumerate(uniq.tolist())}
     infos = []
@@ -74,19 +82,36 @@ def panoptic_to_coco(pan: PanopticSegmentation, *, image_id: int, file_name: str
         table = thing_category_ids if s.isthing else stuff_category_ids
         if not 0 <= s.label < len(table):
             kind = "thing" if s.isthing else "stuff"
-            raise ValueError(f"image {image_id}: segment {s.id} has {kind} label {s.label}, "
-                             f"out of range for {len(table)} {kind} categories")
-        infos.append({"id": int(s.id), "category_id": int(table[s.label]), "isthing": bool(s.isthing),
-                      "area": int(counts[k]), "bbox": [int(v) for v in boxes[k]], "iscrowd": 0,
-                      "score": float(s.score)})
-    ann = {"image_id": int(image_id), "file_name": Path(file_name).with_suffix(".png").name,
-           "segments_info": infos}
+            raise ValueError(
+                f"image {image_id}: segment {s.id} has {kind} label {s.label}, "
+                f"out of range for {len(table)} {kind} categories"
+            )
+        infos.append(
+            {
+                "id": int(s.id),
+                "category_id": int(table[s.label]),
+                "isthing": bool(s.isthing),
+                "area": int(counts[k]),
+                "bbox": [int(v) for v in boxes[k]],
+                "iscrowd": 0,
+                "score": float(s.score),
+            }
+        )
+    ann = {
+        "image_id": int(image_id),
+        "file_name": Path(file_name).with_suffix(".png").name,
+        "segments_info": infos,
+    }
     return id_to_rgb(ids), ann
 
 
-def write_panoptic_predictions(entries: Iterable[tuple[Mapping[str, Any], np.ndarray]], *,
-                               json_path: str | os.PathLike, png_dir: str | os.PathLike,
-                               categories: Sequence[Mapping[str, Any]]) -> Path:
+def write_panoptic_predictions(
+    entries: Iterable[tuple[Mapping[str, Any], np.ndarray]],
+    *,
+    json_path: str | os.PathLike,
+    png_dir: str | os.PathLike,
+    categories: Sequence[Mapping[str, Any]],
+) -> Path:
     """Write ``(annotation, (H, W, 3) uint8 png)`` pairs as ``png_dir/<file_name>`` and one JSON.
 
     Each file is written under a temporary name and then renamed, so a reader never sees a
@@ -106,8 +131,12 @@ def write_panoptic_predictions(entries: Iterable[tuple[Mapping[str, Any], np.nda
         seen.add(name)
         png = np.asarray(png)
         if png.dtype != np.uint8 or png.ndim != 3 or png.shape[2] != 3:
-            raise ValueError(f"{png_dir / name}: expected an (H, W, 3) uint8 array, got {png.dtype} {png.shape}")
-        atomic_write(png_dir / name, lambda tmp, png=png: Image.fromarray(png).save(tmp, format="PNG"))
+            raise ValueError(
+                f"{png_dir / name}: expected an (H, W, 3) uint8 array, got {png.dtype} {png.shape}"
+            )
+        atomic_write(
+            png_dir / name, lambda tmp, png=png: Image.fromarray(png).save(tmp, format="PNG")
+        )
         annotations.append(dict(ann))
     data = {"annotations": annotations, "categories": [dict(c) for c in categories]}
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(data)))

@@ -75,6 +75,7 @@ are never copied):
     the export always crops, then projects (``project_first=False``); the two orders are equal up
     to rounding (RoIAlign commutes with a 1×1 conv for boxes inside the image).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,8 +109,18 @@ from dynaseg.modeling.rcnn.pooler import assign_levels
 from dynaseg.modeling.rcnn.rpn import RPN
 from dynaseg.utils.files import atomic_write
 
-__all__ = ["export_onnx", "export_model", "export_module", "model_metadata", "ExportError",
-           "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "INPUT_NAMES", "METADATA_PREFIX"]
+__all__ = [
+    "export_onnx",
+    "export_model",
+    "export_module",
+    "model_metadata",
+    "ExportError",
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "INPUT_NAMES",
+    "METADATA_PREFIX",
+]
 
 logger = logging.getLogger("dynaseg.export")
 
@@ -120,7 +131,7 @@ FORMAT_VERSION = 1
 # torchvision.ops.batched_nms runs one NMS on class-offset boxes up to this many coordinates on the
 # CPU (boxes.numel()), and one NMS per class above it.
 _TV_BATCHED_NMS_CPU_NUMEL = 4000
-_NOT_IN_CLASS = -1.0   # class score of a box that is not of that class (real scores are >= 0)
+_NOT_IN_CLASS = -1.0  # class score of a box that is not of that class (real scores are >= 0)
 
 
 class ExportError(UserError, ValueError):
@@ -175,15 +186,20 @@ class _PerClassNMS(torch.autograd.Function):
         def const(value, dtype):
             return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
-        selected = g.op("NonMaxSuppression",
-                        g.op("Unsqueeze", boxes, const([0], torch.int64)),
-                        g.op("Unsqueeze", class_scores, const([0], torch.int64)),
-                        const([2 ** 62], torch.int64), const([iou_threshold], torch.float32),
-                        const([_NOT_IN_CLASS / 2], torch.float32))          # (K, 3) [batch, class, box]
+        selected = g.op(
+            "NonMaxSuppression",
+            g.op("Unsqueeze", boxes, const([0], torch.int64)),
+            g.op("Unsqueeze", class_scores, const([0], torch.int64)),
+            const([2**62], torch.int64),
+            const([iou_threshold], torch.float32),
+            const([_NOT_IN_CLASS / 2], torch.float32),
+        )  # (K, 3) [batch, class, box]
         return g.op("Gather", selected, const(2, torch.int64), axis_i=1)
 
 
-def _batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float, num_classes: int) -> Tensor:
+def _batched_nms(
+    boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float, num_classes: int
+) -> Tensor:
     """``torchvision.ops.batched_nms`` as it runs eagerly on the CPU, traceable.
 
     torchvision suppresses within each class either by one NMS on boxes shifted apart per class
@@ -195,10 +211,14 @@ def _batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: 
     """
     count = torch._shape_as_tensor(boxes)[0]
     shift = (count * 4 <= _TV_BATCHED_NMS_CPU_NUMEL).to(boxes.dtype)
-    max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()     # boxes.max(), safe for N = 0
+    max_coordinate = torch.cat(
+        [boxes.flatten(), boxes.new_zeros(1)]
+    ).max()  # boxes.max(), safe for N = 0
     offsets = classes.to(boxes.dtype) * (max_coordinate + 1) * shift
     member = torch.arange(num_classes, device=boxes.device)[:, None] == classes[None, :]
-    class_scores = torch.where(member, scores[None, :], torch.full_like(scores[None, :], _NOT_IN_CLASS))
+    class_scores = torch.where(
+        member, scores[None, :], torch.full_like(scores[None, :], _NOT_IN_CLASS)
+    )
     keep = _PerClassNMS.apply(boxes + offsets[:, None], class_scores, float(iou_threshold))
     return keep[scores[keep].argsort(descending=True)]
 
@@ -207,22 +227,33 @@ def _batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: 
 
 
 class _Detections(NamedTuple):
-    boxes: Tensor           # (N, 4) input pixels, not clipped
-    scores: Tensor          # (N,)
-    labels: Tensor          # (N,) int64
+    boxes: Tensor  # (N, 4) input pixels, not clipped
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) int64
     location_index: Tensor  # (N,) int64 into the concatenated locations of all levels
 
 
-def _decode_fcos(head: FCOSOutputs, strides: list[int], num_classes: int, *, score_threshold: float,
-                 thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float, class_agnostic_nms: bool,
-                 max_detections: int) -> _Detections:
+def _decode_fcos(
+    head: FCOSOutputs,
+    strides: list[int],
+    num_classes: int,
+    *,
+    score_threshold: float,
+    thresh_with_ctr: bool,
+    pre_nms_topk: int,
+    nms_threshold: float,
+    class_agnostic_nms: bool,
+    max_detections: int,
+) -> _Detections:
     """``fcos_detections`` + ``decode_fcos`` for image 0 of the batch, traceable."""
-    locations = compute_locations([x.shape[-2:] for x in head.cls_logits], strides, head.cls_logits[0].device)
+    locations = compute_locations(
+        [x.shape[-2:] for x in head.cls_logits], strides, head.cls_logits[0].device
+    )
     boxes_all, scores_all, labels_all, index_all = [], [], [], []
     offset = 0
     for level, stride in enumerate(strides):
-        cls = head.cls_logits[level][0].flatten(1).T                                  # (HW, C)
-        ltrb = head.box_ltrb[level][0].flatten(1).T                                   # (HW, 4)
+        cls = head.cls_logits[level][0].flatten(1).T  # (HW, C)
+        ltrb = head.box_ltrb[level][0].flatten(1).T  # (HW, 4)
         p_cls = cls.float().sigmoid()
         p_ctr = head.centerness[level][0].flatten().float().sigmoid()
         ranking = p_cls * p_ctr[:, None]
@@ -241,15 +272,19 @@ def _decode_fcos(head: FCOSOutputs, strides: list[int], num_classes: int, *, sco
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
     if class_agnostic_nms:
-        keep = _batched_nms(boxes, scores, torch.zeros_like(labels), nms_threshold, 1)[:max_detections]
+        keep = _batched_nms(boxes, scores, torch.zeros_like(labels), nms_threshold, 1)[
+            :max_detections
+        ]
     else:
         keep = _batched_nms(boxes, scores, labels, nms_threshold, num_classes)[:max_detections]
     return _Detections(boxes[keep], scores[keep], labels[keep], index[keep])
 
 
-def _conv3x3_at_locations(features: list[Tensor], weight: Tensor, bias: Tensor | None, location_index: Tensor) -> Tensor:
+def _conv3x3_at_locations(
+    features: list[Tensor], weight: Tensor, bias: Tensor | None, location_index: Tensor
+) -> Tensor:
     """``conv3x3_at_locations`` for image 0: the dense 3×3 conv at N locations → (N, O)."""
-    flat_weight = weight.flatten(1)                                                   # (O, F·9)
+    flat_weight = weight.flatten(1)  # (O, F·9)
     taps = torch.arange(3, device=location_index.device)
     out = None
     offset = 0
@@ -258,10 +293,12 @@ def _conv3x3_at_locations(features: list[Tensor], weight: Tensor, bias: Tensor |
         in_level = (location_index >= offset) & (location_index < offset + h * w)
         local = torch.where(in_level, location_index - offset, torch.zeros_like(location_index))
         ys, xs = local // w, local % w
-        padded = F.pad(feat[0], (1, 1, 1, 1)).flatten(1)                              # (F, (h+2)·(w+2))
-        pixel = (ys[:, None, None] + taps[None, :, None]) * (w + 2) + (xs[:, None, None] + taps[None, None, :])
-        patches = padded.index_select(1, pixel.flatten()).view(padded.shape[0], -1, 9)   # (F, N, 9)
-        value = F.linear(patches.permute(1, 0, 2).flatten(1), flat_weight, bias)      # (N, O)
+        padded = F.pad(feat[0], (1, 1, 1, 1)).flatten(1)  # (F, (h+2)·(w+2))
+        pixel = (ys[:, None, None] + taps[None, :, None]) * (w + 2) + (
+            xs[:, None, None] + taps[None, None, :]
+        )
+        patches = padded.index_select(1, pixel.flatten()).view(padded.shape[0], -1, 9)  # (F, N, 9)
+        value = F.linear(patches.permute(1, 0, 2).flatten(1), flat_weight, bias)  # (N, O)
         out = value if out is None else torch.where(in_level[:, None], value, out)
         offset = offset + h * w
     return out
@@ -282,13 +319,22 @@ class FCOSFamilyExport(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        panoptic = ("panoptic_columns", "panoptic_features", "panoptic_stuff_logits") if self.panoptic else ()
+        panoptic = (
+            ("panoptic_columns", "panoptic_features", "panoptic_stuff_logits")
+            if self.panoptic
+            else ()
+        )
         return ("boxes", "scores", "labels", "mask_probs") + panoptic
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return ({name: {0: "detections"} for name in ("boxes", "scores", "labels", "mask_probs", "panoptic_columns")}
-                | {name: {1: "height_4", 2: "width_4"} for name in ("panoptic_features", "panoptic_stuff_logits")})
+        return {
+            name: {0: "detections"}
+            for name in ("boxes", "scores", "labels", "mask_probs", "panoptic_columns")
+        } | {
+            name: {1: "height_4", 2: "width_4"}
+            for name in ("panoptic_features", "panoptic_stuff_logits")
+        }
 
     def forward(self, image: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
         m = self.model
@@ -304,25 +350,42 @@ class FCOSFamilyExport(nn.Module):
         rois = _rois(boxes)
         if isinstance(m, BlendMask):
             bases = m.basis(m.basis_levels(features))
-            pooled = pool_bases(bases, rois, resolution=m.resolution, sampling_ratio=m.sampling_ratio)
+            pooled = pool_bases(
+                bases, rois, resolution=m.resolution, sampling_ratio=m.sampling_ratio
+            )
             top = m.attention
-            attention = _conv3x3_at_locations(head.box_tower, top.conv.weight, top.conv.bias, det.location_index)
+            attention = _conv3x3_at_locations(
+                head.box_tower, top.conv.weight, top.conv.bias, det.location_index
+            )
             attention = attention.view(-1, top.num_bases, top.attention_size, top.attention_size)
             logits = blend(_append_zero_row(pooled), _append_zero_row(attention))[:-1]
             return boxes, det.scores, det.labels, logits.sigmoid()
-        context_source = {"box_tower": head.box_tower, "cls_tower": head.cls_tower,
-                          "fpn": levels}[m.top_layer.context_position]
-        basis = m.basis(levels, m.top_layer.context_factors(context_source),
-                        output_size=(image.shape[-2] // BASIS_STRIDE, image.shape[-1] // BASIS_STRIDE))
-        pooled = pool_bases(basis, rois, resolution=m.resolution, sampling_ratio=m.sampling_ratio, stride=BASIS_STRIDE)
+        context_source = {"box_tower": head.box_tower, "cls_tower": head.cls_tower, "fpn": levels}[
+            m.top_layer.context_position
+        ]
+        basis = m.basis(
+            levels,
+            m.top_layer.context_factors(context_source),
+            output_size=(image.shape[-2] // BASIS_STRIDE, image.shape[-1] // BASIS_STRIDE),
+        )
+        pooled = pool_bases(
+            basis,
+            rois,
+            resolution=m.resolution,
+            sampling_ratio=m.sampling_ratio,
+            stride=BASIS_STRIDE,
+        )
         embedding_conv = m.top_layer.embedding
-        embeddings = _conv3x3_at_locations(head.box_tower, embedding_conv.weight, embedding_conv.bias,
-                                           det.location_index)
+        embeddings = _conv3x3_at_locations(
+            head.box_tower, embedding_conv.weight, embedding_conv.bias, det.location_index
+        )
         logits = m.predictor(_append_zero_row(pooled), _append_zero_row(embeddings))[:-1]
         outputs = (boxes, det.scores, det.labels, logits.sigmoid())
         if self.panoptic:
             features = basis[0]
-            stuff_logits = m.panoptic_layer(features, features.new_zeros((1, features.shape[0])))[:-1]
+            stuff_logits = m.panoptic_layer(features, features.new_zeros((1, features.shape[0])))[
+                :-1
+            ]
             outputs += (m.predictor.panoptic_columns(embeddings), features, stuff_logits)
         return outputs
 
@@ -336,14 +399,14 @@ def _rpn_proposals(rpn: RPN, features: dict[str, Tensor], image: Tensor, hw: Ten
     net = rpn.rpn
     feats = [features[k] for k in rpn.in_features]
     objectness, deltas = net.head(feats)
-    anchors = net.anchor_generator(ImageList(image, [(0, 0)]), feats)[0]             # (A, 4), levels in order
+    anchors = net.anchor_generator(ImageList(image, [(0, 0)]), feats)[0]  # (A, 4), levels in order
     counts = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     proposals = net.box_coder.decode_single(deltas.detach(), anchors)
     objectness = objectness.flatten()
     picked, levels, offset = [], [], 0
     for level, count in enumerate(counts):
-        _, top = _topk(objectness[offset: offset + count], net.pre_nms_top_n())
+        _, top = _topk(objectness[offset : offset + count], net.pre_nms_top_n())
         picked.append(top + offset)
         levels.append(torch.full_like(top, level))
         offset = offset + count
@@ -357,32 +420,57 @@ def _rpn_proposals(rpn: RPN, features: dict[str, Tensor], image: Tensor, hw: Ten
     return boxes[keep]
 
 
-def _multilevel_roi_align(features: dict[str, Tensor], rois: Tensor, *, output_size: int, sampling_ratio: int,
-                          min_level: int = 2, max_level: int = 5) -> Tensor:
+def _multilevel_roi_align(
+    features: dict[str, Tensor],
+    rois: Tensor,
+    *,
+    output_size: int,
+    sampling_ratio: int,
+    min_level: int = 2,
+    max_level: int = 5,
+) -> Tensor:
     """``multilevel_roi_align`` without skipping empty levels (each level pools its RoIs, maybe none)."""
     levels = assign_levels(rois, min_level=min_level, max_level=max_level)
     first = features[f"p{min_level}"]
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     for k in range(min_level, max_level + 1):
         index = (levels == k).nonzero().squeeze(1)
-        pooled = roi_align_aligned(features[f"p{k}"], rois[index], output_size=output_size,
-                                   spatial_scale=2.0 ** -k, sampling_ratio=sampling_ratio)
+        pooled = roi_align_aligned(
+            features[f"p{k}"],
+            rois[index],
+            output_size=output_size,
+            spatial_scale=2.0**-k,
+            sampling_ratio=sampling_ratio,
+        )
         out = out.index_put((index,), pooled)
     return out
 
 
-def _box_inference(class_logits: Tensor, box_deltas: Tensor, proposals: Tensor, hw: Tensor, num_classes: int, *,
-                   bbox_reg_weights: tuple[float, float, float, float], score_threshold: float, nms_threshold: float,
-                   detections_per_image: int) -> tuple[Tensor, Tensor, Tensor]:
+def _box_inference(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: Tensor,
+    hw: Tensor,
+    num_classes: int,
+    *,
+    bbox_reg_weights: tuple[float, float, float, float],
+    score_threshold: float,
+    nms_threshold: float,
+    detections_per_image: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``box_inference`` for one image → boxes (N, 4) clipped, scores (N,), labels (N,)."""
-    scores = F.softmax(class_logits.float(), dim=1)[:, 1:]                             # (R, C)
+    scores = F.softmax(class_logits.float(), dim=1)[:, 1:]  # (R, C)
     boxes = BoxCoder(bbox_reg_weights).decode_single(box_deltas.float(), proposals.float())
     boxes = _clip_boxes(boxes.reshape(-1, num_classes + 1, 4)[:, 1:].reshape(-1, 4), hw)
     labels = torch.arange(num_classes, device=scores.device)[None, :].expand_as(scores).reshape(-1)
     scores = scores.reshape(-1)
     keep = (scores > score_threshold).nonzero().squeeze(1)
     keep = keep[remove_small_boxes(boxes[keep], 1e-2)]
-    keep = keep[_batched_nms(boxes[keep], scores[keep], labels[keep], nms_threshold, num_classes)[:detections_per_image]]
+    keep = keep[
+        _batched_nms(boxes[keep], scores[keep], labels[keep], nms_threshold, num_classes)[
+            :detections_per_image
+        ]
+    ]
     return boxes[keep], scores[keep], labels[keep]
 
 
@@ -392,8 +480,14 @@ def _label_channel(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.gather(1, labels[:, None, None, None].expand(-1, 1, s, s))[:, 0]
 
 
-def _dynamask_masks(branch: DynaMaskBranch, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-                    image_size: Tensor, policy: str) -> tuple[Tensor, Tensor]:
+def _dynamask_masks(
+    branch: DynaMaskBranch,
+    features: dict[str, Tensor],
+    rois: Tensor,
+    labels: Tensor,
+    image_size: Tensor,
+    policy: str,
+) -> tuple[Tensor, Tensor]:
     """``DynaMaskBranch.predict`` with early exit as data-dependent shapes → (mask probs, sides).
 
     Fixed policies: (N, r, r) at that side. ``msm`` / ``size``: (N, 112, 112) with instance i's
@@ -416,11 +510,15 @@ def _dynamask_masks(branch: DynaMaskBranch, features: dict[str, Tensor], rois: T
     if policy == "msm":
         choice = select_resolution(branch.msm(roi_feats))
     else:
-        choice = branch.size_rule(rois, (image_size[0] * image_size[1]).to(torch.float64).sqrt()[None])
-    choice = torch.cat([choice[:real], choice.new_full((1,), head.num_resolutions - 1)])   # the dummy goes all the way
+        choice = branch.size_rule(
+            rois, (image_size[0] * image_size[1]).to(torch.float64).sqrt()[None]
+        )
+    choice = torch.cat(
+        [choice[:real], choice.new_full((1,), head.num_resolutions - 1)]
+    )  # the dummy goes all the way
     largest = head.sides[-1]
     out = roi_feats.new_zeros((roi_feats.shape[0], largest, largest))
-    alive = torch.arange(roi_feats.shape[0], device=rois.device)      # RoI of each row of `region`
+    alive = torch.arange(roi_feats.shape[0], device=rois.device)  # RoI of each row of `region`
     for k, side in enumerate(head.sides):
         alive_choice = choice[alive]
         leaving = (alive_choice == k).nonzero().squeeze(1)
@@ -449,8 +547,10 @@ class TwoStageExport(nn.Module):
                 raise ExportError("DynaMask with a custom RoI pooler cannot be exported")
             branch._check_policy(branch.policy)
             if branch.policy == "quota":
-                raise ExportError("DynaMask policy 'quota' (fixed fractions, for benchmarks) cannot be exported; "
-                                  "use model.dynamask.policy=msm, size or a fixed side")
+                raise ExportError(
+                    "DynaMask policy 'quota' (fixed fractions, for benchmarks) cannot be exported; "
+                    "use model.dynamask.policy=msm, size or a fixed side"
+                )
         elif not isinstance(branch, FCNMaskHead):
             raise ExportError(f"cannot export the mask branch {type(branch).__name__}")
         self.model = model
@@ -462,16 +562,25 @@ class TwoStageExport(nn.Module):
         features = m.backbone(_normalize(image, image_size, m.pixel_mean, m.pixel_std))
         proposals = _rpn_proposals(m.rpn, features, image, hw)
         bh = m.box_head
-        roi_feats = _multilevel_roi_align(features, _rois(proposals), output_size=bh.pooler_resolution,
-                                          sampling_ratio=bh.sampling_ratio)
+        roi_feats = _multilevel_roi_align(
+            features,
+            _rois(proposals),
+            output_size=bh.pooler_resolution,
+            sampling_ratio=bh.sampling_ratio,
+        )
         class_logits, box_deltas = bh.predictor(bh.mlp(roi_feats))
-        boxes, scores, labels = _box_inference(class_logits, box_deltas, proposals, hw, m.num_classes,
-                                               **bh.inference_params)
+        boxes, scores, labels = _box_inference(
+            class_logits, box_deltas, proposals, hw, m.num_classes, **bh.inference_params
+        )
         rois = _rois(boxes)
         branch = m.mask_branch
         if isinstance(branch, FCNMaskHead):
-            x = _multilevel_roi_align(features, rois, output_size=branch.pooler_resolution,
-                                      sampling_ratio=branch.sampling_ratio)
+            x = _multilevel_roi_align(
+                features,
+                rois,
+                output_size=branch.pooler_resolution,
+                sampling_ratio=branch.sampling_ratio,
+            )
             probs = _label_channel(branch.predictor(branch.convs(x)), labels).sigmoid()
             return boxes, scores, labels, probs, torch.full_like(labels, branch.resolution)
         probs, sides = _dynamask_masks(branch, features, rois, labels, image_size, self.policy)
@@ -495,7 +604,9 @@ def _mask_threshold(model: nn.Module) -> float:
     return float(getattr(model, "mask_threshold", 0.5))
 
 
-def model_metadata(cfg, model: nn.Module, weights_metadata: dict[str, Any] | None = None) -> dict[str, str]:
+def model_metadata(
+    cfg, model: nn.Module, weights_metadata: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The ONNX ``metadata_props`` (keys prefixed ``dynaseg.``, values strings, JSON where structured)."""
     from dynaseg.config.overrides import to_dict
 
@@ -531,9 +642,15 @@ def _example_input(cfg) -> tuple[Tensor, Tensor]:
     return image, torch.tensor([h, w], dtype=torch.int64)
 
 
-def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFAULT_OPSET,
-                 weights_metadata: dict[str, Any] | None = None,
-                 example: tuple[Tensor, Tensor] | None = None) -> Path:
+def export_model(
+    model: nn.Module,
+    cfg,
+    output: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    weights_metadata: dict[str, Any] | None = None,
+    example: tuple[Tensor, Tensor] | None = None,
+) -> Path:
     """Export a built model (its weights loaded) to ``output`` with metadata; returns the path.
 
     cfg: the model's ``ExperimentConfig`` (stored in the metadata with the class names, test sizes,
@@ -543,7 +660,9 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
     import onnx
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (RoIAlign aligned=True needs 16), got {opset}")
+        raise ExportError(
+            f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (RoIAlign aligned=True needs 16), got {opset}"
+        )
     module = export_module(model.cpu())
     image, image_size = example if example is not None else _example_input(cfg)
     output = Path(output)
@@ -553,14 +672,24 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
     def write(tmp: str) -> None:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(module, (image, image_size), tmp, dynamo=False, opset_version=opset,
-                              input_names=list(INPUT_NAMES), output_names=list(names), dynamic_axes=dynamic,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                (image, image_size),
+                tmp,
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(names),
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
         for w in caught:
             logger.debug("export: %s: %s", w.category.__name__, str(w.message).splitlines()[0])
         proto = onnx.load(tmp)
         onnx.helper.set_model_props(proto, model_metadata(cfg, model, weights_metadata))
-        proto.doc_string = f"dynaseg {cfg.model.kind}: see dynaseg/export/onnx.py for the inputs and outputs"
+        proto.doc_string = (
+            f"dynaseg {cfg.model.kind}: see dynaseg/export/onnx.py for the inputs and outputs"
+        )
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
 
@@ -568,7 +697,9 @@ def export_model(model: nn.Module, cfg, output: str | Path, *, opset: int = DEFA
     return output
 
 
-def export_onnx(cfg, weights: str | Path, output: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(
+    cfg, weights: str | Path, output: str | Path, *, opset: int = DEFAULT_OPSET
+) -> Path:
     """``dynaseg export --format onnx``: build ``cfg``'s model, load ``weights``, export to ``output``."""
     from dynaseg.engine.checkpoint import load_weights, read_metadata
     from dynaseg.modeling.build import build_model

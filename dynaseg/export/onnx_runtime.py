@@ -15,6 +15,7 @@ size divisibility, test sizes, mask threshold, the whole config), so a config is
 given (a preset, a YAML file, overrides) sets the test sizes and thresholds of the post-processing
 (the graph's own thresholds, e.g. the detection score threshold, are fixed at export).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _decode(props: dict[str, str]) -> dict[str, Any]:
-    return {k[len(_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(_PREFIX)}
+    return {k[len(_PREFIX) :]: json.loads(v) for k, v in props.items() if k.startswith(_PREFIX)}
 
 
 def mask_threshold_of(model_cfg) -> float:
@@ -67,7 +68,11 @@ def mask_threshold_of(model_cfg) -> float:
         return model_cfg.blender.mask_threshold
     if model_cfg.kind == "dr1mask":
         return model_cfg.dr1.mask_threshold
-    return model_cfg.dynamask.mask_threshold if model_cfg.kind == "dynamask" else model_cfg.mask_head.mask_threshold
+    return (
+        model_cfg.dynamask.mask_threshold
+        if model_cfg.kind == "dynamask"
+        else model_cfg.mask_head.mask_threshold
+    )
 
 
 class OnnxPredictor(Predictor):
@@ -82,18 +87,29 @@ class OnnxPredictor(Predictor):
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
     """
 
-    def __init__(self, path: str | Path, cfg: ExperimentConfig | str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 *, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        cfg: ExperimentConfig | str | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
         ort = _onnxruntime()
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        )
         meta = _decode(self.session.get_modelmeta().custom_metadata_map)
         if "config" not in meta:
-            raise ConfigError(f"{path}: not a dynaseg export (no dynaseg.config in its metadata_props)")
+            raise ConfigError(
+                f"{path}: not a dynaseg export (no dynaseg.config in its metadata_props)"
+            )
         if cfg is None:
             cfg = apply_overrides(from_dict(ExperimentConfig, meta["config"]), list(overrides))
         elif isinstance(cfg, str):
@@ -101,7 +117,9 @@ class OnnxPredictor(Predictor):
         else:
             cfg = apply_overrides(cfg, list(overrides))
         if cfg.model.kind != meta["model_kind"]:
-            raise ConfigError(f"{path} holds a {meta['model_kind']} model, the config is {cfg.model.kind}")
+            raise ConfigError(
+                f"{path} holds a {meta['model_kind']} model, the config is {cfg.model.kind}"
+            )
         self.cfg = cfg
         self.path = Path(path)
         self.metadata = meta
@@ -118,7 +136,10 @@ class OnnxPredictor(Predictor):
 
     def run(self, padded: torch.Tensor, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
         """The graph on one (3, Hp, Wp) float 0-255 padded image with valid size (h, w) → its outputs by name."""
-        feed = {"image": padded[None].contiguous().numpy(), "image_size": np.asarray(image_size, dtype=np.int64)}
+        feed = {
+            "image": padded[None].contiguous().numpy(),
+            "image_size": np.asarray(image_size, dtype=np.int64),
+        }
         return dict(zip(self.output_names, self.session.run(None, feed)))
 
     @torch.no_grad()
@@ -131,26 +152,56 @@ class OnnxPredictor(Predictor):
         outputs = self.run(padded, (h, w))
         return self.postprocess(outputs, input_size=(h, w), output_size=tuple(original.shape[-2:]))
 
-    def postprocess(self, outputs: dict[str, np.ndarray], *, input_size: tuple[int, int],
-                    output_size: tuple[int, int]) -> Instances | PanopticSegmentation:
+    def postprocess(
+        self,
+        outputs: dict[str, np.ndarray],
+        *,
+        input_size: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> Instances | PanopticSegmentation:
         """The graph's outputs for an image resized to ``input_size`` → the eager model's result at ``output_size``."""
         from dynaseg.modeling.blendmask.model import blendmask_postprocess
         from dynaseg.modeling.rcnn.model import rcnn_postprocess
 
-        boxes, scores, labels, probs = (torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "mask_probs"))
-        if "mask_resolutions" in outputs:                                   # two-stage
+        boxes, scores, labels, probs = (
+            torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "mask_probs")
+        )
+        if "mask_resolutions" in outputs:  # two-stage
             sides = torch.from_numpy(outputs["mask_resolutions"])
             detections = Instances(image_size=input_size, boxes=boxes, labels=labels, scores=scores)
             mask_probs = [probs[i, :r, :r] for i, r in enumerate(sides.tolist())]
-            return rcnn_postprocess(detections, mask_probs, sides, output_size=output_size,
-                                    mask_threshold=self.mask_threshold)
+            return rcnn_postprocess(
+                detections,
+                mask_probs,
+                sides,
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+            )
         if "panoptic_columns" not in outputs:
-            return blendmask_postprocess(boxes, scores, labels, probs, input_size=input_size, output_size=output_size,
-                                         mask_threshold=self.mask_threshold)
-        return self._panoptic(outputs, boxes, scores, labels, probs, input_size=input_size, output_size=output_size)
+            return blendmask_postprocess(
+                boxes,
+                scores,
+                labels,
+                probs,
+                input_size=input_size,
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+            )
+        return self._panoptic(
+            outputs, boxes, scores, labels, probs, input_size=input_size, output_size=output_size
+        )
 
-    def _panoptic(self, outputs: dict[str, np.ndarray], boxes, scores, labels, probs, *, input_size: tuple[int, int],
-                  output_size: tuple[int, int]) -> PanopticSegmentation:
+    def _panoptic(
+        self,
+        outputs: dict[str, np.ndarray],
+        boxes,
+        scores,
+        labels,
+        probs,
+        *,
+        input_size: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> PanopticSegmentation:
         """The panoptic part of ``DR1Mask.inference`` on the graph's outputs (same functions, same steps)."""
         from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
         from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
@@ -163,18 +214,33 @@ class OnnxPredictor(Predictor):
         from dynaseg.structures.masks import clip_boxes, scale_boxes
 
         keep = nonempty_boxes(clip_boxes(scale_boxes(boxes, input_size, output_size), output_size))
-        instances = blendmask_postprocess(boxes[keep], scores[keep], labels[keep], probs[keep], input_size=input_size,
-                                          output_size=output_size, mask_threshold=self.mask_threshold)
+        instances = blendmask_postprocess(
+            boxes[keep],
+            scores[keep],
+            labels[keep],
+            probs[keep],
+            input_size=input_size,
+            output_size=output_size,
+            mask_threshold=self.mask_threshold,
+        )
         d, num_stuff = self.cfg.model.dr1, self.cfg.model.num_stuff_classes
         things = (instances.scores >= d.panoptic_score_threshold).nonzero().squeeze(1)
-        kept, group = group_duplicate_detections(instances.boxes[things], instances.scores[things], d.panoptic_group_iou)
+        kept, group = group_duplicate_detections(
+            instances.boxes[things], instances.scores[things], d.panoptic_group_iou
+        )
         columns = torch.from_numpy(outputs["panoptic_columns"])[keep][things]
         joined = group >= 0
         rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
         features = torch.from_numpy(outputs["panoptic_features"])
         thing_logits = panoptic_logits(features, features.new_zeros((0, features.shape[0])), rows)
         logits = torch.cat([torch.from_numpy(outputs["panoptic_stuff_logits"]), thing_logits])
-        panoptic = panoptic_postprocess(logits, instances[things[kept]], num_stuff=num_stuff, stride=BASIS_STRIDE,
-                                        input_size=input_size, min_stuff_area=d.panoptic_min_stuff_area,
-                                        restrict_to_boxes=d.panoptic_restrict_to_boxes)
+        panoptic = panoptic_postprocess(
+            logits,
+            instances[things[kept]],
+            num_stuff=num_stuff,
+            stride=BASIS_STRIDE,
+            input_size=input_size,
+            min_stuff_area=d.panoptic_min_stuff_area,
+            restrict_to_boxes=d.panoptic_restrict_to_boxes,
+        )
         return dataclasses.replace(panoptic, instances=instances)

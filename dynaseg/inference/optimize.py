@@ -8,6 +8,7 @@
 * ``compile_dense``: ``torch.compile`` of the same dense submodules (dynamic shapes); the
   per-instance, data-dependent parts stay eager.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,10 +22,21 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dynaseg.modeling.backbone.resnet import ResNet
 
-__all__ = ["AMP_DTYPES", "DENSE_SUBMODULES", "fold_batch_norms", "AutocastDense", "autocast_dense",
-           "compile_dense", "optimize_for_inference"]
+__all__ = [
+    "AMP_DTYPES",
+    "DENSE_SUBMODULES",
+    "fold_batch_norms",
+    "AutocastDense",
+    "autocast_dense",
+    "compile_dense",
+    "optimize_for_inference",
+]
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 # Submodules whose work is dense convolution over whole feature maps, by attribute path; the
 # rest (sampling, decoding, NMS, per-instance heads, pasting) runs as is. Absent paths are skipped.
@@ -36,8 +48,9 @@ _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 def _fold_pair(conv: nn.Conv2d, norm: nn.Module) -> None:
     """Fold ``norm`` (applied right after ``conv``) into ``conv``'s weight and bias, in place."""
     eps = norm.eps
-    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, eps,
-                                        norm.weight, norm.bias)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, norm.running_mean, norm.running_var, eps, norm.weight, norm.bias
+    )
     conv.weight = weight
     conv.bias = bias
 
@@ -50,10 +63,15 @@ def _conv_norm_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
                 pairs.append((parent, a, b))
-        elif isinstance(parent, (BasicBlock, Bottleneck, ResNet)):   # forward: bnK(convK(x)), stem bn1(conv1(x))
+        elif isinstance(
+            parent, (BasicBlock, Bottleneck, ResNet)
+        ):  # forward: bnK(convK(x)), stem bn1(conv1(x))
             pairs += [(parent, f"conv{k}", f"bn{k}") for k in (1, 2, 3)]
-    return [(p, c, n) for p, c, n in pairs
-            if isinstance(getattr(p, c, None), nn.Conv2d) and isinstance(getattr(p, n, None), _NORMS)]
+    return [
+        (p, c, n)
+        for p, c, n in pairs
+        if isinstance(getattr(p, c, None), nn.Conv2d) and isinstance(getattr(p, n, None), _NORMS)
+    ]
 
 
 @torch.no_grad()
@@ -77,11 +95,17 @@ def _to_float32(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.float() if value.is_floating_point() else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _to_float32(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: _to_float32(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.init
+            },
+        )
     if isinstance(value, dict):
         return {k: _to_float32(v) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):                     # NamedTuple
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
         return type(value)(*(_to_float32(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_to_float32(v) for v in value)
@@ -126,17 +150,29 @@ def _replace(model: nn.Module, path: str, make) -> bool:
 
 def autocast_dense(model: nn.Module, *, dtype: torch.dtype) -> list[str]:
     """Wrap ``model``'s dense submodules in ``AutocastDense``; returns the wrapped paths."""
-    return [p for p in DENSE_SUBMODULES if _replace(model, p, lambda m: AutocastDense(m, dtype=dtype))]
+    return [
+        p for p in DENSE_SUBMODULES if _replace(model, p, lambda m: AutocastDense(m, dtype=dtype))
+    ]
 
 
 def compile_dense(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     """``torch.compile`` ``model``'s dense submodules (``dynamic=True`` unless given); returns their paths."""
     compile_kwargs.setdefault("dynamic", True)
-    return [p for p in DENSE_SUBMODULES if _replace(model, p, lambda m: torch.compile(m, **compile_kwargs))]
+    return [
+        p
+        for p in DENSE_SUBMODULES
+        if _replace(model, p, lambda m: torch.compile(m, **compile_kwargs))
+    ]
 
 
-def optimize_for_inference(model: nn.Module, *, fold_norms: bool = True, amp: str = "none",
-                           compile: bool = False, compile_backend: str = "inductor") -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    fold_norms: bool = True,
+    amp: str = "none",
+    compile: bool = False,
+    compile_backend: str = "inductor",
+) -> nn.Module:
     """Apply the chosen speed-ups to an eval-mode ``model`` in place and return it.
 
     Args:

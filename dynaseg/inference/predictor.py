@@ -1,4 +1,5 @@
 """``Predictor(cfg, weights)(image) -> Instances | PanopticSegmentation``: the Python inference API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,32 +49,47 @@ class Predictor:
     metadata; empty when it has none).
     """
 
-    def __init__(self, cfg: ExperimentConfig | str, weights: str | Path, *, device: str = "auto") -> None:
+    def __init__(
+        self, cfg: ExperimentConfig | str, weights: str | Path, *, device: str = "auto"
+    ) -> None:
         cfg = load_config(cfg) if isinstance(cfg, str) else cfg
-        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
+        self.cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, backbone_weights="")
+        )
         self.device = init_distributed(device if device != "auto" else cfg.device)
         self.model = build_model(self.cfg.model)
         load_weights(self.model, weights)
-        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        self.memory_format = (
+            torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        )
         self.model.to(self.device, memory_format=self.memory_format).eval()
         optimize_for_inference(self.model, **dataclasses.asdict(self.cfg.inference))
         meta = read_metadata(weights)
-        self.class_names: list[str] = list(meta.get("class_names") or
-                                           [f"class_{i}" for i in range(self.cfg.model.num_classes)])
-        self.category_ids: list[int] = list(meta.get("category_ids") or range(1, self.cfg.model.num_classes + 1))
+        self.class_names: list[str] = list(
+            meta.get("class_names") or [f"class_{i}" for i in range(self.cfg.model.num_classes)]
+        )
+        self.category_ids: list[int] = list(
+            meta.get("category_ids") or range(1, self.cfg.model.num_classes + 1)
+        )
         self.stuff_names: list[str] = list(meta.get("stuff_names") or [])
         self.stuff_category_ids: list[int] = list(meta.get("stuff_category_ids") or [])
-        self._transform = build_test_transforms(self.cfg.data.min_size_test, self.cfg.data.max_size_test)
+        self._transform = build_test_transforms(
+            self.cfg.data.min_size_test, self.cfg.data.max_size_test
+        )
 
     def _to_tensor(self, image: str | Path | np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(image, (str, Path)):
             return read_image(image)
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+                raise ValueError(
+                    f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}"
+                )
             return torch.from_numpy(image.copy()).permute(2, 0, 1)
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-            raise ValueError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+            raise ValueError(
+                f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}"
+            )
         return image
 
     @property
@@ -82,14 +98,20 @@ class Predictor:
         return bool(getattr(self.cfg.model, "num_stuff_classes", 0))
 
     @torch.inference_mode()
-    def __call__(self, image: str | Path | np.ndarray | torch.Tensor) -> Instances | PanopticSegmentation:
+    def __call__(
+        self, image: str | Path | np.ndarray | torch.Tensor
+    ) -> Instances | PanopticSegmentation:
         original = self._to_tensor(image)
         resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
         h, w = resized.shape[-2:]
         div = self.cfg.model.size_divisibility
         padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
-        batch = Batch(images=padded[None], image_sizes=[(h, w)], original_sizes=[tuple(original.shape[-2:])],
-                      image_ids=[-1])
+        batch = Batch(
+            images=padded[None],
+            image_sizes=[(h, w)],
+            original_sizes=[tuple(original.shape[-2:])],
+            image_ids=[-1],
+        )
         return _to_cpu(self.model(batch.to(self.device, memory_format=self.memory_format))[0])
 
 

@@ -6,6 +6,7 @@
   the class name written once inside it, and draws thing segments like instances (own
   colour, darker boundary, ``"name 0.87"`` tag); void pixels stay as they are.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -36,8 +37,9 @@ _GOLDEN = 0.618033988749895
 
 
 # --------------------------------------------------------------------------- colours
-def _golden_color(i: int, h0: float, saturations: tuple[float, float],
-                  values: tuple[float, float]) -> Color:
+def _golden_color(
+    i: int, h0: float, saturations: tuple[float, float], values: tuple[float, float]
+) -> Color:
     """``i``-th colour of a golden-ratio hue walk from ``h0``, alternating saturation and value."""
     h = (h0 + i * _GOLDEN) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, saturations[i % 2], values[(i // 2) % 2])
@@ -158,8 +160,16 @@ def _clamp(v: float, hi: float) -> float:
     return min(max(v, 0), max(hi, 0))
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color: Color,
-              font: Any, image_wh: tuple[int, int], *, centered: bool = False) -> None:
+def _draw_tag(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    color: Color,
+    font: Any,
+    image_wh: tuple[int, int],
+    *,
+    centered: bool = False,
+) -> None:
     """Filled tag with ``text``: centred on (x, y) if ``centered``, else placed above (x, y) if
     it fits, else just inside below it; kept inside the image."""
     left, t, r, b = draw.textbbox((0, 0), text, font=font)
@@ -176,8 +186,9 @@ def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, col
     draw.text((x + pad - left, y + pad - t), text, fill=_text_color(color), font=font)
 
 
-def _draw_legend(draw: ImageDraw.ImageDraw, legend: Mapping[str, Color], font: Any,
-                 image_wh: tuple[int, int]) -> None:
+def _draw_legend(
+    draw: ImageDraw.ImageDraw, legend: Mapping[str, Color], font: Any, image_wh: tuple[int, int]
+) -> None:
     """Small key (swatch + name per entry) in the top-right corner on a white panel."""
     if not legend:
         return
@@ -190,16 +201,23 @@ def _draw_legend(draw: ImageDraw.ImageDraw, legend: Mapping[str, Color], font: A
     draw.rectangle((x0, y0, x0 + panel_w, y0 + panel_h), fill=(255, 255, 255), outline=(0, 0, 0))
     for i, ((name, color), tb) in enumerate(zip(legend.items(), boxes)):
         y = y0 + pad + i * line_h
-        draw.rectangle((x0 + pad, y + 2, x0 + pad + sw, y + 2 + sw), fill=tuple(color),
-                       outline=(0, 0, 0))
+        draw.rectangle(
+            (x0 + pad, y + 2, x0 + pad + sw, y + 2 + sw), fill=tuple(color), outline=(0, 0, 0)
+        )
         draw.text((x0 + 2 * pad + sw - tb[0], y + 2 - tb[1]), str(name), fill=(0, 0, 0), font=font)
 
 
 # --------------------------------------------------------------------------- overlays
-def draw_instances(image: np.ndarray | torch.Tensor, instances: Instances,
-                   class_names: Sequence[str], *, score_threshold: float = 0.0,
-                   alpha: float = 0.5, colors: Sequence[Color] | None = None,
-                   legend: Mapping[str, Color] | None = None) -> np.ndarray:
+def draw_instances(
+    image: np.ndarray | torch.Tensor,
+    instances: Instances,
+    class_names: Sequence[str],
+    *,
+    score_threshold: float = 0.0,
+    alpha: float = 0.5,
+    colors: Sequence[Color] | None = None,
+    legend: Mapping[str, Color] | None = None,
+) -> np.ndarray:
     """Draw predictions on an image.
 
     Args:
@@ -218,8 +236,10 @@ def draw_instances(image: np.ndarray | torch.Tensor, instances: Instances,
     h, w = out.shape[:2]
     n = len(instances)
     if instances.masks is not None and n and tuple(instances.masks.shape[1:]) != (h, w):
-        raise ValueError(f"masks are {tuple(instances.masks.shape[1:])} but image is {(h, w)}; "
-                         "resize the masks (or image) first")
+        raise ValueError(
+            f"masks are {tuple(instances.masks.shape[1:])} but image is {(h, w)}; "
+            "resize the masks (or image) first"
+        )
     if colors is not None and len(colors) != n:
         raise ValueError(f"colors has {len(colors)} entries for {n} instances")
     colors = list(colors) if colors is not None else instance_colors(n)
@@ -242,15 +262,22 @@ def draw_instances(image: np.ndarray | torch.Tensor, instances: Instances,
     for i in keep:  # tags last so boxes never cover them
         name = _class_name(class_names, int(labels[i]))
         text = _label_text(name, None if scores is None else float(scores[i]))
-        _draw_tag(draw, (float(boxes[i][0]), float(boxes[i][1])), text, _darker(colors[i], 0.8),
-                  font, (w, h))
+        _draw_tag(
+            draw,
+            (float(boxes[i][0]), float(boxes[i][1])),
+            text,
+            _darker(colors[i], 0.8),
+            font,
+            (w, h),
+        )
     if legend:
         _draw_legend(draw, legend, font, (w, h))
     return np.asarray(pil).copy()
 
 
-def _blend_masks(out: np.ndarray, masks: torch.Tensor, keep: np.ndarray,
-                 colors: Sequence[Color], alpha: float) -> np.ndarray:
+def _blend_masks(
+    out: np.ndarray, masks: torch.Tensor, keep: np.ndarray, colors: Sequence[Color], alpha: float
+) -> np.ndarray:
     """Alpha-blend masks (largest first, so small objects stay visible) and darken their edges."""
     m = masks.detach()[torch.as_tensor(keep, device=masks.device)].to(torch.bool).cpu().numpy()
     order = np.argsort(-m.reshape(len(keep), -1).sum(1), kind="stable")
@@ -275,15 +302,25 @@ def _save_image(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
-def save_overlay(path: str | Path, image: np.ndarray | torch.Tensor, instances: Instances,
-                 class_names: Sequence[str], **kwargs: Any) -> Path:
+def save_overlay(
+    path: str | Path,
+    image: np.ndarray | torch.Tensor,
+    instances: Instances,
+    class_names: Sequence[str],
+    **kwargs: Any,
+) -> Path:
     """:func:`draw_instances` and write the result (format from the suffix); returns the path."""
     return _save_image(path, draw_instances(image, instances, class_names, **kwargs))
 
 
-def draw_panoptic(image: np.ndarray | torch.Tensor, pan: PanopticSegmentation, *,
-                  thing_names: Sequence[str], stuff_names: Sequence[str],
-                  alpha: float = 0.5) -> np.ndarray:
+def draw_panoptic(
+    image: np.ndarray | torch.Tensor,
+    pan: PanopticSegmentation,
+    *,
+    thing_names: Sequence[str],
+    stuff_names: Sequence[str],
+    alpha: float = 0.5,
+) -> np.ndarray:
     """Draw a panoptic segmentation on an image.
 
     Stuff segments are tinted in a fixed colour per stuff class and named once per class (on
@@ -304,9 +341,13 @@ def draw_panoptic(image: np.ndarray | torch.Tensor, pan: PanopticSegmentation, *
     out = _to_hwc_uint8(image)
     h, w = out.shape[:2]
     if pan.image_size != (h, w):
-        raise ValueError(f"panoptic ids are {pan.image_size} but image is {(h, w)}; "
-                         "resize the ids (or image) first")
-    ids = pan.ids.detach().cpu().numpy() if isinstance(pan.ids, torch.Tensor) else np.asarray(pan.ids)
+        raise ValueError(
+            f"panoptic ids are {pan.image_size} but image is {(h, w)}; "
+            "resize the ids (or image) first"
+        )
+    ids = (
+        pan.ids.detach().cpu().numpy() if isinstance(pan.ids, torch.Tensor) else np.asarray(pan.ids)
+    )
     segments = sorted((s for s in pan.segments if s.id > 0), key=lambda s: s.id)
     if not segments:
         return out
@@ -327,7 +368,9 @@ def draw_panoptic(image: np.ndarray | torch.Tensor, pan: PanopticSegmentation, *
         crop = _bbox_crop(mask)
         if crop is None:
             continue
-        img[crop][_boundary(mask[crop], thickness)] = np.asarray(_darker(thing_colors[s.id]), np.float32)
+        img[crop][_boundary(mask[crop], thickness)] = np.asarray(
+            _darker(thing_colors[s.id]), np.float32
+        )
         corners.append((s, (float(crop[1].start), float(crop[0].start))))
 
     pil = Image.fromarray(_to_uint8(img))
@@ -340,20 +383,41 @@ def draw_panoptic(image: np.ndarray | torch.Tensor, pan: PanopticSegmentation, *
     for label, s in largest.items():
         point = _interior_point(ids == s.id)
         if point is not None:
-            _draw_tag(draw, point, _label_text(_class_name(stuff_names, label), None),
-                      _darker(_stuff_color(label), 0.8), font, (w, h), centered=True)
+            _draw_tag(
+                draw,
+                point,
+                _label_text(_class_name(stuff_names, label), None),
+                _darker(_stuff_color(label), 0.8),
+                font,
+                (w, h),
+                centered=True,
+            )
     for s, corner in corners:  # thing tags last so stuff names never cover them
-        _draw_tag(draw, corner, _label_text(_class_name(thing_names, s.label), s.score),
-                  _darker(thing_colors[s.id], 0.8), font, (w, h))
+        _draw_tag(
+            draw,
+            corner,
+            _label_text(_class_name(thing_names, s.label), s.score),
+            _darker(thing_colors[s.id], 0.8),
+            font,
+            (w, h),
+        )
     return np.asarray(pil).copy()
 
 
-def save_panoptic_overlay(path: str | Path, image: np.ndarray | torch.Tensor,
-                          pan: PanopticSegmentation, *, thing_names: Sequence[str],
-                          stuff_names: Sequence[str], alpha: float = 0.5) -> Path:
+def save_panoptic_overlay(
+    path: str | Path,
+    image: np.ndarray | torch.Tensor,
+    pan: PanopticSegmentation,
+    *,
+    thing_names: Sequence[str],
+    stuff_names: Sequence[str],
+    alpha: float = 0.5,
+) -> Path:
     """:func:`draw_panoptic` and write the result (format from the suffix); returns the path."""
-    return _save_image(path, draw_panoptic(image, pan, thing_names=thing_names,
-                                           stuff_names=stuff_names, alpha=alpha))
+    return _save_image(
+        path,
+        draw_panoptic(image, pan, thing_names=thing_names, stuff_names=stuff_names, alpha=alpha),
+    )
 
 
 # --------------------------------------------------------------------------- loss curves

@@ -8,6 +8,7 @@ A stride-2 convolution (3×3, padding 1, as in ResNet and the FPN's P6/P7) compu
 centred on fine cell 2i. ``aligned_upsample`` inverts that: fine cell 2i gets coarse cell i exactly,
 fine cell 2i + 1 the mean of cells i and i + 1 (bilinear), the last one replicated past the edge.
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -19,8 +20,10 @@ __all__ = ["aligned_upsample", "nearest_upsample_crop"]
 def _check(x: Tensor, size: tuple[int, int]) -> None:
     h, w = x.shape[-2:]
     if not (2 * h - 1 <= size[0] <= 2 * h and 2 * w - 1 <= size[1] <= 2 * w):
-        raise ValueError(f"cannot upsample {h}×{w} ×2 to {size[0]}×{size[1]}: "
-                         f"the finer level must be {2 * h - 1} or {2 * h} by {2 * w - 1} or {2 * w}")
+        raise ValueError(
+            f"cannot upsample {h}×{w} ×2 to {size[0]}×{size[1]}: "
+            f"the finer level must be {2 * h - 1} or {2 * h} by {2 * w - 1} or {2 * w}"
+        )
 
 
 def aligned_upsample(x: Tensor, size: tuple[int, int]) -> Tensor:

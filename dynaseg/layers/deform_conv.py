@@ -7,6 +7,7 @@ padding, exactly torchvision's interpolation) followed by one matrix product: 0.
 the same input, equal outputs and gradients (tests compare both, and ``gradcheck`` both in float64).
 On CUDA, and for strided / dilated / grouped / modulated calls, torchvision's op runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,15 @@ from torchvision import ops
 __all__ = ["DeformConv2d", "deform_conv2d_sampled"]
 
 
-def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
-                          padding: int = 1, *, band_bytes: int = 4 << 20) -> Tensor:
+def deform_conv2d_sampled(
+    x: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int = 1,
+    *,
+    band_bytes: int = 4 << 20,
+) -> Tensor:
     """DCNv1, stride 1, dilation 1, weight groups 1, as sampling + matmul.
 
     x: (N, C, H, W); offset: (N, 2·G·K, H, W) with (Δy, Δx) per kernel tap k = i·kw + j and offset
@@ -34,9 +42,19 @@ def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
     k = kh * kw
     groups = offset.shape[1] // (2 * k)
     h_out, w_out = offset.shape[-2:]
-    ky, kx = torch.meshgrid(torch.arange(kh, device=x.device), torch.arange(kw, device=x.device), indexing="ij")
-    base_y = torch.arange(h_out, device=x.device, dtype=x.dtype)[None, :, None] - padding + ky.reshape(k, 1, 1)
-    base_x = torch.arange(w_out, device=x.device, dtype=x.dtype)[None, None, :] - padding + kx.reshape(k, 1, 1)
+    ky, kx = torch.meshgrid(
+        torch.arange(kh, device=x.device), torch.arange(kw, device=x.device), indexing="ij"
+    )
+    base_y = (
+        torch.arange(h_out, device=x.device, dtype=x.dtype)[None, :, None]
+        - padding
+        + ky.reshape(k, 1, 1)
+    )
+    base_x = (
+        torch.arange(w_out, device=x.device, dtype=x.dtype)[None, None, :]
+        - padding
+        + kx.reshape(k, 1, 1)
+    )
     off = offset.view(n, groups, k, 2, h_out, w_out)
     x = x.reshape(n * groups, c // groups, h, w)
     wmat = weight.reshape(c_out, c * k)
@@ -51,11 +69,16 @@ def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
         """Sampled inputs of instances i:j, output rows r0:r1 → (j − i, C·K, (r1 − r0)·W_out)."""
         o = off[i:j, :, :, :, r0:r1]
         # Sampling positions in pixels → grid_sample's [-1, 1] with align_corners=True (pixel centres).
-        gy = (base_y[:, r0:r1] + o[:, :, :, 0]) * (2.0 / max(h - 1, 1)) - 1                # (n', G, K, r, Wo)
+        gy = (base_y[:, r0:r1] + o[:, :, :, 0]) * (2.0 / max(h - 1, 1)) - 1  # (n', G, K, r, Wo)
         gx = (base_x + o[:, :, :, 1]) * (2.0 / max(w - 1, 1)) - 1
         grid = torch.stack([gx, gy], dim=-1).view((j - i) * groups, k * (r1 - r0), w_out, 2)
-        sampled = F.grid_sample(x[i * groups:j * groups], grid, mode="bilinear", padding_mode="zeros",
-                                align_corners=True)                                       # (n'·G, C/G, K·r, Wo)
+        sampled = F.grid_sample(
+            x[i * groups : j * groups],
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )  # (n'·G, C/G, K·r, Wo)
         return sampled.reshape(j - i, c * k, (r1 - r0) * w_out)
 
     if rows == h_out and per_step >= n:
@@ -66,7 +89,9 @@ def deform_conv2d_sampled(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
             j = min(n, i + per_step)
             for r0 in range(0, h_out, rows):
                 r1 = min(h_out, r0 + rows)
-                out[i:j, :, r0:r1] = torch.matmul(wmat, columns(i, j, r0, r1)).view(j - i, c_out, r1 - r0, w_out)
+                out[i:j, :, r0:r1] = torch.matmul(wmat, columns(i, j, r0, r1)).view(
+                    j - i, c_out, r1 - r0, w_out
+                )
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -74,7 +99,9 @@ class DeformConv2d(ops.DeformConv2d):
     """``torchvision.ops.DeformConv2d`` (same parameters and state dict) with the CPU fast path."""
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1 and mask is None
+        plain = (
+            self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1 and mask is None
+        )
         if input.device.type == "cpu" and plain and self.padding[0] == self.padding[1]:
             return deform_conv2d_sampled(input, offset, self.weight, self.bias, self.padding[0])
         return super().forward(input, offset, mask)

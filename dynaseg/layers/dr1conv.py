@@ -5,6 +5,7 @@ multiplied element-wise before (A, one per input channel and pixel) and after (B
 channel and pixel). For a 1×1 kernel this is, at every pixel p, the static matrix modulated by the
 rank-1 matrix b_p a_pᵀ (Eq. 2): y_p = (W ∘ b_p a_pᵀ) x_p.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -24,7 +25,9 @@ class DR1Conv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
         nn.init.kaiming_uniform_(self.weight, a=1)
 
     def forward(self, x: Tensor, pre: Tensor | None = None, post: Tensor | None = None) -> Tensor:  # type: ignore[override]

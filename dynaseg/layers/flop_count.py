@@ -4,6 +4,7 @@ FlopCounterMode silently skips ``torchvision::deform_conv2d``; we register its f
 place. RoIAlign has no formula and counts as 0 (its cost is bilinear sampling, not MACs).
 Units: GMAC (FlopCounterMode counts 2 FLOPs per MAC).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,7 +20,9 @@ __all__ = ["CUSTOM_FLOP_FORMULAS", "deform_conv2d_flop", "count_gmacs", "eval_mo
 _T = TypeVar("_T")
 
 
-def deform_conv2d_flop(input_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def deform_conv2d_flop(
+    input_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     """FLOPs of ``torchvision::deform_conv2d``: 2 · N · C_out · H_out · W_out · (C_in / groups) · k_h · k_w.
 
     The same count as a plain convolution of these shapes (weight is (C_out, C_in/groups, k_h, k_w));
@@ -52,6 +55,9 @@ class eval_mode:
 def count_gmacs(fn: Callable[[], _T]) -> tuple[float, _T]:
     """GMAC of one call of ``fn`` (forward only, under no_grad, deform_conv2d formula included),
     and what it returned."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS) as counter:
+    with (
+        torch.no_grad(),
+        FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS) as counter,
+    ):
         result = fn()
     return counter.get_total_flops() / 2 / 1e9, result

@@ -1,4 +1,5 @@
 """Normalisation layers chosen by name (an explicit table, not a registry)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

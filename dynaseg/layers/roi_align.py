@@ -1,4 +1,5 @@
 """RoIAlign with our conventions fixed in one place (torchvision's op underneath)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,12 +14,19 @@ def boxes_with_batch_index(boxes: Tensor, batch_index: Tensor) -> Tensor:
     return torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
 
 
-def roi_align_aligned(features: Tensor, rois: Tensor, *, output_size: int, spatial_scale: float,
-                      sampling_ratio: int) -> Tensor:
+def roi_align_aligned(
+    features: Tensor, rois: Tensor, *, output_size: int, spatial_scale: float, sampling_ratio: int
+) -> Tensor:
     """RoIAlign with ``aligned=True`` (half-pixel offset, detectron2's ROIAlignV2).
 
     torchvision defaults to ``aligned=False``; we always pass True so a box [0, W] covers exactly
     the image. features: (B, C, H, W); rois: (N, 5) → (N, C, output_size, output_size).
     """
-    return roi_align(features, rois.to(features.dtype), output_size=output_size,
-                     spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=True)
+    return roi_align(
+        features,
+        rois.to(features.dtype),
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=True,
+    )

@@ -1,4 +1,5 @@
 """Config → model. The only place that reads model configs."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -29,7 +30,9 @@ from dynaseg.modeling.rcnn.rpn import RPN
 __all__ = ["build_model", "build_backbone"]
 
 
-def build_backbone(cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, layout: str = "p3p7") -> ResNetFPN:
+def build_backbone(
+    cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, layout: str = "p3p7"
+) -> ResNetFPN:
     b = cfg.backbone
     body = ResNet(depth=b.depth, width=b.width, norm=b.norm, freeze_at=0)
     if cfg.backbone_weights:
@@ -43,10 +46,14 @@ def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
     s, soi = tuple(cfg.fcos.strides), cfg.fcos.sizes_of_interest
     p2 = isinstance(cfg, BlendMaskConfig) and s == (4, 8, 16, 32, 64)
     if s != (8, 16, 32, 64, 128) and not p2:
-        raise ConfigError(f"model.fcos.strides={list(s)}: expected [8, 16, 32, 64, 128]"
-                          + (" or [4, 8, 16, 32, 64]" if isinstance(cfg, BlendMaskConfig) else ""))
+        raise ConfigError(
+            f"model.fcos.strides={list(s)}: expected [8, 16, 32, 64, 128]"
+            + (" or [4, 8, 16, 32, 64]" if isinstance(cfg, BlendMaskConfig) else "")
+        )
     if len(soi) != len(s) - 1:
-        raise ConfigError(f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels")
+        raise ConfigError(
+            f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels"
+        )
     return "p2p6conv" if p2 else "p3p7"
 
 
@@ -54,19 +61,46 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
     channels = cfg.backbone.fpn_channels
     if cfg.kind == "mask_rcnn":
         m = cfg.mask_head
-        return FCNMaskHead(in_channels=channels, num_classes=cfg.num_classes, conv_dim=m.conv_dim,
-                           num_convs=m.num_convs, pooler_resolution=m.pooler_resolution)
+        return FCNMaskHead(
+            in_channels=channels,
+            num_classes=cfg.num_classes,
+            conv_dim=m.conv_dim,
+            num_convs=m.num_convs,
+            pooler_resolution=m.pooler_resolution,
+        )
     d = cfg.dynamask
-    head = DynaMaskHead(in_channels=channels, num_classes=cfg.num_classes, stage_channels=d.stage_channels,
-                        num_instance_convs=d.num_instance_convs, class_specific=d.class_specific,
-                        fuse_after_upsample=d.fuse_after_upsample, edge_head=d.edge_source == "head")
-    msm = MaskSwitchModule(in_channels=channels, num_choices=4, conv_channels=d.msm_conv_channels,
-                           fc_channels=d.msm_fc_channels, input_size=d.pooler_resolution)
-    return DynaMaskBranch(head=head, msm=msm, num_classes=cfg.num_classes, gumbel_tau=d.gumbel_tau,
-                          budget_target=d.budget_target, budget_unit=d.budget_unit, budget_on=d.budget_on,
-                          edge_source=d.edge_source, lambda_edge=d.lambda_edge, lambda_reg=d.lambda_reg,
-                          msm_start_iter=d.msm_start_iter, policy=d.policy, quota=d.quota,
-                          size_reference=d.size_reference)
+    head = DynaMaskHead(
+        in_channels=channels,
+        num_classes=cfg.num_classes,
+        stage_channels=d.stage_channels,
+        num_instance_convs=d.num_instance_convs,
+        class_specific=d.class_specific,
+        fuse_after_upsample=d.fuse_after_upsample,
+        edge_head=d.edge_source == "head",
+    )
+    msm = MaskSwitchModule(
+        in_channels=channels,
+        num_choices=4,
+        conv_channels=d.msm_conv_channels,
+        fc_channels=d.msm_fc_channels,
+        input_size=d.pooler_resolution,
+    )
+    return DynaMaskBranch(
+        head=head,
+        msm=msm,
+        num_classes=cfg.num_classes,
+        gumbel_tau=d.gumbel_tau,
+        budget_target=d.budget_target,
+        budget_unit=d.budget_unit,
+        budget_on=d.budget_on,
+        edge_source=d.edge_source,
+        lambda_edge=d.lambda_edge,
+        lambda_reg=d.lambda_reg,
+        msm_start_iter=d.msm_start_iter,
+        policy=d.policy,
+        quota=d.quota,
+        size_reference=d.size_reference,
+    )
 
 
 def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
@@ -74,21 +108,41 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
     r, b = cfg.rpn, cfg.box_head
     return TwoStageDetector(
         backbone=build_backbone(cfg, layout="p2p6"),
-        rpn=RPN(in_channels=channels, anchor_sizes=r.anchor_sizes, aspect_ratios=r.aspect_ratios,
-                pre_nms_topk_train=r.pre_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
-                post_nms_topk_train=r.post_nms_topk_train, post_nms_topk_test=r.post_nms_topk_test,
-                nms_threshold=r.nms_threshold, batch_size_per_image=r.batch_size_per_image,
-                positive_fraction=r.positive_fraction, fg_iou_threshold=r.fg_iou_threshold,
-                bg_iou_threshold=r.bg_iou_threshold),
-        box_head=BoxHead(in_channels=channels, num_classes=cfg.num_classes, fc_dim=b.fc_dim,
-                         pooler_resolution=b.pooler_resolution, batch_size_per_image=b.batch_size_per_image,
-                         positive_fraction=b.positive_fraction, iou_threshold=b.iou_threshold,
-                         bbox_reg_weights=b.bbox_reg_weights, score_threshold=b.score_threshold,
-                         nms_threshold=b.nms_threshold, detections_per_image=b.detections_per_image),
+        rpn=RPN(
+            in_channels=channels,
+            anchor_sizes=r.anchor_sizes,
+            aspect_ratios=r.aspect_ratios,
+            pre_nms_topk_train=r.pre_nms_topk_train,
+            pre_nms_topk_test=r.pre_nms_topk_test,
+            post_nms_topk_train=r.post_nms_topk_train,
+            post_nms_topk_test=r.post_nms_topk_test,
+            nms_threshold=r.nms_threshold,
+            batch_size_per_image=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction,
+            fg_iou_threshold=r.fg_iou_threshold,
+            bg_iou_threshold=r.bg_iou_threshold,
+        ),
+        box_head=BoxHead(
+            in_channels=channels,
+            num_classes=cfg.num_classes,
+            fc_dim=b.fc_dim,
+            pooler_resolution=b.pooler_resolution,
+            batch_size_per_image=b.batch_size_per_image,
+            positive_fraction=b.positive_fraction,
+            iou_threshold=b.iou_threshold,
+            bbox_reg_weights=b.bbox_reg_weights,
+            score_threshold=b.score_threshold,
+            nms_threshold=b.nms_threshold,
+            detections_per_image=b.detections_per_image,
+        ),
         mask_branch=build_mask_branch(cfg),
-        num_classes=cfg.num_classes, max_mask_rois_per_image=cfg.max_mask_rois_per_image,
-        mask_threshold=cfg.dynamask.mask_threshold if cfg.kind == "dynamask" else cfg.mask_head.mask_threshold,
-        pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+        num_classes=cfg.num_classes,
+        max_mask_rois_per_image=cfg.max_mask_rois_per_image,
+        mask_threshold=cfg.dynamask.mask_threshold
+        if cfg.kind == "dynamask"
+        else cfg.mask_head.mask_threshold,
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
     )
 
 
@@ -97,54 +151,129 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
     f, basis, blender = cfg.fcos, cfg.basis, cfg.blender
     return BlendMask(
         backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
-        fcos_head=FCOSHead(in_channels=channels, num_classes=cfg.num_classes, num_levels=len(f.strides),
-                           num_convs=f.num_convs, norm=f.norm, prior_prob=f.prior_prob, use_scale=f.use_scale),
-        attention=AttentionTopLayer(in_channels=channels, num_bases=basis.num_bases,
-                                    attention_size=blender.attention_size),
-        basis=BasisModule(in_channels=channels, channels=basis.channels, num_bases=basis.num_bases,
-                          num_convs=basis.num_convs, norm=basis.norm),
-        semantic_head=SemanticHead(in_channels=channels, channels=basis.semantic_channels,
-                                   num_classes=cfg.num_classes, norm=basis.norm)
-        if basis.semantic_loss_weight > 0 else None,
-        num_classes=cfg.num_classes, strides=f.strides, sizes_of_interest=f.sizes_of_interest,
-        center_sampling_radius=f.center_sampling_radius, focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma,
-        score_threshold=f.score_threshold, thresh_with_ctr=f.thresh_with_ctr, pre_nms_topk=f.pre_nms_topk,
-        nms_threshold=f.nms_threshold, class_agnostic_nms=f.class_agnostic_nms, max_detections=f.max_detections,
-        resolution=blender.resolution, sampling_ratio=blender.sampling_ratio,
-        mask_loss_weight=blender.mask_loss_weight, semantic_loss_weight=basis.semantic_loss_weight,
-        mask_threshold=blender.mask_threshold, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+        fcos_head=FCOSHead(
+            in_channels=channels,
+            num_classes=cfg.num_classes,
+            num_levels=len(f.strides),
+            num_convs=f.num_convs,
+            norm=f.norm,
+            prior_prob=f.prior_prob,
+            use_scale=f.use_scale,
+        ),
+        attention=AttentionTopLayer(
+            in_channels=channels, num_bases=basis.num_bases, attention_size=blender.attention_size
+        ),
+        basis=BasisModule(
+            in_channels=channels,
+            channels=basis.channels,
+            num_bases=basis.num_bases,
+            num_convs=basis.num_convs,
+            norm=basis.norm,
+        ),
+        semantic_head=SemanticHead(
+            in_channels=channels,
+            channels=basis.semantic_channels,
+            num_classes=cfg.num_classes,
+            norm=basis.norm,
+        )
+        if basis.semantic_loss_weight > 0
+        else None,
+        num_classes=cfg.num_classes,
+        strides=f.strides,
+        sizes_of_interest=f.sizes_of_interest,
+        center_sampling_radius=f.center_sampling_radius,
+        focal_alpha=f.focal_alpha,
+        focal_gamma=f.focal_gamma,
+        score_threshold=f.score_threshold,
+        thresh_with_ctr=f.thresh_with_ctr,
+        pre_nms_topk=f.pre_nms_topk,
+        nms_threshold=f.nms_threshold,
+        class_agnostic_nms=f.class_agnostic_nms,
+        max_detections=f.max_detections,
+        resolution=blender.resolution,
+        sampling_ratio=blender.sampling_ratio,
+        mask_loss_weight=blender.mask_loss_weight,
+        semantic_loss_weight=basis.semantic_loss_weight,
+        mask_threshold=blender.mask_threshold,
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
     )
 
 
 def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
     channels = cfg.backbone.fpn_channels
     f, d = cfg.fcos, cfg.dr1
-    predictor = InstancePredictor(kind=d.attention, channels=d.basis_channels, num_bases=d.num_bases,
-                                  attention_size=d.attention_size, rank=d.attention_rank,
-                                  panoptic=cfg.num_stuff_classes > 0)
+    predictor = InstancePredictor(
+        kind=d.attention,
+        channels=d.basis_channels,
+        num_bases=d.num_bases,
+        attention_size=d.attention_size,
+        rank=d.attention_rank,
+        panoptic=cfg.num_stuff_classes > 0,
+    )
     return DR1Mask(
         backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
-        fcos_head=FCOSHead(in_channels=channels, num_classes=cfg.num_classes, num_levels=len(f.strides),
-                           num_convs=f.num_convs, norm=f.norm, prior_prob=f.prior_prob, use_scale=f.use_scale),
-        top_layer=DR1TopLayer(in_channels=channels, embedding_dim=predictor.embedding_dim,
-                              basis_channels=d.basis_channels, context_position=d.context_position),
-        basis=DR1Basis(in_channels=channels, channels=d.basis_channels, num_levels=len(f.strides), norm=d.basis_norm,
-                       aligned_upsample=d.aligned_upsample, factors=d.dynamic_factors),
+        fcos_head=FCOSHead(
+            in_channels=channels,
+            num_classes=cfg.num_classes,
+            num_levels=len(f.strides),
+            num_convs=f.num_convs,
+            norm=f.norm,
+            prior_prob=f.prior_prob,
+            use_scale=f.use_scale,
+        ),
+        top_layer=DR1TopLayer(
+            in_channels=channels,
+            embedding_dim=predictor.embedding_dim,
+            basis_channels=d.basis_channels,
+            context_position=d.context_position,
+        ),
+        basis=DR1Basis(
+            in_channels=channels,
+            channels=d.basis_channels,
+            num_levels=len(f.strides),
+            norm=d.basis_norm,
+            aligned_upsample=d.aligned_upsample,
+            factors=d.dynamic_factors,
+        ),
         predictor=predictor,
-        panoptic_layer=PanopticLayer(channels=d.basis_channels, num_stuff_classes=cfg.num_stuff_classes)
-        if cfg.num_stuff_classes > 0 else None,
-        semantic_head=SemanticHead(in_channels=channels, channels=d.semantic_channels, num_classes=cfg.num_classes,
-                                   norm=d.basis_norm) if d.semantic_loss_weight > 0 else None,
-        num_classes=cfg.num_classes, strides=f.strides, sizes_of_interest=f.sizes_of_interest,
-        center_sampling_radius=f.center_sampling_radius, focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma,
-        score_threshold=f.score_threshold, thresh_with_ctr=f.thresh_with_ctr, pre_nms_topk=f.pre_nms_topk,
-        nms_threshold=f.nms_threshold, class_agnostic_nms=f.class_agnostic_nms, max_detections=f.max_detections,
-        resolution=d.resolution, sampling_ratio=d.sampling_ratio, mask_loss_weight=d.mask_loss_weight,
-        semantic_loss_weight=d.semantic_loss_weight, panoptic_loss_weight=d.panoptic_loss_weight,
-        mask_threshold=d.mask_threshold, panoptic_score_threshold=d.panoptic_score_threshold,
+        panoptic_layer=PanopticLayer(
+            channels=d.basis_channels, num_stuff_classes=cfg.num_stuff_classes
+        )
+        if cfg.num_stuff_classes > 0
+        else None,
+        semantic_head=SemanticHead(
+            in_channels=channels,
+            channels=d.semantic_channels,
+            num_classes=cfg.num_classes,
+            norm=d.basis_norm,
+        )
+        if d.semantic_loss_weight > 0
+        else None,
+        num_classes=cfg.num_classes,
+        strides=f.strides,
+        sizes_of_interest=f.sizes_of_interest,
+        center_sampling_radius=f.center_sampling_radius,
+        focal_alpha=f.focal_alpha,
+        focal_gamma=f.focal_gamma,
+        score_threshold=f.score_threshold,
+        thresh_with_ctr=f.thresh_with_ctr,
+        pre_nms_topk=f.pre_nms_topk,
+        nms_threshold=f.nms_threshold,
+        class_agnostic_nms=f.class_agnostic_nms,
+        max_detections=f.max_detections,
+        resolution=d.resolution,
+        sampling_ratio=d.sampling_ratio,
+        mask_loss_weight=d.mask_loss_weight,
+        semantic_loss_weight=d.semantic_loss_weight,
+        panoptic_loss_weight=d.panoptic_loss_weight,
+        mask_threshold=d.mask_threshold,
+        panoptic_score_threshold=d.panoptic_score_threshold,
         panoptic_group_iou=d.panoptic_group_iou,
-        panoptic_restrict_to_boxes=d.panoptic_restrict_to_boxes, panoptic_min_stuff_area=d.panoptic_min_stuff_area,
-        pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+        panoptic_restrict_to_boxes=d.panoptic_restrict_to_boxes,
+        panoptic_min_stuff_area=d.panoptic_min_stuff_area,
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
     )
 
 

@@ -2,6 +2,7 @@
 
 Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart). See docs/serve.md.
 """
+
 from __future__ import annotations
 
 from dynaseg.serve.app import create_app

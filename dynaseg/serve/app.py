@@ -1,4 +1,5 @@
 """The FastAPI app: ``POST /predict``, ``GET /health``, ``GET /model`` around a loaded predictor."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,10 +33,17 @@ __all__ = ["create_app"]
 logger = logging.getLogger("dynaseg.serve")
 
 _BINARY = {"type": "string", "format": "binary"}
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "image/*": {"schema": _BINARY},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}},
-}}}
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
+            },
+        },
+    }
+}
 
 
 def _wants_png(accept: str | None) -> bool:
@@ -46,6 +54,7 @@ def _wants_png(accept: str | None) -> bool:
 
 async def _multipart_image(request: Request, body: bytes) -> bytes:
     """The bytes of the ``file`` field of a multipart body that was already read (within limits)."""
+
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -58,7 +67,9 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
                 request_kind(upload.content_type)  # the part's own type: image/* or octet-stream
             return await upload.read()
     except (HTTPException, MultiPartException) as e:
-        raise RequestError(400, f"malformed multipart body: {getattr(e, 'detail', None) or e.message}") from None
+        raise RequestError(
+            400, f"malformed multipart body: {getattr(e, 'detail', None) or e.message}"
+        ) from None
 
 
 class _GenericServerError:
@@ -84,10 +95,14 @@ class _GenericServerError:
             if scope["type"] != "http" or started:
                 raise
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(
+                scope, receive, send
+            )
 
 
-def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_threshold: float = 0.3) -> FastAPI:
+def create_app(
+    predictor: Any, *, limits: ServeLimits = ServeLimits(), score_threshold: float = 0.3
+) -> FastAPI:
     """An app serving ``predictor`` (a loaded :class:`~dynaseg.inference.predictor.Predictor`).
 
     Args:
@@ -98,8 +113,11 @@ def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_thr
     """
     gate = InferenceGate(max_concurrency=limits.max_concurrency, queue_size=limits.queue_size)
     default_threshold = score_threshold
-    app = FastAPI(title="dynaseg", version=__version__,
-                  description="Instance / panoptic segmentation inference service (docs/serve.md).")
+    app = FastAPI(
+        title="dynaseg",
+        version=__version__,
+        description="Instance / panoptic segmentation inference service (docs/serve.md).",
+    )
     app.state.gate = gate
 
     @app.exception_handler(RequestError)
@@ -110,7 +128,9 @@ def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_thr
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid value')}"}, status_code=422)
+        return JSONResponse(
+            {"detail": f"{where}: {first.get('msg', 'invalid value')}"}, status_code=422
+        )
 
     app.add_middleware(_GenericServerError)
 
@@ -121,21 +141,36 @@ def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_thr
         if as_png:
             png = overlay_png(image, prediction, predictor=predictor, score_threshold=threshold)
             return Response(png, media_type="image/png")
-        return JSONResponse(prediction_json(prediction, image_size=image.shape[:2], predictor=predictor,
-                                            score_threshold=threshold))
+        return JSONResponse(
+            prediction_json(
+                prediction,
+                image_size=image.shape[:2],
+                predictor=predictor,
+                score_threshold=threshold,
+            )
+        )
 
-    @app.post("/predict", summary="Segment one image", openapi_extra=_PREDICT_BODY,
-              description="Body: the image (Content-Type image/*), or multipart/form-data with a 'file' field. "
-                          "Answers JSON (instances with COCO RLE masks; panoptic models add segments) or, "
-                          "with ?format=png or Accept: image/png, the overlay PNG.")
-    async def predict(request: Request, output: Literal["json", "png"] | None = Query(None, alias="format"),
-                      score_threshold: float | None = Query(None, ge=0.0, le=1.0)) -> Response:
+    @app.post(
+        "/predict",
+        summary="Segment one image",
+        openapi_extra=_PREDICT_BODY,
+        description="Body: the image (Content-Type image/*), or multipart/form-data with a 'file' field. "
+        "Answers JSON (instances with COCO RLE masks; panoptic models add segments) or, "
+        "with ?format=png or Accept: image/png, the overlay PNG.",
+    )
+    async def predict(
+        request: Request,
+        output: Literal["json", "png"] | None = Query(None, alias="format"),
+        score_threshold: float | None = Query(None, ge=0.0, le=1.0),
+    ) -> Response:
         kind = request_kind(request.headers.get("content-type"))
         check_declared_length(request.headers, max_bytes=limits.max_bytes)
         as_png = output == "png" if output else _wants_png(request.headers.get("accept"))
         threshold = default_threshold if score_threshold is None else score_threshold
         with gate.admit():
-            body = await read_body(request, max_bytes=limits.max_bytes, timeout_s=limits.read_timeout_s)
+            body = await read_body(
+                request, max_bytes=limits.max_bytes, timeout_s=limits.read_timeout_s
+            )
             data = await _multipart_image(request, body) if kind == "multipart" else body
             del body
             if not data:
@@ -147,7 +182,9 @@ def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_thr
                 raise
             except Exception:
                 logger.exception("segmentation failed")
-                raise RequestError(500, "internal server error while segmenting the image") from None
+                raise RequestError(
+                    500, "internal server error while segmenting the image"
+                ) from None
 
     @app.get("/health", summary="Liveness and queue state")
     async def health() -> dict[str, Any]:
@@ -156,10 +193,14 @@ def create_app(predictor: Any, *, limits: ServeLimits = ServeLimits(), score_thr
     @app.get("/model", summary="The served model")
     async def model() -> dict[str, Any]:
         info: dict[str, Any] = {
-            "config": to_dict(predictor.cfg), "panoptic": bool(predictor.is_panoptic),
-            "class_names": list(predictor.class_names), "category_ids": list(predictor.category_ids),
-            "dynaseg_version": __version__, "torch_version": torch.__version__,
-            "device": str(predictor.device), "score_threshold": default_threshold,
+            "config": to_dict(predictor.cfg),
+            "panoptic": bool(predictor.is_panoptic),
+            "class_names": list(predictor.class_names),
+            "category_ids": list(predictor.category_ids),
+            "dynaseg_version": __version__,
+            "torch_version": torch.__version__,
+            "device": str(predictor.device),
+            "score_threshold": default_threshold,
             "limits": dataclasses.asdict(limits),
         }
         if predictor.is_panoptic:

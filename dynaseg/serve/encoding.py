@@ -1,4 +1,5 @@
 """Predictions as service responses: JSON with COCO RLE masks, or an overlay PNG."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,11 @@ __all__ = ["stuff_categories", "prediction_json", "overlay_png"]
 
 def stuff_categories(predictor: Any) -> tuple[list[str], list[int]]:
     """Stuff names and category ids: the weights' metadata, else ``stuff_i`` numbered after the things."""
-    num = max(len(predictor.stuff_names), len(predictor.stuff_category_ids),
-              int(getattr(predictor.cfg.model, "num_stuff_classes", 0) or 0))
+    num = max(
+        len(predictor.stuff_names),
+        len(predictor.stuff_category_ids),
+        int(getattr(predictor.cfg.model, "num_stuff_classes", 0) or 0),
+    )
     first = max(predictor.category_ids, default=0) + 1
     names = list(predictor.stuff_names) or [f"stuff_{i}" for i in range(num)]
     ids = list(predictor.stuff_category_ids) or list(range(first, first + num))
@@ -33,7 +37,9 @@ def _category(ids: list[int], label: int) -> int | None:
     return int(ids[label]) if 0 <= label < len(ids) else None
 
 
-def _instances_json(instances: Instances | None, predictor: Any, score_threshold: float) -> list[dict]:
+def _instances_json(
+    instances: Instances | None, predictor: Any, score_threshold: float
+) -> list[dict]:
     if instances is None or len(instances) == 0:
         return []
     if instances.scores is not None:
@@ -41,11 +47,19 @@ def _instances_json(instances: Instances | None, predictor: Any, score_threshold
     rles = encode_masks(instances.masks) if instances.masks is not None else [None] * len(instances)
     scores = instances.scores.tolist() if instances.scores is not None else [None] * len(instances)
     out = []
-    for label, score, box, rle in zip(instances.labels.tolist(), scores, instances.boxes.tolist(), rles):
-        out.append({"class_id": int(label), "class_name": _name(predictor.class_names, label),
-                    "category_id": _category(predictor.category_ids, label),
-                    "score": None if score is None else round(float(score), 5),
-                    "box": [round(float(v), 2) for v in box], "mask": rle})
+    for label, score, box, rle in zip(
+        instances.labels.tolist(), scores, instances.boxes.tolist(), rles
+    ):
+        out.append(
+            {
+                "class_id": int(label),
+                "class_name": _name(predictor.class_names, label),
+                "category_id": _category(predictor.category_ids, label),
+                "score": None if score is None else round(float(score), 5),
+                "box": [round(float(v), 2) for v in box],
+                "mask": rle,
+            }
+        )
     return out
 
 
@@ -54,23 +68,43 @@ def _segments_json(pan: PanopticSegmentation, predictor: Any) -> list[dict]:
     ids = pan.ids.numpy()
     out = []
     for s in sorted(pan.segments, key=lambda s: s.id):
-        names, cats = (predictor.class_names, predictor.category_ids) if s.isthing else (stuff_names, stuff_ids)
-        out.append({"id": int(s.id), "isthing": bool(s.isthing), "class_id": int(s.label),
-                    "class_name": _name(names, s.label), "category_id": _category(cats, s.label),
-                    "score": round(float(s.score), 5), "area": int(s.area),
-                    "mask": encode_masks((ids == s.id)[None])[0]})  # one mask at a time: bounded memory
+        names, cats = (
+            (predictor.class_names, predictor.category_ids)
+            if s.isthing
+            else (stuff_names, stuff_ids)
+        )
+        out.append(
+            {
+                "id": int(s.id),
+                "isthing": bool(s.isthing),
+                "class_id": int(s.label),
+                "class_name": _name(names, s.label),
+                "category_id": _category(cats, s.label),
+                "score": round(float(s.score), 5),
+                "area": int(s.area),
+                "mask": encode_masks((ids == s.id)[None])[0],
+            }
+        )  # one mask at a time: bounded memory
     return out
 
 
-def prediction_json(prediction: Instances | PanopticSegmentation, *, image_size: tuple[int, int],
-                    predictor: Any, score_threshold: float) -> dict[str, Any]:
+def prediction_json(
+    prediction: Instances | PanopticSegmentation,
+    *,
+    image_size: tuple[int, int],
+    predictor: Any,
+    score_threshold: float,
+) -> dict[str, Any]:
     """``{"image": {width, height}, "instances": [...]}`` (+ ``"segments"`` for panoptic models).
 
     Instances scoring below ``score_threshold`` are left out; panoptic segments are final (the
     model thresholds them itself). Masks are COCO RLE dicts ``{"size": [h, w], "counts": str}``.
     """
     h, w = image_size
-    result: dict[str, Any] = {"image": {"width": int(w), "height": int(h)}, "score_threshold": score_threshold}
+    result: dict[str, Any] = {
+        "image": {"width": int(w), "height": int(h)},
+        "score_threshold": score_threshold,
+    }
     if isinstance(prediction, PanopticSegmentation):
         result["instances"] = _instances_json(prediction.instances, predictor, score_threshold)
         result["segments"] = _segments_json(prediction, predictor)
@@ -79,14 +113,25 @@ def prediction_json(prediction: Instances | PanopticSegmentation, *, image_size:
     return result
 
 
-def overlay_png(image: np.ndarray, prediction: Instances | PanopticSegmentation, *, predictor: Any,
-                score_threshold: float) -> bytes:
+def overlay_png(
+    image: np.ndarray,
+    prediction: Instances | PanopticSegmentation,
+    *,
+    predictor: Any,
+    score_threshold: float,
+) -> bytes:
     """The prediction drawn on the (H, W, 3) image (as ``dynaseg predict`` does), PNG-encoded."""
     if isinstance(prediction, PanopticSegmentation):
-        drawn = draw_panoptic(image, prediction, thing_names=predictor.class_names,
-                              stuff_names=stuff_categories(predictor)[0])
+        drawn = draw_panoptic(
+            image,
+            prediction,
+            thing_names=predictor.class_names,
+            stuff_names=stuff_categories(predictor)[0],
+        )
     else:
-        drawn = draw_instances(image, prediction, predictor.class_names, score_threshold=score_threshold)
+        drawn = draw_instances(
+            image, prediction, predictor.class_names, score_threshold=score_threshold
+        )
     buffer = io.BytesIO()
     Image.fromarray(drawn).save(buffer, format="PNG")
     return buffer.getvalue()

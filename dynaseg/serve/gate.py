@@ -1,4 +1,5 @@
 """Admission and concurrency control: bounded work in flight, 503 beyond it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,9 +40,12 @@ class InferenceGate:
     def admit(self) -> Iterator[None]:
         """Hold a place among the ``max_concurrency + queue_size`` admitted requests, or raise 503."""
         if self.admitted >= self.max_concurrency + self.queue_size:
-            raise RequestError(503, f"server busy: {self.running} requests running and {self.waiting} queued "
-                                    f"(queue size {self.queue_size}); retry later",
-                               headers={"Retry-After": str(self.retry_after_s), "Connection": "close"})
+            raise RequestError(
+                503,
+                f"server busy: {self.running} requests running and {self.waiting} queued "
+                f"(queue size {self.queue_size}); retry later",
+                headers={"Retry-After": str(self.retry_after_s), "Connection": "close"},
+            )
         self.admitted += 1
         try:
             yield
@@ -60,5 +64,9 @@ class InferenceGate:
 
     def state(self) -> dict[str, int]:
         """Counts for /health."""
-        return {"running": self.running, "waiting": self.waiting, "max_concurrency": self.max_concurrency,
-                "queue_size": self.queue_size}
+        return {
+            "running": self.running,
+            "waiting": self.waiting,
+            "max_concurrency": self.max_concurrency,
+            "queue_size": self.queue_size,
+        }

@@ -1,4 +1,5 @@
 """Untrusted image bytes: size from the header before any decoding, then RGB decoding; 4xx on failure."""
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,9 @@ def probe_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the image header only; 413 over ``max_pixels`` or Pillow's
     decompression-bomb limit, 422 when the header is not that of a supported image."""
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # reads the header, not the pixels
+        with Image.open(
+            io.BytesIO(data), formats=FORMATS
+        ) as im:  # reads the header, not the pixels
             width, height = im.size
     except Image.DecompressionBombError as e:
         raise _bomb(e) from None
@@ -32,8 +35,11 @@ def probe_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     except Exception as e:  # Pillow's parsers raise many types on malformed headers
         raise RequestError(422, f"corrupt image header: {e}") from None
     if width * height > max_pixels:
-        raise RequestError(413, f"image of {width}x{height} = {width * height} pixels exceeds the limit "
-                                f"of {max_pixels} pixels")
+        raise RequestError(
+            413,
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit "
+            f"of {max_pixels} pixels",
+        )
     if width < 1 or height < 1:
         raise RequestError(422, f"image has no pixels ({width}x{height})")
     return width, height

@@ -1,4 +1,5 @@
 """Request limits of the inference service: body size, content type, and the 4xx errors they raise."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,9 +62,12 @@ def request_kind(content_type: str | None) -> str:
     if media.startswith("image/") or media in _RAW_TYPES:
         return "raw"
     got = f"unsupported content type '{media}'" if media else "missing Content-Type header"
-    raise RequestError(415, f"{got}: send the image as image/* (or "
-                            "application/octet-stream) or as multipart/form-data with a 'file' field",
-                       headers={"Connection": "close"})
+    raise RequestError(
+        415,
+        f"{got}: send the image as image/* (or "
+        "application/octet-stream) or as multipart/form-data with a 'file' field",
+        headers={"Connection": "close"},
+    )
 
 
 def check_declared_length(headers: Headers, *, max_bytes: int) -> None:
@@ -74,8 +78,11 @@ def check_declared_length(headers: Headers, *, max_bytes: int) -> None:
     if not declared.strip().isdigit():
         raise RequestError(400, f"invalid Content-Length header {declared!r}")
     if int(declared) > max_bytes:
-        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes",
-                           headers={"Connection": "close"})
+        raise RequestError(
+            413,
+            f"request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes",
+            headers={"Connection": "close"},
+        )
 
 
 async def read_body(request: Request, *, max_bytes: int, timeout_s: float) -> bytes:
@@ -88,11 +95,17 @@ async def read_body(request: Request, *, max_bytes: int, timeout_s: float) -> by
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_bytes:
-                raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes",
-                                   headers={"Connection": "close"})
+                raise RequestError(
+                    413,
+                    f"request body exceeds the limit of {max_bytes} bytes",
+                    headers={"Connection": "close"},
+                )
     if scope.cancelled_caught:
-        raise RequestError(408, f"request body not received within {timeout_s:g} s",
-                           headers={"Connection": "close"})
+        raise RequestError(
+            408,
+            f"request body not received within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        )
     if not body:
         raise RequestError(400, "empty request body: send an image")
     return bytes(body)

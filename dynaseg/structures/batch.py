@@ -1,4 +1,5 @@
 """A padded batch of images with their sizes and (optional) targets."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -37,7 +38,11 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+    def to(
+        self,
+        device: torch.device | str,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> Batch:
         targets = None if self.targets is None else [t.to(device) for t in self.targets]
         images = self.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         sem_seg = None if self.sem_seg is None else self.sem_seg.to(device, non_blocking=True)

@@ -1,4 +1,5 @@
 """Fixed-field per-image instance container (ground truth or predictions)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -42,8 +43,11 @@ class Instances:
         return self.boxes.shape[0]
 
     def _tensor_fields(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), Tensor)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
 
     def __getitem__(self, index: int | slice | Tensor) -> Instances:
         if isinstance(index, int):
@@ -54,8 +58,9 @@ class Instances:
         return replace(self, **{k: v.to(device) for k, v in self._tensor_fields().items()})
 
     @staticmethod
-    def empty(image_size: tuple[int, int], *, with_scores: bool = False,
-              with_masks: bool = False) -> Instances:
+    def empty(
+        image_size: tuple[int, int], *, with_scores: bool = False, with_masks: bool = False
+    ) -> Instances:
         h, w = image_size
         return Instances(
             image_size=image_size,

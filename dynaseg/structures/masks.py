@@ -1,4 +1,5 @@
 """Mask geometry: crop GT masks to boxes, paste box-relative masks back into images."""
+
 from __future__ import annotations
 
 import torch
@@ -20,15 +21,24 @@ def crop_and_resize(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
         return masks.new_zeros((0, size, size), dtype=torch.float32)
     index = torch.arange(masks.shape[0], device=masks.device, dtype=boxes.dtype)
     rois = torch.cat([index[:, None], boxes], dim=1)
-    pooled = roi_align_aligned(masks[:, None].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0)
+    pooled = roi_align_aligned(
+        masks[:, None].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0
+    )
     return (pooled[:, 0] >= 0.5).float()
 
 
 def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Clip (N, 4) XYXY boxes to an (h, w) image."""
     h, w = image_size
-    return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                        boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+    return torch.stack(
+        [
+            boxes[:, 0].clamp(0, w),
+            boxes[:, 1].clamp(0, h),
+            boxes[:, 2].clamp(0, w),
+            boxes[:, 3].clamp(0, h),
+        ],
+        dim=1,
+    )
 
 
 def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
@@ -37,8 +47,15 @@ def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, i
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
 
-def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5,
-                *, batched: bool | None = None, chunk_size: int = 32) -> Tensor:
+def paste_masks(
+    mask_probs: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    threshold: float = 0.5,
+    *,
+    batched: bool | None = None,
+    chunk_size: int = 32,
+) -> Tensor:
     """Paste box-relative probability maps into full images.
 
     mask_probs: (N, R, R) in [0, 1], each covering its box exactly; boxes: (N, 4) XYXY pixels of
@@ -57,8 +74,8 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
     if n == 0:
         return out
     boxes = boxes.float()
-    lo = boxes[:, :2].floor().clamp(min=0)                                         # first pixel (x, y)
-    hi = torch.minimum(boxes[:, 2:].floor() + 1, boxes.new_tensor([w, h]))        # one past the last
+    lo = boxes[:, :2].floor().clamp(min=0)  # first pixel (x, y)
+    hi = torch.minimum(boxes[:, 2:].floor() + 1, boxes.new_tensor([w, h]))  # one past the last
     extent = (hi - lo).clamp(min=0)
     keep = ((extent > 0).all(dim=1) & (boxes[:, 2:] > boxes[:, :2]).all(dim=1)).nonzero().squeeze(1)
     if batched is None:
@@ -71,13 +88,20 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
         win_w, win_h = (int(v) for v in extent[chunk].amax(dim=0).tolist())
         # Pixel centres in grid_sample's [-1, 1] box coordinates, per axis: (n, win_w), (n, win_h).
         size = boxes[chunk, 2:] - boxes[chunk, :2]
-        xs = (lo[chunk, 0:1] + torch.arange(win_w, device=boxes.device) + 0.5 - boxes[chunk, 0:1]) / size[:, 0:1]
-        ys = (lo[chunk, 1:2] + torch.arange(win_h, device=boxes.device) + 0.5 - boxes[chunk, 1:2]) / size[:, 1:2]
+        xs = (
+            lo[chunk, 0:1] + torch.arange(win_w, device=boxes.device) + 0.5 - boxes[chunk, 0:1]
+        ) / size[:, 0:1]
+        ys = (
+            lo[chunk, 1:2] + torch.arange(win_h, device=boxes.device) + 0.5 - boxes[chunk, 1:2]
+        ) / size[:, 1:2]
         grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1) * 2 - 1
-        crops = F.grid_sample(probs[chunk], grid, align_corners=False)[:, 0] >= threshold   # (n, win_h, win_w)
-        for index, crop, (x0, y0), (x1, y1) in zip(chunk.tolist(), crops, lo[chunk].long().tolist(),
-                                                   hi[chunk].long().tolist()):
-            out[index, y0:y1, x0:x1] = crop[:y1 - y0, :x1 - x0]                  # a copy, no compute
+        crops = (
+            F.grid_sample(probs[chunk], grid, align_corners=False)[:, 0] >= threshold
+        )  # (n, win_h, win_w)
+        for index, crop, (x0, y0), (x1, y1) in zip(
+            chunk.tolist(), crops, lo[chunk].long().tolist(), hi[chunk].long().tolist()
+        ):
+            out[index, y0:y1, x0:x1] = crop[: y1 - y0, : x1 - x0]  # a copy, no compute
     return out
 
 
@@ -93,8 +117,11 @@ def roi_mask_targets(gt_masks: list[Tensor], rois: Tensor, gt_index: Tensor, siz
         sel = (rois[:, 0] == b).nonzero().squeeze(1)
         if sel.numel() == 0:
             continue
-        per_mask = torch.cat([gt_index[sel, None].to(rois.dtype), rois[sel, 1:]], dim=1)   # rows index masks
-        pooled = roi_align_aligned(masks[:, None].float(), per_mask, output_size=size, spatial_scale=1.0,
-                                   sampling_ratio=0)
+        per_mask = torch.cat(
+            [gt_index[sel, None].to(rois.dtype), rois[sel, 1:]], dim=1
+        )  # rows index masks
+        pooled = roi_align_aligned(
+            masks[:, None].float(), per_mask, output_size=size, spatial_scale=1.0, sampling_ratio=0
+        )
         out[sel] = (pooled[:, 0] >= 0.5).float()
     return out

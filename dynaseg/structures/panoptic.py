@@ -2,6 +2,7 @@
 
 COCO panoptic PNGs store a segment id per pixel as RGB: id = R + 256·G + 256²·B, 0 = void.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,6 +70,6 @@ def id_to_rgb(ids: np.ndarray | Tensor) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
         ids = ids.cpu().numpy()
     ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256 ** 3):
+    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError("segment ids must be in [0, 256³)")
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)

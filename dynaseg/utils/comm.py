@@ -1,12 +1,21 @@
 """Collective helpers that work the same in one process and under torch.distributed (the ground floor:
 model losses and evaluation use them without depending on the trainer)."""
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "is_main_process", "reduce_mean", "reduce_max",
-           "all_gather_objects", "barrier"]
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "reduce_mean",
+    "reduce_max",
+    "all_gather_objects",
+    "barrier",
+]
 
 
 def is_distributed() -> bool:

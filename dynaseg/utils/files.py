@@ -1,4 +1,5 @@
 """Files that readers never see half-written."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,9 @@ from typing import Any
 
 __all__ = ["atomic_write"]
 
-_UMASK = os.umask(0o022)    # read (and restored) once, at import: os.umask can only be read by setting it
+_UMASK = os.umask(
+    0o022
+)  # read (and restored) once, at import: os.umask can only be read by setting it
 os.umask(_UMASK)
 
 

@@ -1,4 +1,5 @@
 """ResNet + FPN in two layouts: P3-P7 (FCOS / BlendMask) and P2-P6 (Mask R-CNN)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -45,7 +46,9 @@ class _LastLevelP6(ExtraFPNBlock):
         nn.init.kaiming_uniform_(self.p6.weight, a=1)
         nn.init.constant_(self.p6.bias, 0)
 
-    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+    def forward(
+        self, results: list[Tensor], x: list[Tensor], names: list[str]
+    ) -> tuple[list[Tensor], list[str]]:
         return [*results, self.p6(results[-1])], [*names, "p6"]
 
 
@@ -61,11 +64,19 @@ class ResNetFPN(nn.Module):
     Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
     """
 
-    def __init__(self, *, body: ResNet, out_channels: int, norm: str = "none",
-                 layout: Literal["p3p7", "p2p6", "p2p6conv"] = "p3p7") -> None:
+    def __init__(
+        self,
+        *,
+        body: ResNet,
+        out_channels: int,
+        norm: str = "none",
+        layout: Literal["p3p7", "p2p6", "p2p6conv"] = "p3p7",
+    ) -> None:
         super().__init__()
         if layout not in ("p3p7", "p2p6", "p2p6conv"):
-            raise ValueError(f"unknown FPN layout '{layout}'; expected 'p3p7', 'p2p6' or 'p2p6conv'")
+            raise ValueError(
+                f"unknown FPN layout '{layout}'; expected 'p3p7', 'p2p6' or 'p2p6conv'"
+            )
         self.body = body
         self.layout = layout
         self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")

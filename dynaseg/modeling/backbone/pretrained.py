@@ -1,4 +1,5 @@
 """Load backbone weights from a local torchvision-style ResNet checkpoint file."""
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses pickled code without running it
-        raise ValueError(f"{path}: cannot read checkpoint (it holds pickled objects other than tensors and plain "
-                         "values; refused without running them)") from None
+        raise ValueError(
+            f"{path}: cannot read checkpoint (it holds pickled objects other than tensors and plain "
+            "values; refused without running them)"
+        ) from None
     except Exception as e:  # corrupt / truncated
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
@@ -43,7 +46,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _strip(key: str) -> str:
     for prefix in _PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -54,15 +57,31 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     ``module.`` / ``backbone.`` prefix.
     """
     state = {_strip(k): v for k, v in read_state_dict(path).items()}
-    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED) and not k.endswith("num_batches_tracked")}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(_IGNORED) and not k.endswith("num_batches_tracked")
+    }
     own = backbone.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if wrong:
-        raise ValueError(f"{path}: {len(wrong)} backbone tensors have the wrong shape, e.g. {wrong[0]}")
+        raise ValueError(
+            f"{path}: {len(wrong)} backbone tensors have the wrong shape, e.g. {wrong[0]}"
+        )
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} backbone tensors are missing from the checkpoint, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{path}: {len(missing)} backbone tensors are missing from the checkpoint, e.g. {missing[:3]}"
+        )
     backbone.load_state_dict(state, strict=False)
-    logger.info("loaded %d backbone tensors from %s (%d unused keys)", len(state) - len(unexpected), path, len(unexpected))
+    logger.info(
+        "loaded %d backbone tensors from %s (%d unused keys)",
+        len(state) - len(unexpected),
+        path,
+        len(unexpected),
+    )

@@ -3,6 +3,7 @@
 Built from torchvision's residual blocks with torchvision's parameter names, so a torchvision
 ImageNet checkpoint loads directly when ``width == 64``.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -30,10 +31,14 @@ class ResNet(nn.Module):
         freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res{k}.
     """
 
-    def __init__(self, *, depth: int, width: int = 64, norm: str = "FrozenBN", freeze_at: int = 0) -> None:
+    def __init__(
+        self, *, depth: int, width: int = 64, norm: str = "FrozenBN", freeze_at: int = 0
+    ) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:
-            raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(RESNET_LAYERS)}")
+            raise ValueError(
+                f"unsupported ResNet depth {depth}; choose from {sorted(RESNET_LAYERS)}"
+            )
         block, counts = RESNET_LAYERS[depth]
         norm_layer = norm_factory(norm)
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -44,7 +49,9 @@ class ResNet(nn.Module):
         self.out_channels: dict[str, int] = {}
         for i, count in enumerate(counts):
             planes = width * 2**i
-            layer, in_channels = self._make_stage(block, in_channels, planes, count, 1 if i == 0 else 2, norm_layer)
+            layer, in_channels = self._make_stage(
+                block, in_channels, planes, count, 1 if i == 0 else 2, norm_layer
+            )
             setattr(self, f"layer{i + 1}", layer)
             self.out_channels[f"c{i + 2}"] = in_channels
         self._init_weights()

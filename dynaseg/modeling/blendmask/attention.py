@@ -3,6 +3,7 @@
 It is evaluated only at the locations that need it (positives in training, kept detections at
 inference) with ``conv3x3_at_locations``: exactly the dense convolution at those locations.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -26,7 +27,9 @@ class AttentionTopLayer(nn.Module):
         """Every location: [(B, F, H_l, W_l)] → [(B, K·M·M, H_l, W_l)] (reference path)."""
         return [self.conv(x) for x in box_tower]
 
-    def forward(self, box_tower: list[Tensor], image_index: Tensor, location_index: Tensor) -> Tensor:
+    def forward(
+        self, box_tower: list[Tensor], image_index: Tensor, location_index: Tensor
+    ) -> Tensor:
         """Attention at N selected locations.
 
         Args:
@@ -37,5 +40,6 @@ class AttentionTopLayer(nn.Module):
             (N, K, M, M) attention logits.
         """
         n, k, m = location_index.shape[0], self.num_bases, self.attention_size
-        return conv3x3_at_locations(box_tower, self.conv.weight, self.conv.bias, image_index,
-                                    location_index).view(n, k, m, m)
+        return conv3x3_at_locations(
+            box_tower, self.conv.weight, self.conv.bias, image_index, location_index
+        ).view(n, k, m, m)

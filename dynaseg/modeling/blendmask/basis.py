@@ -1,4 +1,5 @@
 """BlendMask's bottom module (ProtoNet-style bases) and its auxiliary semantic head."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -9,9 +10,13 @@ from dynaseg.layers.norm import get_norm
 __all__ = ["BasisModule", "conv_norm_relu"]
 
 
-def conv_norm_relu(in_channels: int, out_channels: int, norm: str, kernel_size: int = 3) -> nn.Sequential:
+def conv_norm_relu(
+    in_channels: int, out_channels: int, norm: str, kernel_size: int = 3
+) -> nn.Sequential:
     """[conv (no bias when normed), norm, ReLU], kaiming-uniform (a=1) initialised."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none")
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
+    )
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
@@ -30,11 +35,23 @@ class BasisModule(nn.Module):
         num_levels: how many pyramid levels (from P3) feed the module (3 = P3-P5).
     """
 
-    def __init__(self, *, in_channels: int, channels: int = 128, num_bases: int = 4, num_convs: int = 3,
-                 norm: str = "BN", num_levels: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        channels: int = 128,
+        num_bases: int = 4,
+        num_convs: int = 3,
+        norm: str = "BN",
+        num_levels: int = 3,
+    ) -> None:
         super().__init__()
-        self.refine = nn.ModuleList(conv_norm_relu(in_channels, channels, norm) for _ in range(num_levels))
-        self.tower = nn.Sequential(*(conv_norm_relu(channels, channels, norm) for _ in range(num_convs)))
+        self.refine = nn.ModuleList(
+            conv_norm_relu(in_channels, channels, norm) for _ in range(num_levels)
+        )
+        self.tower = nn.Sequential(
+            *(conv_norm_relu(channels, channels, norm) for _ in range(num_convs))
+        )
         self.post_upsample = conv_norm_relu(channels, channels, norm)
         self.predictor = nn.Conv2d(channels, num_bases, 1)
 
@@ -42,7 +59,9 @@ class BasisModule(nn.Module):
         """features: [P3 (B, F, H/8, W/8), P4, P5] → bases (B, K, H/4, W/4)."""
         x = self.refine[0](features[0])
         for refine, feat in zip(self.refine[1:], features[1:]):
-            x = x + F.interpolate(refine(feat), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + F.interpolate(
+                refine(feat), size=x.shape[-2:], mode="bilinear", align_corners=False
+            )
         x = self.tower(x)
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return self.predictor(self.post_upsample(x))

@@ -1,4 +1,5 @@
 """The blender: per-instance attention × RoI-pooled bases → mask logits, and its loss."""
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -9,13 +10,20 @@ from dynaseg.layers.roi_align import roi_align_aligned
 __all__ = ["pool_bases", "blend", "blender_mask_loss"]
 
 
-def pool_bases(bases: Tensor, rois: Tensor, *, resolution: int, sampling_ratio: int, stride: int = 4) -> Tensor:
+def pool_bases(
+    bases: Tensor, rois: Tensor, *, resolution: int, sampling_ratio: int, stride: int = 4
+) -> Tensor:
     """RoIAlign the bases inside each box.
 
     bases: (B, K, H/4, W/4); rois: (N, 5) [b, x0, y0, x1, y1] in input pixels → (N, K, R, R).
     """
-    return roi_align_aligned(bases, rois, output_size=resolution, spatial_scale=1.0 / stride,
-                             sampling_ratio=sampling_ratio)
+    return roi_align_aligned(
+        bases,
+        rois,
+        output_size=resolution,
+        spatial_scale=1.0 / stride,
+        sampling_ratio=sampling_ratio,
+    )
 
 
 def blend(pooled_bases: Tensor, attention: Tensor) -> Tensor:
@@ -30,16 +38,22 @@ def blend(pooled_bases: Tensor, attention: Tensor) -> Tensor:
     r = pooled_bases.shape[-1]
     if attention.shape[0] == 0:
         return pooled_bases.new_zeros((0, r, r))
-    weights = F.interpolate(attention, size=(r, r), mode="bilinear", align_corners=False).softmax(dim=1)
+    weights = F.interpolate(attention, size=(r, r), mode="bilinear", align_corners=False).softmax(
+        dim=1
+    )
     return (weights * pooled_bases).sum(dim=1)
 
 
-def blender_mask_loss(mask_logits: Tensor, mask_targets: Tensor, weights: Tensor, normalizer: Tensor) -> Tensor:
+def blender_mask_loss(
+    mask_logits: Tensor, mask_targets: Tensor, weights: Tensor, normalizer: Tensor
+) -> Tensor:
     """Per-positive mean BCE, weighted by the centerness target, summed, divided by ``normalizer``.
 
     mask_logits, mask_targets: (P, R, R); weights: (P,); normalizer: scalar (Σ centerness over ranks).
     """
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0.0
-    per_instance = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_targets, reduction="none").mean(dim=(1, 2))
+    per_instance = F.binary_cross_entropy_with_logits(
+        mask_logits.float(), mask_targets, reduction="none"
+    ).mean(dim=(1, 2))
     return (per_instance * weights).sum() / normalizer

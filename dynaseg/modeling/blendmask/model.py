@@ -1,4 +1,5 @@
 """BlendMask meta-architecture: ResNet-FPN → FCOS + attention (top) + bases (bottom) → blender."""
+
 from __future__ import annotations
 
 import torch
@@ -41,15 +42,34 @@ class BlendMask(nn.Module):
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
     """
 
-    def __init__(self, *, backbone: ResNetFPN, fcos_head: FCOSHead, attention: AttentionTopLayer,
-                 basis: BasisModule, semantic_head: SemanticHead | None, num_classes: int,
-                 strides: tuple[int, ...], sizes_of_interest: tuple[int, ...], center_sampling_radius: float,
-                 focal_alpha: float, focal_gamma: float,
-                 score_threshold: float, thresh_with_ctr: bool, pre_nms_topk: int, nms_threshold: float,
-                 class_agnostic_nms: bool, max_detections: int,
-                 resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
-                 mask_threshold: float,
-                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: ResNetFPN,
+        fcos_head: FCOSHead,
+        attention: AttentionTopLayer,
+        basis: BasisModule,
+        semantic_head: SemanticHead | None,
+        num_classes: int,
+        strides: tuple[int, ...],
+        sizes_of_interest: tuple[int, ...],
+        center_sampling_radius: float,
+        focal_alpha: float,
+        focal_gamma: float,
+        score_threshold: float,
+        thresh_with_ctr: bool,
+        pre_nms_topk: int,
+        nms_threshold: float,
+        class_agnostic_nms: bool,
+        max_detections: int,
+        resolution: int,
+        sampling_ratio: int,
+        mask_loss_weight: float,
+        semantic_loss_weight: float,
+        mask_threshold: float,
+        pixel_mean: tuple[float, float, float],
+        pixel_std: tuple[float, float, float],
+    ) -> None:
         super().__init__()
         self.backbone, self.fcos_head, self.attention = backbone, fcos_head, attention
         self.basis, self.semantic_head = basis, semantic_head
@@ -60,12 +80,25 @@ class BlendMask(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         # Inference parameters
-        self.inference_params = dict(score_threshold=score_threshold, thresh_with_ctr=thresh_with_ctr,
-                                     pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
-                                     class_agnostic_nms=class_agnostic_nms, max_detections=max_detections)
-        self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.inference_params = dict(
+            score_threshold=score_threshold,
+            thresh_with_ctr=thresh_with_ctr,
+            pre_nms_topk=pre_nms_topk,
+            nms_threshold=nms_threshold,
+            class_agnostic_nms=class_agnostic_nms,
+            max_detections=max_detections,
+        )
+        self.resolution, self.sampling_ratio, self.mask_threshold = (
+            resolution,
+            sampling_ratio,
+            mask_threshold,
+        )
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
         features = self.backbone(self.normalize(batch.images, batch.image_sizes))
@@ -88,25 +121,49 @@ class BlendMask(nn.Module):
         """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def losses(self, batch: Batch, p3: Tensor, head: FCOSOutputs, bases: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self, batch: Batch, p3: Tensor, head: FCOSOutputs, bases: Tensor
+    ) -> dict[str, Tensor]:
         assert batch.targets is not None, "training needs batch.targets"
-        pos = fcos_training(head, batch.targets, strides=self.strides, size_ranges=self.size_ranges,
-                            num_classes=self.num_classes, center_sampling_radius=self.center_sampling_radius,
-                            focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma)
+        pos = fcos_training(
+            head,
+            batch.targets,
+            strides=self.strides,
+            size_ranges=self.size_ranges,
+            num_classes=self.num_classes,
+            center_sampling_radius=self.center_sampling_radius,
+            focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma,
+        )
         losses = dict(pos.losses)
-        attention = self.attention(head.box_tower, pos.image_index, pos.location_index)       # (P, K, M, M)
+        attention = self.attention(
+            head.box_tower, pos.image_index, pos.location_index
+        )  # (P, K, M, M)
         gt_boxes = torch.cat([t.boxes for t in batch.targets])
-        gt_image = torch.cat([torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)])
-        pooled = pool_bases(bases, boxes_with_batch_index(gt_boxes, gt_image), resolution=self.resolution,
-                            sampling_ratio=self.sampling_ratio)                                # (G, K, R, R)
-        mask_targets = torch.cat([crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets])
+        gt_image = torch.cat(
+            [torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)]
+        )
+        pooled = pool_bases(
+            bases,
+            boxes_with_batch_index(gt_boxes, gt_image),
+            resolution=self.resolution,
+            sampling_ratio=self.sampling_ratio,
+        )  # (G, K, R, R)
+        mask_targets = torch.cat(
+            [crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets]
+        )
         mask_logits = blend(pooled[pos.gt_index], attention)
         losses["loss_mask"] = self.mask_loss_weight * blender_mask_loss(
-            mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg)
+            mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg
+        )
         if self.semantic_head is not None:
             logits = self.semantic_head(p3)
-            sem = semantic_targets([t.masks for t in batch.targets], [t.labels for t in batch.targets],
-                                   tuple(batch.images.shape[-2:]), 8)
+            sem = semantic_targets(
+                [t.masks for t in batch.targets],
+                [t.labels for t in batch.targets],
+                tuple(batch.images.shape[-2:]),
+                8,
+            )
             sem = sem[:, : logits.shape[-2], : logits.shape[-1]]
             losses["loss_basis_sem"] = semantic_loss(logits, sem, self.semantic_loss_weight)
         return losses
@@ -114,16 +171,32 @@ class BlendMask(nn.Module):
     @torch.no_grad()
     def inference(self, batch: Batch, head: FCOSOutputs, bases: Tensor) -> list[Instances]:
         detections = fcos_detections(head, strides=self.strides, **self.inference_params)
-        image_index = torch.cat([torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)])
-        attention = self.attention(head.box_tower, image_index, torch.cat([d.location_index for d in detections]))
-        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)])
-        pooled = pool_bases(bases, boxes_with_batch_index(boxes, image_index), resolution=self.resolution,
-                            sampling_ratio=self.sampling_ratio)
+        image_index = torch.cat(
+            [torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)]
+        )
+        attention = self.attention(
+            head.box_tower, image_index, torch.cat([d.location_index for d in detections])
+        )
+        boxes = torch.cat(
+            [clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
+        )
+        pooled = pool_bases(
+            bases,
+            boxes_with_batch_index(boxes, image_index),
+            resolution=self.resolution,
+            sampling_ratio=self.sampling_ratio,
+        )
         mask_probs = blend(pooled, attention).sigmoid()
         return [
-            blendmask_postprocess(boxes[image_index == i], d.scores, d.labels, mask_probs[image_index == i],
-                                  input_size=batch.image_sizes[i], output_size=batch.original_sizes[i],
-                                  mask_threshold=self.mask_threshold)
+            blendmask_postprocess(
+                boxes[image_index == i],
+                d.scores,
+                d.labels,
+                mask_probs[image_index == i],
+                input_size=batch.image_sizes[i],
+                output_size=batch.original_sizes[i],
+                mask_threshold=self.mask_threshold,
+            )
             for i, d in enumerate(detections)
         ]
 
@@ -133,9 +206,16 @@ def nonempty_boxes(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
-def blendmask_postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, mask_probs: Tensor, *,
-                          input_size: tuple[int, int], output_size: tuple[int, int],
-                          mask_threshold: float) -> Instances:
+def blendmask_postprocess(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    mask_probs: Tensor,
+    *,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    mask_threshold: float,
+) -> Instances:
     """Rescale one image's detections to its original size and paste the masks.
 
     boxes: (N, 4) clipped to ``input_size``; mask_probs: (N, R, R) → Instances with (N', H, W) bool

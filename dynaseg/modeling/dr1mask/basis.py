@@ -11,6 +11,7 @@ then F = σ(N(Conv3×3(Up(F^3)))) at stride 4 (Up: ``aligned_upsample``, cropped
 norm and activation). The paper gives C_F = 32 for instances and 64 for panoptic; "Conv" is a 3×3
 convolution (the kernel size is lost in the seed text, reconstructed: see docs/fidelity.md).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -25,7 +26,7 @@ from dynaseg.modeling.blendmask.basis import conv_norm_relu
 
 __all__ = ["DR1Basis", "DynamicFactors"]
 
-DynamicFactors = Literal["both", "pre", "post", "none"]   # paper Table 1: which of A, B are used
+DynamicFactors = Literal["both", "pre", "post", "none"]  # paper Table 1: which of A, B are used
 
 
 def _upsample(x: Tensor, size: tuple[int, int], aligned: bool) -> Tensor:
@@ -36,19 +37,29 @@ def _upsample(x: Tensor, size: tuple[int, int], aligned: bool) -> Tensor:
 
 class DR1Basis(nn.Module):
     """Args:
-        in_channels: FPN width. channels: C_F. num_levels: pyramid levels used (5 = P3-P7).
-        norm: norm after each DR1Conv and the output conv. aligned_upsample: ×2 aligned with the
-        strided convolutions + crop (paper Table 5), else bilinear resize to the finer size.
-        factors: which dynamic factors are applied (Table 1 ablation; "both" is DR1Conv).
+    in_channels: FPN width. channels: C_F. num_levels: pyramid levels used (5 = P3-P7).
+    norm: norm after each DR1Conv and the output conv. aligned_upsample: ×2 aligned with the
+    strided convolutions + crop (paper Table 5), else bilinear resize to the finer size.
+    factors: which dynamic factors are applied (Table 1 ablation; "both" is DR1Conv).
     """
 
-    def __init__(self, *, in_channels: int, channels: int = 32, num_levels: int = 5, norm: str = "BN",
-                 aligned_upsample: bool = True, factors: DynamicFactors = "both") -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        channels: int = 32,
+        num_levels: int = 5,
+        norm: str = "BN",
+        aligned_upsample: bool = True,
+        factors: DynamicFactors = "both",
+    ) -> None:
         super().__init__()
         if factors not in ("both", "pre", "post", "none"):
             raise ValueError(f"factors must be both, pre, post or none, got '{factors}'")
         self.aligned, self.factors = aligned_upsample, factors
-        self.reduce = nn.ModuleList(nn.Conv2d(in_channels, channels, 3, padding=1) for _ in range(num_levels))
+        self.reduce = nn.ModuleList(
+            nn.Conv2d(in_channels, channels, 3, padding=1) for _ in range(num_levels)
+        )
         self.merge = nn.ModuleList(DR1Conv2d(channels, channels, 3) for _ in range(num_levels))
         self.norms = nn.ModuleList(get_norm(norm, channels) for _ in range(num_levels))
         self.output = conv_norm_relu(channels, channels, norm)
@@ -56,8 +67,12 @@ class DR1Basis(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, features: list[Tensor], context: list[tuple[Tensor, Tensor]],
-                output_size: tuple[int, int]) -> Tensor:
+    def forward(
+        self,
+        features: list[Tensor],
+        context: list[tuple[Tensor, Tensor]],
+        output_size: tuple[int, int],
+    ) -> Tensor:
         """features: [P3 (B, F, H_3, W_3) … P7]; context: per level (A, B), each (B, C_F, H_l, W_l);
         output_size: the stride-4 size (Hp/4, Wp/4) → F (B, C_F, Hp/4, Wp/4)."""
         x = None
@@ -66,7 +81,10 @@ class DR1Basis(nn.Module):
             if x is not None:
                 y = y + _upsample(x, tuple(y.shape[-2:]), self.aligned)
             a, b = context[lv]
-            y = self.merge[lv](y, a if self.factors in ("both", "pre") else None,
-                              b if self.factors in ("both", "post") else None)
+            y = self.merge[lv](
+                y,
+                a if self.factors in ("both", "pre") else None,
+                b if self.factors in ("both", "post") else None,
+            )
             x = F.relu(self.norms[lv](y))
         return self.output(_upsample(x, output_size, self.aligned))

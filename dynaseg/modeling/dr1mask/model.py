@@ -1,5 +1,6 @@
 """DR1Mask meta-architecture (Chen, Shen, Tian 2020): FCOS + top layer + DR1Basis + instance predictor,
 plus the one-layer unified panoptic head when built with stuff classes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,16 +58,41 @@ class DR1Mask(nn.Module):
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
     """
 
-    def __init__(self, *, backbone: ResNetFPN, fcos_head: FCOSHead, top_layer: DR1TopLayer, basis: DR1Basis,
-                 predictor: InstancePredictor, panoptic_layer: PanopticLayer | None,
-                 semantic_head: SemanticHead | None, num_classes: int,
-                 strides: tuple[int, ...], sizes_of_interest: tuple[int, ...], center_sampling_radius: float,
-                 focal_alpha: float, focal_gamma: float, score_threshold: float, thresh_with_ctr: bool,
-                 pre_nms_topk: int, nms_threshold: float, class_agnostic_nms: bool, max_detections: int,
-                 resolution: int, sampling_ratio: int, mask_loss_weight: float, semantic_loss_weight: float,
-                 panoptic_loss_weight: float, mask_threshold: float, panoptic_score_threshold: float,
-                 panoptic_group_iou: float, panoptic_restrict_to_boxes: bool, panoptic_min_stuff_area: int,
-                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: ResNetFPN,
+        fcos_head: FCOSHead,
+        top_layer: DR1TopLayer,
+        basis: DR1Basis,
+        predictor: InstancePredictor,
+        panoptic_layer: PanopticLayer | None,
+        semantic_head: SemanticHead | None,
+        num_classes: int,
+        strides: tuple[int, ...],
+        sizes_of_interest: tuple[int, ...],
+        center_sampling_radius: float,
+        focal_alpha: float,
+        focal_gamma: float,
+        score_threshold: float,
+        thresh_with_ctr: bool,
+        pre_nms_topk: int,
+        nms_threshold: float,
+        class_agnostic_nms: bool,
+        max_detections: int,
+        resolution: int,
+        sampling_ratio: int,
+        mask_loss_weight: float,
+        semantic_loss_weight: float,
+        panoptic_loss_weight: float,
+        mask_threshold: float,
+        panoptic_score_threshold: float,
+        panoptic_group_iou: float,
+        panoptic_restrict_to_boxes: bool,
+        panoptic_min_stuff_area: int,
+        pixel_mean: tuple[float, float, float],
+        pixel_std: tuple[float, float, float],
+    ) -> None:
         super().__init__()
         self.backbone, self.fcos_head, self.top_layer = backbone, fcos_head, top_layer
         self.basis, self.predictor, self.panoptic_layer = basis, predictor, panoptic_layer
@@ -74,112 +100,198 @@ class DR1Mask(nn.Module):
         self.num_classes = num_classes
         self.num_stuff = 0 if panoptic_layer is None else panoptic_layer.stuff_weight.shape[0]
         self.strides, self.size_ranges = list(strides), level_size_ranges(sizes_of_interest)
-        self.fcos_params = dict(center_sampling_radius=center_sampling_radius, focal_alpha=focal_alpha,
-                                focal_gamma=focal_gamma)
-        self.inference_params = dict(score_threshold=score_threshold, thresh_with_ctr=thresh_with_ctr,
-                                     pre_nms_topk=pre_nms_topk, nms_threshold=nms_threshold,
-                                     class_agnostic_nms=class_agnostic_nms, max_detections=max_detections)
-        self.resolution, self.sampling_ratio, self.mask_threshold = resolution, sampling_ratio, mask_threshold
+        self.fcos_params = dict(
+            center_sampling_radius=center_sampling_radius,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+        )
+        self.inference_params = dict(
+            score_threshold=score_threshold,
+            thresh_with_ctr=thresh_with_ctr,
+            pre_nms_topk=pre_nms_topk,
+            nms_threshold=nms_threshold,
+            class_agnostic_nms=class_agnostic_nms,
+            max_detections=max_detections,
+        )
+        self.resolution, self.sampling_ratio, self.mask_threshold = (
+            resolution,
+            sampling_ratio,
+            mask_threshold,
+        )
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         self.panoptic_loss_weight = panoptic_loss_weight
-        self.panoptic_score_threshold, self.panoptic_group_iou = panoptic_score_threshold, panoptic_group_iou
-        self.panoptic_restrict_to_boxes, self.panoptic_min_stuff_area = panoptic_restrict_to_boxes, panoptic_min_stuff_area
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.panoptic_score_threshold, self.panoptic_group_iou = (
+            panoptic_score_threshold,
+            panoptic_group_iou,
+        )
+        self.panoptic_restrict_to_boxes, self.panoptic_min_stuff_area = (
+            panoptic_restrict_to_boxes,
+            panoptic_min_stuff_area,
+        )
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
+        )
 
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances] | list[PanopticSegmentation]:
+    def forward(
+        self, batch: Batch
+    ) -> dict[str, Tensor] | list[Instances] | list[PanopticSegmentation]:
         images = normalize_images(batch.images, batch.image_sizes, self.pixel_mean, self.pixel_std)
         features = self.backbone(images)
         levels = [features[f"p{i}"] for i in range(3, 3 + len(self.strides))]
         head = self.fcos_head(levels)
-        context_source = {"box_tower": head.box_tower, "cls_tower": head.cls_tower,
-                          "fpn": levels}[self.top_layer.context_position]
+        context_source = {"box_tower": head.box_tower, "cls_tower": head.cls_tower, "fpn": levels}[
+            self.top_layer.context_position
+        ]
         padded = tuple(batch.images.shape[-2:])
-        basis = self.basis(levels, self.top_layer.context_factors(context_source),
-                           output_size=(padded[0] // BASIS_STRIDE, padded[1] // BASIS_STRIDE))
+        basis = self.basis(
+            levels,
+            self.top_layer.context_factors(context_source),
+            output_size=(padded[0] // BASIS_STRIDE, padded[1] // BASIS_STRIDE),
+        )
         if self.training:
             return self.losses(batch, levels, head, basis)
         return self.inference(batch, head, basis)
 
     # ------------------------------------------------------------------ training
 
-    def losses(self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, basis: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, basis: Tensor
+    ) -> dict[str, Tensor]:
         """FCOS + instance mask (+ auxiliary semantic) (+ panoptic) losses. basis: (B, C_F, Hp/4, Wp/4)."""
         assert batch.targets is not None, "training needs batch.targets"
-        pos = fcos_training(head, batch.targets, strides=self.strides, size_ranges=self.size_ranges,
-                            num_classes=self.num_classes, **self.fcos_params)
+        pos = fcos_training(
+            head,
+            batch.targets,
+            strides=self.strides,
+            size_ranges=self.size_ranges,
+            num_classes=self.num_classes,
+            **self.fcos_params,
+        )
         losses = dict(pos.losses)
-        embeddings = self.top_layer.embeddings_at(head.box_tower, pos.image_index, pos.location_index)  # (P, E)
+        embeddings = self.top_layer.embeddings_at(
+            head.box_tower, pos.image_index, pos.location_index
+        )  # (P, E)
         gt_boxes = torch.cat([t.boxes for t in batch.targets])
-        gt_image = torch.cat([torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)])
-        pooled = pool_bases(basis, boxes_with_batch_index(gt_boxes, gt_image), resolution=self.resolution,
-                            sampling_ratio=self.sampling_ratio, stride=BASIS_STRIDE)          # (G, C_F, R, R)
-        mask_targets = torch.cat([crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets])
-        mask_logits = self.predictor(pooled, embeddings, pos.gt_index)                       # (P, R, R)
+        gt_image = torch.cat(
+            [torch.full((len(t),), i, device=gt_boxes.device) for i, t in enumerate(batch.targets)]
+        )
+        pooled = pool_bases(
+            basis,
+            boxes_with_batch_index(gt_boxes, gt_image),
+            resolution=self.resolution,
+            sampling_ratio=self.sampling_ratio,
+            stride=BASIS_STRIDE,
+        )  # (G, C_F, R, R)
+        mask_targets = torch.cat(
+            [crop_and_resize(t.masks, t.boxes, self.resolution) for t in batch.targets]
+        )
+        mask_logits = self.predictor(pooled, embeddings, pos.gt_index)  # (P, R, R)
         losses["loss_mask"] = self.mask_loss_weight * blender_mask_loss(
-            mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg)
+            mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg
+        )
         if self.semantic_head is not None:
             logits = self.semantic_head(levels[0])
             # With size divisibility 4, P3 can extend past the padded image: label that part ignored.
             covered = (logits.shape[-2] * self.strides[0], logits.shape[-1] * self.strides[0])
-            sem = semantic_targets([t.masks for t in batch.targets], [t.labels for t in batch.targets],
-                                   covered, self.strides[0])
+            sem = semantic_targets(
+                [t.masks for t in batch.targets],
+                [t.labels for t in batch.targets],
+                covered,
+                self.strides[0],
+            )
             losses["loss_basis_sem"] = semantic_loss(logits, sem, self.semantic_loss_weight)
         if self.panoptic_layer is not None:
             losses["loss_panoptic"] = self._panoptic_loss(batch, basis, embeddings, pos)
         return losses
 
-    def _panoptic_loss(self, batch: Batch, basis: Tensor, embeddings: Tensor, pos: FCOSPositives) -> Tensor:
+    def _panoptic_loss(
+        self, batch: Batch, basis: Tensor, embeddings: Tensor, pos: FCOSPositives
+    ) -> Tensor:
         """Eq. 9 in training: each GT instance's row is the mean of its positives' panoptic embeddings."""
         if batch.sem_seg is None:
-            raise ValueError("a panoptic model trains on panoptic data: the batch has no sem_seg "
-                             "(set data.panoptic_train_json / data.panoptic_train_dir)")
-        columns = self.predictor.panoptic_columns(embeddings)                                 # (P, C_F)
+            raise ValueError(
+                "a panoptic model trains on panoptic data: the batch has no sem_seg "
+                "(set data.panoptic_train_json / data.panoptic_train_dir)"
+            )
+        columns = self.predictor.panoptic_columns(embeddings)  # (P, C_F)
         num_gt = sum(len(t) for t in batch.targets)
         means, present = mean_embeddings_per_instance(columns, pos.gt_index, num_gt)
         logits, targets, first, first_row = [], [], 0, 0
         for i, t in enumerate(batch.targets):
-            here = present[first:first + len(t)]
-            rows = means[first_row:first_row + int(here.sum())]
+            here = present[first : first + len(t)]
+            rows = means[first_row : first_row + int(here.sum())]
             logits.append(self.panoptic_layer(basis[i], rows))
-            targets.append(panoptic_targets(batch.sem_seg[i], t.masks, here, self.num_stuff, BASIS_STRIDE))
+            targets.append(
+                panoptic_targets(batch.sem_seg[i], t.masks, here, self.num_stuff, BASIS_STRIDE)
+            )
             first, first_row = first + len(t), first_row + int(here.sum())
         return panoptic_loss(logits, targets, self.panoptic_loss_weight)
 
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def inference(self, batch: Batch, head: FCOSOutputs,
-                  basis: Tensor) -> list[Instances] | list[PanopticSegmentation]:
+    def inference(
+        self, batch: Batch, head: FCOSOutputs, basis: Tensor
+    ) -> list[Instances] | list[PanopticSegmentation]:
         detections = fcos_detections(head, strides=self.strides, **self.inference_params)
-        image_index = torch.cat([torch.full((len(d.boxes),), i, device=basis.device) for i, d in enumerate(detections)])
-        embeddings = self.top_layer.embeddings_at(head.box_tower, image_index,
-                                                  torch.cat([d.location_index for d in detections]))
-        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)])
-        pooled = pool_bases(basis, boxes_with_batch_index(boxes, image_index), resolution=self.resolution,
-                            sampling_ratio=self.sampling_ratio, stride=BASIS_STRIDE)
+        image_index = torch.cat(
+            [torch.full((len(d.boxes),), i, device=basis.device) for i, d in enumerate(detections)]
+        )
+        embeddings = self.top_layer.embeddings_at(
+            head.box_tower, image_index, torch.cat([d.location_index for d in detections])
+        )
+        boxes = torch.cat(
+            [clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
+        )
+        pooled = pool_bases(
+            basis,
+            boxes_with_batch_index(boxes, image_index),
+            resolution=self.resolution,
+            sampling_ratio=self.sampling_ratio,
+            stride=BASIS_STRIDE,
+        )
         mask_probs = self.predictor(pooled, embeddings).sigmoid()
         results = []
         for i, d in enumerate(detections):
             here = image_index == i
             output_size = batch.original_sizes[i]
             # Drop boxes that vanish at the output size first, so rows stay aligned with embeddings.
-            keep = nonempty_boxes(clip_boxes(scale_boxes(boxes[here], batch.image_sizes[i], output_size), output_size))
-            instances = blendmask_postprocess(boxes[here][keep], d.scores[keep], d.labels[keep],
-                                              mask_probs[here][keep], input_size=batch.image_sizes[i],
-                                              output_size=output_size, mask_threshold=self.mask_threshold)
+            keep = nonempty_boxes(
+                clip_boxes(scale_boxes(boxes[here], batch.image_sizes[i], output_size), output_size)
+            )
+            instances = blendmask_postprocess(
+                boxes[here][keep],
+                d.scores[keep],
+                d.labels[keep],
+                mask_probs[here][keep],
+                input_size=batch.image_sizes[i],
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+            )
             if self.panoptic_layer is None:
                 results.append(instances)
                 continue
             things = (instances.scores >= self.panoptic_score_threshold).nonzero().squeeze(1)
-            kept, group = group_duplicate_detections(instances.boxes[things], instances.scores[things],
-                                                     self.panoptic_group_iou)
+            kept, group = group_duplicate_detections(
+                instances.boxes[things], instances.scores[things], self.panoptic_group_iou
+            )
             columns = self.predictor.panoptic_columns(embeddings[here][keep][things])
             joined = group >= 0
             rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
             logits = self.panoptic_layer(basis[i], rows)
-            panoptic = panoptic_postprocess(logits, instances[things[kept]], num_stuff=self.num_stuff, stride=BASIS_STRIDE,
-                                            input_size=batch.image_sizes[i], min_stuff_area=self.panoptic_min_stuff_area,
-                                            restrict_to_boxes=self.panoptic_restrict_to_boxes)
-            results.append(dataclasses.replace(panoptic, instances=instances))   # every detection, for mask AP
+            panoptic = panoptic_postprocess(
+                logits,
+                instances[things[kept]],
+                num_stuff=self.num_stuff,
+                stride=BASIS_STRIDE,
+                input_size=batch.image_sizes[i],
+                min_stuff_area=self.panoptic_min_stuff_area,
+                restrict_to_boxes=self.panoptic_restrict_to_boxes,
+            )
+            results.append(
+                dataclasses.replace(panoptic, instances=instances)
+            )  # every detection, for mask AP
         return results

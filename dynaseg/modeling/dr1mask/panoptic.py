@@ -8,6 +8,7 @@ panoptic map. In training, N is the number of ground-truth instances with at lea
 location; at inference, the detections are grouped into instances (duplicates of one object, of
 any class, join the best-scoring one) and each group's mean embedding is a row.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,15 @@ from torchvision.ops import box_iou, nms
 from dynaseg.structures import Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation, Segment
 
-__all__ = ["PanopticLayer", "group_duplicate_detections", "mean_embeddings_per_instance", "panoptic_logits", "panoptic_targets",
-           "panoptic_loss", "panoptic_postprocess"]
+__all__ = [
+    "PanopticLayer",
+    "group_duplicate_detections",
+    "mean_embeddings_per_instance",
+    "panoptic_logits",
+    "panoptic_targets",
+    "panoptic_loss",
+    "panoptic_postprocess",
+]
 
 
 class PanopticLayer(nn.Module):
@@ -46,7 +54,9 @@ def panoptic_logits(features: Tensor, stuff_weight: Tensor, thing_weights: Tenso
 
 
 @torch.no_grad()
-def group_duplicate_detections(boxes: Tensor, scores: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor]:
+def group_duplicate_detections(
+    boxes: Tensor, scores: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor]:
     """Test-time instances: detections that cover the same object, whatever their class, form one group.
 
     Class-agnostic NMS keeps the highest-scoring detection of each object; every detection then
@@ -62,20 +72,26 @@ def group_duplicate_detections(boxes: Tensor, scores: Tensor, iou_threshold: flo
     return kept, group
 
 
-def mean_embeddings_per_instance(embeddings: Tensor, instance_index: Tensor, num_instances: int) -> tuple[Tensor, Tensor]:
+def mean_embeddings_per_instance(
+    embeddings: Tensor, instance_index: Tensor, num_instances: int
+) -> tuple[Tensor, Tensor]:
     """ē_j = mean of the embeddings assigned to instance j.
 
     embeddings: (P, C); instance_index: (P,) in [0, num_instances) → (means (J, C) of the J
     instances that have any, present (num_instances,) bool).
     """
     counts = torch.bincount(instance_index, minlength=num_instances)
-    sums = embeddings.new_zeros((num_instances, embeddings.shape[1])).index_add(0, instance_index, embeddings)
+    sums = embeddings.new_zeros((num_instances, embeddings.shape[1])).index_add(
+        0, instance_index, embeddings
+    )
     present = counts > 0
     return sums[present] / counts[present, None].to(embeddings.dtype), present
 
 
 @torch.no_grad()
-def panoptic_targets(sem_seg: Tensor, masks: Tensor, present: Tensor, num_stuff: int, stride: int) -> Tensor:
+def panoptic_targets(
+    sem_seg: Tensor, masks: Tensor, present: Tensor, num_stuff: int, stride: int
+) -> Tensor:
     """Per-pixel class of the panoptic logits, sampled at the centres of stride-``stride`` cells.
 
     sem_seg: (Hp, Wp) int64, stuff id or IGNORE_LABEL (void, crowd, things); masks: (G, h, w) bool
@@ -86,7 +102,7 @@ def panoptic_targets(sem_seg: Tensor, masks: Tensor, present: Tensor, num_stuff:
     h, w = masks.shape[-2:]
     for row, g in enumerate(present.nonzero().squeeze(1).tolist()):
         target[:h, :w][masks[g]] = num_stuff + row
-    return target[stride // 2::stride, stride // 2::stride]
+    return target[stride // 2 :: stride, stride // 2 :: stride]
 
 
 def panoptic_loss(logits: list[Tensor], targets: list[Tensor], weight: float) -> Tensor:
@@ -99,7 +115,9 @@ def panoptic_loss(logits: list[Tensor], targets: list[Tensor], weight: float) ->
         tg = tg[: lg.shape[-2], : lg.shape[-1]]
         valid = tg != IGNORE_LABEL
         if valid.any():
-            total = total + F.cross_entropy(lg.float()[None], tg[None], ignore_index=IGNORE_LABEL, reduction="sum")
+            total = total + F.cross_entropy(
+                lg.float()[None], tg[None], ignore_index=IGNORE_LABEL, reduction="sum"
+            )
             count += int(valid.sum())
     if count == 0:
         return sum(lg.sum() for lg in logits) * 0.0
@@ -107,8 +125,16 @@ def panoptic_loss(logits: list[Tensor], targets: list[Tensor], weight: float) ->
 
 
 @torch.no_grad()
-def _upsampled_argmax(logits: Tensor, *, stride: int, input_size: tuple[int, int], output_size: tuple[int, int],
-                      boxes: Tensor | None, num_stuff: int, chunk: int = 16) -> Tensor:
+def _upsampled_argmax(
+    logits: Tensor,
+    *,
+    stride: int,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    boxes: Tensor | None,
+    num_stuff: int,
+    chunk: int = 16,
+) -> Tensor:
     """argmax over the logits upsampled (bilinear ×stride, cropped to the input, resized to the output).
 
     Channels go in chunks with a running maximum, so memory stays O(H·W) for any number of maps.
@@ -120,15 +146,21 @@ def _upsampled_argmax(logits: Tensor, *, stride: int, input_size: tuple[int, int
     ys = torch.arange(output_size[0], device=logits.device)[:, None]
     xs = torch.arange(output_size[1], device=logits.device)[None, :]
     for start in range(0, logits.shape[0], chunk):
-        part = F.interpolate(logits[None, start:start + chunk].float(), size=(hp, wp), mode="bilinear",
-                             align_corners=False)[..., : input_size[0], : input_size[1]]
+        part = F.interpolate(
+            logits[None, start : start + chunk].float(),
+            size=(hp, wp),
+            mode="bilinear",
+            align_corners=False,
+        )[..., : input_size[0], : input_size[1]]
         part = F.interpolate(part, size=output_size, mode="bilinear", align_corners=False)[0]
         if boxes is not None:
             for c in range(part.shape[0]):
                 j = start + c - num_stuff
                 if j >= 0:
                     x0, y0, x1, y1 = boxes[j].tolist()
-                    inside = (xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)
+                    inside = (
+                        (xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)
+                    )
                     part[c].masked_fill_(~inside, float("-inf"))
         value, index = part.max(dim=0)
         if best_value is None:
@@ -141,9 +173,16 @@ def _upsampled_argmax(logits: Tensor, *, stride: int, input_size: tuple[int, int
 
 
 @torch.no_grad()
-def panoptic_postprocess(logits: Tensor, instances: Instances, *, num_stuff: int, stride: int,
-                         input_size: tuple[int, int], min_stuff_area: int = 0,
-                         restrict_to_boxes: bool = False) -> PanopticSegmentation:
+def panoptic_postprocess(
+    logits: Tensor,
+    instances: Instances,
+    *,
+    num_stuff: int,
+    stride: int,
+    input_size: tuple[int, int],
+    min_stuff_area: int = 0,
+    restrict_to_boxes: bool = False,
+) -> PanopticSegmentation:
     """The panoptic map of one image from its (S + N) logits.
 
     logits: (S + N, Hp/stride, Wp/stride); instances: the N detections whose embeddings made the
@@ -153,8 +192,14 @@ def panoptic_postprocess(logits: Tensor, instances: Instances, *, num_stuff: int
     any pixel (label and score of the detection). ``restrict_to_boxes`` limits each thing map to its box.
     """
     output_size = instances.image_size
-    winner = _upsampled_argmax(logits, stride=stride, input_size=input_size, output_size=output_size,
-                               boxes=instances.boxes if restrict_to_boxes else None, num_stuff=num_stuff)
+    winner = _upsampled_argmax(
+        logits,
+        stride=stride,
+        input_size=input_size,
+        output_size=output_size,
+        boxes=instances.boxes if restrict_to_boxes else None,
+        num_stuff=num_stuff,
+    )
     areas = torch.bincount(winner.flatten(), minlength=logits.shape[0]).tolist()
     ids = torch.zeros(output_size, dtype=torch.int32, device=logits.device)
     segments: list[Segment] = []
@@ -166,8 +211,15 @@ def panoptic_postprocess(logits: Tensor, instances: Instances, *, num_stuff: int
         ids[winner == c] = seg_id
         if isthing:
             j = c - num_stuff
-            segments.append(Segment(id=seg_id, label=int(instances.labels[j]), isthing=True,
-                                    score=float(instances.scores[j]), area=area))
+            segments.append(
+                Segment(
+                    id=seg_id,
+                    label=int(instances.labels[j]),
+                    isthing=True,
+                    score=float(instances.scores[j]),
+                    area=area,
+                )
+            )
         else:
             segments.append(Segment(id=seg_id, label=c, isthing=False, score=1.0, area=area))
     return PanopticSegmentation(ids=ids, segments=segments, instances=instances)

@@ -12,6 +12,7 @@ ablation); the embedding always comes from the box tower.
 The factors are A = 1 + a and B = 1 + b with the context weights and bias zero-initialised, so at
 initialisation A = B = 1 and every DR1Conv is its plain convolution.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -27,17 +28,25 @@ ContextPosition = Literal["box_tower", "cls_tower", "fpn"]
 
 class DR1TopLayer(nn.Module):
     """Args:
-        in_channels: tower / FPN width F.
-        embedding_dim: E, length of the instance embedding (set by the instance predictor).
-        basis_channels: C_F, width of DR1Basis (A and B each have C_F channels).
-        context_position: which features the context is computed from (Table 3).
+    in_channels: tower / FPN width F.
+    embedding_dim: E, length of the instance embedding (set by the instance predictor).
+    basis_channels: C_F, width of DR1Basis (A and B each have C_F channels).
+    context_position: which features the context is computed from (Table 3).
     """
 
-    def __init__(self, *, in_channels: int, embedding_dim: int, basis_channels: int,
-                 context_position: ContextPosition = "box_tower") -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        embedding_dim: int,
+        basis_channels: int,
+        context_position: ContextPosition = "box_tower",
+    ) -> None:
         super().__init__()
         if context_position not in ("box_tower", "cls_tower", "fpn"):
-            raise ValueError(f"context_position must be box_tower, cls_tower or fpn, got '{context_position}'")
+            raise ValueError(
+                f"context_position must be box_tower, cls_tower or fpn, got '{context_position}'"
+            )
         self.context_position = context_position
         self.basis_channels = basis_channels
         self.embedding = nn.Conv2d(in_channels, embedding_dim, 3, padding=1)
@@ -55,6 +64,10 @@ class DR1TopLayer(nn.Module):
             out.append((a, b))
         return out
 
-    def embeddings_at(self, box_tower: list[Tensor], image_index: Tensor, location_index: Tensor) -> Tensor:
+    def embeddings_at(
+        self, box_tower: list[Tensor], image_index: Tensor, location_index: Tensor
+    ) -> Tensor:
         """Embeddings at N locations: box tower per level, (N,) image and flat location indices → (N, E)."""
-        return conv3x3_at_locations(box_tower, self.embedding.weight, self.embedding.bias, image_index, location_index)
+        return conv3x3_at_locations(
+            box_tower, self.embedding.weight, self.embedding.bias, image_index, location_index
+        )

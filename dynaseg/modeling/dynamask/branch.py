@@ -5,6 +5,7 @@ at all four resolutions; from then on the MSM draws a hard Gumbel-softmax select
 objective is Eq. 7. Inference: a policy (MSM argmax, the size rule of Eq. 8, or a fixed resolution)
 picks one resolution per RoI and the head stops there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -119,27 +120,54 @@ class DynaMaskBranch(nn.Module):
     resolution_macs: Tensor
     num_updates: Tensor
 
-    def __init__(self, *, head: DynaMaskHead, msm: MaskSwitchModule, num_classes: int, pooler: Pooler | None = None,
-                 gumbel_tau: float = 0.5, budget_target: float = 1.0, budget_unit: str = "gmac",
-                 budget_on: str = "selection", edge_source: str = "mask", lambda_edge: float = 0.1,
-                 lambda_reg: float = 0.4, msm_start_iter: int = 0, policy: str = "msm",
-                 mask_normalizer: str = "instances", detach_msm_input: bool = True,
-                 edge_threshold: float = 0.1, quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10),
-                 size_reference: str | float = "image") -> None:
+    def __init__(
+        self,
+        *,
+        head: DynaMaskHead,
+        msm: MaskSwitchModule,
+        num_classes: int,
+        pooler: Pooler | None = None,
+        gumbel_tau: float = 0.5,
+        budget_target: float = 1.0,
+        budget_unit: str = "gmac",
+        budget_on: str = "selection",
+        edge_source: str = "mask",
+        lambda_edge: float = 0.1,
+        lambda_reg: float = 0.4,
+        msm_start_iter: int = 0,
+        policy: str = "msm",
+        mask_normalizer: str = "instances",
+        detach_msm_input: bool = True,
+        edge_threshold: float = 0.1,
+        quota: tuple[float, ...] = (0.35, 0.34, 0.21, 0.10),
+        size_reference: str | float = "image",
+    ) -> None:
         super().__init__()
         if num_classes != head.num_classes:
             raise ValueError(f"num_classes={num_classes} but the head has {head.num_classes}")
         if mask_normalizer not in _NORMALIZERS:
-            raise ValueError(f"mask_normalizer must be one of {_NORMALIZERS}, got '{mask_normalizer}'")
+            raise ValueError(
+                f"mask_normalizer must be one of {_NORMALIZERS}, got '{mask_normalizer}'"
+            )
         if budget_unit not in _BUDGET_UNITS or budget_on not in _BUDGET_ON:
-            raise ValueError(f"budget_unit must be one of {_BUDGET_UNITS} and budget_on one of {_BUDGET_ON}, "
-                             f"got '{budget_unit}', '{budget_on}'")
+            raise ValueError(
+                f"budget_unit must be one of {_BUDGET_UNITS} and budget_on one of {_BUDGET_ON}, "
+                f"got '{budget_unit}', '{budget_on}'"
+            )
         if budget_target <= 0:
             raise ValueError(f"budget_target must be > 0, got {budget_target}")
-        if edge_source not in ("mask", "head") or (edge_source == "head") != (head.edge_predictors is not None):
-            raise ValueError(f"edge_source='{edge_source}' needs a head with edge predictors exactly when it is 'head'")
-        if size_reference != "image" and not (isinstance(size_reference, (int, float)) and size_reference > 0):
-            raise ValueError(f"size_reference must be 'image' or a side > 0, got {size_reference!r}")
+        if edge_source not in ("mask", "head") or (edge_source == "head") != (
+            head.edge_predictors is not None
+        ):
+            raise ValueError(
+                f"edge_source='{edge_source}' needs a head with edge predictors exactly when it is 'head'"
+            )
+        if size_reference != "image" and not (
+            isinstance(size_reference, (int, float)) and size_reference > 0
+        ):
+            raise ValueError(
+                f"size_reference must be 'image' or a side > 0, got {size_reference!r}"
+            )
         self.head, self.msm, self.num_classes = head, msm, num_classes
         self.pooler = pooler
         self.edges = LaplacianEdges(threshold=edge_threshold)
@@ -151,12 +179,16 @@ class DynaMaskBranch(nn.Module):
         self.detach_msm_input = detach_msm_input
         # Inference parameters
         if len(quota) != head.num_resolutions or min(quota) < 0 or abs(sum(quota) - 1) > 1e-6:
-            raise ValueError(f"quota needs {head.num_resolutions} non-negative fractions summing to 1, got {quota}")
+            raise ValueError(
+                f"quota needs {head.num_resolutions} non-negative fractions summing to 1, got {quota}"
+            )
         self._check_policy(policy)
         self.policy, self.quota, self.size_reference = policy, tuple(quota), size_reference
         # Per-instance cost of exiting at 14/28/56/112 (GMAC), measured on this head; Eq. 5's C.
         macs = mask_head_macs(head, channels=head.in_channels, num_classes=num_classes)
-        self.register_buffer("resolution_macs", torch.tensor([macs[s] for s in head.sides]), persistent=False)
+        self.register_buffer(
+            "resolution_macs", torch.tensor([macs[s] for s in head.sides]), persistent=False
+        )
         self.msm_gmacs = msm_macs(msm, channels=head.in_channels, input_size=head.sides[0])
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -194,8 +226,15 @@ class DynaMaskBranch(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def losses(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-               gt_masks: list[Tensor], gt_index: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        gt_masks: list[Tensor],
+        gt_index: Tensor,
+    ) -> dict[str, Tensor]:
         """Weighted loss terms for P positive RoIs (see the class docstring); one call = one iteration.
 
         features: {"p2": (B, C, Hp/4, Wp/4), ...}; rois: (P, 5) input pixels; labels: (P,) GT classes;
@@ -208,8 +247,12 @@ class DynaMaskBranch(nn.Module):
         num_rois = rois.shape[0]
         if num_rois == 0:
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return {"loss_mask": zero, "loss_edge": zero.clone(), "loss_budget": zero.clone(),
-                    "loss_entropy": zero.clone()}
+            return {
+                "loss_mask": zero,
+                "loss_edge": zero.clone(),
+                "loss_budget": zero.clone(),
+                "loss_entropy": zero.clone(),
+            }
 
         roi_feats = self.roi_features(features, rois)
         mask_logits, edge_logits = self.head.forward_all(roi_feats, features, rois, labels)
@@ -217,12 +260,16 @@ class DynaMaskBranch(nn.Module):
             edge_preds = [predicted_mask_edges(m) for m in mask_logits]
         else:
             edge_preds = edge_logits
-        mask_targets = [roi_mask_targets(gt_masks, rois, gt_index, side) for side in self.head.sides]
+        mask_targets = [
+            roi_mask_targets(gt_masks, rois, gt_index, side) for side in self.head.sides
+        ]
         edge_targets = [self.edges(target) for target in mask_targets]
         normalizer = float(num_rois) if self.mask_normalizer == "instances" else 1.0
 
         if msm_on:
-            msm_logits = self.msm(roi_feats.detach() if self.detach_msm_input else roi_feats)   # (P, K)
+            msm_logits = self.msm(
+                roi_feats.detach() if self.detach_msm_input else roi_feats
+            )  # (P, K)
             selection = gumbel_softmax_select(msm_logits, tau=self.gumbel_tau, hard=True)
             probs = msm_logits.float().softmax(dim=1)
             weights = selection if self.budget_on == "selection" else probs
@@ -232,10 +279,19 @@ class DynaMaskBranch(nn.Module):
             selection = roi_feats.new_ones((num_rois, self.head.num_resolutions))
             l_budget = l_entropy = roi_feats.new_zeros((), dtype=torch.float32)
         l_mask = selected_mask_loss(mask_logits, mask_targets, selection, normalizer=normalizer)
-        l_edge = selected_edge_loss(edge_preds, edge_targets, selection, normalizer=normalizer,
-                                    from_logits=self.edge_source == "head")
-        return {"loss_mask": l_mask, "loss_edge": self.lambda_edge * l_edge,
-                "loss_budget": self.lambda_reg * l_budget, "loss_entropy": self.lambda_reg * l_entropy}
+        l_edge = selected_edge_loss(
+            edge_preds,
+            edge_targets,
+            selection,
+            normalizer=normalizer,
+            from_logits=self.edge_source == "head",
+        )
+        return {
+            "loss_mask": l_mask,
+            "loss_edge": self.lambda_edge * l_edge,
+            "loss_budget": self.lambda_reg * l_budget,
+            "loss_entropy": self.lambda_reg * l_entropy,
+        }
 
     # ------------------------------------------------------------------ inference
 
@@ -245,11 +301,14 @@ class DynaMaskBranch(nn.Module):
         if self.policy == "msm":
             return select_resolution(self.msm(roi_feats))
         if self.policy == "quota":
-            self.msm(roi_feats)                                  # its cost is paid; its choice is replaced
+            self.msm(roi_feats)  # its cost is paid; its choice is replaced
             return quota_resolution(rois, self.quota)
         if self.policy == "size":
-            sides = torch.tensor([float(h * w) ** 0.5 for h, w in image_sizes], dtype=torch.float64,
-                                 device=rois.device)
+            sides = torch.tensor(
+                [float(h * w) ** 0.5 for h, w in image_sizes],
+                dtype=torch.float64,
+                device=rois.device,
+            )
             return self.size_rule(rois, sides)
         index = self.head.sides.index(int(self.policy))
         return torch.full((rois.shape[0],), index, dtype=torch.long, device=rois.device)
@@ -261,10 +320,18 @@ class DynaMaskBranch(nn.Module):
             canonical = image_sides.to(torch.float64).index_select(0, rois[:, 0].long())
         else:
             canonical = float(self.size_reference)
-        return size_based_resolution(rois[:, 1:], canonical_size=canonical, num_choices=self.head.num_resolutions)
+        return size_based_resolution(
+            rois[:, 1:], canonical_size=canonical, num_choices=self.head.num_resolutions
+        )
 
-    def predict(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-                image_sizes: list[tuple[int, int]]) -> MaskBranchOutput:
+    def predict(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> MaskBranchOutput:
         """Masks for N detections (rois (N, 5), labels (N,) predicted classes, image_sizes (h, w) per
         image) → ``MaskBranchOutput``: N probability maps (r_i, r_i) and r_i (N,) int64 in 14/28/56/112."""
         if rois.shape[0] == 0:

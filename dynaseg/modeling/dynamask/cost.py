@@ -13,6 +13,7 @@ its cost is bilinear sampling, not MACs), bilinear upsampling, the DCN's own bil
 its inputs (≈ 4 MACs per sampled value, about 1.5 % of the DCN), element-wise ops (ReLU, bias,
 norm, SE scaling, max-pool).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,15 +24,27 @@ from dynaseg.layers.flop_count import count_gmacs, eval_mode
 __all__ = ["mask_head_macs", "msm_macs"]
 
 
-def _dummy_inputs(head: nn.Module, channels: int, num_classes: int) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+def _dummy_inputs(
+    head: nn.Module, channels: int, num_classes: int
+) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
     """One RoI covering a 128×128 image, random FPN maps for the head's crop levels, label C-1."""
     param = next(head.parameters())
     image = 128
     side = head.sides[0]
-    features = {level: torch.randn(1, channels, max(1, image // stride), max(1, image // stride),
-                                   device=param.device, dtype=param.dtype)
-                for level, stride in zip(head.stage_levels, head.strides)}
-    rois = torch.tensor([[0.0, 0.0, 0.0, float(image), float(image)]], device=param.device, dtype=param.dtype)
+    features = {
+        level: torch.randn(
+            1,
+            channels,
+            max(1, image // stride),
+            max(1, image // stride),
+            device=param.device,
+            dtype=param.dtype,
+        )
+        for level, stride in zip(head.stage_levels, head.strides)
+    }
+    rois = torch.tensor(
+        [[0.0, 0.0, 0.0, float(image), float(image)]], device=param.device, dtype=param.dtype
+    )
     roi_feats = torch.randn(1, channels, side, side, device=param.device, dtype=param.dtype)
     labels = torch.full((1,), num_classes - 1, device=param.device, dtype=torch.long)
     return roi_feats, features, rois, labels
@@ -51,16 +64,20 @@ def mask_head_macs(head: nn.Module, *, channels: int, num_classes: int) -> dict[
     → {14: g_14, 28: g_28, 56: g_56, 112: g_112} in GMAC.
     """
     if channels != head.in_channels or num_classes != head.num_classes:
-        raise ValueError(f"head has C={head.in_channels}, {head.num_classes} classes; "
-                         f"got channels={channels}, num_classes={num_classes}")
+        raise ValueError(
+            f"head has C={head.in_channels}, {head.num_classes} classes; "
+            f"got channels={channels}, num_classes={num_classes}"
+        )
     roi_feats, features, rois, labels = _dummy_inputs(head, channels, num_classes)
     costs = {}
     with eval_mode(head):
-        path, region = count_gmacs(lambda: head.tiny(roi_feats))            # path: cost of reaching L_k
+        path, region = count_gmacs(lambda: head.tiny(roi_feats))  # path: cost of reaching L_k
         for k, side in enumerate(head.sides):
             costs[side] = path + count_gmacs(lambda: head.mask_logits_at(k, region, labels))[0]
             if k < head.num_resolutions - 1:
-                stage_cost, region = count_gmacs(lambda: head.stage(k, region, features, rois, project_first=False))
+                stage_cost, region = count_gmacs(
+                    lambda: head.stage(k, region, features, rois, project_first=False)
+                )
                 path += stage_cost
     return costs
 

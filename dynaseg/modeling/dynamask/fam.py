@@ -4,6 +4,7 @@ It fuses an r-FPN region feature L_r (upsampled from the previous r-FPN stage) w
 P_i of an i-FPN level at the same size, using two deformable convolutions (DCNv1, the paper's
 [8]; torchvision's op via ``layers/deform_conv.py``, no modulation mask).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,9 +63,13 @@ class FeatureAggregationModule(nn.Module):
 
     def forward(self, region_feature: Tensor, pyramid_feature: Tensor) -> Tensor:
         """region_feature L_r: (N, C, s, s); pyramid_feature P_i: (N, C, s, s) → (N, C, s, s)."""
-        offset = self.align_offset(torch.cat([region_feature, pyramid_feature], dim=1))  # Δ_o (N, 2G·9, s, s)
+        offset = self.align_offset(
+            torch.cat([region_feature, pyramid_feature], dim=1)
+        )  # Δ_o (N, 2G·9, s, s)
         # In-place ReLUs: conv, deformable conv and GroupNorm backward passes do not need their outputs.
         aligned = F.relu(self.align_conv(region_feature, offset), inplace=True)
-        fused = F.relu(self.fuse_norm(self.fuse(torch.cat([aligned, pyramid_feature], dim=1))), inplace=True)
+        fused = F.relu(
+            self.fuse_norm(self.fuse(torch.cat([aligned, pyramid_feature], dim=1))), inplace=True
+        )
         attended = self.attend_conv(fused, self.attend_offset(fused))
         return F.relu(self.attend_norm(attended), inplace=True)

@@ -9,6 +9,7 @@ resolution: ``forward_early_exit`` runs a stage only for the instances that need
 Symbols: N RoIs, C input (FPN) channels, K = 4 resolutions r_k = 14·2^k, w_k the width of L at r_k.
 RoIs are (N, 5) rows [b, x0, y0, x1, y1] in input pixels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,15 @@ class _InstanceLogits(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         """x: (N, w, r, r); labels: (N,) int64 class ids → logits (N, r, r)."""
-        index = labels.long() if self.weight.shape[0] > 1 else torch.zeros_like(labels, dtype=torch.long)
-        weight, bias = self.weight.index_select(0, index), self.bias.index_select(0, index)  # (N, w), (N,)
+        index = (
+            labels.long()
+            if self.weight.shape[0] > 1
+            else torch.zeros_like(labels, dtype=torch.long)
+        )
+        weight, bias = (
+            self.weight.index_select(0, index),
+            self.bias.index_select(0, index),
+        )  # (N, w), (N,)
         return torch.einsum("nchw,nc->nhw", x, weight) + bias[:, None, None]
 
 
@@ -75,16 +83,28 @@ class _RefineStage(nn.Module):
     at a quarter of the cost.
     """
 
-    def __init__(self, *, pyramid_channels: int, in_width: int, out_width: int, fam_width: int,
-                 deform_groups: int, norm: str) -> None:
+    def __init__(
+        self,
+        *,
+        pyramid_channels: int,
+        in_width: int,
+        out_width: int,
+        fam_width: int,
+        deform_groups: int,
+        norm: str,
+    ) -> None:
         super().__init__()
         self.lateral = _conv(pyramid_channels, fam_width, 1)
-        self.fam = FeatureAggregationModule(channels=fam_width, deform_groups=deform_groups, norm=norm)
+        self.fam = FeatureAggregationModule(
+            channels=fam_width, deform_groups=deform_groups, norm=norm
+        )
         self.reduce = _conv(in_width, out_width, 1)
 
     def upsample(self, x: Tensor) -> Tensor:
         """(N, w_in, r, r) → ReLU(up×2(reduce(x))): (N, w_out, 2r, 2r)."""
-        return torch.relu(F.interpolate(self.reduce(x), scale_factor=2.0, mode="bilinear", align_corners=False))
+        return torch.relu(
+            F.interpolate(self.reduce(x), scale_factor=2.0, mode="bilinear", align_corners=False)
+        )
 
 
 class DynaMaskHead(nn.Module):
@@ -127,39 +147,73 @@ class DynaMaskHead(nn.Module):
         edge_head: build the separate edge predictors (see above).
     """
 
-    def __init__(self, *, in_channels: int = 256, num_classes: int,
-                 stage_channels: tuple[int, ...] = (256, 136, 64, 24), num_instance_convs: int = 2,
-                 class_specific: bool = True, stage_levels: tuple[str, ...] = ("p4", "p3", "p2"),
-                 roi_size: int = 14, fuse_after_upsample: bool = True, crop_sampling_ratio: int = 0,
-                 deform_groups: int = 1, norm: str = "none", edge_head: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        num_classes: int,
+        stage_channels: tuple[int, ...] = (256, 136, 64, 24),
+        num_instance_convs: int = 2,
+        class_specific: bool = True,
+        stage_levels: tuple[str, ...] = ("p4", "p3", "p2"),
+        roi_size: int = 14,
+        fuse_after_upsample: bool = True,
+        crop_sampling_ratio: int = 0,
+        deform_groups: int = 1,
+        norm: str = "none",
+        edge_head: bool = False,
+    ) -> None:
         super().__init__()
         if len(stage_channels) != len(stage_levels) + 1:
-            raise ValueError(f"{len(stage_channels)} widths need {len(stage_channels) - 1} stage levels, "
-                             f"got {len(stage_levels)}")
+            raise ValueError(
+                f"{len(stage_channels)} widths need {len(stage_channels) - 1} stage levels, "
+                f"got {len(stage_levels)}"
+            )
         if num_instance_convs == 0 and in_channels != stage_channels[0]:
             raise ValueError("without instance convs the RoI width must equal stage_channels[0]")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.class_specific, self.fuse_after_upsample = class_specific, fuse_after_upsample
         self.stage_levels = tuple(stage_levels)
         self.strides = tuple(_level_stride(level) for level in stage_levels)
-        self.sides = tuple(roi_size * 2 ** k for k in range(len(stage_channels)))   # 14, 28, 56, 112
+        self.sides = tuple(roi_size * 2**k for k in range(len(stage_channels)))  # 14, 28, 56, 112
         self.crop_sampling_ratio = crop_sampling_ratio
 
         layers: list[nn.Module] = []
         for i in range(num_instance_convs):
-            layers += [_conv(in_channels if i == 0 else stage_channels[0], stage_channels[0], 3, bias=norm == "none"),
-                       get_norm(norm, stage_channels[0]), nn.ReLU(inplace=True)]
+            layers += [
+                _conv(
+                    in_channels if i == 0 else stage_channels[0],
+                    stage_channels[0],
+                    3,
+                    bias=norm == "none",
+                ),
+                get_norm(norm, stage_channels[0]),
+                nn.ReLU(inplace=True),
+            ]
         self.instance_convs = nn.Sequential(*layers)
         self.stages = nn.ModuleList(
-            _RefineStage(pyramid_channels=in_channels, in_width=stage_channels[s], out_width=stage_channels[s + 1],
-                         fam_width=stage_channels[s + 1] if fuse_after_upsample else stage_channels[s],
-                         deform_groups=deform_groups, norm=norm)
-            for s in range(len(stage_levels)))
+            _RefineStage(
+                pyramid_channels=in_channels,
+                in_width=stage_channels[s],
+                out_width=stage_channels[s + 1],
+                fam_width=stage_channels[s + 1] if fuse_after_upsample else stage_channels[s],
+                deform_groups=deform_groups,
+                norm=norm,
+            )
+            for s in range(len(stage_levels))
+        )
         last = len(stage_channels) - 1
-        outputs = [num_classes if class_specific and k < last else 1 for k in range(len(stage_channels))]
-        self.mask_predictors = nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
-        self.edge_predictors = (nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
-                                if edge_head else None)
+        outputs = [
+            num_classes if class_specific and k < last else 1 for k in range(len(stage_channels))
+        ]
+        self.mask_predictors = nn.ModuleList(
+            _InstanceLogits(w, n) for w, n in zip(stage_channels, outputs)
+        )
+        self.edge_predictors = (
+            nn.ModuleList(_InstanceLogits(w, n) for w, n in zip(stage_channels, outputs))
+            if edge_head
+            else None
+        )
 
     @property
     def num_resolutions(self) -> int:
@@ -179,11 +233,17 @@ class DynaMaskHead(nn.Module):
         """The raw P_i crop of stage s: aligned RoIAlign of ``features[stage_levels[s]]`` at spatial
         scale 1/stride of that level. features: {"p2": (B, C, Hp/4, Wp/4), ...}; rois: (N, 5)
         → (N, C, crop_sides[s], crop_sides[s])."""
-        return roi_align_aligned(features[self.stage_levels[s]], rois, output_size=self.crop_sides[s],
-                                 spatial_scale=1.0 / self.strides[s], sampling_ratio=self.crop_sampling_ratio)
+        return roi_align_aligned(
+            features[self.stage_levels[s]],
+            rois,
+            output_size=self.crop_sides[s],
+            spatial_scale=1.0 / self.strides[s],
+            sampling_ratio=self.crop_sampling_ratio,
+        )
 
-    def lateral_crop(self, s: int, features: dict[str, Tensor], rois: Tensor,
-                     project_first: bool | None = None) -> Tensor:
+    def lateral_crop(
+        self, s: int, features: dict[str, Tensor], rois: Tensor, project_first: bool | None = None
+    ) -> Tensor:
         """ReLU(lateral(P_i crop)) of stage s: (N, w, crop_sides[s], crop_sides[s]).
 
         RoIAlign is a per-channel weighted sum of pixels whose weights sum to 1 for boxes inside the
@@ -200,14 +260,24 @@ class DynaMaskHead(nn.Module):
         projected = {self.stage_levels[s]: block.lateral(level)}
         return torch.relu(self.crop(s, projected, rois))
 
-    def stage(self, s: int, region: Tensor, features: dict[str, Tensor], rois: Tensor,
-              project_first: bool | None = None) -> Tensor:
+    def stage(
+        self,
+        s: int,
+        region: Tensor,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        project_first: bool | None = None,
+    ) -> Tensor:
         """Stage s: L at r_s (N, w_s, r_s, r_s) and its N RoIs → L at 2·r_s (N, w_{s+1}, 2r_s, 2r_s).
         ``project_first``: see ``lateral_crop``."""
         block = self.stages[s]
         if self.fuse_after_upsample:
-            return block.fam(block.upsample(region), self.lateral_crop(s, features, rois, project_first))
-        return block.upsample(block.fam(region, self.lateral_crop(s, features, rois, project_first)))
+            return block.fam(
+                block.upsample(region), self.lateral_crop(s, features, rois, project_first)
+            )
+        return block.upsample(
+            block.fam(region, self.lateral_crop(s, features, rois, project_first))
+        )
 
     def mask_logits_at(self, k: int, region: Tensor, labels: Tensor) -> Tensor:
         """Mask logits at resolution k: L (N, w_k, r_k, r_k), labels (N,) → (N, r_k, r_k)."""
@@ -219,8 +289,9 @@ class DynaMaskHead(nn.Module):
             raise RuntimeError("this head has no edge predictors (edge_head=False)")
         return self.edge_predictors[k](region, labels)
 
-    def forward_all(self, roi_feats: Tensor, features: dict[str, Tensor], rois: Tensor,
-                    labels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def forward_all(
+        self, roi_feats: Tensor, features: dict[str, Tensor], rois: Tensor, labels: Tensor
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Every stage for every RoI (training: Eq. 3/4 need all K predictions).
 
         roi_feats: (N, C, 14, 14); features: FPN maps; rois: (N, 5); labels: (N,) int64
@@ -237,8 +308,14 @@ class DynaMaskHead(nn.Module):
                 region = self.stage(k, region, features, rois)
         return masks, edges
 
-    def forward_early_exit(self, roi_feats: Tensor, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-                           choice: Tensor) -> list[Tensor]:
+    def forward_early_exit(
+        self,
+        roi_feats: Tensor,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        choice: Tensor,
+    ) -> list[Tensor]:
         """Inference with per-instance early exit: each RoI stops at its chosen resolution.
 
         All RoIs run L_tiny; stage s runs, batched, only on the RoIs with choice > s (the others
@@ -254,14 +331,17 @@ class DynaMaskHead(nn.Module):
         if n and (int(choice.min()) < 0 or int(choice.max()) >= self.num_resolutions):
             raise ValueError(f"choice must be in 0..{self.num_resolutions - 1}")
         out: list[Tensor | None] = [None] * n
-        alive = torch.arange(n, device=roi_feats.device)         # RoI index of each row of `region`
+        alive = torch.arange(n, device=roi_feats.device)  # RoI index of each row of `region`
         region = self.tiny(roi_feats)
         for k in range(self.num_resolutions):
             alive_choice = choice.index_select(0, alive)
             leaving = (alive_choice == k).nonzero().squeeze(1)
             if leaving.numel():
-                logits = self.mask_logits_at(k, region.index_select(0, leaving),
-                                             labels.index_select(0, alive.index_select(0, leaving)))
+                logits = self.mask_logits_at(
+                    k,
+                    region.index_select(0, leaving),
+                    labels.index_select(0, alive.index_select(0, leaving)),
+                )
                 for row, i in enumerate(alive.index_select(0, leaving).tolist()):
                     out[i] = logits[row]
             staying = (alive_choice > k).nonzero().squeeze(1)

@@ -4,6 +4,7 @@ Symbols: N instances, K candidate resolutions r_1 < … < r_K, selection Y (N, K
 Gumbel-softmax sample, Eq. 2), probabilities P (N, K) (softmax of the MSM logits, Eq. 1).
 Every function here is pure; only the Laplacian kernel lives in a module, as a buffer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ __all__ = [
 ]
 
 
-def _laplacian_kernel(device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def _laplacian_kernel(
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """The 8-neighbour Laplacian [[-1,-1,-1],[-1,8,-1],[-1,-1,-1]] as a (1, 1, 3, 3) conv weight."""
     kernel = -torch.ones(1, 1, 3, 3, device=device, dtype=dtype)
     kernel[0, 0, 1, 1] = 8.0
@@ -88,20 +91,37 @@ def predicted_mask_edges(mask_logits: Tensor, *, eps: float = 1e-4) -> Tensor:
     return _soft_edges(probs, _laplacian_kernel(probs.device)).clamp(eps, 1.0 - eps)
 
 
-def _selected_bce(preds_per_stage: list[Tensor], targets_per_stage: list[Tensor], selection: Tensor,
-                  normalizer: float | Tensor, from_logits: bool) -> Tensor:
+def _selected_bce(
+    preds_per_stage: list[Tensor],
+    targets_per_stage: list[Tensor],
+    selection: Tensor,
+    normalizer: float | Tensor,
+    from_logits: bool,
+) -> Tensor:
     """Σ_i Σ_k y_i^k · ℓ(pred_i^k, target_i^k) / normalizer, ℓ = BCE averaged over the r_k × r_k grid."""
     if len(preds_per_stage) != selection.shape[1] or len(targets_per_stage) != selection.shape[1]:
-        raise ValueError(f"{len(preds_per_stage)} predictions / {len(targets_per_stage)} targets "
-                         f"for {selection.shape[1]} resolutions")
+        raise ValueError(
+            f"{len(preds_per_stage)} predictions / {len(targets_per_stage)} targets "
+            f"for {selection.shape[1]} resolutions"
+        )
     bce = F.binary_cross_entropy_with_logits if from_logits else F.binary_cross_entropy
-    per_instance = torch.stack([bce(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
-                                for pred, target in zip(preds_per_stage, targets_per_stage)], dim=1)  # (N, K)
+    per_instance = torch.stack(
+        [
+            bce(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
+            for pred, target in zip(preds_per_stage, targets_per_stage)
+        ],
+        dim=1,
+    )  # (N, K)
     return (selection.float() * per_instance).sum() / normalizer
 
 
-def selected_mask_loss(mask_logits_per_stage: list[Tensor], mask_targets_per_stage: list[Tensor],
-                       selection: Tensor, *, normalizer: float | Tensor = 1.0) -> Tensor:
+def selected_mask_loss(
+    mask_logits_per_stage: list[Tensor],
+    mask_targets_per_stage: list[Tensor],
+    selection: Tensor,
+    *,
+    normalizer: float | Tensor = 1.0,
+) -> Tensor:
     """Eq. 3: L_mask = Σ_{i=1}^{N} Σ_{k=1}^{K} y_i^k · ℓ(m̂_i^k, m_i), ℓ the binary cross-entropy.
 
     ℓ is the per-pixel BCE averaged over instance i's r_k × r_k grid, against m_i resized to r_k
@@ -121,8 +141,14 @@ def selected_mask_loss(mask_logits_per_stage: list[Tensor], mask_targets_per_sta
     return _selected_bce(mask_logits_per_stage, mask_targets_per_stage, selection, normalizer, True)
 
 
-def selected_edge_loss(edge_preds_per_stage: list[Tensor], edge_targets_per_stage: list[Tensor],
-                       selection: Tensor, *, normalizer: float | Tensor = 1.0, from_logits: bool = True) -> Tensor:
+def selected_edge_loss(
+    edge_preds_per_stage: list[Tensor],
+    edge_targets_per_stage: list[Tensor],
+    selection: Tensor,
+    *,
+    normalizer: float | Tensor = 1.0,
+    from_logits: bool = True,
+) -> Tensor:
     """Eq. 4: L_edge = Σ_{i=1}^{N} Σ_{k=1}^{K} y_i^k · ℓ(ê_i^k, e_i), same ℓ and weighting as Eq. 3.
 
     e_i: ``mask_edge_targets`` of the resolution-r_k target. ê_i^k: edge logits
@@ -135,7 +161,9 @@ def selected_edge_loss(edge_preds_per_stage: list[Tensor], edge_targets_per_stag
     Returns:
         scalar float32.
     """
-    return _selected_bce(edge_preds_per_stage, edge_targets_per_stage, selection, normalizer, from_logits)
+    return _selected_bce(
+        edge_preds_per_stage, edge_targets_per_stage, selection, normalizer, from_logits
+    )
 
 
 def budget_loss(selection: Tensor, costs: Tensor, target_cost: float) -> Tensor:
@@ -176,8 +204,15 @@ def entropy_loss(probs: Tensor) -> Tensor:
     return (f * f.clamp_min(torch.finfo(f.dtype).tiny).log()).sum() / f.shape[0]
 
 
-def combine_losses(l_mask: Tensor, l_edge: Tensor, l_budget: Tensor, l_entropy: Tensor, *,
-                   lambda1: float = 0.1, lambda2: float = 0.4) -> Tensor:
+def combine_losses(
+    l_mask: Tensor,
+    l_edge: Tensor,
+    l_budget: Tensor,
+    l_entropy: Tensor,
+    *,
+    lambda1: float = 0.1,
+    lambda2: float = 0.4,
+) -> Tensor:
     """Eq. 7: L_total = L_mask + λ1 L_edge + λ2 L_reg, with L_reg = L_budget + L_entropy.
 
     λ1 = 0.1 (§4.1) weighs the edge loss; λ2 weighs the regulariser and is swept with C_t in Table 5

@@ -4,6 +4,7 @@ The MSM is a small classifier on an instance's RoI feature that scores K candida
 (14/28/56/112 in the paper). In training a Gumbel-softmax sample (Eq. 2) picks one, with a
 straight-through gradient; at inference the choice is the noise-free argmax of the logits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ class _SqueezeExcitation(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))   # (N, C)
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))  # (N, C)
         return x * scale[:, :, None, None]
 
 
@@ -34,8 +35,12 @@ def _conv_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
-    return nn.Sequential(conv, get_norm(norm, out_channels), nn.ReLU(inplace=True),
-                         nn.MaxPool2d(3, stride=2, padding=1))
+    return nn.Sequential(
+        conv,
+        get_norm(norm, out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
 
 
 class MaskSwitchModule(nn.Module):
@@ -55,12 +60,23 @@ class MaskSwitchModule(nn.Module):
         se_reduction: SE bottleneck ratio (16 as in the SE paper).
     """
 
-    def __init__(self, *, in_channels: int, num_choices: int = 4, conv_channels: int = 128,
-                 fc_channels: int = 512, norm: str = "BN", input_size: int = 14, se_reduction: int = 16) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_choices: int = 4,
+        conv_channels: int = 128,
+        fc_channels: int = 512,
+        norm: str = "BN",
+        input_size: int = 14,
+        se_reduction: int = 16,
+    ) -> None:
         super().__init__()
         self.se = _SqueezeExcitation(in_channels, se_reduction)
-        self.convs = nn.Sequential(_conv_block(in_channels, conv_channels, norm),
-                                   _conv_block(conv_channels, conv_channels, norm))
+        self.convs = nn.Sequential(
+            _conv_block(in_channels, conv_channels, norm),
+            _conv_block(conv_channels, conv_channels, norm),
+        )
         side = (input_size + 1) // 2
         side = (side + 1) // 2
         self.fc1 = nn.Linear(conv_channels * side * side, fc_channels)
@@ -74,8 +90,9 @@ class MaskSwitchModule(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def gumbel_softmax_select(logits: Tensor, *, tau: float, hard: bool,
-                          generator: torch.Generator | None = None) -> Tensor:
+def gumbel_softmax_select(
+    logits: Tensor, *, tau: float, hard: bool, generator: torch.Generator | None = None
+) -> Tensor:
     """Gumbel-softmax sample Y of the MSM distribution (paper Eq. 2).
 
     ``y^k = softmax_k((log p^k + g^k) / τ)`` with ``p = softmax(logits)`` (Eq. 1) and i.i.d. Gumbel(0, 1)
@@ -95,7 +112,7 @@ def gumbel_softmax_select(logits: Tensor, *, tau: float, hard: bool,
     if not hard:
         return soft
     one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
-    return one_hot + (soft - soft.detach())    # value: exactly one_hot; gradient: d soft
+    return one_hot + (soft - soft.detach())  # value: exactly one_hot; gradient: d soft
 
 
 def select_resolution(logits: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
 """The size-based mask selection baseline of the DynaMask paper (§4.3, Eq. 8, Tables 8-9)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ from torch import Tensor
 __all__ = ["size_based_resolution"]
 
 
-def size_based_resolution(boxes: Tensor, *, canonical_size: float | Tensor, k0: int = 4,
-                          num_choices: int = 4) -> Tensor:
+def size_based_resolution(
+    boxes: Tensor, *, canonical_size: float | Tensor, k0: int = 4, num_choices: int = 4
+) -> Tensor:
     """Resolution index from box size, paper Eq. 8: k = ⌊k0 + log2(√(wh) / √(w0·h0))⌋.
 
     k is 1-based over the K candidates ordered from the smallest (14, 28, 56, 112); k0 = 4 is the

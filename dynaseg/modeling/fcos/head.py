@@ -1,4 +1,5 @@
 """FCOS head (the improved version BlendMask uses): GN towers, centerness on the box tower."""
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,13 @@ __all__ = ["FCOSHead", "FCOSOutputs"]
 class FCOSOutputs(NamedTuple):
     """Raw per-level head outputs; the same units in training and inference."""
 
-    cls_logits: list[Tensor]   # per level (B, C, H_l, W_l)
-    box_ltrb: list[Tensor]     # per level (B, 4, H_l, W_l): distances to box sides / stride, >= 0
-    centerness: list[Tensor]   # per level (B, 1, H_l, W_l) logits
-    box_tower: list[Tensor]    # per level (B, F, H_l, W_l): box-tower features (BlendMask's top layer input)
-    cls_tower: list[Tensor]    # per level (B, F, H_l, W_l): class-tower features
+    cls_logits: list[Tensor]  # per level (B, C, H_l, W_l)
+    box_ltrb: list[Tensor]  # per level (B, 4, H_l, W_l): distances to box sides / stride, >= 0
+    centerness: list[Tensor]  # per level (B, 1, H_l, W_l) logits
+    box_tower: list[
+        Tensor
+    ]  # per level (B, F, H_l, W_l): box-tower features (BlendMask's top layer input)
+    cls_tower: list[Tensor]  # per level (B, F, H_l, W_l): class-tower features
 
 
 class _Tower(nn.Module):
@@ -31,7 +34,9 @@ class _Tower(nn.Module):
 
     def __init__(self, channels: int, num_convs: int, norm: str, num_levels: int) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs)
+        )
         per_level = norm in ("BN", "SyncBN")
         self.norms = nn.ModuleList(
             nn.ModuleList(get_norm(norm, channels) for _ in range(num_levels if per_level else 1))
@@ -57,8 +62,17 @@ class FCOSHead(nn.Module):
         use_scale: learnable per-level multiplier on the regression output.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, num_levels: int, num_convs: int = 4,
-                 norm: str = "GN", prior_prob: float = 0.01, use_scale: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        num_levels: int,
+        num_convs: int = 4,
+        norm: str = "GN",
+        prior_prob: float = 0.01,
+        use_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.cls_tower = _Tower(in_channels, num_convs, norm, num_levels)
         self.box_tower = _Tower(in_channels, num_convs, norm, num_levels)

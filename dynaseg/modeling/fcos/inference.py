@@ -1,4 +1,5 @@
 """FCOS decoding: threshold, per-level top-k, class-aware NMS, top-N."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,16 +14,26 @@ __all__ = ["FCOSDetections", "decode_fcos"]
 class FCOSDetections(NamedTuple):
     """Detections of one image, in network-input pixel coordinates (not clipped)."""
 
-    boxes: Tensor          # (N, 4) XYXY
-    scores: Tensor         # (N,) sqrt(p_cls · p_ctr)
-    labels: Tensor         # (N,) int64
+    boxes: Tensor  # (N, 4) XYXY
+    scores: Tensor  # (N,) sqrt(p_cls · p_ctr)
+    labels: Tensor  # (N,) int64
     location_index: Tensor  # (N,) int64 index into the image's concatenated locations (all levels)
 
 
-def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness: list[Tensor],
-                locations: list[Tensor], strides: list[int], score_threshold: float, thresh_with_ctr: bool,
-                pre_nms_topk: int, nms_threshold: float, max_detections: int,
-                class_agnostic_nms: bool = False) -> FCOSDetections:
+def decode_fcos(
+    *,
+    cls_logits: list[Tensor],
+    box_ltrb: list[Tensor],
+    centerness: list[Tensor],
+    locations: list[Tensor],
+    strides: list[int],
+    score_threshold: float,
+    thresh_with_ctr: bool,
+    pre_nms_topk: int,
+    nms_threshold: float,
+    max_detections: int,
+    class_agnostic_nms: bool = False,
+) -> FCOSDetections:
     """Decode one image's head outputs.
 
     Args (per level l, one image):
@@ -36,7 +47,7 @@ def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness:
     for cls, ltrb, ctr, loc, stride in zip(cls_logits, box_ltrb, centerness, locations, strides):
         p_cls = cls.float().sigmoid()
         p_ctr = ctr.float().sigmoid()
-        ranking = p_cls * p_ctr[:, None]                                      # (HW, C)
+        ranking = p_cls * p_ctr[:, None]  # (HW, C)
         candidates = (ranking if thresh_with_ctr else p_cls) > score_threshold
         loc_idx, cls_idx = candidates.nonzero(as_tuple=True)
         rank = ranking[loc_idx, cls_idx]
@@ -53,5 +64,5 @@ def decode_fcos(*, cls_logits: list[Tensor], box_ltrb: list[Tensor], centerness:
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
     groups = torch.zeros_like(labels) if class_agnostic_nms else labels
-    keep = batched_nms(boxes, scores, groups, nms_threshold)[:max_detections]   # sorted by score
+    keep = batched_nms(boxes, scores, groups, nms_threshold)[:max_detections]  # sorted by score
     return FCOSDetections(boxes[keep], scores[keep], labels[keep], index[keep])

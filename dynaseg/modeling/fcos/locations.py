@@ -1,4 +1,5 @@
 """Feature-map locations in image coordinates."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,9 @@ from torch import Tensor
 __all__ = ["compute_locations", "flatten_levels"]
 
 
-def compute_locations(sizes: list[tuple[int, int]], strides: list[int], device: torch.device) -> list[Tensor]:
+def compute_locations(
+    sizes: list[tuple[int, int]], strides: list[int], device: torch.device
+) -> list[Tensor]:
     """Cell (i, j) of a stride-s map sits at (x, y) = (j·s + s//2, i·s + s//2).
 
     Returns per level an (H_l·W_l, 2) float tensor of (x, y), row-major.

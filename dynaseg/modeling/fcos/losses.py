@@ -1,4 +1,5 @@
 """FCOS losses: focal classification, centerness-weighted GIoU, centerness BCE."""
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -17,9 +18,19 @@ def fcos_normalizers(num_pos: Tensor, ctr_targets: Tensor) -> tuple[Tensor, Tens
     return num_pos_avg, ctr_sum_avg
 
 
-def fcos_losses(*, cls_logits: Tensor, box_ltrb: Tensor, centerness: Tensor, labels: Tensor,
-                box_targets: Tensor, ctr_targets: Tensor, num_pos_avg: Tensor, ctr_sum_avg: Tensor,
-                focal_alpha: float, focal_gamma: float) -> dict[str, Tensor]:
+def fcos_losses(
+    *,
+    cls_logits: Tensor,
+    box_ltrb: Tensor,
+    centerness: Tensor,
+    labels: Tensor,
+    box_targets: Tensor,
+    ctr_targets: Tensor,
+    num_pos_avg: Tensor,
+    ctr_sum_avg: Tensor,
+    focal_alpha: float,
+    focal_gamma: float,
+) -> dict[str, Tensor]:
     """Loss terms over R locations of the whole batch (P of them positive).
 
     Args:
@@ -29,11 +40,20 @@ def fcos_losses(*, cls_logits: Tensor, box_ltrb: Tensor, centerness: Tensor, lab
     """
     num_classes = cls_logits.shape[1]
     onehot = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(cls_logits.dtype)
-    loss_cls = sigmoid_focal_loss(cls_logits, onehot, alpha=focal_alpha, gamma=focal_gamma,
-                                  reduction="sum") / num_pos_avg
+    loss_cls = (
+        sigmoid_focal_loss(
+            cls_logits, onehot, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
+        )
+        / num_pos_avg
+    )
     # Both boxes share the anchor point, so (-l, -t, r, b) is an exact box parametrisation.
     sign = box_ltrb.new_tensor([-1.0, -1.0, 1.0, 1.0])
-    giou = generalized_box_iou_loss(box_ltrb.float() * sign, box_targets.float() * sign, reduction="none")
+    giou = generalized_box_iou_loss(
+        box_ltrb.float() * sign, box_targets.float() * sign, reduction="none"
+    )
     loss_loc = (giou * ctr_targets).sum() / ctr_sum_avg
-    loss_ctr = F.binary_cross_entropy_with_logits(centerness.float(), ctr_targets, reduction="sum") / num_pos_avg
+    loss_ctr = (
+        F.binary_cross_entropy_with_logits(centerness.float(), ctr_targets, reduction="sum")
+        / num_pos_avg
+    )
     return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}

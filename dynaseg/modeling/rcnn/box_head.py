@@ -4,6 +4,7 @@ Label conventions, converted only by ``_to_torchvision_labels`` / ``_from_torchv
 dynaseg labels are 0..C-1 with sampled background RoIs labelled C (as FCOS's background);
 torchvision's ``FastRCNNPredictor`` columns and ``fastrcnn_loss`` labels put background at 0, class c at c+1.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,16 +37,23 @@ def _from_torchvision_labels(labels: Tensor) -> Tensor:
 class ProposalSamples(NamedTuple):
     """RoIs sampled for the second stage, all images concatenated (per image: positives, then negatives)."""
 
-    rois: Tensor                 # (S, 5) [image index, x0, y0, x1, y1], input pixels, no gradient
-    labels: Tensor               # (S,) int64 in [0, C]; C = background
-    regression_targets: Tensor   # (S, 4) BoxCoder deltas to the matched GT; zeros for background
-    gt_index: Tensor             # (S,) int64 matched GT within its image; -1 for background
+    rois: Tensor  # (S, 5) [image index, x0, y0, x1, y1], input pixels, no gradient
+    labels: Tensor  # (S,) int64 in [0, C]; C = background
+    regression_targets: Tensor  # (S, 4) BoxCoder deltas to the matched GT; zeros for background
+    gt_index: Tensor  # (S,) int64 matched GT within its image; -1 for background
 
 
 @torch.no_grad()
-def sample_proposals(proposals: list[Tensor], targets: list[Instances], *, num_classes: int,
-                     batch_size_per_image: int = 512, positive_fraction: float = 0.25, iou_threshold: float = 0.5,
-                     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)) -> ProposalSamples:
+def sample_proposals(
+    proposals: list[Tensor],
+    targets: list[Instances],
+    *,
+    num_classes: int,
+    batch_size_per_image: int = 512,
+    positive_fraction: float = 0.25,
+    iou_threshold: float = 0.5,
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+) -> ProposalSamples:
     """Match proposals (plus the GT boxes themselves, as detectron2 does) to GT and sample RoIs.
 
     IoU ≥ ``iou_threshold`` is foreground, below is background; ``torchvision``'s
@@ -57,64 +65,92 @@ def sample_proposals(proposals: list[Tensor], targets: list[Instances], *, num_c
     coder = BoxCoder(bbox_reg_weights)
     rois, labels, deltas, gt_index = [], [], [], []
     for props, gt in zip(proposals, targets):
-        boxes = torch.cat([props.detach(), gt.boxes.to(props.dtype)])                     # (R_i + M_i, 4)
+        boxes = torch.cat([props.detach(), gt.boxes.to(props.dtype)])  # (R_i + M_i, 4)
         if len(gt) == 0:
             matched = torch.full((len(boxes),), -1, dtype=torch.int64, device=boxes.device)
         else:
-            matched = matcher(box_iou(gt.boxes, boxes))                                    # (R_i + M_i,) in [-1, M)
+            matched = matcher(box_iou(gt.boxes, boxes))  # (R_i + M_i,) in [-1, M)
         pos, neg = sampler([(matched >= 0).to(torch.int64)])
-        keep = torch.cat([pos[0].nonzero().squeeze(1), neg[0].nonzero().squeeze(1)])    # (S_i,) positives first
+        keep = torch.cat(
+            [pos[0].nonzero().squeeze(1), neg[0].nonzero().squeeze(1)]
+        )  # (S_i,) positives first
         index, sampled = matched[keep], boxes[keep]
         fg = (index >= 0).nonzero().squeeze(1)
         labels_i = torch.full_like(index, num_classes)
         labels_i[fg] = gt.labels[index[fg]]
-        matched_boxes = sampled.clone()                                                  # background: zero deltas
+        matched_boxes = sampled.clone()  # background: zero deltas
         matched_boxes[fg] = gt.boxes[index[fg]].to(sampled.dtype)
         rois.append(sampled)
         labels.append(labels_i)
         deltas.append(coder.encode_single(matched_boxes, sampled))
         gt_index.append(index)
-    return ProposalSamples(rois=boxes_to_rois(rois), labels=torch.cat(labels),
-                           regression_targets=torch.cat(deltas), gt_index=torch.cat(gt_index))
+    return ProposalSamples(
+        rois=boxes_to_rois(rois),
+        labels=torch.cat(labels),
+        regression_targets=torch.cat(deltas),
+        gt_index=torch.cat(gt_index),
+    )
 
 
-def box_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regression_targets: Tensor, *,
-               num_classes: int, cls_loss_weight: float = 1.0, reg_loss_weight: float = 1.0) -> dict[str, Tensor]:
+def box_losses(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    labels: Tensor,
+    regression_targets: Tensor,
+    *,
+    num_classes: int,
+    cls_loss_weight: float = 1.0,
+    reg_loss_weight: float = 1.0,
+) -> dict[str, Tensor]:
     """torchvision's ``fastrcnn_loss``: cross-entropy over C+1 classes; smooth-L1 (β = 1/9) on the GT
     class's deltas of foreground RoIs, summed and divided by S (so 0 when nothing is foreground).
 
     class_logits: (S, C+1) torchvision columns; box_deltas: (S, 4(C+1)); labels: (S,) ours; regression_targets: (S, 4).
     """
-    cls, reg = fastrcnn_loss(class_logits.float(), box_deltas.float(), [_to_torchvision_labels(labels, num_classes)],
-                             [regression_targets.float()])
+    cls, reg = fastrcnn_loss(
+        class_logits.float(),
+        box_deltas.float(),
+        [_to_torchvision_labels(labels, num_classes)],
+        [regression_targets.float()],
+    )
     return {"loss_cls": cls_loss_weight * cls, "loss_box_reg": reg_loss_weight * reg}
 
 
 @torch.no_grad()
-def box_inference(class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor],
-                  image_sizes: list[tuple[int, int]], *,
-                  bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                  score_threshold: float = 0.05, nms_threshold: float = 0.5,
-                  detections_per_image: int = 100) -> list[Instances]:
+def box_inference(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    *,
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+    score_threshold: float = 0.05,
+    nms_threshold: float = 0.5,
+    detections_per_image: int = 100,
+) -> list[Instances]:
     """Softmax scores, class-specific decoding, clip, score threshold, per-class NMS, top-k.
 
     class_logits: (R, C+1), box_deltas: (R, 4(C+1)) for the proposals of all images (per image (R_i, 4))
     → per image Instances at its input size (boxes, labels 0..C-1, scores; sorted by score).
     """
     num_classes = class_logits.shape[1] - 1
-    scores = F.softmax(class_logits.float(), dim=1)[:, 1:]                                # (R, C), background dropped
-    boxes = BoxCoder(bbox_reg_weights).decode_single(box_deltas.float(), torch.cat(proposals).float())
-    boxes = boxes.reshape(len(scores), num_classes + 1, 4)[:, 1:]                          # (R, C, 4)
+    scores = F.softmax(class_logits.float(), dim=1)[:, 1:]  # (R, C), background dropped
+    boxes = BoxCoder(bbox_reg_weights).decode_single(
+        box_deltas.float(), torch.cat(proposals).float()
+    )
+    boxes = boxes.reshape(len(scores), num_classes + 1, 4)[:, 1:]  # (R, C, 4)
     labels = _from_torchvision_labels(torch.arange(1, num_classes + 1, device=scores.device))
     counts = [len(p) for p in proposals]
     results = []
     for s, b, size in zip(scores.split(counts), boxes.split(counts), image_sizes):
-        lab = labels.repeat(len(s))                                                        # (R_i·C,) row-major
+        lab = labels.repeat(len(s))  # (R_i·C,) row-major
         b, s = clip_boxes(b.reshape(-1, 4), size), s.reshape(-1)
         keep = (s > score_threshold).nonzero().squeeze(1)
         keep = keep[remove_small_boxes(b[keep], 1e-2)]
         keep = keep[batched_nms(b[keep], s[keep], lab[keep], nms_threshold)[:detections_per_image]]
-        results.append(Instances(image_size=tuple(size), boxes=b[keep], labels=lab[keep], scores=s[keep]))
+        results.append(
+            Instances(image_size=tuple(size), boxes=b[keep], labels=lab[keep], scores=s[keep])
+        )
     return results
 
 
@@ -130,38 +166,76 @@ class BoxHead(nn.Module):
         score_threshold, nms_threshold, detections_per_image: inference.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, fc_dim: int = 1024, pooler_resolution: int = 7,
-                 sampling_ratio: int = 0,
-                 # Loss parameters
-                 batch_size_per_image: int = 512, positive_fraction: float = 0.25, iou_threshold: float = 0.5,
-                 bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 cls_loss_weight: float = 1.0, reg_loss_weight: float = 1.0,
-                 # Inference parameters
-                 score_threshold: float = 0.05, nms_threshold: float = 0.5, detections_per_image: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        fc_dim: int = 1024,
+        pooler_resolution: int = 7,
+        sampling_ratio: int = 0,
+        # Loss parameters
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        iou_threshold: float = 0.5,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        cls_loss_weight: float = 1.0,
+        reg_loss_weight: float = 1.0,
+        # Inference parameters
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.5,
+        detections_per_image: int = 100,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.pooler_resolution, self.sampling_ratio = pooler_resolution, sampling_ratio
         self.mlp = TwoMLPHead(in_channels * pooler_resolution**2, fc_dim)
         self.predictor = FastRCNNPredictor(fc_dim, num_classes + 1)
-        self.sampling_params = dict(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
-                                    iou_threshold=iou_threshold, bbox_reg_weights=tuple(bbox_reg_weights))
+        self.sampling_params = dict(
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            iou_threshold=iou_threshold,
+            bbox_reg_weights=tuple(bbox_reg_weights),
+        )
         self.loss_weights = dict(cls_loss_weight=cls_loss_weight, reg_loss_weight=reg_loss_weight)
-        self.inference_params = dict(bbox_reg_weights=tuple(bbox_reg_weights), score_threshold=score_threshold,
-                                     nms_threshold=nms_threshold, detections_per_image=detections_per_image)
+        self.inference_params = dict(
+            bbox_reg_weights=tuple(bbox_reg_weights),
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            detections_per_image=detections_per_image,
+        )
 
     def forward(self, features: dict[str, Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
         """rois: (R, 5) → class logits (R, C+1) and deltas (R, 4(C+1)), torchvision column order."""
-        x = multilevel_roi_align(features, rois, output_size=self.pooler_resolution,
-                                 sampling_ratio=self.sampling_ratio)                    # (R, F, 7, 7)
+        x = multilevel_roi_align(
+            features, rois, output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio
+        )  # (R, F, 7, 7)
         return self.predictor(self.mlp(x))
 
     def sample(self, proposals: list[Tensor], targets: list[Instances]) -> ProposalSamples:
-        return sample_proposals(proposals, targets, num_classes=self.num_classes, **self.sampling_params)
+        return sample_proposals(
+            proposals, targets, num_classes=self.num_classes, **self.sampling_params
+        )
 
-    def losses(self, class_logits: Tensor, box_deltas: Tensor, samples: ProposalSamples) -> dict[str, Tensor]:
-        return box_losses(class_logits, box_deltas, samples.labels, samples.regression_targets,
-                          num_classes=self.num_classes, **self.loss_weights)
+    def losses(
+        self, class_logits: Tensor, box_deltas: Tensor, samples: ProposalSamples
+    ) -> dict[str, Tensor]:
+        return box_losses(
+            class_logits,
+            box_deltas,
+            samples.labels,
+            samples.regression_targets,
+            num_classes=self.num_classes,
+            **self.loss_weights,
+        )
 
-    def inference(self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor],
-                  image_sizes: list[tuple[int, int]]) -> list[Instances]:
-        return box_inference(class_logits, box_deltas, proposals, image_sizes, **self.inference_params)
+    def inference(
+        self,
+        class_logits: Tensor,
+        box_deltas: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Instances]:
+        return box_inference(
+            class_logits, box_deltas, proposals, image_sizes, **self.inference_params
+        )

@@ -1,4 +1,5 @@
 """Mask R-CNN's FCN mask head, as a ``MaskBranch``: class-specific 28×28 masks from 14×14 RoI features."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def fcn_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> 
     """
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0
-    picked = mask_logits[torch.arange(len(labels), device=labels.device), labels]        # (P, S, S)
+    picked = mask_logits[torch.arange(len(labels), device=labels.device), labels]  # (P, S, S)
     return F.binary_cross_entropy_with_logits(picked.float(), mask_targets.float())
 
 
@@ -41,23 +42,42 @@ class FCNMaskHead(nn.Module):
         loss_weight: weight of ``loss_mask``.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 4,
-                 resolution: int = 28, pooler_resolution: int = 14, sampling_ratio: int = 2,
-                 loss_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        conv_dim: int = 256,
+        num_convs: int = 4,
+        resolution: int = 28,
+        pooler_resolution: int = 14,
+        sampling_ratio: int = 2,
+        loss_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         if resolution != 2 * pooler_resolution:
-            raise ValueError(f"resolution ({resolution}) must be 2 × pooler_resolution ({pooler_resolution})")
-        self.resolution, self.pooler_resolution, self.sampling_ratio = resolution, pooler_resolution, sampling_ratio
+            raise ValueError(
+                f"resolution ({resolution}) must be 2 × pooler_resolution ({pooler_resolution})"
+            )
+        self.resolution, self.pooler_resolution, self.sampling_ratio = (
+            resolution,
+            pooler_resolution,
+            sampling_ratio,
+        )
         self.loss_weight = loss_weight
         self.convs = MaskRCNNHeads(in_channels, [conv_dim] * num_convs, dilation=1)
-        self.predictor = MaskRCNNPredictor(conv_dim if num_convs else in_channels, conv_dim, num_classes)
+        self.predictor = MaskRCNNPredictor(
+            conv_dim if num_convs else in_channels, conv_dim, num_classes
+        )
         # detectron2's init of the logit layer (torchvision's Kaiming init starts with |logits| ≫ 1)
         nn.init.normal_(self.predictor.mask_fcn_logits.weight, std=0.001)
         nn.init.zeros_(self.predictor.mask_fcn_logits.bias)
 
     def gmac_per_resolution(self) -> dict[int, float]:
         """GMAC per instance of the 4 convs, deconv and predictor on one 14×14 RoI feature."""
-        x = torch.zeros(1, self.convs[0][0].in_channels, self.pooler_resolution, self.pooler_resolution)
+        x = torch.zeros(
+            1, self.convs[0][0].in_channels, self.pooler_resolution, self.pooler_resolution
+        )
         with eval_mode(self):
             gmac, _ = count_gmacs(lambda: self.predictor(self.convs(x)))
         return {self.resolution: gmac}
@@ -67,20 +87,38 @@ class FCNMaskHead(nn.Module):
 
     def forward(self, features: dict[str, Tensor], rois: Tensor) -> Tensor:
         """rois: (N, 5) [b, x0, y0, x1, y1] → class-specific mask logits (N, C, 28, 28)."""
-        x = multilevel_roi_align(features, rois, output_size=self.pooler_resolution,
-                                 sampling_ratio=self.sampling_ratio)                      # (N, F, 14, 14)
+        x = multilevel_roi_align(
+            features, rois, output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio
+        )  # (N, F, 14, 14)
         return self.predictor(self.convs(x))
 
-    def losses(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-               gt_masks: list[Tensor], gt_index: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        gt_masks: list[Tensor],
+        gt_index: Tensor,
+    ) -> dict[str, Tensor]:
         """``{"loss_mask"}`` for P positive RoIs (see ``MaskBranch.losses``); targets are the matched GT
         masks sampled inside each *proposal* box (``roi_mask_targets``) at 28×28."""
-        targets = roi_mask_targets(gt_masks, rois, gt_index, self.resolution)             # (P, 28, 28)
-        return {"loss_mask": self.loss_weight * fcn_mask_loss(self(features, rois), labels, targets)}
+        targets = roi_mask_targets(gt_masks, rois, gt_index, self.resolution)  # (P, 28, 28)
+        return {
+            "loss_mask": self.loss_weight * fcn_mask_loss(self(features, rois), labels, targets)
+        }
 
-    def predict(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-                image_sizes: list[tuple[int, int]]) -> MaskBranchOutput:
+    def predict(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> MaskBranchOutput:
         """Masks of N detections (rois (N, 5), predicted labels (N,)): N probability maps (28, 28)."""
-        probs = fcn_mask_probs(self(features, rois), labels)                                # (N, 28, 28)
-        resolutions = torch.full((len(probs),), self.resolution, dtype=torch.int64, device=probs.device)
+        probs = fcn_mask_probs(self(features, rois), labels)  # (N, 28, 28)
+        resolutions = torch.full(
+            (len(probs),), self.resolution, dtype=torch.int64, device=probs.device
+        )
         return MaskBranchOutput(mask_probs=list(probs.unbind(0)), resolutions=resolutions)

@@ -3,6 +3,7 @@
 The detector owns proposals, sampling and boxes; the mask branch owns everything about masks:
 its RoI features, its targets, its losses and its per-instance resolution choice.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol
@@ -18,15 +19,22 @@ class MaskBranchOutput(NamedTuple):
     A mask of side r covers its detection box exactly (as RoIAlign with ``aligned=True`` sampled it).
     """
 
-    mask_probs: list[Tensor]   # N tensors (r_i, r_i), probabilities in [0, 1]
-    resolutions: Tensor        # (N,) int64: r_i (e.g. 28 for Mask R-CNN; 14/28/56/112 for DynaMask)
+    mask_probs: list[Tensor]  # N tensors (r_i, r_i), probabilities in [0, 1]
+    resolutions: Tensor  # (N,) int64: r_i (e.g. 28 for Mask R-CNN; 14/28/56/112 for DynaMask)
 
 
 class MaskBranch(Protocol):
     """What ``TwoStageDetector`` calls. Implementations are ``nn.Module``s."""
 
-    def losses(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-               gt_masks: list[Tensor], gt_index: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        gt_masks: list[Tensor],
+        gt_index: Tensor,
+    ) -> dict[str, Tensor]:
         """Weighted ``loss_*`` terms for P positive RoIs.
 
         Args:
@@ -38,7 +46,13 @@ class MaskBranch(Protocol):
         """
         ...
 
-    def predict(self, *, features: dict[str, Tensor], rois: Tensor, labels: Tensor,
-                image_sizes: list[tuple[int, int]]) -> MaskBranchOutput:
+    def predict(
+        self,
+        *,
+        features: dict[str, Tensor],
+        rois: Tensor,
+        labels: Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> MaskBranchOutput:
         """Masks for N detections (rois (N, 5), labels (N,) predicted classes), in RoI order."""
         ...

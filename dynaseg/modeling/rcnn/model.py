@@ -3,6 +3,7 @@
 ResNet-FPN (P2-P6) → RPN → sampled / decoded RoIs → Fast R-CNN box head → mask branch on the
 positive RoIs (training) or on the final detections (inference).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ class RCNNInstances(Instances):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mask_resolutions is not None and self.mask_resolutions.shape[0] != len(self):
-            raise ValueError(f"mask_resolutions has length {self.mask_resolutions.shape[0]}, boxes has {len(self)}")
+            raise ValueError(
+                f"mask_resolutions has length {self.mask_resolutions.shape[0]}, boxes has {len(self)}"
+            )
 
 
 class TwoStageDetector(nn.Module):
@@ -56,20 +59,39 @@ class TwoStageDetector(nn.Module):
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
     """
 
-    def __init__(self, *, backbone: ResNetFPN, rpn: RPN, box_head: BoxHead, mask_branch: nn.Module,
-                 num_classes: int, max_mask_rois_per_image: int = 0, mask_threshold: float = 0.5,
-                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: ResNetFPN,
+        rpn: RPN,
+        box_head: BoxHead,
+        mask_branch: nn.Module,
+        num_classes: int,
+        max_mask_rois_per_image: int = 0,
+        mask_threshold: float = 0.5,
+        pixel_mean: tuple[float, float, float],
+        pixel_std: tuple[float, float, float],
+    ) -> None:
         super().__init__()
         if getattr(backbone, "layout", None) != "p2p6":
             raise ValueError("TwoStageDetector needs a ResNetFPN with layout='p2p6'")
         if box_head.num_classes != num_classes:
             raise ValueError(f"box_head has {box_head.num_classes} classes, detector {num_classes}")
-        self.backbone, self.rpn, self.box_head, self.mask_branch = backbone, rpn, box_head, mask_branch
+        self.backbone, self.rpn, self.box_head, self.mask_branch = (
+            backbone,
+            rpn,
+            box_head,
+            mask_branch,
+        )
         self.num_classes = num_classes
         self.max_mask_rois_per_image = max_mask_rois_per_image
         self.mask_threshold = mask_threshold
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
+        )
 
     def mask_gmac_per_resolution(self) -> dict[int, float]:
         """Mask-branch GMAC spent on one instance at each mask side, per-instance overheads included."""
@@ -77,7 +99,9 @@ class TwoStageDetector(nn.Module):
         return {side: g + overhead for side, g in self.mask_branch.gmac_per_resolution().items()}
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[RCNNInstances]:
-        features = self.backbone(self.normalize(batch.images, batch.image_sizes))     # {"p2": (B, F, Hp/4, Wp/4), ...}
+        features = self.backbone(
+            self.normalize(batch.images, batch.image_sizes)
+        )  # {"p2": (B, F, Hp/4, Wp/4), ...}
         proposals, rpn_losses = self.rpn(features, batch.images, batch.image_sizes, batch.targets)
         if self.training:
             return self.losses(batch, features, proposals, rpn_losses)
@@ -87,16 +111,29 @@ class TwoStageDetector(nn.Module):
         """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def losses(self, batch: Batch, features: dict[str, Tensor], proposals: list[Tensor],
-               rpn_losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(
+        self,
+        batch: Batch,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        rpn_losses: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
         assert batch.targets is not None, "training needs batch.targets"
-        samples = self.box_head.sample(proposals, batch.targets)                           # S RoIs, no gradient
-        class_logits, box_deltas = self.box_head(features, samples.rois)                   # (S, C+1), (S, 4(C+1))
-        positive = self._mask_roi_index(samples)                                           # (P,)
+        samples = self.box_head.sample(proposals, batch.targets)  # S RoIs, no gradient
+        class_logits, box_deltas = self.box_head(features, samples.rois)  # (S, C+1), (S, 4(C+1))
+        positive = self._mask_roi_index(samples)  # (P,)
         mask_losses = self.mask_branch.losses(
-            features=features, rois=samples.rois[positive], labels=samples.labels[positive],
-            gt_masks=[t.masks for t in batch.targets], gt_index=samples.gt_index[positive])
-        return {**rpn_losses, **self.box_head.losses(class_logits, box_deltas, samples), **mask_losses}
+            features=features,
+            rois=samples.rois[positive],
+            labels=samples.labels[positive],
+            gt_masks=[t.masks for t in batch.targets],
+            gt_index=samples.gt_index[positive],
+        )
+        return {
+            **rpn_losses,
+            **self.box_head.losses(class_logits, box_deltas, samples),
+            **mask_losses,
+        }
 
     def _mask_roi_index(self, samples: ProposalSamples) -> Tensor:
         """Indices of foreground samples for the mask branch, at most ``max_mask_rois_per_image`` per image."""
@@ -108,40 +145,72 @@ class TwoStageDetector(nn.Module):
         kept = []
         for b in image.unique():
             index = positive[image == b]
-            kept.append(index[torch.randperm(len(index), device=index.device)[:cap]] if len(index) > cap else index)
+            kept.append(
+                index[torch.randperm(len(index), device=index.device)[:cap]]
+                if len(index) > cap
+                else index
+            )
         return torch.cat(kept) if kept else positive
 
     @torch.no_grad()
-    def inference(self, batch: Batch, features: dict[str, Tensor], proposals: list[Tensor]) -> list[RCNNInstances]:
+    def inference(
+        self, batch: Batch, features: dict[str, Tensor], proposals: list[Tensor]
+    ) -> list[RCNNInstances]:
         class_logits, box_deltas = self.box_head(features, boxes_to_rois(proposals))
-        detections = self.box_head.inference(class_logits, box_deltas, proposals, batch.image_sizes)  # clipped
-        masks = self.mask_branch.predict(features=features, rois=boxes_to_rois([d.boxes for d in detections]),
-                                         labels=torch.cat([d.labels for d in detections]),
-                                         image_sizes=batch.image_sizes)
+        detections = self.box_head.inference(
+            class_logits, box_deltas, proposals, batch.image_sizes
+        )  # clipped
+        masks = self.mask_branch.predict(
+            features=features,
+            rois=boxes_to_rois([d.boxes for d in detections]),
+            labels=torch.cat([d.labels for d in detections]),
+            image_sizes=batch.image_sizes,
+        )
         results, start = [], 0
         for det, output_size in zip(detections, batch.original_sizes):
             end = start + len(det)
-            results.append(rcnn_postprocess(det, masks.mask_probs[start:end], masks.resolutions[start:end],
-                                            output_size=output_size, mask_threshold=self.mask_threshold))
+            results.append(
+                rcnn_postprocess(
+                    det,
+                    masks.mask_probs[start:end],
+                    masks.resolutions[start:end],
+                    output_size=output_size,
+                    mask_threshold=self.mask_threshold,
+                )
+            )
             start = end
         return results
 
 
-def rcnn_postprocess(detections: Instances, mask_probs: list[Tensor], resolutions: Tensor, *,
-                     output_size: tuple[int, int], mask_threshold: float) -> RCNNInstances:
+def rcnn_postprocess(
+    detections: Instances,
+    mask_probs: list[Tensor],
+    resolutions: Tensor,
+    *,
+    output_size: tuple[int, int],
+    mask_threshold: float,
+) -> RCNNInstances:
     """Rescale one image's detections to its original size and paste their masks.
 
     detections: N boxes clipped to ``detections.image_size``; mask_probs: N box-relative (r_i, r_i) maps;
     resolutions: (N,) r_i → RCNNInstances with (N', H, W) bool masks at ``output_size`` (boxes empty
     after rescaling are dropped). Masks of one resolution are pasted in one ``paste_masks`` call.
     """
-    boxes = clip_boxes(scale_boxes(detections.boxes, detections.image_size, output_size), output_size)
+    boxes = clip_boxes(
+        scale_boxes(detections.boxes, detections.image_size, output_size), output_size
+    )
     keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
     boxes, resolutions = boxes[keep], resolutions[keep]
     masks = torch.zeros((len(keep), *output_size), dtype=torch.bool, device=boxes.device)
     for r in resolutions.unique().tolist():
         group = (resolutions == r).nonzero().squeeze(1)
-        probs = torch.stack([mask_probs[i] for i in keep[group].tolist()])                # (G, r, r)
+        probs = torch.stack([mask_probs[i] for i in keep[group].tolist()])  # (G, r, r)
         masks[group] = paste_masks(probs, boxes[group], output_size, mask_threshold)
-    return RCNNInstances(image_size=tuple(output_size), boxes=boxes, labels=detections.labels[keep],
-                         scores=detections.scores[keep], masks=masks, mask_resolutions=resolutions)
+    return RCNNInstances(
+        image_size=tuple(output_size),
+        boxes=boxes,
+        labels=detections.labels[keep],
+        scores=detections.scores[keep],
+        masks=masks,
+        mask_resolutions=resolutions,
+    )

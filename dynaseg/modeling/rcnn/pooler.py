@@ -1,4 +1,5 @@
 """Multi-level RoIAlign over an FPN (FPN paper, Eq. 1), aligned as everywhere in dynaseg."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,21 @@ __all__ = ["assign_levels", "multilevel_roi_align", "boxes_to_rois"]
 
 def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
     """Per image (R_i, 4) XYXY boxes → (ΣR_i, 5) rows ``[image index, x0, y0, x1, y1]``."""
-    index = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes_per_image)]
+    index = [
+        torch.full((len(b), 1), i, dtype=b.dtype, device=b.device)
+        for i, b in enumerate(boxes_per_image)
+    ]
     return torch.cat([torch.cat(index), torch.cat(boxes_per_image)], dim=1)
 
 
-def assign_levels(rois: Tensor, *, canonical_box_size: int = 224, canonical_level: int = 4,
-                  min_level: int = 2, max_level: int = 5) -> Tensor:
+def assign_levels(
+    rois: Tensor,
+    *,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
+    min_level: int = 2,
+    max_level: int = 5,
+) -> Tensor:
     """FPN level of each RoI: k = ⌊k0 + log2(√(wh) / 224)⌋ clamped to [min_level, max_level].
 
     rois: (N, 5) [b, x0, y0, x1, y1] input pixels → (N,) int64 levels. A tiny epsilon keeps exact
@@ -29,22 +39,40 @@ def assign_levels(rois: Tensor, *, canonical_box_size: int = 224, canonical_leve
     return level.clamp(min_level, max_level).to(torch.int64)
 
 
-def multilevel_roi_align(features: dict[str, Tensor], rois: Tensor, *, output_size: int, sampling_ratio: int = 0,
-                         canonical_box_size: int = 224, canonical_level: int = 4, min_level: int = 2,
-                         max_level: int = 5) -> Tensor:
+def multilevel_roi_align(
+    features: dict[str, Tensor],
+    rois: Tensor,
+    *,
+    output_size: int,
+    sampling_ratio: int = 0,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
+    min_level: int = 2,
+    max_level: int = 5,
+) -> Tensor:
     """Pool each RoI from the FPN level its size selects (aligned RoIAlign at scale 1/2^k on ``p{k}``).
 
     features: {"p2": (B, C, H/4, W/4), ..., "p5": (B, C, H/32, W/32)} (others ignored);
     rois: (N, 5) [b, x0, y0, x1, y1] input pixels → (N, C, S, S), S = output_size, in RoI order.
     """
-    levels = assign_levels(rois, canonical_box_size=canonical_box_size, canonical_level=canonical_level,
-                           min_level=min_level, max_level=max_level)
+    levels = assign_levels(
+        rois,
+        canonical_box_size=canonical_box_size,
+        canonical_level=canonical_level,
+        min_level=min_level,
+        max_level=max_level,
+    )
     first = features[f"p{min_level}"]
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     for k in range(min_level, max_level + 1):
         index = (levels == k).nonzero().squeeze(1)
         if index.numel() == 0:
             continue
-        out[index] = roi_align_aligned(features[f"p{k}"], rois[index], output_size=output_size,
-                                       spatial_scale=math.ldexp(1.0, -k), sampling_ratio=sampling_ratio)
+        out[index] = roi_align_aligned(
+            features[f"p{k}"],
+            rois[index],
+            output_size=output_size,
+            spatial_scale=math.ldexp(1.0, -k),
+            sampling_ratio=sampling_ratio,
+        )
     return out

@@ -1,4 +1,5 @@
 """Region Proposal Network: torchvision's RPN components behind our (features, images, Instances) interface."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,13 @@ class _StridedAnchorGenerator(AnchorGenerator):
     Hp/32 is odd (Hp = 96: P5 has 3 rows, P6 has 2, inferred stride 48 instead of 64).
     """
 
-    def __init__(self, *, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...],
-                 strides: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        *,
+        sizes: tuple[tuple[int, ...], ...],
+        aspect_ratios: tuple[tuple[float, ...], ...],
+        strides: tuple[int, ...],
+    ) -> None:
         super().__init__(sizes, aspect_ratios)
         self.strides = strides
 
@@ -28,7 +34,9 @@ class _StridedAnchorGenerator(AnchorGenerator):
         """→ per image (A, 4) XYXY anchors, all levels concatenated in level order."""
         device = feature_maps[0].device
         self.set_cell_anchors(feature_maps[0].dtype, device)
-        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
+        strides = [
+            [torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides
+        ]
         anchors = torch.cat(self.grid_anchors([list(f.shape[-2:]) for f in feature_maps], strides))
         return [anchors] * len(image_list.image_sizes)
 
@@ -48,36 +56,61 @@ class RPN(nn.Module):
         cls_loss_weight, loc_loss_weight: loss weights.
     """
 
-    def __init__(self, *, in_channels: int, in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6"),
-                 strides: tuple[int, ...] = (4, 8, 16, 32, 64),
-                 anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
-                 aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
-                 # Inference (and training proposal) parameters
-                 pre_nms_topk_train: int = 2000, pre_nms_topk_test: int = 1000,
-                 post_nms_topk_train: int = 1000, post_nms_topk_test: int = 1000, nms_threshold: float = 0.7,
-                 # Loss parameters
-                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-                 fg_iou_threshold: float = 0.7, bg_iou_threshold: float = 0.3,
-                 cls_loss_weight: float = 1.0, loc_loss_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6"),
+        strides: tuple[int, ...] = (4, 8, 16, 32, 64),
+        anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        # Inference (and training proposal) parameters
+        pre_nms_topk_train: int = 2000,
+        pre_nms_topk_test: int = 1000,
+        post_nms_topk_train: int = 1000,
+        post_nms_topk_test: int = 1000,
+        nms_threshold: float = 0.7,
+        # Loss parameters
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        fg_iou_threshold: float = 0.7,
+        bg_iou_threshold: float = 0.3,
+        cls_loss_weight: float = 1.0,
+        loc_loss_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         if not len(in_features) == len(strides) == len(anchor_sizes):
             raise ValueError("in_features, strides and anchor_sizes need one entry per level")
         self.in_features = in_features
-        anchors = _StridedAnchorGenerator(sizes=tuple((s,) for s in anchor_sizes),
-                                          aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes), strides=strides)
+        anchors = _StridedAnchorGenerator(
+            sizes=tuple((s,) for s in anchor_sizes),
+            aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes),
+            strides=strides,
+        )
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(in_channels, len(aspect_ratios)),
-            fg_iou_thresh=fg_iou_threshold, bg_iou_thresh=bg_iou_threshold,
-            batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
+            anchors,
+            RPNHead(in_channels, len(aspect_ratios)),
+            fg_iou_thresh=fg_iou_threshold,
+            bg_iou_thresh=bg_iou_threshold,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
             pre_nms_top_n={"training": pre_nms_topk_train, "testing": pre_nms_topk_test},
             post_nms_top_n={"training": post_nms_topk_train, "testing": post_nms_topk_test},
-            nms_thresh=nms_threshold)
+            nms_thresh=nms_threshold,
+        )
         # torchvision's loss name → (ours, weight)
-        self._loss_names = {"loss_objectness": ("loss_rpn_cls", cls_loss_weight),
-                            "loss_rpn_box_reg": ("loss_rpn_loc", loc_loss_weight)}
+        self._loss_names = {
+            "loss_objectness": ("loss_rpn_cls", cls_loss_weight),
+            "loss_rpn_box_reg": ("loss_rpn_loc", loc_loss_weight),
+        }
 
-    def forward(self, features: dict[str, Tensor], images: Tensor, image_sizes: list[tuple[int, int]],
-                targets: list[Instances] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        images: Tensor,
+        image_sizes: list[tuple[int, int]],
+        targets: list[Instances] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Proposals and, in training, the RPN losses.
 
         Args:
@@ -90,7 +123,11 @@ class RPN(nn.Module):
             ``{"loss_rpn_cls", "loss_rpn_loc"}`` in training, ``{}`` in eval.
         """
         image_list = ImageList(images, [tuple(s) for s in image_sizes])
-        tv_targets = None if targets is None else [{"boxes": t.boxes} for t in targets]   # torchvision's format
-        proposals, losses = self.rpn(image_list, {k: features[k] for k in self.in_features}, tv_targets)
+        tv_targets = (
+            None if targets is None else [{"boxes": t.boxes} for t in targets]
+        )  # torchvision's format
+        proposals, losses = self.rpn(
+            image_list, {k: features[k] for k in self.in_features}, tv_targets
+        )
         named = {self._loss_names[k]: v for k, v in losses.items()}
         return proposals, {name: weight * v for (name, weight), v in named.items()}
