@@ -10,7 +10,6 @@ from dynaseg.modeling.dynamask.fam import FeatureAggregationModule
 from dynaseg.modeling.dynamask.losses import (
     LaplacianEdges,
     budget_loss,
-    combine_losses,
     entropy_loss,
     mask_edge_targets,
     predicted_mask_edges,
@@ -354,19 +353,6 @@ def test_entropy_loss_is_minimal_at_uniform_batch_frequency():
     assert (
         torch.isfinite(probs.grad).all() and probs.grad[0, 0] > probs.grad[0, 3]
     )  # pushes the common one down
-
-
-def test_combine_losses_follows_eq7():
-    one, two, three, four = (torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0))
-    assert combine_losses(one, two, three, four).item() == pytest.approx(
-        1 + 0.1 * 2 + 0.4 * (3 + 4)
-    )
-    assert combine_losses(one, two, three, four, lambda1=1.0, lambda2=0.0).item() == pytest.approx(
-        3.0
-    )
-
-
-# ---------------------------------------------------------------- Eq. 8: size rule
 
 
 def _boxes(sizes):

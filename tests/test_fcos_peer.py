@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import data_overrides
 from test_cli import dynaseg
+from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.bench.fcos_peer import build_torchvision_fcos
 from dynaseg.config.overrides import ConfigError
 from dynaseg.config.presets import load_config
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
-from dynaseg.structures.masks import clip_boxes
 
 
 def _batch(original_scale: int = 1) -> Batch:
@@ -69,7 +69,7 @@ def test_training_losses_and_boxes_at_the_original_size():
     with torch.no_grad():
         same, doubled = model(_batch(1)), model(_batch(2))
     assert len(same[0]) > 0 and same[0].masks is None and doubled[1].image_size == (128, 192)
-    torch.testing.assert_close(doubled[0].boxes, clip_boxes(same[0].boxes * 2, (192, 256)))
+    torch.testing.assert_close(doubled[0].boxes, clip_boxes_to_image(same[0].boxes * 2, (192, 256)))
 
 
 def test_narrow_fpn_is_a_config_error():

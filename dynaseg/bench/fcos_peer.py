@@ -21,12 +21,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.config.overrides import ConfigError
 from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.structures import Batch, Instances
-from dynaseg.structures.masks import clip_boxes, scale_boxes
+from dynaseg.structures.masks import scale_boxes
 
 __all__ = ["TorchvisionFCOS", "build_torchvision_fcos"]
 
@@ -106,7 +107,7 @@ class TorchvisionFCOS(nn.Module):
         for det, size, original in zip(
             self.detector(images), batch.image_sizes, batch.original_sizes
         ):
-            boxes = clip_boxes(scale_boxes(det["boxes"], size, original), original)
+            boxes = clip_boxes_to_image(scale_boxes(det["boxes"], size, original), original)
             out.append(
                 Instances(
                     image_size=original, boxes=boxes, labels=det["labels"], scores=det["scores"]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -483,16 +484,6 @@ def peer_inference_fn(model: nn.Module, *, image: Tensor) -> Callable[[], int]:
 # ---------------------------------------------------------------------------------------- timing
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of an ascending list."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def time_inference(
     models: Mapping[str, Callable[[], int]],
     *,
@@ -558,9 +549,9 @@ def time_inference(
             {
                 "model": name,
                 "median_ms": median,
-                "p90_ms": _quantile(times, 0.9),
-                "q1_ms": _quantile(times, 0.25),
-                "q3_ms": _quantile(times, 0.75),
+                "p90_ms": float(np.percentile(times, 90)),
+                "q1_ms": float(np.percentile(times, 25)),
+                "q3_ms": float(np.percentile(times, 75)),
                 "min_ms": times[0],
                 "max_ms": times[-1],
                 "ratio_to_peer": None,

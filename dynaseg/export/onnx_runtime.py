@@ -203,6 +203,8 @@ class OnnxPredictor(Predictor):
         output_size: tuple[int, int],
     ) -> PanopticSegmentation:
         """The panoptic part of ``DR1Mask.inference`` on the graph's outputs (same functions, same steps)."""
+        from torchvision.ops import clip_boxes_to_image
+
         from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
         from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
         from dynaseg.modeling.dr1mask.panoptic import (
@@ -211,9 +213,11 @@ class OnnxPredictor(Predictor):
             panoptic_logits,
             panoptic_postprocess,
         )
-        from dynaseg.structures.masks import clip_boxes, scale_boxes
+        from dynaseg.structures.masks import scale_boxes
 
-        keep = nonempty_boxes(clip_boxes(scale_boxes(boxes, input_size, output_size), output_size))
+        keep = nonempty_boxes(
+            clip_boxes_to_image(scale_boxes(boxes, input_size, output_size), output_size)
+        )
         instances = blendmask_postprocess(
             boxes[keep],
             scores[keep],

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from dynaseg.layers.roi_align import roi_align_aligned
 
-__all__ = ["crop_and_resize", "roi_mask_targets", "paste_masks", "scale_boxes", "clip_boxes"]
+__all__ = ["crop_and_resize", "roi_mask_targets", "paste_masks", "scale_boxes"]
 
 
 def crop_and_resize(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -25,20 +25,6 @@ def crop_and_resize(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
         masks[:, None].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0
     )
     return (pooled[:, 0] >= 0.5).float()
-
-
-def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Clip (N, 4) XYXY boxes to an (h, w) image."""
-    h, w = image_size
-    return torch.stack(
-        [
-            boxes[:, 0].clamp(0, w),
-            boxes[:, 1].clamp(0, h),
-            boxes[:, 2].clamp(0, w),
-            boxes[:, 3].clamp(0, h),
-        ],
-        dim=1,
-    )
 
 
 def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:

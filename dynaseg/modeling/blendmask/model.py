@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.backbone.fpn import ResNetFPN
@@ -16,7 +17,7 @@ from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
-from dynaseg.structures.masks import clip_boxes, crop_and_resize, paste_masks, scale_boxes
+from dynaseg.structures.masks import crop_and_resize, paste_masks, scale_boxes
 
 __all__ = ["BlendMask", "blendmask_postprocess", "nonempty_boxes"]
 
@@ -178,7 +179,7 @@ class BlendMask(nn.Module):
             head.box_tower, image_index, torch.cat([d.location_index for d in detections])
         )
         boxes = torch.cat(
-            [clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
+            [clip_boxes_to_image(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
         )
         pooled = pool_bases(
             bases,
@@ -221,7 +222,7 @@ def blendmask_postprocess(
     boxes: (N, 4) clipped to ``input_size``; mask_probs: (N, R, R) → Instances with (N', H, W) bool
     masks at ``output_size`` (boxes empty after rescaling are dropped).
     """
-    boxes = clip_boxes(scale_boxes(boxes, input_size, output_size), output_size)
+    boxes = clip_boxes_to_image(scale_boxes(boxes, input_size, output_size), output_size)
     keep = nonempty_boxes(boxes)
     boxes, scores, labels, mask_probs = boxes[keep], scores[keep], labels[keep], mask_probs[keep]
     masks = paste_masks(mask_probs, boxes, output_size, mask_threshold)

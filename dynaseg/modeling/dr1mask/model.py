@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.backbone.fpn import ResNetFPN
@@ -29,7 +30,7 @@ from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
-from dynaseg.structures.masks import clip_boxes, crop_and_resize, scale_boxes
+from dynaseg.structures.masks import crop_and_resize, scale_boxes
 from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = ["DR1Mask"]
@@ -244,7 +245,7 @@ class DR1Mask(nn.Module):
             head.box_tower, image_index, torch.cat([d.location_index for d in detections])
         )
         boxes = torch.cat(
-            [clip_boxes(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
+            [clip_boxes_to_image(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
         )
         pooled = pool_bases(
             basis,
@@ -260,7 +261,9 @@ class DR1Mask(nn.Module):
             output_size = batch.original_sizes[i]
             # Drop boxes that vanish at the output size first, so rows stay aligned with embeddings.
             keep = nonempty_boxes(
-                clip_boxes(scale_boxes(boxes[here], batch.image_sizes[i], output_size), output_size)
+                clip_boxes_to_image(
+                    scale_boxes(boxes[here], batch.image_sizes[i], output_size), output_size
+                )
             )
             instances = blendmask_postprocess(
                 boxes[here][keep],

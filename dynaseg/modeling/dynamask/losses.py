@@ -19,7 +19,6 @@ __all__ = [
     "selected_edge_loss",
     "budget_loss",
     "entropy_loss",
-    "combine_losses",
 ]
 
 
@@ -202,20 +201,3 @@ def entropy_loss(probs: Tensor) -> Tensor:
         return probs.sum() * 0.0
     f = probs.float().mean(dim=0)
     return (f * f.clamp_min(torch.finfo(f.dtype).tiny).log()).sum() / f.shape[0]
-
-
-def combine_losses(
-    l_mask: Tensor,
-    l_edge: Tensor,
-    l_budget: Tensor,
-    l_entropy: Tensor,
-    *,
-    lambda1: float = 0.1,
-    lambda2: float = 0.4,
-) -> Tensor:
-    """Eq. 7: L_total = L_mask + λ1 L_edge + λ2 L_reg, with L_reg = L_budget + L_entropy.
-
-    λ1 = 0.1 (§4.1) weighs the edge loss; λ2 weighs the regulariser and is swept with C_t in Table 5
-    (0.4 for both the −19 % model at C_t = 1.0 and the −54 % model at C_t = 0.4).
-    """
-    return l_mask + lambda1 * l_edge + lambda2 * (l_budget + l_entropy)

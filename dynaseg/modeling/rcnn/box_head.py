@@ -15,11 +15,10 @@ from torch.nn import functional as F
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.ops import batched_nms, box_iou, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois, multilevel_roi_align
 from dynaseg.structures import Instances
-from dynaseg.structures.masks import clip_boxes
 
 __all__ = ["ProposalSamples", "sample_proposals", "box_losses", "box_inference", "BoxHead"]
 
@@ -144,7 +143,7 @@ def box_inference(
     results = []
     for s, b, size in zip(scores.split(counts), boxes.split(counts), image_sizes):
         lab = labels.repeat(len(s))  # (R_i·C,) row-major
-        b, s = clip_boxes(b.reshape(-1, 4), size), s.reshape(-1)
+        b, s = clip_boxes_to_image(b.reshape(-1, 4), size), s.reshape(-1)
         keep = (s > score_threshold).nonzero().squeeze(1)
         keep = keep[remove_small_boxes(b[keep], 1e-2)]
         keep = keep[batched_nms(b[keep], s[keep], lab[keep], nms_threshold)[:detections_per_image]]

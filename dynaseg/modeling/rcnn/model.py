@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.preprocess import normalize_images
@@ -17,7 +18,7 @@ from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois
 from dynaseg.modeling.rcnn.rpn import RPN
 from dynaseg.structures import Batch, Instances
-from dynaseg.structures.masks import clip_boxes, paste_masks, scale_boxes
+from dynaseg.structures.masks import paste_masks, scale_boxes
 
 __all__ = ["RCNNInstances", "TwoStageDetector", "rcnn_postprocess"]
 
@@ -196,7 +197,7 @@ def rcnn_postprocess(
     resolutions: (N,) r_i → RCNNInstances with (N', H, W) bool masks at ``output_size`` (boxes empty
     after rescaling are dropped). Masks of one resolution are pasted in one ``paste_masks`` call.
     """
-    boxes = clip_boxes(
+    boxes = clip_boxes_to_image(
         scale_boxes(detections.boxes, detections.image_size, output_size), output_size
     )
     keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
