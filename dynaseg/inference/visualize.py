@@ -20,14 +20,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dynaseg.errors import UserError
 from dynaseg.structures.instances import Instances
 from dynaseg.structures.panoptic import PanopticSegmentation, Segment
 
 __all__ = [
+    "RESOLUTION_COLORS",
     "Color",
     "draw_instances",
     "draw_panoptic",
     "instance_colors",
+    "resolution_style",
     "save_overlay",
     "save_panoptic_overlay",
 ]
@@ -421,3 +424,25 @@ def save_panoptic_overlay(
 
 
 # --------------------------------------------------------------------------- loss curves
+
+
+# The DynaMask paper's Fig. 7 colours: red 112, blue 56, green 28, yellow 14.
+RESOLUTION_COLORS: dict[int, Color] = {
+    112: (230, 30, 30),
+    56: (40, 90, 240),
+    28: (30, 190, 60),
+    14: (245, 210, 20),
+}
+
+
+def resolution_style(instances: Instances, path: str | Path) -> dict[str, Any]:
+    """``save_overlay`` arguments colouring each instance by its chosen mask side, with a legend;
+    UserError naming ``path`` when the model reports no mask sides (one-stage models)."""
+    sides = getattr(instances, "mask_resolutions", None)
+    if sides is None:
+        raise UserError(
+            f"{path}: --color-by resolution needs a two-stage model (mask_rcnn / dynamask)"
+        )
+    colors = [RESOLUTION_COLORS.get(int(s), (128, 128, 128)) for s in sides.tolist()]
+    legend = {f"{side}×{side}": color for side, color in RESOLUTION_COLORS.items()}
+    return {"colors": colors, "legend": legend}

@@ -1,11 +1,23 @@
 """HTTP inference service (``dynaseg serve``): a FastAPI app around a :class:`Predictor`.
 
-Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart). See docs/serve.md.
+Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart). See docs/serve.md. The names below
+are imported on first use, so ``dynaseg.serve.commands`` (the CLI) loads without the extra.
 """
 
 from __future__ import annotations
 
-from dynaseg.serve.app import create_app
-from dynaseg.serve.limits import RequestError, ServeLimits
+from typing import Any
 
 __all__ = ["RequestError", "ServeLimits", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from dynaseg.serve.app import create_app
+
+        return create_app
+    if name in ("RequestError", "ServeLimits"):
+        from dynaseg.serve import limits
+
+        return getattr(limits, name)
+    raise AttributeError(f"module 'dynaseg.serve' has no attribute '{name}'")

@@ -1,0 +1,154 @@
+"""``dynaseg eval``: COCO AP of a model or of a results file, PQ of panoptic prediction files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dynaseg.cli import _add_config
+from dynaseg.errors import UserError
+
+__all__ = ["add_eval_parser"]
+
+
+_PANOPTIC_FLAGS = (
+    ("gt_json", "--gt-json"),
+    ("gt_dir", "--gt-dir"),
+    ("pred_json", "--pred-json"),
+    ("pred_dir", "--pred-dir"),
+)
+
+
+def _cmd_eval_panoptic(args: argparse.Namespace) -> int:
+    """``eval --panoptic``: COCO panoptic PQ of prediction files; --json prints one JSON object."""
+    import math
+
+    from dynaseg.evaluation.panoptic import format_panoptic_table, pq_compute
+
+    missing = [flag for attr, flag in _PANOPTIC_FLAGS if not getattr(args, attr)]
+    if missing:
+        raise UserError(
+            "--panoptic needs --gt-json, --gt-dir, --pred-json and --pred-dir "
+            f"(missing {', '.join(missing)})"
+        )
+    metrics = pq_compute(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+    if args.json:
+
+        def finite(v):  # strict JSON: undefined numbers (no gt, no prediction) become null
+            if isinstance(v, dict):
+                return {k: finite(x) for k, x in v.items()}
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        print(json.dumps(finite(metrics), allow_nan=False))
+    else:
+        print(format_panoptic_table(metrics))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
+
+    if args.panoptic:
+        if args.class_report:
+            raise UserError(
+                "--class-report reports on instance detections; it does not go with --panoptic"
+            )
+        return _cmd_eval_panoptic(args)
+    used = [flag for attr, flag in _PANOPTIC_FLAGS if getattr(args, attr)]
+    if used:
+        raise UserError(f"{', '.join(used)} go with --panoptic")
+    if args.gt or args.results:
+        if not (args.gt and args.results):
+            raise UserError("--gt and --results go together")
+        metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
+        gt_json, results_json = args.gt, args.results
+    else:
+        if not (args.config and args.weights):
+            raise UserError(
+                "give --config and --weights (evaluate a model) or --gt and --results (evaluate a file)"
+            )
+        from dynaseg.config.presets import load_config
+        from dynaseg.engine.distributed import cleanup
+        from dynaseg.engine.evaluate import evaluate_model
+        from dynaseg.inference.predictor import Predictor
+
+        cfg = load_config(args.config, args.overrides)
+        predictor = Predictor(cfg, args.weights)
+        out = Path(args.output or cfg.output_dir)
+        try:
+            metrics = evaluate_model(predictor.cfg, predictor.model, predictor.device, out)
+        finally:
+            cleanup()
+        gt_json, results_json = cfg.data.val_json, out / "results_val.json"
+        if not metrics:
+            return 0
+        if "mask_resolution" in metrics and not args.json:
+            from dynaseg.evaluation.resolutions import format_resolution_table
+
+            print(format_resolution_table(metrics["mask_resolution"]))
+        panoptic = metrics.get("panoptic")
+        if panoptic is not None and not args.json:
+            from dynaseg.evaluation.panoptic import format_panoptic_table
+
+            print(format_panoptic_table(panoptic))
+        metrics = {t: metrics[t] for t in args.iou_types if t in metrics}
+        if panoptic is not None:
+            metrics["panoptic"] = panoptic
+        if not args.json:
+            print(f"wrote {out / 'results_val.json'} and {out / 'metrics.json'}", file=sys.stderr)
+    report = None
+    if args.class_report:
+        from dynaseg.evaluation.class_report import class_report
+
+        report = class_report(
+            json.loads(Path(gt_json).read_text()), json.loads(Path(results_json).read_text())
+        )
+    if args.json:
+        out_json = {t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}
+        print(json.dumps(out_json | ({"class_report": report} if report else {})))
+    else:
+        metrics = {t: m for t, m in metrics.items() if t != "panoptic"}
+        print(format_metrics_table(metrics))
+        for iou_type in metrics:
+            print(format_per_class_table(metrics, iou_type))
+        if report:
+            from dynaseg.evaluation.class_report import format_class_report
+
+            print(format_class_report(report))
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``eval`` to the top-level subparsers."""
+    p = sub.add_parser(
+        "eval",
+        help="COCO box/mask AP of a model, or of an existing results file "
+        "(--panoptic: PQ of COCO panoptic prediction files)",
+    )
+    _add_config(p, required=False)
+    p.add_argument("--weights", help="model weights (.safetensors)")
+    p.add_argument(
+        "--output", help="folder for results_val.json and metrics.json (default: output_dir)"
+    )
+    p.add_argument("--gt", help="COCO ground-truth JSON (file mode)")
+    p.add_argument("--results", help="COCO results JSON (file mode)")
+    p.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    p.add_argument(
+        "--class-report",
+        action="store_true",
+        help="also report, per object size, whether each found object's best detection has the right "
+        "class, and the other-class duplicates (JSON key 'class_report')",
+    )
+    p.add_argument(
+        "--panoptic",
+        action="store_true",
+        help="COCO panoptic PQ of prediction files (with --gt-json, --gt-dir, --pred-json, --pred-dir)",
+    )
+    p.add_argument("--gt-json", help="COCO panoptic ground-truth JSON (--panoptic)")
+    p.add_argument("--gt-dir", help="folder of the ground-truth panoptic PNGs (--panoptic)")
+    p.add_argument("--pred-json", help="COCO panoptic predictions JSON (--panoptic)")
+    p.add_argument("--pred-dir", help="folder of the predicted panoptic PNGs (--panoptic)")
+    p.set_defaults(func=_cmd_eval)
