@@ -280,3 +280,27 @@ def test_quota_must_be_fractions():
                 ),
             )
         )
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "unused"),
+    [
+        ("blendmask_tiny", [], False),
+        ("mask_rcnn_tiny", [], False),
+        ("dynamask_tiny", [], True),  # phase 1 runs without the Mask Switch Module
+        ("dr1mask_tiny", [], False),
+        ("dr1mask_tiny", ["model.dr1.dynamic_factors=none"], True),  # the context conv is unused
+    ],
+)
+def test_models_name_their_dense_parts_and_unused_parameters(preset, overrides, unused):
+    from dynaseg.config.presets import load_config
+    from dynaseg.inference.optimize import autocast_dense
+    from dynaseg.modeling.build import build_model
+
+    model = build_model(load_config(preset, overrides).model)
+    paths = model.dense_submodules()
+    assert paths and all(isinstance(model.get_submodule(p), torch.nn.Module) for p in paths)
+    assert model.ddp_unused_parameters is unused
+    model.dense_submodules = lambda: ("backbone", "no_such_head")  # a renamed part is an error
+    with pytest.raises(AttributeError, match="no_such_head"):
+        autocast_dense(model, dtype=torch.bfloat16)

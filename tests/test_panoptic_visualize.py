@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dynaseg.config.schema import BlendMaskConfig, DataConfig, ExperimentConfig
+from dynaseg.config.schema import DataConfig, DR1MaskConfig, ExperimentConfig
 from dynaseg.inference.visualize import _interior_point, draw_panoptic, save_panoptic_overlay
 from dynaseg.structures.instances import Instances
 from dynaseg.structures.panoptic import PanopticSegmentation, Segment, rgb_to_id
@@ -150,11 +150,6 @@ def test_interior_point_is_inside(shape):
 
 
 # --------------------------------------------------------------------------- Predictor + CLI
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _PanopticModelConfig(BlendMaskConfig):
-    num_stuff_classes: int = 2
-
-
 class _FakePanopticModel(nn.Module):
     """Returns ``_pan`` (variant per call) at each image's original size, whatever the pixels."""
 
@@ -194,7 +189,7 @@ def panoptic_cfg(monkeypatch) -> ExperimentConfig:
     monkeypatch.setattr(predictor_module, "load_weights", lambda model, path: None)
     monkeypatch.setattr(predictor_module, "read_metadata", lambda path: dict(META))
     return ExperimentConfig(
-        model=_PanopticModelConfig(num_classes=2),
+        model=DR1MaskConfig(num_classes=2, num_stuff_classes=2),
         device="cpu",
         data=DataConfig(min_size_test=64, max_size_test=100),
     )

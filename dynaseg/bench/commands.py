@@ -186,12 +186,10 @@ def _cmd_bench_fcos_peer(args: argparse.Namespace) -> int:
     """``bench fcos-peer``: train torchvision's FCOS with a one-stage config's backbone, data and schedule."""
     from dynaseg.bench.fcos_peer import build_torchvision_fcos
     from dynaseg.config.presets import load_config
-    from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig
+    from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, num_stuff_classes
 
     cfg = load_config(args.config, args.overrides)
-    if not isinstance(cfg.model, (BlendMaskConfig, DR1MaskConfig)) or getattr(
-        cfg.model, "num_stuff_classes", 0
-    ):
+    if not isinstance(cfg.model, (BlendMaskConfig, DR1MaskConfig)) or num_stuff_classes(cfg.model):
         raise UserError(
             f"bench fcos-peer takes an instance-segmentation FCOS config (BlendMask or DR1Mask); "
             f"'{args.config}' is {cfg.model.kind}"
@@ -220,6 +218,8 @@ def _cmd_bench_budget(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its subcommands to the top-level subparsers."""
+    from dynaseg.config.schema import DYNAMASK_POLICIES
+
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     b = bench_sub.add_parser(
@@ -258,7 +258,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "maskhead", help="time the mask head alone on fixed random RoI features"
     )
     _add_config(b)
-    b.add_argument("--policy", default="msm", choices=["14", "28", "56", "112", "msm", "size"])
+    b.add_argument(
+        "--policy", default="msm", choices=[p for p in DYNAMASK_POLICIES if p != "quota"]
+    )
     b.add_argument(
         "--mix",
         help="force the MSM's choices to these fractions of 14,28,56,112, e.g. 0.35,0.34,0.21,0.10",

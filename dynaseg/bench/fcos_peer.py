@@ -96,6 +96,8 @@ class TorchvisionFCOS(nn.Module):
             size_divisible=size_divisibility,
         )
 
+    ddp_unused_parameters = False  # every parameter gets a gradient in every step
+
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
         images = [batch.images[i, :, :h, :w] / 255 for i, (h, w) in enumerate(batch.image_sizes)]
         if self.training:

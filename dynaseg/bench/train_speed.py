@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from dynaseg.bench.speed import build_peer, describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
+from dynaseg.config.schema import num_stuff_classes
 from dynaseg.engine.optim import build_optimizer
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
@@ -267,7 +268,7 @@ def run_train_benchmark(
             targets=_clamp_labels(targets, model_cfg.num_classes),
             size_divisibility=model_cfg.size_divisibility,
             memory_format=memory_format,
-            num_stuff=getattr(model_cfg, "num_stuff_classes", 0),
+            num_stuff=num_stuff_classes(model_cfg),
         )
         backbones[name] = describe_backbone(model_cfg)
     b = first.model.backbone

@@ -6,6 +6,7 @@ overridden from the command line as ``section.field=value`` (see ``config/overri
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,8 @@ __all__ = [
     "SolverConfig",
     "InferenceConfig",
     "ExperimentConfig",
+    "DYNAMASK_POLICIES",
+    "num_stuff_classes",
 ]
 
 Norm = Literal["FrozenBN", "BN", "GN", "SyncBN", "none"]
@@ -135,6 +138,12 @@ class FCNMaskHeadConfig:
     mask_threshold: float = 0.5
 
 
+# DynaMask's inference resolution policies: the MSM's argmax, the size rule (Eq. 8), fixed fractions
+# of each image's detections ("quota"), or one fixed side.
+DynaMaskPolicy = Literal["msm", "size", "quota", "14", "28", "56", "112"]
+DYNAMASK_POLICIES: tuple[str, ...] = typing.get_args(DynaMaskPolicy)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DynaMaskHeadConfig:
     """DynaMask's r-FPN mask head and Mask Switch Module (paper §3)."""
@@ -165,9 +174,7 @@ class DynaMaskHeadConfig:
     lambda_edge: float = 0.1  # λ1 (Eq. 7)
     lambda_reg: float = 0.4  # λ2 (Eq. 7)
     msm_start_iter: int = 7330  # phase 1 without the MSM: one COCO epoch at batch 16
-    policy: Literal["msm", "size", "quota", "14", "28", "56", "112"] = (
-        "msm"  # inference resolution choice
-    )
+    policy: DynaMaskPolicy = "msm"  # inference resolution choice
     # √(w0·h0) of the size rule (Eq. 8, policy "size"): "image" reads w0, h0 as each input image's size
     # (the paper's words); a number is a fixed side, e.g. 224 (FPN's canonical size, closer to Table 8's mix).
     size_reference: Literal["image"] | float = "image"
@@ -326,3 +333,8 @@ class ExperimentConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns and resumes
     channels_last: bool = False  # NHWC memory format (≈25 % faster convolutions on CPU here)
+
+
+def num_stuff_classes(model: BlendMaskConfig | RCNNConfig | DR1MaskConfig) -> int:
+    """Stuff classes a model config predicts (panoptic DR1Mask); 0 for instance-only models."""
+    return model.num_stuff_classes if isinstance(model, DR1MaskConfig) else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dynaseg.config.schema import ExperimentConfig
+from dynaseg.config.schema import ExperimentConfig, num_stuff_classes
 from dynaseg.data.coco import CocoInstances, DatasetError, load_coco_instances
 from dynaseg.data.coco_panoptic import CocoPanoptic, load_coco_panoptic
 from dynaseg.data.dataset import InstanceDataset
@@ -16,7 +16,7 @@ __all__ = ["is_panoptic", "load_split", "build_dataset", "dataset_metadata"]
 
 def is_panoptic(cfg: ExperimentConfig) -> bool:
     """Whether the model predicts stuff classes too (and so trains and evaluates on panoptic data)."""
-    return getattr(cfg.model, "num_stuff_classes", 0) > 0
+    return num_stuff_classes(cfg.model) > 0
 
 
 def load_split(

@@ -164,15 +164,10 @@ def _train(
     if world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # DynaMask's first phase leaves the Mask Switch Module unused; so does DR1Mask's
-        # "no dynamic factors" ablation with the context conv.
-        unused = cfg.model.kind == "dynamask" or (
-            cfg.model.kind == "dr1mask" and cfg.model.dr1.dynamic_factors == "none"
-        )
         model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused,
+            find_unused_parameters=_unwrap(model).ddp_unused_parameters,
         )
 
     loader = build_train_loader(

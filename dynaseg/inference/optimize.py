@@ -24,7 +24,6 @@ from dynaseg.modeling.backbone.resnet import ResNet
 
 __all__ = [
     "AMP_DTYPES",
-    "DENSE_SUBMODULES",
     "fold_batch_norms",
     "AutocastDense",
     "autocast_dense",
@@ -37,10 +36,6 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-
-# Submodules whose work is dense convolution over whole feature maps, by attribute path; the
-# rest (sampling, decoding, NMS, per-instance heads, pasting) runs as is. Absent paths are skipped.
-DENSE_SUBMODULES = ("backbone", "fcos_head", "basis", "rpn.rpn.head")
 
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
@@ -135,34 +130,43 @@ class AutocastDense(nn.Module):
         return _to_float32(out)
 
 
-def _replace(model: nn.Module, path: str, make) -> bool:
+def _replace(model: nn.Module, path: str, make) -> None:
+    """Replace the submodule at ``path`` by ``make(submodule)``; a path that names nothing is an error."""
     parent_path, _, name = path.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_path)
-    except AttributeError:
-        return False
+    parent = model.get_submodule(parent_path)
     child = getattr(parent, name, None)
     if not isinstance(child, nn.Module):
-        return False
+        raise AttributeError(
+            f"{type(model).__name__}.dense_submodules() names '{path}', which is not a module"
+        )
     setattr(parent, name, make(child))
-    return True
+
+
+def _dense_paths(model: nn.Module) -> tuple[str, ...]:
+    """The model's own list of dense parts (``dense_submodules()``): dense convolution over whole
+    feature maps; sampling, decoding, NMS, per-instance heads and pasting are not in it."""
+    if not hasattr(model, "dense_submodules"):
+        raise TypeError(
+            f"{type(model).__name__} does not say which of its parts are dense (dense_submodules())"
+        )
+    return tuple(model.dense_submodules())
 
 
 def autocast_dense(model: nn.Module, *, dtype: torch.dtype) -> list[str]:
     """Wrap ``model``'s dense submodules in ``AutocastDense``; returns the wrapped paths."""
-    return [
-        p for p in DENSE_SUBMODULES if _replace(model, p, lambda m: AutocastDense(m, dtype=dtype))
-    ]
+    paths = _dense_paths(model)
+    for p in paths:
+        _replace(model, p, lambda m: AutocastDense(m, dtype=dtype))
+    return list(paths)
 
 
 def compile_dense(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     """``torch.compile`` ``model``'s dense submodules (``dynamic=True`` unless given); returns their paths."""
     compile_kwargs.setdefault("dynamic", True)
-    return [
-        p
-        for p in DENSE_SUBMODULES
-        if _replace(model, p, lambda m: torch.compile(m, **compile_kwargs))
-    ]
+    paths = _dense_paths(model)
+    for p in paths:
+        _replace(model, p, lambda m: torch.compile(m, **compile_kwargs))
+    return list(paths)
 
 
 def optimize_for_inference(

@@ -20,10 +20,11 @@ from dynaseg.data.image_io import read_image
 from dynaseg.errors import UserError
 from dynaseg.evaluation.coco import CategoryMap, instances_to_coco_results
 from dynaseg.evaluation.panoptic_io import panoptic_to_coco, write_panoptic_predictions
+from dynaseg.inference.predictor import stuff_categories
 from dynaseg.inference.visualize import resolution_style, save_overlay, save_panoptic_overlay
 from dynaseg.structures.panoptic import PanopticSegmentation
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "predict_folder", "stuff_categories"]
+__all__ = ["IMAGE_SUFFIXES", "image_files", "predict_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -39,19 +40,6 @@ def image_files(source: Path) -> list[Path]:
     if not files:
         raise UserError(f"{source}: no images found")
     return files
-
-
-def stuff_categories(predictor: Any) -> tuple[list[int], list[str]]:
-    """Stuff category ids and names: from the weights' metadata, else numbered on from the thing ids."""
-    num_stuff = max(
-        len(predictor.stuff_category_ids),
-        len(predictor.stuff_names),
-        getattr(predictor.cfg.model, "num_stuff_classes", 0),
-    )
-    first = max(predictor.category_ids, default=0) + 1
-    ids = predictor.stuff_category_ids or list(range(first, first + num_stuff))
-    names = predictor.stuff_names or [f"stuff_{i}" for i in range(num_stuff)]
-    return list(ids), list(names)
 
 
 def predict_folder(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from torch.nn import functional as F
 from torchvision import tv_tensors
 
 from dynaseg.config.presets import load_config
-from dynaseg.config.schema import ExperimentConfig
+from dynaseg.config.schema import ExperimentConfig, num_stuff_classes
 from dynaseg.data.image_io import read_image
 from dynaseg.data.transforms import build_test_transforms
 from dynaseg.engine.checkpoint import load_weights, read_metadata
@@ -21,7 +22,7 @@ from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "stuff_categories"]
 
 
 class Predictor:
@@ -95,7 +96,7 @@ class Predictor:
     @property
     def is_panoptic(self) -> bool:
         """Whether the model segments stuff too, i.e. returns :class:`PanopticSegmentation`."""
-        return bool(getattr(self.cfg.model, "num_stuff_classes", 0))
+        return num_stuff_classes(self.cfg.model) > 0
 
     @torch.inference_mode()
     def __call__(
@@ -121,3 +122,17 @@ def _to_cpu(result: Instances | PanopticSegmentation) -> Instances | PanopticSeg
         instances = None if result.instances is None else result.instances.to("cpu")
         return dataclasses.replace(result, ids=result.ids.cpu(), instances=instances)
     return result.to("cpu")
+
+
+def stuff_categories(predictor: Any) -> tuple[list[int], list[str]]:
+    """Stuff category ids and names of a predictor (eager or ONNX): from the weights' metadata, else
+    ``stuff_i`` numbered on from the thing ids."""
+    num = max(
+        len(predictor.stuff_category_ids),
+        len(predictor.stuff_names),
+        num_stuff_classes(predictor.cfg.model),
+    )
+    first = max(predictor.category_ids, default=0) + 1
+    ids = list(predictor.stuff_category_ids) or list(range(first, first + num))
+    names = list(predictor.stuff_names) or [f"stuff_{i}" for i in range(num)]
+    return ids, names

@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dynaseg import __version__
 from dynaseg.config.overrides import to_dict
-from dynaseg.serve.encoding import overlay_png, prediction_json, stuff_categories
+from dynaseg.inference.predictor import stuff_categories
+from dynaseg.serve.encoding import overlay_png, prediction_json
 from dynaseg.serve.gate import InferenceGate
 from dynaseg.serve.images import decode_image, probe_image
 from dynaseg.serve.limits import (
@@ -204,7 +205,7 @@ def create_app(
             "limits": dataclasses.asdict(limits),
         }
         if predictor.is_panoptic:
-            info["stuff_names"], info["stuff_category_ids"] = stuff_categories(predictor)
+            info["stuff_category_ids"], info["stuff_names"] = stuff_categories(predictor)
         return info
 
     return app

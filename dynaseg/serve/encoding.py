@@ -9,24 +9,12 @@ import numpy as np
 from PIL import Image
 
 from dynaseg.evaluation.coco import encode_masks
+from dynaseg.inference.predictor import stuff_categories
 from dynaseg.inference.visualize import draw_instances, draw_panoptic
 from dynaseg.structures import Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
 
-__all__ = ["stuff_categories", "prediction_json", "overlay_png"]
-
-
-def stuff_categories(predictor: Any) -> tuple[list[str], list[int]]:
-    """Stuff names and category ids: the weights' metadata, else ``stuff_i`` numbered after the things."""
-    num = max(
-        len(predictor.stuff_names),
-        len(predictor.stuff_category_ids),
-        int(getattr(predictor.cfg.model, "num_stuff_classes", 0) or 0),
-    )
-    first = max(predictor.category_ids, default=0) + 1
-    names = list(predictor.stuff_names) or [f"stuff_{i}" for i in range(num)]
-    ids = list(predictor.stuff_category_ids) or list(range(first, first + num))
-    return names, ids
+__all__ = ["prediction_json", "overlay_png"]
 
 
 def _name(names: list[str], label: int) -> str:
@@ -64,7 +52,7 @@ def _instances_json(
 
 
 def _segments_json(pan: PanopticSegmentation, predictor: Any) -> list[dict]:
-    stuff_names, stuff_ids = stuff_categories(predictor)
+    stuff_ids, stuff_names = stuff_categories(predictor)
     ids = pan.ids.numpy()
     out = []
     for s in sorted(pan.segments, key=lambda s: s.id):
@@ -126,7 +114,7 @@ def overlay_png(
             image,
             prediction,
             thing_names=predictor.class_names,
-            stuff_names=stuff_categories(predictor)[0],
+            stuff_names=stuff_categories(predictor)[1],
         )
     else:
         drawn = draw_instances(

@@ -101,6 +101,16 @@ class BlendMask(nn.Module):
             "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
         )
 
+    def dense_submodules(self) -> tuple[str, ...]:
+        """Attribute paths of the parts that convolve whole feature maps (``inference/optimize.py``
+        autocasts or compiles them); the per-instance parts stay as they are."""
+        return ("backbone", "fcos_head", "basis")
+
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """Whether some parameters may get no gradient in a step (DDP's ``find_unused_parameters``)."""
+        return False
+
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
         features = self.backbone(self.normalize(batch.images, batch.image_sizes))
         head = self.fcos_head(self.fcos_levels(features))

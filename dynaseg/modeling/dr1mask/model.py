@@ -136,6 +136,15 @@ class DR1Mask(nn.Module):
             "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
         )
 
+    def dense_submodules(self) -> tuple[str, ...]:
+        """Attribute paths of the parts that convolve whole feature maps (see ``BlendMask``)."""
+        return ("backbone", "fcos_head", "basis")
+
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """Without dynamic factors (Table 1's ablation) the top layer's context conv gets no gradient."""
+        return self.basis.factors == "none"
+
     def forward(
         self, batch: Batch
     ) -> dict[str, Tensor] | list[Instances] | list[PanopticSegmentation]:

@@ -94,6 +94,15 @@ class TwoStageDetector(nn.Module):
             "pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False
         )
 
+    def dense_submodules(self) -> tuple[str, ...]:
+        """Attribute paths of the parts that convolve whole feature maps (see ``BlendMask``)."""
+        return ("backbone", "rpn.rpn.head")
+
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """DynaMask's phase 1 leaves its Mask Switch Module without a gradient."""
+        return getattr(self.mask_branch, "msm", None) is not None
+
     def mask_gmac_per_resolution(self) -> dict[int, float]:
         """Mask-branch GMAC spent on one instance at each mask side, per-instance overheads included."""
         overhead = self.mask_branch.overhead_gmac()
