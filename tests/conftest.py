@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import data_overrides
 
 from dynaseg.data.synthetic import generate_synthetic
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -18,15 +17,6 @@ def synth_dir(tmp_path_factory) -> Path:
         out, num_train=24, num_val=8, image_size=128, seed=3, max_objects=4, panoptic=False
     )
     return out
-
-
-def data_overrides(root: Path, val_split: str = "val") -> list[str]:
-    return [
-        f"data.train_json={root}/annotations/instances_train.json",
-        f"data.train_images={root}/train",
-        f"data.val_json={root}/annotations/instances_{val_split}.json",
-        f"data.val_images={root}/{val_split}",
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +30,15 @@ def tiny_run(synth_dir, tmp_path_factory):
         "blendmask_tiny", data_overrides(synth_dir) + [f"output_dir={out}", "deterministic=true"]
     )
     return train(cfg)
+
+
+_TIERS = ("unit", "e2e", "export", "fuzz")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, the first folder under tests/ (``pytest -m unit`` runs one tier)."""
+    root = Path(__file__).parent
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(root).parts[0]
+        if tier in _TIERS:
+            item.add_marker(tier)

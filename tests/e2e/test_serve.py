@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 from pycocotools import mask as mask_utils
 

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import data_overrides
-from test_cli import dynaseg
+from helpers import data_overrides, dynaseg
 from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.bench.fcos_peer import build_torchvision_fcos

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import data_overrides
+from helpers import data_overrides
 
 from dynaseg.config.presets import load_config
 from dynaseg.engine.trainer import train
@@ -101,7 +101,7 @@ def test_dynamask_policy_switch_without_retraining(runs, policy, tmp_path):
 
 
 def test_bench_commands_json_shapes():
-    from test_cli import dynaseg
+    from helpers import dynaseg
 
     flops = json.loads(dynaseg("bench", "flops", "--config", "dynamask_tiny", "--json").stdout)
     per_side = flops["mask_head_gmac_per_instance"]
@@ -144,7 +144,7 @@ def test_bench_commands_json_shapes():
 
 
 def test_predict_colours_by_resolution(runs, synth_dir, tmp_path):
-    from test_cli import dynaseg
+    from helpers import dynaseg
 
     result = runs("dynamask_tiny")
     out = tmp_path / "vis"
@@ -186,7 +186,7 @@ def test_dynamask_resume_is_exact_across_the_phase_switch(synth_dir, tmp_path):
 
 
 def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
-    from test_cli import dynaseg
+    from helpers import dynaseg
 
     from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
 

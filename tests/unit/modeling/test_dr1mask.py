@@ -1,5 +1,6 @@
 """DR1Mask: DR1Conv, aligned upsampling, DR1Basis, factored attention, the panoptic layer, and the model."""
 
+import factories
 import pytest
 import torch
 from torch.nn import functional as F
@@ -21,7 +22,7 @@ from dynaseg.modeling.dr1mask.panoptic import (
     panoptic_targets,
 )
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
-from dynaseg.structures import Batch, Instances
+from dynaseg.structures import Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
 
 # ---------------------------------------------------------------- DR1Conv (Eq. 2-4)
@@ -331,37 +332,8 @@ def tiny(name="dr1mask_tiny", **overrides):
 
 def make_batch(sizes=((97, 131), (130, 98)), empty=False, panoptic=False, with_targets=True):
     """Odd sizes padded to a multiple of 4 (DR1Mask's size divisibility)."""
-    torch.manual_seed(1)
-    hp = max(h for h, _ in sizes) + (-max(h for h, _ in sizes)) % 4
-    wp = max(w for _, w in sizes) + (-max(w for _, w in sizes)) % 4
-    images = torch.zeros(len(sizes), 3, hp, wp)
-    targets, sem = [], torch.full((len(sizes), hp, wp), IGNORE_LABEL)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.rand(3, h, w) * 255
-        boxes = (
-            torch.zeros(0, 4)
-            if empty
-            else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
-        )
-        masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-            m[y0:y1, x0:x1] = True
-        targets.append(
-            Instances(
-                image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks
-            )
-        )
-        sem[i, : h // 2, :w] = 0
-        sem[i, h // 2 : h, :w] = 1
-        if len(masks):
-            sem[i, :h, :w][masks.any(0)] = IGNORE_LABEL
-    return Batch(
-        images=images,
-        image_sizes=list(sizes),
-        original_sizes=[(2 * h, 2 * w) for h, w in sizes],
-        image_ids=list(range(len(sizes))),
-        targets=targets if with_targets else None,
-        sem_seg=sem if panoptic else None,
+    return factories.make_batch(
+        sizes, divisibility=4, empty=empty, panoptic=panoptic, with_targets=with_targets
     )
 
 

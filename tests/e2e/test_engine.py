@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, data_overrides
+from helpers import REPO, data_overrides
 from safetensors.torch import load_file
 
 from dynaseg.config.presets import load_config

@@ -1,5 +1,6 @@
 """BlendMask: blender equation, sparse top layer, targets, and whole-model behaviour on tiny inputs."""
 
+import factories
 import pytest
 import torch
 from torch.nn import functional as F
@@ -10,7 +11,6 @@ from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss
 from dynaseg.modeling.blendmask.semantic import IGNORE_INDEX, semantic_targets
 from dynaseg.modeling.build import build_model
-from dynaseg.structures import Batch, Instances
 from dynaseg.structures.masks import crop_and_resize, paste_masks
 
 
@@ -107,33 +107,7 @@ def tiny_model(**overrides):
 
 
 def make_batch(sizes=((96, 128), (90, 117)), with_targets=True, empty=False):
-    torch.manual_seed(1)
-    hp = max(h for h, _ in sizes) + (-max(h for h, _ in sizes)) % 32
-    wp = max(w for _, w in sizes) + (-max(w for _, w in sizes)) % 32
-    images = torch.zeros(len(sizes), 3, hp, wp)
-    targets = []
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.rand(3, h, w) * 255
-        masks = torch.zeros(0 if empty else 2, h, w, dtype=torch.bool)
-        boxes = (
-            torch.zeros(0, 4)
-            if empty
-            else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
-        )
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-            m[y0:y1, x0:x1] = True
-        targets.append(
-            Instances(
-                image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks
-            )
-        )
-    return Batch(
-        images=images,
-        image_sizes=list(sizes),
-        original_sizes=[(2 * h, 2 * w) for h, w in sizes],
-        image_ids=list(range(len(sizes))),
-        targets=targets if with_targets else None,
-    )
+    return factories.make_batch(sizes, with_targets=with_targets, empty=empty)
 
 
 def test_every_parameter_gets_a_gradient():

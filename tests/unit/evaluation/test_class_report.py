@@ -2,7 +2,7 @@
 
 import json
 
-from test_cli import dynaseg
+from helpers import dynaseg
 
 from dynaseg.evaluation.class_report import class_report, format_class_report
 

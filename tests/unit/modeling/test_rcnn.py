@@ -1,5 +1,6 @@
 """Two-stage detector: FPN P2-P6, multilevel pooler, RPN anchors, RoI sampling, box/mask heads, whole model."""
 
+import factories
 import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
@@ -12,7 +13,7 @@ from dynaseg.modeling.rcnn.fcn_mask_head import FCNMaskHead, fcn_mask_loss, fcn_
 from dynaseg.modeling.rcnn.model import RCNNInstances, TwoStageDetector
 from dynaseg.modeling.rcnn.pooler import assign_levels, multilevel_roi_align
 from dynaseg.modeling.rcnn.rpn import RPN
-from dynaseg.structures import Batch, Instances
+from dynaseg.structures import Instances
 
 NUM_CLASSES = 7
 
@@ -178,32 +179,8 @@ def tiny_detector(max_mask_rois_per_image=0):
 
 
 def make_batch(sizes=((96, 128), (90, 117)), with_targets=True, empty=False):
-    torch.manual_seed(1)
-    hp = -(-max(h for h, _ in sizes) // 32) * 32
-    wp = -(-max(w for _, w in sizes) // 32) * 32
-    images = torch.zeros(len(sizes), 3, hp, wp)
-    targets = []
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.rand(3, h, w) * 255
-        boxes = (
-            torch.zeros(0, 4)
-            if empty
-            else torch.tensor([[10.0, 8.0, 60.0, 50.0], [40.0, 30.0, w - 1.0, h - 1.0]])
-        )
-        masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-            m[y0:y1, x0 + 3 : x1] = True
-        targets.append(
-            Instances(
-                image_size=(h, w), boxes=boxes, labels=torch.arange(len(boxes)) % 7, masks=masks
-            )
-        )
-    return Batch(
-        images=images,
-        image_sizes=list(sizes),
-        original_sizes=[(2 * h + 1, 2 * w) for h, w in sizes],
-        image_ids=list(range(len(sizes))),
-        targets=targets if with_targets else None,
+    return factories.make_batch(
+        sizes, with_targets=with_targets, empty=empty, mask_inset=3, odd_original=True
     )
 
 

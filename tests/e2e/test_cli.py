@@ -1,29 +1,14 @@
 """Command-line smoke tests: the fixed command shapes other tooling relies on."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import torch
-from conftest import REPO, data_overrides
+from helpers import data_overrides, dynaseg
 from PIL import Image
 
 from dynaseg import Predictor
 from dynaseg.structures import Instances
-
-
-def dynaseg(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynaseg", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_eval_results_file_json_shape(tiny_run, synth_dir):
