@@ -345,7 +345,7 @@ class FCOSFamilyExport(nn.Module):
         else:
             levels = [features[f"p{i}"] for i in range(3, 3 + len(m.strides))]
         head = m.fcos_head(levels)
-        det = _decode_fcos(head, m.strides, m.num_classes, **m.inference_params)
+        det = _decode_fcos(head, m.strides, m.num_classes, **m.fcos_inference._asdict())
         boxes = _clip_boxes(det.boxes, image_size.to(det.boxes.dtype))
         rois = _rois(boxes)
         if isinstance(m, BlendMask):
@@ -570,7 +570,7 @@ class TwoStageExport(nn.Module):
         )
         class_logits, box_deltas = bh.predictor(bh.mlp(roi_feats))
         boxes, scores, labels = _box_inference(
-            class_logits, box_deltas, proposals, hw, m.num_classes, **bh.inference_params
+            class_logits, box_deltas, proposals, hw, m.num_classes, **bh.decoding._asdict()
         )
         rois = _rois(boxes)
         branch = m.mask_branch

@@ -12,7 +12,12 @@ from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
 from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss, pool_bases
 from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
-from dynaseg.modeling.fcos.detector import fcos_detections, fcos_training
+from dynaseg.modeling.fcos.detector import (
+    FCOSInference,
+    FCOSTraining,
+    fcos_detections,
+    fcos_training,
+)
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
@@ -77,11 +82,10 @@ class BlendMask(nn.Module):
         self.num_classes = num_classes
         # Loss parameters
         self.strides, self.size_ranges = list(strides), level_size_ranges(sizes_of_interest)
-        self.center_sampling_radius = center_sampling_radius
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.fcos_training = FCOSTraining(center_sampling_radius, focal_alpha, focal_gamma)
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         # Inference parameters
-        self.inference_params = dict(
+        self.fcos_inference = FCOSInference(
             score_threshold=score_threshold,
             thresh_with_ctr=thresh_with_ctr,
             pre_nms_topk=pre_nms_topk,
@@ -142,9 +146,7 @@ class BlendMask(nn.Module):
             strides=self.strides,
             size_ranges=self.size_ranges,
             num_classes=self.num_classes,
-            center_sampling_radius=self.center_sampling_radius,
-            focal_alpha=self.focal_alpha,
-            focal_gamma=self.focal_gamma,
+            params=self.fcos_training,
         )
         losses = dict(pos.losses)
         attention = self.attention(
@@ -181,7 +183,7 @@ class BlendMask(nn.Module):
 
     @torch.no_grad()
     def inference(self, batch: Batch, head: FCOSOutputs, bases: Tensor) -> list[Instances]:
-        detections = fcos_detections(head, strides=self.strides, **self.inference_params)
+        detections = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
         image_index = torch.cat(
             [torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)]
         )

@@ -25,7 +25,13 @@ from dynaseg.modeling.dr1mask.panoptic import (
     panoptic_targets,
 )
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
-from dynaseg.modeling.fcos.detector import FCOSPositives, fcos_detections, fcos_training
+from dynaseg.modeling.fcos.detector import (
+    FCOSInference,
+    FCOSPositives,
+    FCOSTraining,
+    fcos_detections,
+    fcos_training,
+)
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
@@ -101,12 +107,8 @@ class DR1Mask(nn.Module):
         self.num_classes = num_classes
         self.num_stuff = 0 if panoptic_layer is None else panoptic_layer.stuff_weight.shape[0]
         self.strides, self.size_ranges = list(strides), level_size_ranges(sizes_of_interest)
-        self.fcos_params = dict(
-            center_sampling_radius=center_sampling_radius,
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-        )
-        self.inference_params = dict(
+        self.fcos_training = FCOSTraining(center_sampling_radius, focal_alpha, focal_gamma)
+        self.fcos_inference = FCOSInference(
             score_threshold=score_threshold,
             thresh_with_ctr=thresh_with_ctr,
             pre_nms_topk=pre_nms_topk,
@@ -178,7 +180,7 @@ class DR1Mask(nn.Module):
             strides=self.strides,
             size_ranges=self.size_ranges,
             num_classes=self.num_classes,
-            **self.fcos_params,
+            params=self.fcos_training,
         )
         losses = dict(pos.losses)
         embeddings = self.top_layer.embeddings_at(
@@ -246,7 +248,7 @@ class DR1Mask(nn.Module):
     def inference(
         self, batch: Batch, head: FCOSOutputs, basis: Tensor
     ) -> list[Instances] | list[PanopticSegmentation]:
-        detections = fcos_detections(head, strides=self.strides, **self.inference_params)
+        detections = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
         image_index = torch.cat(
             [torch.full((len(d.boxes),), i, device=basis.device) for i, d in enumerate(detections)]
         )

@@ -19,7 +19,33 @@ from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers
 from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target
 from dynaseg.structures import Instances
 
-__all__ = ["FCOSPositives", "fcos_locations", "fcos_training", "fcos_detections"]
+__all__ = [
+    "FCOSPositives",
+    "FCOSTraining",
+    "FCOSInference",
+    "fcos_locations",
+    "fcos_training",
+    "fcos_detections",
+]
+
+
+class FCOSTraining(NamedTuple):
+    """FCOS's target and loss parameters (centre sampling radius in strides, focal α and γ)."""
+
+    center_sampling_radius: float
+    focal_alpha: float
+    focal_gamma: float
+
+
+class FCOSInference(NamedTuple):
+    """FCOS's decoding parameters (``decode_fcos`` takes them as keywords: ``**params._asdict()``)."""
+
+    score_threshold: float
+    thresh_with_ctr: bool
+    pre_nms_topk: int
+    nms_threshold: float
+    class_agnostic_nms: bool
+    max_detections: int
 
 
 class FCOSPositives(NamedTuple):
@@ -55,9 +81,7 @@ def fcos_training(
     strides: list[int],
     size_ranges: list[tuple[float, float]],
     num_classes: int,
-    center_sampling_radius: float,
-    focal_alpha: float,
-    focal_gamma: float,
+    params: FCOSTraining,
 ) -> FCOSPositives:
     """Assign targets to every location of the batch, compute the FCOS losses, return the positives."""
     _, locations, stride, ranges = fcos_locations(head, strides, size_ranges)
@@ -70,7 +94,7 @@ def fcos_training(
             gt_boxes=t.boxes,
             gt_labels=t.labels,
             num_classes=num_classes,
-            center_sampling_radius=center_sampling_radius,
+            center_sampling_radius=params.center_sampling_radius,
         )
         for t in targets
     ]
@@ -92,8 +116,8 @@ def fcos_training(
         ctr_targets=ctr_targets,
         num_pos_avg=num_pos_avg,
         ctr_sum_avg=ctr_sum_avg,
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
+        focal_alpha=params.focal_alpha,
+        focal_gamma=params.focal_gamma,
     )
     return FCOSPositives(
         losses=losses,
@@ -106,15 +130,7 @@ def fcos_training(
 
 
 def fcos_detections(
-    head: FCOSOutputs,
-    *,
-    strides: list[int],
-    score_threshold: float,
-    thresh_with_ctr: bool,
-    pre_nms_topk: int,
-    nms_threshold: float,
-    class_agnostic_nms: bool,
-    max_detections: int,
+    head: FCOSOutputs, *, strides: list[int], params: FCOSInference
 ) -> list[FCOSDetections]:
     """Decode every image of the batch (network-input pixels, boxes not clipped)."""
     per_level, _, _, _ = fcos_locations(head, strides, [(0.0, 0.0)] * len(strides))
@@ -125,12 +141,7 @@ def fcos_detections(
             centerness=[x[i].flatten() for x in head.centerness],
             locations=per_level,
             strides=strides,
-            score_threshold=score_threshold,
-            thresh_with_ctr=thresh_with_ctr,
-            pre_nms_topk=pre_nms_topk,
-            nms_threshold=nms_threshold,
-            class_agnostic_nms=class_agnostic_nms,
-            max_detections=max_detections,
+            **params._asdict(),
         )
         for i in range(head.cls_logits[0].shape[0])
     ]

@@ -20,7 +20,14 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois, multilevel_roi_align
 from dynaseg.structures import Instances
 
-__all__ = ["ProposalSamples", "sample_proposals", "box_losses", "box_inference", "BoxHead"]
+__all__ = [
+    "ProposalSamples",
+    "BoxInference",
+    "sample_proposals",
+    "box_losses",
+    "box_inference",
+    "BoxHead",
+]
 
 
 def _to_torchvision_labels(labels: Tensor, num_classes: int) -> Tensor:
@@ -116,6 +123,15 @@ def box_losses(
 
 
 @torch.no_grad()
+class BoxInference(NamedTuple):
+    """``box_inference``'s parameters (``**params._asdict()``)."""
+
+    bbox_reg_weights: tuple[float, float, float, float]
+    score_threshold: float
+    nms_threshold: float
+    detections_per_image: int
+
+
 def box_inference(
     class_logits: Tensor,
     box_deltas: Tensor,
@@ -197,7 +213,7 @@ class BoxHead(nn.Module):
             bbox_reg_weights=tuple(bbox_reg_weights),
         )
         self.loss_weights = dict(cls_loss_weight=cls_loss_weight, reg_loss_weight=reg_loss_weight)
-        self.inference_params = dict(
+        self.decoding = BoxInference(
             bbox_reg_weights=tuple(bbox_reg_weights),
             score_threshold=score_threshold,
             nms_threshold=nms_threshold,
@@ -236,5 +252,5 @@ class BoxHead(nn.Module):
         image_sizes: list[tuple[int, int]],
     ) -> list[Instances]:
         return box_inference(
-            class_logits, box_deltas, proposals, image_sizes, **self.inference_params
+            class_logits, box_deltas, proposals, image_sizes, **self.decoding._asdict()
         )
