@@ -122,7 +122,6 @@ def box_losses(
     return {"loss_cls": cls_loss_weight * cls, "loss_box_reg": reg_loss_weight * reg}
 
 
-@torch.no_grad()
 class BoxInference(NamedTuple):
     """``box_inference``'s parameters (``**params._asdict()``)."""
 
@@ -132,6 +131,7 @@ class BoxInference(NamedTuple):
     detections_per_image: int
 
 
+@torch.no_grad()
 def box_inference(
     class_logits: Tensor,
     box_deltas: Tensor,
