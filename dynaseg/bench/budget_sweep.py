@@ -105,9 +105,7 @@ def run_budget_sweep(
     if cfg.model.kind != "dynamask":
         raise ValueError(f"the budget sweep needs a DynaMask config, got {cfg.model.kind}")
     start = cfg.model.dynamask.msm_start_iter
-    head_costs = build_model(
-        dataclasses.replace(cfg.model, backbone_weights="")
-    ).mask_branch.gmac_per_resolution()
+    head_costs = build_model(cfg.model, pretrained=False).mask_branch.gmac_per_resolution()
     phase1: Path | None = None
     table = []
     for i, row in enumerate(rows):

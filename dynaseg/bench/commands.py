@@ -16,7 +16,6 @@ __all__ = ["add_bench_parser"]
 
 
 def _bench_model(args: argparse.Namespace):
-    import dataclasses
 
     from dynaseg.config.presets import load_config
     from dynaseg.config.schema import RCNNConfig
@@ -27,8 +26,7 @@ def _bench_model(args: argparse.Namespace):
         raise UserError(
             f"bench {args.bench_command} measures two-stage mask heads; '{args.config}' is {cfg.model.kind}"
         )
-    model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
-    return model_cfg, build_model(model_cfg)
+    return cfg.model, build_model(cfg.model, pretrained=False)
 
 
 def _cmd_bench_flops(args: argparse.Namespace) -> int:
@@ -57,9 +55,10 @@ def _cmd_bench_flops(args: argparse.Namespace) -> int:
     first = load_config(args.configs[0].split()[0], [*args.overrides, *args.configs[0].split()[1:]])
     result: dict = {}
     if isinstance(first.model, RCNNConfig):
-        model_cfg = dataclasses.replace(first.model, backbone_weights="")
-        reference = build_model(dataclasses.replace(model_cfg, kind="mask_rcnn"))
-        result = {"model": model_cfg.kind, **mask_head_flops(build_model(model_cfg), reference)}
+        model_cfg = first.model
+        reference = build_model(dataclasses.replace(model_cfg, kind="mask_rcnn"), pretrained=False)
+        model = build_model(model_cfg, pretrained=False)
+        result = {"model": model_cfg.kind, **mask_head_flops(model, reference)}
     if args.json:
         print(json.dumps(result | {"models": rows}))
         print("\n".join(notes), file=sys.stderr)

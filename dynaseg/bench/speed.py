@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from dynaseg.config.overrides import with_overrides
 from dynaseg.config.presets import load_config
@@ -458,15 +457,8 @@ def our_inference_fn(
 
     def run() -> int:
         with timer.section("pre"):
-            padded = F.pad(
-                image.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility)
-            )
-            batch = Batch(
-                images=padded[None].contiguous(memory_format=memory_format),
-                image_sizes=[(h, w)],
-                original_sizes=[(h, w)],
-                image_ids=[-1],
-            )
+            batch = Batch.from_images([image], size_divisibility=size_divisibility)
+            batch.images = batch.images.contiguous(memory_format=memory_format)
         return count_detections(model(batch)[0])
 
     return run
@@ -645,11 +637,12 @@ def prepare_models(
     for name, config in zip(unique_names(configs), configs):
         preset, *own = config.split()
         cfg = force_detections(load_config(preset, [*overrides, *own]), detections)
-        model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
+        model_cfg = cfg.model
         first_model_cfg = first_model_cfg or model_cfg
         torch.manual_seed(seed)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = build_model(model_cfg).to(device, memory_format=memory_format).eval()
+        model = build_model(model_cfg, pretrained=False)
+        model = model.to(device, memory_format=memory_format).eval()
         nondegenerate_fcos_boxes(model)
         optimize_for_inference(model, **dataclasses.asdict(cfg.inference))
         timer = make_timer()

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from dynaseg.bench.speed import build_peer, describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
@@ -119,18 +118,15 @@ def our_train_step(
     """One training iteration of our model on a fixed batch: images (B, 3, H, W) uint8 are padded to
     ``size_divisibility`` once (outside the timing); panoptic models (``num_stuff`` > 0) get a synthetic
     semantic map."""
-    h, w = images.shape[-2:]
-    padded = F.pad(images.float(), (0, (-w) % size_divisibility, 0, (-h) % size_divisibility))
-    batch = Batch(
-        images=padded.contiguous(memory_format=memory_format),
-        image_sizes=[(h, w)] * len(images),
-        original_sizes=[(h, w)] * len(images),
+    batch = Batch.from_images(
+        list(images),
+        size_divisibility=size_divisibility,
         image_ids=list(range(len(images))),
         targets=targets,
-        sem_seg=_synthetic_sem_seg(targets, tuple(padded.shape[-2:]), num_stuff)
-        if num_stuff
-        else None,
     )
+    batch.images = batch.images.contiguous(memory_format=memory_format)
+    if num_stuff:
+        batch.sem_seg = _synthetic_sem_seg(targets, tuple(batch.images.shape[-2:]), num_stuff)
 
     def step() -> None:
         _sgd_step(model, optimizer, model(batch))
@@ -246,7 +242,7 @@ def run_train_benchmark(
     images = targets = None
     for name, config in zip(unique_names(configs), configs):
         cfg = load_config(config, list(overrides))
-        model_cfg = dataclasses.replace(cfg.model, backbone_weights="")
+        model_cfg = cfg.model
         first = first or cfg
         if images is None:
             images, targets = synthetic_batch(
@@ -258,7 +254,9 @@ def run_train_benchmark(
             )
         torch.manual_seed(seed)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = build_model(model_cfg).to(device, memory_format=memory_format).train()
+        model = (
+            build_model(model_cfg, pretrained=False).to(device, memory_format=memory_format).train()
+        )
         _steady_state(model)
         optimizer = build_optimizer(model, dataclasses.replace(cfg.solver, base_lr=lr))
         steps[name] = our_train_step(

@@ -8,17 +8,7 @@ from dynaseg.data.dataset import Sample
 from dynaseg.structures.batch import Batch
 from dynaseg.structures.panoptic import IGNORE_LABEL
 
-__all__ = ["BatchCollator", "padded_size"]
-
-
-def padded_size(sizes: list[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
-    """Max (h, w) over ``sizes``, each rounded up to a multiple of ``size_divisibility`` (if > 1)."""
-    h = max(s[0] for s in sizes)
-    w = max(s[1] for s in sizes)
-    if size_divisibility > 1:
-        d = size_divisibility
-        h, w = -(-h // d) * d, -(-w // d) * d
-    return h, w
+__all__ = ["BatchCollator"]
 
 
 class BatchCollator:
@@ -37,19 +27,15 @@ class BatchCollator:
     def __call__(self, samples: list[Sample]) -> Batch:
         if not samples:
             raise ValueError("BatchCollator got an empty list of samples")
-        sizes = [(int(s.image.shape[-2]), int(s.image.shape[-1])) for s in samples]
-        hp, wp = padded_size(sizes, self.size_divisibility)
-        images = torch.zeros(len(samples), 3, hp, wp, dtype=torch.float32)
-        for k, (s, (h, w)) in enumerate(zip(samples, sizes)):
-            images[k, :, :h, :w].copy_(s.image)
-        return Batch(
-            images=images,
-            image_sizes=sizes,
+        batch = Batch.from_images(
+            [s.image for s in samples],
+            size_divisibility=self.size_divisibility,
             original_sizes=[tuple(s.original_size) for s in samples],
             image_ids=[s.image_id for s in samples],
             targets=[s.target for s in samples],
-            sem_seg=_pad_sem_seg(samples, sizes, (hp, wp)),
         )
+        batch.sem_seg = _pad_sem_seg(samples, batch.image_sizes, tuple(batch.images.shape[-2:]))
+        return batch
 
 
 def _pad_sem_seg(

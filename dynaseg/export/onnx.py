@@ -78,7 +78,6 @@ are never copied):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import warnings
@@ -635,11 +634,12 @@ def _example_input(cfg) -> tuple[Tensor, Tensor]:
     from dynaseg.data.transforms import resized_shape
 
     h, w = resized_shape(480, 640, cfg.data.min_size_test, cfg.data.max_size_test)
-    div = cfg.model.size_divisibility
+    from dynaseg.structures import Batch
+
     generator = torch.Generator().manual_seed(0)
-    image = torch.zeros(1, 3, h + (-h) % div, w + (-w) % div)
-    image[:, :, :h, :w] = torch.rand(1, 3, h, w, generator=generator) * 255
-    return image, torch.tensor([h, w], dtype=torch.int64)
+    image = torch.rand(3, h, w, generator=generator) * 255
+    batch = Batch.from_images([image], size_divisibility=cfg.model.size_divisibility)
+    return batch.images, torch.tensor([h, w], dtype=torch.int64)
 
 
 def export_model(
@@ -704,7 +704,6 @@ def export_onnx(
     from dynaseg.engine.checkpoint import load_weights, read_metadata
     from dynaseg.modeling.build import build_model
 
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, pretrained=False)
     load_weights(model, weights)
     return export_model(model, cfg, output, opset=opset, weights_metadata=read_metadata(weights))

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torchvision import tv_tensors
 
 from dynaseg.config.overrides import ConfigError, apply_overrides, from_dict
@@ -33,7 +32,7 @@ from dynaseg.config.presets import load_config
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.transforms import build_test_transforms
 from dynaseg.inference.predictor import Predictor
-from dynaseg.structures import Instances
+from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = ["OnnxPredictor", "read_onnx_metadata"]
@@ -147,8 +146,7 @@ class OnnxPredictor(Predictor):
         original = self._to_tensor(image)
         resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
         h, w = resized.shape[-2:]
-        div = self.size_divisibility
-        padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
+        padded = Batch.from_images([resized], size_divisibility=self.size_divisibility).images[0]
         outputs = self.run(padded, (h, w))
         return self.postprocess(outputs, input_size=(h, w), output_size=tuple(original.shape[-2:]))
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torchvision import tv_tensors
 
 from dynaseg.config.presets import load_config
@@ -54,11 +53,9 @@ class Predictor:
         self, cfg: ExperimentConfig | str, weights: str | Path, *, device: str = "auto"
     ) -> None:
         cfg = load_config(cfg) if isinstance(cfg, str) else cfg
-        self.cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, backbone_weights="")
-        )
+        self.cfg = cfg
         self.device = init_distributed(device if device != "auto" else cfg.device)
-        self.model = build_model(self.cfg.model)
+        self.model = build_model(cfg.model, pretrained=False)  # the weights come from ``weights``
         load_weights(self.model, weights)
         self.memory_format = (
             torch.channels_last if self.cfg.channels_last else torch.contiguous_format
@@ -104,14 +101,10 @@ class Predictor:
     ) -> Instances | PanopticSegmentation:
         original = self._to_tensor(image)
         resized = self._transform(tv_tensors.Image(original)).as_subclass(torch.Tensor)
-        h, w = resized.shape[-2:]
-        div = self.cfg.model.size_divisibility
-        padded = F.pad(resized.float(), (0, (-w) % div, 0, (-h) % div))
-        batch = Batch(
-            images=padded[None],
-            image_sizes=[(h, w)],
+        batch = Batch.from_images(
+            [resized],
+            size_divisibility=self.cfg.model.size_divisibility,
             original_sizes=[tuple(original.shape[-2:])],
-            image_ids=[-1],
         )
         return _to_cpu(self.model(batch.to(self.device, memory_format=self.memory_format))[0])
 

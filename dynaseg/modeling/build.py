@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from dynaseg.config.overrides import ConfigError
@@ -277,8 +279,15 @@ def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
     )
 
 
-def build_model(cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig) -> nn.Module:
-    """Build the meta-architecture ``cfg`` describes (a ``match`` on the config type)."""
+def build_model(
+    cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, *, pretrained: bool = True
+) -> nn.Module:
+    """Build the meta-architecture ``cfg`` describes (a ``match`` on the config type).
+
+    ``pretrained=False`` skips ``backbone_weights`` (weights that a checkpoint, loaded next, replaces;
+    or models that are only measured)."""
+    if not pretrained and cfg.backbone_weights:
+        cfg = dataclasses.replace(cfg, backbone_weights="")
     match cfg:
         case BlendMaskConfig():
             return build_blendmask(cfg)

@@ -35,6 +35,34 @@ class Batch:
     targets: list[Instances] | None = None
     sem_seg: Tensor | None = None
 
+    @classmethod
+    def from_images(
+        cls,
+        images: list[Tensor],
+        *,
+        size_divisibility: int,
+        original_sizes: list[tuple[int, int]] | None = None,
+        image_ids: list[int] | None = None,
+        targets: list[Instances] | None = None,
+    ) -> Batch:
+        """Images (3, h_i, w_i) of any dtype, already resized → a ``Batch`` of float32 pixels
+        zero-padded at the bottom / right to the largest size rounded up to ``size_divisibility``.
+        ``original_sizes`` default to the input sizes, ``image_ids`` to -1."""
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        d = max(1, size_divisibility)
+        hp = -(-max(h for h, _ in sizes) // d) * d
+        wp = -(-max(w for _, w in sizes) // d) * d
+        padded = images[0].new_zeros((len(images), 3, hp, wp), dtype=torch.float32)
+        for k, (im, (h, w)) in enumerate(zip(images, sizes)):
+            padded[k, :, :h, :w] = im
+        return cls(
+            images=padded,
+            image_sizes=sizes,
+            original_sizes=list(original_sizes) if original_sizes is not None else list(sizes),
+            image_ids=list(image_ids) if image_ids is not None else [-1] * len(images),
+            targets=targets,
+        )
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -185,7 +185,7 @@ def panoptic_cfg(monkeypatch) -> ExperimentConfig:
     """A panoptic config whose model is the fake one and whose weights carry ``META``."""
     import dynaseg.inference.predictor as predictor_module
 
-    monkeypatch.setattr(predictor_module, "build_model", lambda cfg: _FakePanopticModel())
+    monkeypatch.setattr(predictor_module, "build_model", lambda cfg, **kw: _FakePanopticModel())
     monkeypatch.setattr(predictor_module, "load_weights", lambda model, path: None)
     monkeypatch.setattr(predictor_module, "read_metadata", lambda path: dict(META))
     return ExperimentConfig(
