@@ -101,7 +101,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """``export --format onnx``: the model with decoding, NMS and mask prediction (see dynaseg/export/onnx.py)."""
+    """``export --format onnx``: the model with decoding, NMS and mask prediction (see docs/export.md)."""
     from dynaseg.config.presets import load_config
     from dynaseg.export.onnx import ExportError, export_onnx
 

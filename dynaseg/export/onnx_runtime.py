@@ -3,12 +3,10 @@
 It is a drop-in for :class:`dynaseg.inference.predictor.Predictor` (same call, ``class_names``,
 ``category_ids``, ``stuff_names``, ``stuff_category_ids``, ``cfg``, ``is_panoptic``) and does the
 same pre- and post-processing as eager inference, with the same functions: the test resize
-(``build_test_transforms``), zero padding to the model's size divisibility, then on the graph's
-outputs (see ``dynaseg/export/onnx.py``) ``blendmask_postprocess`` (BlendMask, DR1Mask) or
-``rcnn_postprocess`` (Mask R-CNN, DynaMask), which rescale the boxes to the original image, drop
-the ones empty there and paste the masks with ``paste_masks``; panoptic DR1Mask then follows
-``DR1Mask.inference``: detections grouped into instances, one mean column per instance, thing
-logits after the graph's stuff logits, ``panoptic_postprocess``.
+(``build_test_transforms``), zero padding to the model's size divisibility (``Batch.from_images``),
+then on the graph's outputs (the model's ``predict_raw``, docs/export.md) the function the eager
+``forward`` calls next: ``blendmask_postprocess`` (BlendMask, DR1Mask), ``rcnn_postprocess``
+(Mask R-CNN, DynaMask) or ``dr1mask_postprocess`` (panoptic DR1Mask).
 
 Everything the model needs is in the ONNX file's ``metadata_props`` (class names, category ids,
 size divisibility, test sizes, mask threshold, the whole config), so a config is optional; one
@@ -18,7 +16,6 @@ given (a preset, a YAML file, overrides) sets the test sizes and thresholds of t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,11 +30,13 @@ from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.transforms import build_test_transforms
 from dynaseg.inference.predictor import Predictor
 from dynaseg.structures import Batch, Instances
+from dynaseg.structures.detections import PanopticMaps, RawDetections
 from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = ["OnnxPredictor", "read_onnx_metadata"]
 
 _PREFIX = "dynaseg."
+_PANOPTIC_OUTPUTS = ("panoptic_columns", "panoptic_features", "panoptic_stuff_logits")
 
 
 def _onnxruntime():
@@ -157,92 +156,32 @@ class OnnxPredictor(Predictor):
         input_size: tuple[int, int],
         output_size: tuple[int, int],
     ) -> Instances | PanopticSegmentation:
-        """The graph's outputs for an image resized to ``input_size`` → the eager model's result at ``output_size``."""
+        """The graph's outputs for an image resized to ``input_size`` → the eager model's result at
+        ``output_size``, through the post-processing function the eager model calls."""
         from dynaseg.modeling.blendmask.model import blendmask_postprocess
+        from dynaseg.modeling.dr1mask.model import PanopticInference, dr1mask_postprocess
         from dynaseg.modeling.rcnn.model import rcnn_postprocess
 
-        boxes, scores, labels, probs = (
-            torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "mask_probs")
-        )
+        tensors = {k: torch.from_numpy(v) for k, v in outputs.items()}
+        probs = tensors["mask_probs"]
+        sides = tensors.get("mask_resolutions")
+        if sides is None:
+            sides = torch.full_like(tensors["labels"], probs.shape[-1])
+        raw = RawDetections(tensors["boxes"], tensors["scores"], tensors["labels"], probs, sides)
+        sizes = dict(input_size=input_size, output_size=output_size)
         if "mask_resolutions" in outputs:  # two-stage
-            sides = torch.from_numpy(outputs["mask_resolutions"])
-            detections = Instances(image_size=input_size, boxes=boxes, labels=labels, scores=scores)
-            mask_probs = [probs[i, :r, :r] for i, r in enumerate(sides.tolist())]
-            return rcnn_postprocess(
-                detections,
-                mask_probs,
-                sides,
-                output_size=output_size,
-                mask_threshold=self.mask_threshold,
-            )
+            return rcnn_postprocess(raw, mask_threshold=self.mask_threshold, **sizes)
         if "panoptic_columns" not in outputs:
-            return blendmask_postprocess(
-                boxes,
-                scores,
-                labels,
-                probs,
-                input_size=input_size,
-                output_size=output_size,
-                mask_threshold=self.mask_threshold,
-            )
-        return self._panoptic(
-            outputs, boxes, scores, labels, probs, input_size=input_size, output_size=output_size
-        )
-
-    def _panoptic(
-        self,
-        outputs: dict[str, np.ndarray],
-        boxes,
-        scores,
-        labels,
-        probs,
-        *,
-        input_size: tuple[int, int],
-        output_size: tuple[int, int],
-    ) -> PanopticSegmentation:
-        """The panoptic part of ``DR1Mask.inference`` on the graph's outputs (same functions, same steps)."""
-        from torchvision.ops import clip_boxes_to_image
-
-        from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
-        from dynaseg.modeling.dr1mask.model import BASIS_STRIDE
-        from dynaseg.modeling.dr1mask.panoptic import (
-            group_duplicate_detections,
-            mean_embeddings_per_instance,
-            panoptic_logits,
-            panoptic_postprocess,
-        )
-        from dynaseg.structures.masks import scale_boxes
-
-        keep = nonempty_boxes(
-            clip_boxes_to_image(scale_boxes(boxes, input_size, output_size), output_size)
-        )
-        instances = blendmask_postprocess(
-            boxes[keep],
-            scores[keep],
-            labels[keep],
-            probs[keep],
-            input_size=input_size,
-            output_size=output_size,
-            mask_threshold=self.mask_threshold,
-        )
-        d, num_stuff = self.cfg.model.dr1, self.cfg.model.num_stuff_classes
-        things = (instances.scores >= d.panoptic_score_threshold).nonzero().squeeze(1)
-        kept, group = group_duplicate_detections(
-            instances.boxes[things], instances.scores[things], d.panoptic_group_iou
-        )
-        columns = torch.from_numpy(outputs["panoptic_columns"])[keep][things]
-        joined = group >= 0
-        rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
-        features = torch.from_numpy(outputs["panoptic_features"])
-        thing_logits = panoptic_logits(features, features.new_zeros((0, features.shape[0])), rows)
-        logits = torch.cat([torch.from_numpy(outputs["panoptic_stuff_logits"]), thing_logits])
-        panoptic = panoptic_postprocess(
-            logits,
-            instances[things[kept]],
-            num_stuff=num_stuff,
-            stride=BASIS_STRIDE,
-            input_size=input_size,
-            min_stuff_area=d.panoptic_min_stuff_area,
+            return blendmask_postprocess(*raw[:4], mask_threshold=self.mask_threshold, **sizes)
+        maps = PanopticMaps(*(tensors[k] for k in _PANOPTIC_OUTPUTS))
+        d = self.cfg.model.dr1
+        panoptic = PanopticInference(
+            num_stuff=self.cfg.model.num_stuff_classes,
+            score_threshold=d.panoptic_score_threshold,
+            group_iou=d.panoptic_group_iou,
             restrict_to_boxes=d.panoptic_restrict_to_boxes,
+            min_stuff_area=d.panoptic_min_stuff_area,
         )
-        return dataclasses.replace(panoptic, instances=instances)
+        return dr1mask_postprocess(
+            raw, maps, mask_threshold=self.mask_threshold, panoptic=panoptic, **sizes
+        )

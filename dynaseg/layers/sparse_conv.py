@@ -34,20 +34,23 @@ def conv3x3_at_locations(
     """
     n = location_index.shape[0]
     flat_weight = weight.flatten(1)  # (O, F·9)
-    out = features[0].new_empty((n, flat_weight.shape[0]))
+    out = features[0].new_zeros((n, flat_weight.shape[0]))
+    taps = torch.arange(-1, 2, device=location_index.device)
     offset = 0
     for feat in features:
         h, w = feat.shape[-2:]
-        in_level = (location_index >= offset) & (location_index < offset + h * w)
-        if in_level.any():
-            local = location_index[in_level] - offset
-            ys, xs = local // w, local % w
-            padded = F.pad(feat, (1, 1, 1, 1))
-            d = torch.arange(3, device=feat.device)
-            rows = (ys[:, None] + d)[:, :, None]  # (n, 3, 1)
-            cols = (xs[:, None] + d)[:, None, :]  # (n, 1, 3)
-            patches = padded[image_index[in_level][:, None, None], :, rows, cols]  # (n, 3, 3, F)
-            patches = patches.permute(0, 3, 1, 2).flatten(1)  # (n, F·9)
-            out[in_level] = F.linear(patches, flat_weight, bias).to(out.dtype)
-        offset += h * w
+        index = ((location_index >= offset) & (location_index < offset + h * w)).nonzero()[:, 0]
+        local = location_index[index] - offset
+        ys = (local // w)[:, None, None] + taps[None, :, None]  # (n_l, 3, 1)
+        xs = (local % w)[:, None, None] + taps[None, None, :]  # (n_l, 1, 3)
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)  # (n_l, 3, 3): zero padding
+        pixel = image_index[index][:, None, None] * (h * w) + ys * w + xs
+        pixel = torch.where(inside, pixel, torch.zeros_like(pixel))
+        channels = feat.shape[1]
+        pixels = feat.permute(0, 2, 3, 1).reshape(-1, channels)  # (B·h·w, F)
+        patches = pixels.index_select(0, pixel.flatten()).reshape(index.shape[0], 9, channels)
+        patches = patches * inside.reshape(index.shape[0], 9, 1).to(patches.dtype)
+        value = F.linear(patches.transpose(1, 2).flatten(1), flat_weight, bias)  # (n_l, O)
+        out = out.index_put((index,), value.to(out.dtype))
+        offset = offset + h * w
     return out

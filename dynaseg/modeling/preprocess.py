@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from dynaseg.layers.dynamic_shapes import image_size_tensor, valid_pixels
 
 __all__ = ["normalize_images"]
 
 
 def normalize_images(
-    images: Tensor, image_sizes: list[tuple[int, int]], pixel_mean: Tensor, pixel_std: Tensor
+    images: Tensor,
+    image_sizes: Tensor | list[tuple[int, int]],
+    pixel_mean: Tensor,
+    pixel_std: Tensor,
 ) -> Tensor:
     """(B, 3, Hp, Wp) RGB 0-255 → (x - mean) / std, with the padding set to 0 after normalisation.
 
-    pixel_mean, pixel_std: (1, 3, 1, 1). Zero padding in normalised space is detectron2's convention.
+    image_sizes: valid (h, w) per image, pairs or a (B, 2) tensor. pixel_mean, pixel_std:
+    (1, 3, 1, 1). Zero padding in normalised space is detectron2's convention.
     """
+    sizes = image_size_tensor(image_sizes, images.device)
     x = (images - pixel_mean) / pixel_std
-    valid = torch.zeros_like(x[:, :1])
-    for i, (h, w) in enumerate(image_sizes):
-        valid[i, :, :h, :w] = 1
-    return x * valid
+    return x * valid_pixels(sizes, images.shape[-2], images.shape[-1]).to(x.dtype)

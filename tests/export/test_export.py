@@ -154,8 +154,10 @@ def _eager_raw(model, kind: str, image: torch.Tensor, size: tuple[int, int]):
     if kind in ("blendmask", "dr1mask"):
         boxes, scores, labels, probs = args[:4]
         return boxes, scores, labels, list(probs), None
-    detections, probs, sides = args
-    return detections.boxes, detections.scores, detections.labels, probs, sides
+    (raw,) = args
+    sides = raw.mask_resolutions
+    probs = [p[:r, :r] for p, r in zip(raw.mask_probs, sides.tolist())]
+    return raw.boxes, raw.scores, raw.labels, probs, sides
 
 
 def _session(path: Path):

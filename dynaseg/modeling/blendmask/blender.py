@@ -36,8 +36,6 @@ def blend(pooled_bases: Tensor, attention: Tensor) -> Tensor:
     pooled_bases: (N, K, R, R); attention: (N, K, M, M) → mask logits (N, R, R).
     """
     r = pooled_bases.shape[-1]
-    if attention.shape[0] == 0:
-        return pooled_bases.new_zeros((0, r, r))
     weights = F.interpolate(attention, size=(r, r), mode="bilinear", align_corners=False).softmax(
         dim=1
     )

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from dynaseg.layers.dynamic_shapes import clip_boxes, guard_empty_rows, image_size_tensor
 from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.blendmask.attention import AttentionTopLayer
@@ -19,12 +20,14 @@ from dynaseg.modeling.fcos.detector import (
     fcos_training,
 )
 from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
+from dynaseg.modeling.fcos.inference import FCOSDetections
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
+from dynaseg.structures.detections import RawDetections
 from dynaseg.structures.masks import crop_and_resize, paste_masks, scale_boxes
 
-__all__ = ["BlendMask", "blendmask_postprocess", "nonempty_boxes"]
+__all__ = ["BlendMask", "blendmask_postprocess", "nonempty_boxes", "split_per_image"]
 
 
 class BlendMask(nn.Module):
@@ -110,18 +113,44 @@ class BlendMask(nn.Module):
         autocasts or compiles them); the per-instance parts stay as they are."""
         return ("backbone", "fcos_head", "basis")
 
+    def timing_stages(self) -> dict[str, tuple[nn.Module | tuple[nn.Module, str], ...]]:
+        """This model's parts per ``bench speed`` stage (``dynaseg/bench/stages.py``): modules, or
+        (module, method) for work done outside ``forward``. The blend itself counts as ``post``."""
+        return {
+            "backbone+fpn": (self.backbone,),
+            "head": (self.fcos_head,),
+            "mask": (self.basis, self.attention),
+        }
+
     @property
     def ddp_unused_parameters(self) -> bool:
         """Whether some parameters may get no gradient in a step (DDP's ``find_unused_parameters``)."""
         return False
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[Instances]:
-        features = self.backbone(self.normalize(batch.images, batch.image_sizes))
-        head = self.fcos_head(self.fcos_levels(features))
-        bases = self.basis(self.basis_levels(features))
         if self.training:
-            return self.losses(batch, features["p3"], head, bases)
-        return self.inference(batch, head, bases)
+            return self.losses(batch)
+        raw = self.predict_raw(batch.images, batch.image_sizes)
+        return [
+            blendmask_postprocess(
+                *r[:4],
+                input_size=input_size,
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+            )
+            for r, input_size, output_size in zip(raw, batch.image_sizes, batch.original_sizes)
+        ]
+
+    def dense(
+        self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> tuple[dict[str, Tensor], FCOSOutputs, Tensor]:
+        """Everything computed on whole maps: FPN features, FCOS outputs, bases (B, K, Hp/4, Wp/4)."""
+        features = self.backbone(self.normalize(images, image_sizes))
+        return (
+            features,
+            self.fcos_head(self.fcos_levels(features)),
+            self.basis(self.basis_levels(features)),
+        )
 
     def fcos_levels(self, features: dict[str, Tensor]) -> list[Tensor]:
         """The pyramid levels the FCOS head runs on: P3-P7, or P2-P6 with a stride-4 first level."""
@@ -132,14 +161,13 @@ class BlendMask(nn.Module):
         """The bottom module's inputs: P3, P4, ... (stride-4 bases), whatever levels FCOS uses."""
         return [features[f"p{3 + i}"] for i in range(len(self.basis.refine))]
 
-    def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    def normalize(self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]) -> Tensor:
         """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def losses(
-        self, batch: Batch, p3: Tensor, head: FCOSOutputs, bases: Tensor
-    ) -> dict[str, Tensor]:
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
         assert batch.targets is not None, "training needs batch.targets"
+        features, head, bases = self.dense(batch.images, batch.image_sizes)
         pos = fcos_training(
             head,
             batch.targets,
@@ -170,7 +198,7 @@ class BlendMask(nn.Module):
             mask_logits, mask_targets[pos.gt_index], pos.ctr_targets, pos.ctr_sum_avg
         )
         if self.semantic_head is not None:
-            logits = self.semantic_head(p3)
+            logits = self.semantic_head(features["p3"])
             sem = semantic_targets(
                 [t.masks for t in batch.targets],
                 [t.labels for t in batch.targets],
@@ -182,36 +210,43 @@ class BlendMask(nn.Module):
         return losses
 
     @torch.no_grad()
-    def inference(self, batch: Batch, head: FCOSOutputs, bases: Tensor) -> list[Instances]:
+    def predict_raw(
+        self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> list[RawDetections]:
+        """Detections and box-relative masks per image before paste-back (traceable: ONNX export).
+
+        images: (B, 3, Hp, Wp) RGB 0-255, padded; image_sizes: valid (h, w) per image.
+        """
+        sizes = image_size_tensor(image_sizes, images.device)
+        _, head, bases = self.dense(images, sizes)
         detections = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
-        image_index = torch.cat(
-            [torch.full((len(d.boxes),), i, device=bases.device) for i, d in enumerate(detections)]
-        )
+        image_index = torch.cat([torch.full_like(d.labels, i) for i, d in enumerate(detections)])
+        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, sizes)])
         attention = self.attention(
             head.box_tower, image_index, torch.cat([d.location_index for d in detections])
-        )
-        boxes = torch.cat(
-            [clip_boxes_to_image(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
-        )
+        )  # (N, K, M, M)
         pooled = pool_bases(
             bases,
             boxes_with_batch_index(boxes, image_index),
             resolution=self.resolution,
             sampling_ratio=self.sampling_ratio,
-        )
-        mask_probs = blend(pooled, attention).sigmoid()
-        return [
-            blendmask_postprocess(
-                boxes[image_index == i],
-                d.scores,
-                d.labels,
-                mask_probs[image_index == i],
-                input_size=batch.image_sizes[i],
-                output_size=batch.original_sizes[i],
-                mask_threshold=self.mask_threshold,
-            )
-            for i, d in enumerate(detections)
-        ]
+        )  # (N, K, R, R)
+        mask_probs = blend(*guard_empty_rows(pooled, attention))[: boxes.shape[0]].sigmoid()
+        return split_per_image(boxes, mask_probs, detections)
+
+
+def split_per_image(
+    boxes: Tensor, mask_probs: Tensor, detections: list[FCOSDetections]
+) -> list[RawDetections]:
+    """Rows of all images (in image order) → per image ``RawDetections`` (one mask side R)."""
+    out, start = [], 0
+    for d in detections:
+        end = start + d.labels.shape[0]
+        probs = mask_probs[start:end]
+        sides = torch.full_like(d.labels, mask_probs.shape[-1])
+        out.append(RawDetections(boxes[start:end], d.scores, d.labels, probs, sides))
+        start = end
+    return out
 
 
 def nonempty_boxes(boxes: Tensor) -> Tensor:

@@ -4,15 +4,21 @@ plus the one-layer unified panoptic head when built with stuff classes."""
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from dynaseg.layers.dynamic_shapes import clip_boxes, guard_empty_rows, image_size_tensor
 from dynaseg.layers.roi_align import boxes_with_batch_index
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.blendmask.blender import blender_mask_loss, pool_bases
-from dynaseg.modeling.blendmask.model import blendmask_postprocess, nonempty_boxes
+from dynaseg.modeling.blendmask.model import (
+    blendmask_postprocess,
+    nonempty_boxes,
+    split_per_image,
+)
 from dynaseg.modeling.blendmask.semantic import SemanticHead, semantic_loss, semantic_targets
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor
@@ -20,6 +26,7 @@ from dynaseg.modeling.dr1mask.panoptic import (
     PanopticLayer,
     group_duplicate_detections,
     mean_embeddings_per_instance,
+    panoptic_logits,
     panoptic_loss,
     panoptic_postprocess,
     panoptic_targets,
@@ -36,12 +43,23 @@ from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.targets import level_size_ranges
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.structures import Batch, Instances
+from dynaseg.structures.detections import PanopticMaps, RawDetections
 from dynaseg.structures.masks import crop_and_resize, scale_boxes
 from dynaseg.structures.panoptic import PanopticSegmentation
 
-__all__ = ["DR1Mask"]
+__all__ = ["DR1Mask", "PanopticInference", "dr1mask_postprocess"]
 
 BASIS_STRIDE = 4
+
+
+class PanopticInference(NamedTuple):
+    """Panoptic DR1Mask's test-time parameters (see ``DR1HeadConfig``)."""
+
+    num_stuff: int
+    score_threshold: float
+    group_iou: float
+    restrict_to_boxes: bool
+    min_stuff_area: int
 
 
 class DR1Mask(nn.Module):
@@ -123,13 +141,12 @@ class DR1Mask(nn.Module):
         )
         self.mask_loss_weight, self.semantic_loss_weight = mask_loss_weight, semantic_loss_weight
         self.panoptic_loss_weight = panoptic_loss_weight
-        self.panoptic_score_threshold, self.panoptic_group_iou = (
-            panoptic_score_threshold,
-            panoptic_group_iou,
-        )
-        self.panoptic_restrict_to_boxes, self.panoptic_min_stuff_area = (
-            panoptic_restrict_to_boxes,
-            panoptic_min_stuff_area,
+        self.panoptic_inference = PanopticInference(
+            num_stuff=self.num_stuff,
+            score_threshold=panoptic_score_threshold,
+            group_iou=panoptic_group_iou,
+            restrict_to_boxes=panoptic_restrict_to_boxes,
+            min_stuff_area=panoptic_min_stuff_area,
         )
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False
@@ -142,6 +159,21 @@ class DR1Mask(nn.Module):
         """Attribute paths of the parts that convolve whole feature maps (see ``BlendMask``)."""
         return ("backbone", "fcos_head", "basis")
 
+    def timing_stages(self) -> dict[str, tuple[nn.Module | tuple[nn.Module, str], ...]]:
+        """This model's parts per ``bench speed`` stage (``dynaseg/bench/stages.py``): modules, or
+        (module, method) for work done outside ``forward``."""
+        return {
+            "backbone+fpn": (self.backbone,),
+            "head": (self.fcos_head,),
+            "mask": (
+                (self.top_layer, "context_factors"),
+                (self.top_layer, "embeddings_at"),
+                self.basis,
+                self.predictor,
+                *((self.panoptic_layer,) if self.panoptic_layer is not None else ()),
+            ),
+        }
+
     @property
     def ddp_unused_parameters(self) -> bool:
         """Without dynamic factors (Table 1's ablation) the top layer's context conv gets no gradient."""
@@ -150,30 +182,48 @@ class DR1Mask(nn.Module):
     def forward(
         self, batch: Batch
     ) -> dict[str, Tensor] | list[Instances] | list[PanopticSegmentation]:
-        images = normalize_images(batch.images, batch.image_sizes, self.pixel_mean, self.pixel_std)
-        features = self.backbone(images)
+        if self.training:
+            return self.losses(batch)
+        outputs = self.predict_raw(batch.images, batch.image_sizes)
+        return [
+            dr1mask_postprocess(
+                raw,
+                maps,
+                input_size=input_size,
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+                panoptic=self.panoptic_inference,
+            )
+            for (raw, maps), input_size, output_size in zip(
+                outputs, batch.image_sizes, batch.original_sizes
+            )
+        ]
+
+    def dense(
+        self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> tuple[list[Tensor], FCOSOutputs, Tensor]:
+        """Everything computed on whole maps: FCOS levels, FCOS outputs, F (B, C_F, Hp/4, Wp/4)."""
+        features = self.backbone(
+            normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
+        )
         levels = [features[f"p{i}"] for i in range(3, 3 + len(self.strides))]
         head = self.fcos_head(levels)
         context_source = {"box_tower": head.box_tower, "cls_tower": head.cls_tower, "fpn": levels}[
             self.top_layer.context_position
         ]
-        padded = tuple(batch.images.shape[-2:])
         basis = self.basis(
             levels,
             self.top_layer.context_factors(context_source),
-            output_size=(padded[0] // BASIS_STRIDE, padded[1] // BASIS_STRIDE),
+            output_size=(images.shape[-2] // BASIS_STRIDE, images.shape[-1] // BASIS_STRIDE),
         )
-        if self.training:
-            return self.losses(batch, levels, head, basis)
-        return self.inference(batch, head, basis)
+        return levels, head, basis
 
     # ------------------------------------------------------------------ training
 
-    def losses(
-        self, batch: Batch, levels: list[Tensor], head: FCOSOutputs, basis: Tensor
-    ) -> dict[str, Tensor]:
-        """FCOS + instance mask (+ auxiliary semantic) (+ panoptic) losses. basis: (B, C_F, Hp/4, Wp/4)."""
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """FCOS + instance mask (+ auxiliary semantic) (+ panoptic) losses."""
         assert batch.targets is not None, "training needs batch.targets"
+        levels, head, basis = self.dense(batch.images, batch.image_sizes)
         pos = fcos_training(
             head,
             batch.targets,
@@ -245,67 +295,91 @@ class DR1Mask(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def inference(
-        self, batch: Batch, head: FCOSOutputs, basis: Tensor
-    ) -> list[Instances] | list[PanopticSegmentation]:
+    def predict_raw(
+        self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> list[tuple[RawDetections, PanopticMaps | None]]:
+        """Detections, box-relative masks and (panoptic model) Eq. 9's parts per image, before
+        paste-back and grouping (traceable: ONNX export). images: (B, 3, Hp, Wp) RGB 0-255."""
+        sizes = image_size_tensor(image_sizes, images.device)
+        _, head, basis = self.dense(images, sizes)
         detections = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
-        image_index = torch.cat(
-            [torch.full((len(d.boxes),), i, device=basis.device) for i, d in enumerate(detections)]
-        )
+        image_index = torch.cat([torch.full_like(d.labels, i) for i, d in enumerate(detections)])
         embeddings = self.top_layer.embeddings_at(
             head.box_tower, image_index, torch.cat([d.location_index for d in detections])
-        )
-        boxes = torch.cat(
-            [clip_boxes_to_image(d.boxes, size) for d, size in zip(detections, batch.image_sizes)]
-        )
+        )  # (N, E)
+        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(detections, sizes)])
         pooled = pool_bases(
             basis,
             boxes_with_batch_index(boxes, image_index),
             resolution=self.resolution,
             sampling_ratio=self.sampling_ratio,
             stride=BASIS_STRIDE,
-        )
-        mask_probs = self.predictor(pooled, embeddings).sigmoid()
-        results = []
-        for i, d in enumerate(detections):
-            here = image_index == i
-            output_size = batch.original_sizes[i]
-            # Drop boxes that vanish at the output size first, so rows stay aligned with embeddings.
-            keep = nonempty_boxes(
-                clip_boxes_to_image(
-                    scale_boxes(boxes[here], batch.image_sizes[i], output_size), output_size
-                )
-            )
-            instances = blendmask_postprocess(
-                boxes[here][keep],
-                d.scores[keep],
-                d.labels[keep],
-                mask_probs[here][keep],
-                input_size=batch.image_sizes[i],
-                output_size=output_size,
-                mask_threshold=self.mask_threshold,
-            )
-            if self.panoptic_layer is None:
-                results.append(instances)
-                continue
-            things = (instances.scores >= self.panoptic_score_threshold).nonzero().squeeze(1)
-            kept, group = group_duplicate_detections(
-                instances.boxes[things], instances.scores[things], self.panoptic_group_iou
-            )
-            columns = self.predictor.panoptic_columns(embeddings[here][keep][things])
-            joined = group >= 0
-            rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
-            logits = self.panoptic_layer(basis[i], rows)
-            panoptic = panoptic_postprocess(
-                logits,
-                instances[things[kept]],
-                num_stuff=self.num_stuff,
-                stride=BASIS_STRIDE,
-                input_size=batch.image_sizes[i],
-                min_stuff_area=self.panoptic_min_stuff_area,
-                restrict_to_boxes=self.panoptic_restrict_to_boxes,
-            )
-            results.append(
-                dataclasses.replace(panoptic, instances=instances)
-            )  # every detection, for mask AP
-        return results
+        )  # (N, C_F, R, R)
+        n = boxes.shape[0]
+        mask_probs = self.predictor(*guard_empty_rows(pooled, embeddings))[:n].sigmoid()
+        raw = split_per_image(boxes, mask_probs, detections)
+        if self.panoptic_layer is None:
+            return [(r, None) for r in raw]
+        columns = self.predictor.panoptic_columns(embeddings)  # (N, C_F)
+        outputs, start = [], 0
+        for i, r in enumerate(raw):
+            end = start + r.labels.shape[0]
+            features = basis[i]
+            no_things = features.new_zeros((0, features.shape[0]))
+            stuff = self.panoptic_layer(features, *guard_empty_rows(no_things))[: self.num_stuff]
+            outputs.append((r, PanopticMaps(columns[start:end], features, stuff)))
+            start = end
+        return outputs
+
+
+@torch.no_grad()
+def dr1mask_postprocess(
+    raw: RawDetections,
+    maps: PanopticMaps | None,
+    *,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    mask_threshold: float,
+    panoptic: PanopticInference,
+) -> Instances | PanopticSegmentation:
+    """One image's raw outputs → Instances at ``output_size`` or, with ``maps``, the panoptic result.
+
+    Panoptic (Eq. 9 at test time): detections scoring at least ``panoptic.score_threshold`` are
+    grouped into instances (``group_duplicate_detections``), each instance's row is the mean of its
+    detections' columns, thing logits = rows × F after the stuff logits, then
+    ``panoptic_postprocess``. The result's ``instances`` hold every detection (for mask AP).
+    """
+    # Drop boxes that vanish at the output size first, so rows stay aligned with the columns.
+    keep = nonempty_boxes(
+        clip_boxes_to_image(scale_boxes(raw.boxes, input_size, output_size), output_size)
+    )
+    instances = blendmask_postprocess(
+        raw.boxes[keep],
+        raw.scores[keep],
+        raw.labels[keep],
+        raw.mask_probs[keep],
+        input_size=input_size,
+        output_size=output_size,
+        mask_threshold=mask_threshold,
+    )
+    if maps is None:
+        return instances
+    things = (instances.scores >= panoptic.score_threshold).nonzero().squeeze(1)
+    kept, group = group_duplicate_detections(
+        instances.boxes[things], instances.scores[things], panoptic.group_iou
+    )
+    columns = maps.columns[keep][things]
+    joined = group >= 0
+    rows, _ = mean_embeddings_per_instance(columns[joined], group[joined], len(kept))
+    features = maps.features
+    thing_logits = panoptic_logits(features, features.new_zeros((0, features.shape[0])), rows)
+    result = panoptic_postprocess(
+        torch.cat([maps.stuff_logits, thing_logits]),
+        instances[things[kept]],
+        num_stuff=panoptic.num_stuff,
+        stride=BASIS_STRIDE,
+        input_size=input_size,
+        min_stuff_area=panoptic.min_stuff_area,
+        restrict_to_boxes=panoptic.restrict_to_boxes,
+    )
+    return dataclasses.replace(result, instances=instances)  # every detection, for mask AP

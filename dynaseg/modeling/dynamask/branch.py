@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dynaseg.layers.dynamic_shapes import image_size_tensor
 from dynaseg.modeling.dynamask.cost import mask_head_macs, msm_macs
 from dynaseg.modeling.dynamask.head import DynaMaskHead
 from dynaseg.modeling.dynamask.losses import (
@@ -295,7 +296,9 @@ class DynaMaskBranch(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def select(self, roi_feats: Tensor, rois: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    def select(
+        self, roi_feats: Tensor, rois: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> Tensor:
         """Resolution index per RoI under ``self.policy``: (N, C, 14, 14), (N, 5) → (N,) int64 in 0..K-1."""
         self._check_policy(self.policy)
         if self.policy == "msm":
@@ -304,12 +307,8 @@ class DynaMaskBranch(nn.Module):
             self.msm(roi_feats)  # its cost is paid; its choice is replaced
             return quota_resolution(rois, self.quota)
         if self.policy == "size":
-            sides = torch.tensor(
-                [float(h * w) ** 0.5 for h, w in image_sizes],
-                dtype=torch.float64,
-                device=rois.device,
-            )
-            return self.size_rule(rois, sides)
+            sizes = image_size_tensor(image_sizes, rois.device).to(torch.float64)
+            return self.size_rule(rois, (sizes[:, 0] * sizes[:, 1]).sqrt())
         index = self.head.sides.index(int(self.policy))
         return torch.full((rois.shape[0],), index, dtype=torch.long, device=rois.device)
 
@@ -330,14 +329,26 @@ class DynaMaskBranch(nn.Module):
         features: dict[str, Tensor],
         rois: Tensor,
         labels: Tensor,
-        image_sizes: list[tuple[int, int]],
+        image_sizes: Tensor | list[tuple[int, int]],
     ) -> MaskBranchOutput:
         """Masks for N detections (rois (N, 5), labels (N,) predicted classes, image_sizes (h, w) per
-        image) → ``MaskBranchOutput``: N probability maps (r_i, r_i) and r_i (N,) int64 in 14/28/56/112."""
-        if rois.shape[0] == 0:
-            return MaskBranchOutput([], torch.zeros((0,), dtype=torch.long, device=rois.device))
+        image) → ``MaskBranchOutput``: (N, R, R) probabilities, mask i at the top left of its row,
+        and r_i (N,) int64 in 14/28/56/112; R = 112 (``msm``, ``size``, ``quota``) or the fixed
+        policy's side (the stages above it never run). Traceable for ``msm``, ``size`` and fixed.
+        """
+        self._check_policy(self.policy)
+        fixed = self.policy not in ("msm", "size", "quota")
+        last = self.head.sides.index(int(self.policy)) if fixed else self.head.num_resolutions - 1
+        n = rois.shape[0]
+        tracing = torch.jit.is_tracing()
+        if tracing:  # onnxruntime's MatMul fails on an empty batch (the FAM's deformable convs):
+            # one dummy RoI goes through every stage and is dropped.
+            rois = torch.cat([rois, rois.new_tensor([[0.0, 0.0, 0.0, 1.0, 1.0]])])
+            labels = torch.cat([labels, labels.new_zeros(1)])
         roi_feats = self.roi_features(features, rois)
         choice = self.select(roi_feats, rois, image_sizes)
-        logits = self.head.forward_early_exit(roi_feats, features, rois, labels, choice)
+        if tracing:
+            choice = torch.cat([choice[:n], choice.new_full((1,), last)])
+        logits = self.head.forward_early_exit(roi_feats, features, rois, labels, choice, last)
         sides = torch.tensor(self.head.sides, dtype=torch.long, device=rois.device)
-        return MaskBranchOutput([m.sigmoid() for m in logits], sides.index_select(0, choice))
+        return MaskBranchOutput(logits[:n].sigmoid(), sides.index_select(0, choice[:n]))

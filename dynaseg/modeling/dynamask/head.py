@@ -253,8 +253,10 @@ class DynaMaskHead(nn.Module):
         forces an order (None: the cheaper one).
         """
         block, level, side = self.stages[s], features[self.stage_levels[s]], self.crop_sides[s]
-        if project_first is None:
-            project_first = project_level_first(rois.shape[0], side, level.shape)
+        if project_first is None:  # a trace crops first: the cheaper order depends on N
+            project_first = not torch.jit.is_tracing() and project_level_first(
+                rois.shape[0], side, level.shape
+            )
         if not project_first:
             return torch.relu(block.lateral(self.crop(s, features, rois)))
         projected = {self.stage_levels[s]: block.lateral(level)}
@@ -315,39 +317,44 @@ class DynaMaskHead(nn.Module):
         rois: Tensor,
         labels: Tensor,
         choice: Tensor,
-    ) -> list[Tensor]:
+        last: int | None = None,
+    ) -> Tensor:
         """Inference with per-instance early exit: each RoI stops at its chosen resolution.
 
         All RoIs run L_tiny; stage s runs, batched, only on the RoIs with choice > s (the others
         have left), and each RoI's mask logits are predicted only at its own resolution (no edge
-        logits). The result equals taking forward_all's mask at ``choice`` per RoI.
+        logits). The result equals taking forward_all's mask at ``choice`` per RoI. Traceable: the
+        subsets are data-dependent shapes, no stage is skipped in a trace.
 
-        roi_feats: (N, C, 14, 14); rois: (N, 5); labels, choice: (N,) int64, choice in 0..K-1
-        → N tensors (r_i, r_i) of mask logits, r_i = sides[choice_i], in RoI order.
+        roi_feats: (N, C, 14, 14); rois: (N, 5); labels, choice: (N,) int64, choice in 0..last
+        (``last``: the largest index any RoI may choose, K-1 by default) → (N, R, R) mask logits,
+        R = sides[last]: RoI i's r_i × r_i logits at the top left, -inf (probability 0) elsewhere.
         """
         n = roi_feats.shape[0]
+        last = self.num_resolutions - 1 if last is None else last
         if choice.shape != (n,):
             raise ValueError(f"choice must be ({n},), got {tuple(choice.shape)}")
-        if n and (int(choice.min()) < 0 or int(choice.max()) >= self.num_resolutions):
-            raise ValueError(f"choice must be in 0..{self.num_resolutions - 1}")
-        out: list[Tensor | None] = [None] * n
+        tracing = torch.jit.is_tracing()
+        if not tracing and n and (int(choice.min()) < 0 or int(choice.max()) > last):
+            raise ValueError(f"choice must be in 0..{last}")
+        largest = self.sides[last]
+        out = roi_feats.new_full((n, largest, largest), float("-inf"))
         alive = torch.arange(n, device=roi_feats.device)  # RoI index of each row of `region`
         region = self.tiny(roi_feats)
-        for k in range(self.num_resolutions):
+        for k in range(last + 1):
             alive_choice = choice.index_select(0, alive)
             leaving = (alive_choice == k).nonzero().squeeze(1)
-            if leaving.numel():
-                logits = self.mask_logits_at(
-                    k,
-                    region.index_select(0, leaving),
-                    labels.index_select(0, alive.index_select(0, leaving)),
-                )
-                for row, i in enumerate(alive.index_select(0, leaving).tolist()):
-                    out[i] = logits[row]
-            staying = (alive_choice > k).nonzero().squeeze(1)
-            if staying.numel() == 0:
+            rows = alive.index_select(0, leaving)
+            logits = self.mask_logits_at(
+                k, region.index_select(0, leaving), labels.index_select(0, rows)
+            )
+            pad = largest - self.sides[k]
+            out = out.index_put((rows,), F.pad(logits, (0, pad, 0, pad), value=float("-inf")))
+            if k == last:
                 break
-            if staying.numel() < alive.numel():
-                alive, region = alive.index_select(0, staying), region.index_select(0, staying)
+            staying = (alive_choice > k).nonzero().squeeze(1)
+            if not tracing and staying.numel() == 0:
+                break  # nobody goes on: the larger stages never run
+            alive, region = alive.index_select(0, staying), region.index_select(0, staying)
             region = self.stage(k, region, features, rois.index_select(0, alive))
-        return out  # type: ignore[return-value]
+        return out

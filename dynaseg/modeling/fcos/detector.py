@@ -133,7 +133,8 @@ def fcos_detections(
     head: FCOSOutputs, *, strides: list[int], params: FCOSInference
 ) -> list[FCOSDetections]:
     """Decode every image of the batch (network-input pixels, boxes not clipped)."""
-    per_level, _, _, _ = fcos_locations(head, strides, [(0.0, 0.0)] * len(strides))
+    sizes = [x.shape[-2:] for x in head.cls_logits]
+    per_level = compute_locations(sizes, strides, head.cls_logits[0].device)
     return [
         decode_fcos(
             cls_logits=[x[i].flatten(1).T for x in head.cls_logits],

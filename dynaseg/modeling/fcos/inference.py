@@ -1,4 +1,4 @@
-"""FCOS decoding: threshold, per-level top-k, class-aware NMS, top-N."""
+"""FCOS decoding: threshold, per-level top-k, class-aware NMS, top-N (traceable for export)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+
+from dynaseg.layers.dynamic_shapes import topk_at_most
+from dynaseg.layers.nms import batched_nms
 
 __all__ = ["FCOSDetections", "decode_fcos"]
 
@@ -44,25 +46,28 @@ def decode_fcos(
     """
     boxes_all, scores_all, labels_all, index_all = [], [], [], []
     offset = 0
+    num_classes = cls_logits[0].shape[1]
     for cls, ltrb, ctr, loc, stride in zip(cls_logits, box_ltrb, centerness, locations, strides):
         p_cls = cls.float().sigmoid()
         p_ctr = ctr.float().sigmoid()
         ranking = p_cls * p_ctr[:, None]  # (HW, C)
-        candidates = (ranking if thresh_with_ctr else p_cls) > score_threshold
-        loc_idx, cls_idx = candidates.nonzero(as_tuple=True)
-        rank = ranking[loc_idx, cls_idx]
-        if rank.numel() > pre_nms_topk:
-            rank, top = rank.topk(pre_nms_topk)
-            loc_idx, cls_idx = loc_idx[top], cls_idx[top]
+        candidates = ((ranking if thresh_with_ctr else p_cls) > score_threshold).flatten()
+        flat_index = candidates.nonzero().squeeze(1)  # row-major (location, class)
+        rank, top = topk_at_most(ranking.flatten()[flat_index], pre_nms_topk)
+        flat_index = flat_index[top]
+        loc_idx, cls_idx = flat_index // num_classes, flat_index % num_classes
         d = ltrb[loc_idx].float() * stride
         xy = loc[loc_idx]
         boxes_all.append(torch.cat([xy - d[:, :2], xy + d[:, 2:]], dim=1))
         scores_all.append(rank.sqrt())
         labels_all.append(cls_idx)
         index_all.append(loc_idx + offset)
-        offset += cls.shape[0]
+        offset = offset + cls.shape[0]
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
-    groups = torch.zeros_like(labels) if class_agnostic_nms else labels
-    keep = batched_nms(boxes, scores, groups, nms_threshold)[:max_detections]  # sorted by score
+    if class_agnostic_nms:
+        keep = batched_nms(boxes, scores, torch.zeros_like(labels), nms_threshold, num_groups=1)
+    else:
+        keep = batched_nms(boxes, scores, labels, nms_threshold, num_groups=num_classes)
+    keep = keep[:max_detections]  # sorted by score
     return FCOSDetections(boxes[keep], scores[keep], labels[keep], index[keep])

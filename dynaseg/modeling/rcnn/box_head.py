@@ -15,8 +15,10 @@ from torch.nn import functional as F
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, remove_small_boxes
 
+from dynaseg.layers.dynamic_shapes import clip_boxes, image_size_tensor
+from dynaseg.layers.nms import batched_nms
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois, multilevel_roi_align
 from dynaseg.structures import Instances
 
@@ -25,6 +27,7 @@ __all__ = [
     "BoxInference",
     "sample_proposals",
     "box_losses",
+    "BoxDetections",
     "box_inference",
     "BoxHead",
 ]
@@ -131,41 +134,54 @@ class BoxInference(NamedTuple):
     detections_per_image: int
 
 
+class BoxDetections(NamedTuple):
+    """One image's box-head detections in input pixels, clipped, by decreasing score."""
+
+    boxes: Tensor  # (N, 4) XYXY
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) int64 in 0..C-1
+
+
 @torch.no_grad()
 def box_inference(
     class_logits: Tensor,
     box_deltas: Tensor,
     proposals: list[Tensor],
-    image_sizes: list[tuple[int, int]],
+    image_sizes: Tensor | list[tuple[int, int]],
     *,
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
     score_threshold: float = 0.05,
     nms_threshold: float = 0.5,
     detections_per_image: int = 100,
-) -> list[Instances]:
-    """Softmax scores, class-specific decoding, clip, score threshold, per-class NMS, top-k.
+) -> list[BoxDetections]:
+    """Softmax scores, class-specific decoding, clip, score threshold, per-class NMS, top-k
+    (traceable: ONNX export).
 
-    class_logits: (R, C+1), box_deltas: (R, 4(C+1)) for the proposals of all images (per image (R_i, 4))
-    → per image Instances at its input size (boxes, labels 0..C-1, scores; sorted by score).
+    class_logits: (R, C+1), box_deltas: (R, 4(C+1)) for the proposals of all images (per image
+    (R_i, 4)); image_sizes: valid (h, w) per image → per image ``BoxDetections`` (labels 0..C-1).
     """
     num_classes = class_logits.shape[1] - 1
+    sizes = image_size_tensor(image_sizes, class_logits.device)
     scores = F.softmax(class_logits.float(), dim=1)[:, 1:]  # (R, C), background dropped
     boxes = BoxCoder(bbox_reg_weights).decode_single(
         box_deltas.float(), torch.cat(proposals).float()
     )
-    boxes = boxes.reshape(len(scores), num_classes + 1, 4)[:, 1:]  # (R, C, 4)
-    labels = _from_torchvision_labels(torch.arange(1, num_classes + 1, device=scores.device))
-    counts = [len(p) for p in proposals]
-    results = []
-    for s, b, size in zip(scores.split(counts), boxes.split(counts), image_sizes):
-        lab = labels.repeat(len(s))  # (R_i·C,) row-major
-        b, s = clip_boxes_to_image(b.reshape(-1, 4), size), s.reshape(-1)
+    boxes = boxes.reshape(-1, num_classes + 1, 4)[:, 1:]  # (R, C, 4)
+    classes = _from_torchvision_labels(torch.arange(1, num_classes + 1, device=scores.device))
+    results, start = [], 0
+    for props, size in zip(proposals, sizes):
+        end = start + props.shape[0]
+        s = scores[start:end]
+        labels = classes[None, :].expand_as(s).reshape(-1)  # (R_i·C,) row-major
+        b, s = clip_boxes(boxes[start:end].reshape(-1, 4), size), s.reshape(-1)  # (R_i·C, ...)
         keep = (s > score_threshold).nonzero().squeeze(1)
         keep = keep[remove_small_boxes(b[keep], 1e-2)]
-        keep = keep[batched_nms(b[keep], s[keep], lab[keep], nms_threshold)[:detections_per_image]]
-        results.append(
-            Instances(image_size=tuple(size), boxes=b[keep], labels=lab[keep], scores=s[keep])
+        nms_kept = batched_nms(
+            b[keep], s[keep], labels[keep], nms_threshold, num_groups=num_classes
         )
+        keep = keep[nms_kept[:detections_per_image]]
+        results.append(BoxDetections(b[keep], s[keep], labels[keep]))
+        start = end
     return results
 
 
@@ -249,8 +265,8 @@ class BoxHead(nn.Module):
         class_logits: Tensor,
         box_deltas: Tensor,
         proposals: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-    ) -> list[Instances]:
+        image_sizes: Tensor | list[tuple[int, int]],
+    ) -> list[BoxDetections]:
         return box_inference(
             class_logits, box_deltas, proposals, image_sizes, **self.decoding._asdict()
         )

@@ -28,7 +28,9 @@ def fcn_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> 
 
 def fcn_mask_probs(mask_logits: Tensor, labels: Tensor) -> Tensor:
     """Sigmoid of each detection's predicted-class channel: (N, C, S, S), (N,) → (N, S, S)."""
-    return mask_logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+    s = mask_logits.shape[-1]
+    index = labels[:, None, None, None].expand(-1, 1, s, s)  # a gather keeps N dynamic in a trace
+    return mask_logits.gather(1, index)[:, 0].sigmoid()
 
 
 class FCNMaskHead(nn.Module):
@@ -114,11 +116,8 @@ class FCNMaskHead(nn.Module):
         features: dict[str, Tensor],
         rois: Tensor,
         labels: Tensor,
-        image_sizes: list[tuple[int, int]],
+        image_sizes: Tensor | list[tuple[int, int]],
     ) -> MaskBranchOutput:
-        """Masks of N detections (rois (N, 5), predicted labels (N,)): N probability maps (28, 28)."""
+        """Masks of N detections (rois (N, 5), predicted labels (N,)): (N, 28, 28) probabilities."""
         probs = fcn_mask_probs(self(features, rois), labels)  # (N, 28, 28)
-        resolutions = torch.full(
-            (len(probs),), self.resolution, dtype=torch.int64, device=probs.device
-        )
-        return MaskBranchOutput(mask_probs=list(probs.unbind(0)), resolutions=resolutions)
+        return MaskBranchOutput(probs, torch.full_like(labels, self.resolution))

@@ -17,9 +17,10 @@ class MaskBranchOutput(NamedTuple):
     """Mask predictions for N detections, box-relative.
 
     A mask of side r covers its detection box exactly (as RoIAlign with ``aligned=True`` sampled it).
+    Mask i is ``mask_probs[i, :r_i, :r_i]``; the rest of its (R, R) row is zero.
     """
 
-    mask_probs: list[Tensor]  # N tensors (r_i, r_i), probabilities in [0, 1]
+    mask_probs: Tensor  # (N, R, R) probabilities in [0, 1]; R = the largest side the branch makes
     resolutions: Tensor  # (N,) int64: r_i (e.g. 28 for Mask R-CNN; 14/28/56/112 for DynaMask)
 
 
@@ -52,7 +53,7 @@ class MaskBranch(Protocol):
         features: dict[str, Tensor],
         rois: Tensor,
         labels: Tensor,
-        image_sizes: list[tuple[int, int]],
+        image_sizes: Tensor | list[tuple[int, int]],
     ) -> MaskBranchOutput:
         """Masks for N detections (rois (N, 5), labels (N,) predicted classes), in RoI order."""
         ...

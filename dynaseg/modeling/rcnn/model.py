@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from dynaseg.layers.dynamic_shapes import image_size_tensor
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
 from dynaseg.modeling.rcnn.pooler import boxes_to_rois
 from dynaseg.modeling.rcnn.rpn import RPN
 from dynaseg.structures import Batch, Instances
+from dynaseg.structures.detections import RawDetections
 from dynaseg.structures.masks import paste_masks, scale_boxes
 
 __all__ = ["RCNNInstances", "TwoStageDetector", "rcnn_postprocess"]
@@ -98,6 +100,15 @@ class TwoStageDetector(nn.Module):
         """Attribute paths of the parts that convolve whole feature maps (see ``BlendMask``)."""
         return ("backbone", "rpn.rpn.head")
 
+    def timing_stages(self) -> dict[str, tuple[nn.Module | tuple[nn.Module, str], ...]]:
+        """This model's parts per ``bench speed`` stage (``dynaseg/bench/stages.py``): modules, or
+        (module, method) for work done outside ``forward``. Box decoding and NMS count as ``head``; the mask branch's RoIAlign as ``mask``."""
+        return {
+            "backbone+fpn": (self.backbone,),
+            "head": (self.rpn, self.box_head, (self.box_head, "inference")),
+            "mask": ((self.mask_branch, "predict"),),
+        }
+
     @property
     def ddp_unused_parameters(self) -> bool:
         """DynaMask's phase 1 leaves its Mask Switch Module without a gradient."""
@@ -109,26 +120,29 @@ class TwoStageDetector(nn.Module):
         return {side: g + overhead for side, g in self.mask_branch.gmac_per_resolution().items()}
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | list[RCNNInstances]:
+        if self.training:
+            return self.losses(batch)
+        raw = self.predict_raw(batch.images, batch.image_sizes)
+        return [
+            rcnn_postprocess(
+                r,
+                input_size=input_size,
+                output_size=output_size,
+                mask_threshold=self.mask_threshold,
+            )
+            for r, input_size, output_size in zip(raw, batch.image_sizes, batch.original_sizes)
+        ]
+
+    def normalize(self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]) -> Tensor:
+        """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
+        return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        assert batch.targets is not None, "training needs batch.targets"
         features = self.backbone(
             self.normalize(batch.images, batch.image_sizes)
         )  # {"p2": (B, F, Hp/4, Wp/4), ...}
         proposals, rpn_losses = self.rpn(features, batch.images, batch.image_sizes, batch.targets)
-        if self.training:
-            return self.losses(batch, features, proposals, rpn_losses)
-        return self.inference(batch, features, proposals)
-
-    def normalize(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
-        """(B, 3, Hp, Wp) 0-255 → normalised, padding 0."""
-        return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
-
-    def losses(
-        self,
-        batch: Batch,
-        features: dict[str, Tensor],
-        proposals: list[Tensor],
-        rpn_losses: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
-        assert batch.targets is not None, "training needs batch.targets"
         samples = self.box_head.sample(proposals, batch.targets)  # S RoIs, no gradient
         class_logits, box_deltas = self.box_head(features, samples.rois)  # (S, C+1), (S, 4(C+1))
         positive = self._mask_roi_index(samples)  # (P,)
@@ -163,64 +177,59 @@ class TwoStageDetector(nn.Module):
         return torch.cat(kept) if kept else positive
 
     @torch.no_grad()
-    def inference(
-        self, batch: Batch, features: dict[str, Tensor], proposals: list[Tensor]
-    ) -> list[RCNNInstances]:
+    def predict_raw(
+        self, images: Tensor, image_sizes: Tensor | list[tuple[int, int]]
+    ) -> list[RawDetections]:
+        """Detections and box-relative masks per image before paste-back (traceable: ONNX export).
+
+        images: (B, 3, Hp, Wp) RGB 0-255, padded; image_sizes: valid (h, w) per image.
+        """
+        sizes = image_size_tensor(image_sizes, images.device)
+        features = self.backbone(self.normalize(images, sizes))
+        proposals, _ = self.rpn(features, images, sizes)
         class_logits, box_deltas = self.box_head(features, boxes_to_rois(proposals))
-        detections = self.box_head.inference(
-            class_logits, box_deltas, proposals, batch.image_sizes
-        )  # clipped
+        detections = self.box_head.inference(class_logits, box_deltas, proposals, sizes)
         masks = self.mask_branch.predict(
             features=features,
             rois=boxes_to_rois([d.boxes for d in detections]),
             labels=torch.cat([d.labels for d in detections]),
-            image_sizes=batch.image_sizes,
+            image_sizes=sizes,
         )
         results, start = [], 0
-        for det, output_size in zip(detections, batch.original_sizes):
-            end = start + len(det)
+        for det in detections:
+            end = start + det.labels.shape[0]
             results.append(
-                rcnn_postprocess(
-                    det,
-                    masks.mask_probs[start:end],
-                    masks.resolutions[start:end],
-                    output_size=output_size,
-                    mask_threshold=self.mask_threshold,
-                )
+                RawDetections(*det, masks.mask_probs[start:end], masks.resolutions[start:end])
             )
             start = end
         return results
 
 
 def rcnn_postprocess(
-    detections: Instances,
-    mask_probs: list[Tensor],
-    resolutions: Tensor,
+    raw: RawDetections,
     *,
+    input_size: tuple[int, int],
     output_size: tuple[int, int],
     mask_threshold: float,
 ) -> RCNNInstances:
     """Rescale one image's detections to its original size and paste their masks.
 
-    detections: N boxes clipped to ``detections.image_size``; mask_probs: N box-relative (r_i, r_i) maps;
-    resolutions: (N,) r_i → RCNNInstances with (N', H, W) bool masks at ``output_size`` (boxes empty
-    after rescaling are dropped). Masks of one resolution are pasted in one ``paste_masks`` call.
+    raw: N boxes clipped to ``input_size``, masks ``mask_probs[i, :r_i, :r_i]`` → RCNNInstances with
+    (N', H, W) bool masks at ``output_size`` (boxes empty after rescaling are dropped). Masks of one
+    resolution are pasted in one ``paste_masks`` call.
     """
-    boxes = clip_boxes_to_image(
-        scale_boxes(detections.boxes, detections.image_size, output_size), output_size
-    )
+    boxes = clip_boxes_to_image(scale_boxes(raw.boxes, input_size, output_size), output_size)
     keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
-    boxes, resolutions = boxes[keep], resolutions[keep]
+    boxes, resolutions, probs = boxes[keep], raw.mask_resolutions[keep], raw.mask_probs[keep]
     masks = torch.zeros((len(keep), *output_size), dtype=torch.bool, device=boxes.device)
     for r in resolutions.unique().tolist():
         group = (resolutions == r).nonzero().squeeze(1)
-        probs = torch.stack([mask_probs[i] for i in keep[group].tolist()])  # (G, r, r)
-        masks[group] = paste_masks(probs, boxes[group], output_size, mask_threshold)
+        masks[group] = paste_masks(probs[group, :r, :r], boxes[group], output_size, mask_threshold)
     return RCNNInstances(
         image_size=tuple(output_size),
         boxes=boxes,
-        labels=detections.labels[keep],
-        scores=detections.scores[keep],
+        labels=raw.labels[keep],
+        scores=raw.scores[keep],
         masks=masks,
         mask_resolutions=resolutions,
     )

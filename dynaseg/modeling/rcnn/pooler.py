@@ -14,10 +14,7 @@ __all__ = ["assign_levels", "multilevel_roi_align", "boxes_to_rois"]
 
 def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
     """Per image (R_i, 4) XYXY boxes → (ΣR_i, 5) rows ``[image index, x0, y0, x1, y1]``."""
-    index = [
-        torch.full((len(b), 1), i, dtype=b.dtype, device=b.device)
-        for i, b in enumerate(boxes_per_image)
-    ]
+    index = [b.new_full((b.shape[0], 1), float(i)) for i, b in enumerate(boxes_per_image)]
     return torch.cat([torch.cat(index), torch.cat(boxes_per_image)], dim=1)
 
 
@@ -65,14 +62,13 @@ def multilevel_roi_align(
     first = features[f"p{min_level}"]
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     for k in range(min_level, max_level + 1):
-        index = (levels == k).nonzero().squeeze(1)
-        if index.numel() == 0:
-            continue
-        out[index] = roi_align_aligned(
+        index = (levels == k).nonzero().squeeze(1)  # maybe empty: no Python branch (traceable)
+        pooled = roi_align_aligned(
             features[f"p{k}"],
             rois[index],
             output_size=output_size,
             spatial_scale=math.ldexp(1.0, -k),
             sampling_ratio=sampling_ratio,
         )
+        out = out.index_put((index,), pooled.to(out.dtype))
     return out

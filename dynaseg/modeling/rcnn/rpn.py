@@ -6,11 +6,18 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.ops import remove_small_boxes
 
+from dynaseg.layers.dynamic_shapes import clip_boxes, image_size_tensor, topk_at_most
+from dynaseg.layers.nms import batched_nms
 from dynaseg.structures import Instances
 
-__all__ = ["RPN"]
+__all__ = ["RPN", "filter_proposals"]
 
 
 class _StridedAnchorGenerator(AnchorGenerator):
@@ -108,10 +115,11 @@ class RPN(nn.Module):
         self,
         features: dict[str, Tensor],
         images: Tensor,
-        image_sizes: list[tuple[int, int]],
+        image_sizes: Tensor | list[tuple[int, int]],
         targets: list[Instances] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Proposals and, in training, the RPN losses.
+        """Proposals and, in training, the RPN losses (torchvision's ``RegionProposalNetwork.forward``
+        with ``filter_proposals`` below, which a trace keeps dynamic).
 
         Args:
             features: {"p2": (B, C, Hp/4, Wp/4), ..., "p6": (B, C, Hp/64, Wp/64)}.
@@ -122,12 +130,75 @@ class RPN(nn.Module):
             per image (R_i, 4) XYXY proposals (no gradient), sorted by decreasing objectness;
             ``{"loss_rpn_cls", "loss_rpn_loc"}`` in training, ``{}`` in eval.
         """
-        image_list = ImageList(images, [tuple(s) for s in image_sizes])
-        tv_targets = (
-            None if targets is None else [{"boxes": t.boxes} for t in targets]
-        )  # torchvision's format
-        proposals, losses = self.rpn(
-            image_list, {k: features[k] for k in self.in_features}, tv_targets
+        net = self.rpn
+        sizes = image_size_tensor(image_sizes, images.device)
+        feats = [features[k] for k in self.in_features]
+        objectness, deltas = net.head(feats)
+        anchors = net.anchor_generator(ImageList(images, [(0, 0)] * len(sizes)), feats)
+        counts = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # (B·A, 1), (B·A, 4)
+        proposals = net.box_coder.decode(deltas.detach(), anchors).view(len(sizes), -1, 4)
+        scores = objectness.detach().view(len(sizes), -1)
+        boxes = [
+            filter_proposals(
+                p,
+                s,
+                size,
+                counts,
+                pre_nms_topk=net.pre_nms_top_n(),
+                post_nms_topk=net.post_nms_top_n(),
+                min_size=net.min_size,
+                score_threshold=net.score_thresh,
+                nms_threshold=net.nms_thresh,
+            )
+            for p, s, size in zip(proposals, scores, sizes)
+        ]
+        if not self.training:
+            return boxes, {}
+        if targets is None:
+            raise ValueError("RPN training needs targets")
+        labels, matched = net.assign_targets_to_anchors(
+            anchors, [{"boxes": t.boxes} for t in targets]
         )
-        named = {self._loss_names[k]: v for k, v in losses.items()}
-        return proposals, {name: weight * v for (name, weight), v in named.items()}
+        cls, loc = net.compute_loss(
+            objectness, deltas, labels, net.box_coder.encode(matched, anchors)
+        )
+        (cls_name, cls_weight), (loc_name, loc_weight) = (
+            self._loss_names["loss_objectness"],
+            self._loss_names["loss_rpn_box_reg"],
+        )
+        return boxes, {cls_name: cls_weight * cls, loc_name: loc_weight * loc}
+
+
+def filter_proposals(
+    proposals: Tensor,
+    objectness: Tensor,
+    image_size: Tensor,
+    counts: list[int],
+    *,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    min_size: float,
+    score_threshold: float,
+    nms_threshold: float,
+) -> Tensor:
+    """One image's proposals as torchvision's ``RegionProposalNetwork.filter_proposals`` keeps them:
+    top-k objectness per level, clip, drop small and low-scoring boxes, NMS per level, top-k.
+
+    proposals: (A, 4) decoded anchors, levels in order (``counts`` anchors each); objectness: (A,)
+    logits; image_size: (2,) [h, w] → (R, 4) by decreasing objectness.
+    """
+    picked, levels, offset = [], [], 0
+    for level, count in enumerate(counts):
+        _, top = topk_at_most(objectness[offset : offset + count], pre_nms_topk)
+        picked.append(top + offset)
+        levels.append(torch.full_like(top, level))
+        offset = offset + count
+    index, level = torch.cat(picked), torch.cat(levels)
+    boxes, scores = clip_boxes(proposals[index], image_size), objectness[index].sigmoid()
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, level = boxes[keep], scores[keep], level[keep]
+    keep = torch.where(scores >= score_threshold)[0]
+    boxes, scores, level = boxes[keep], scores[keep], level[keep]
+    keep = batched_nms(boxes, scores, level, nms_threshold, num_groups=len(counts))
+    return boxes[keep[:post_nms_topk]]
