@@ -18,7 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynaseg.bench.mask_head import mask_head_flops
-from dynaseg.bench.speed import STAGES, StageTimer, prepare_models, stage_hooks
+from dynaseg.bench.speed import prepare_models
+from dynaseg.bench.stages import STAGES, StageTimer, stage_hooks
 from dynaseg.layers.flop_count import CUSTOM_FLOP_FORMULAS
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
 
@@ -64,7 +65,7 @@ def run_flops_benchmark(
         timer = e.timer
         assert isinstance(timer, _CountingTimer)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(stage_hooks(e.model, targets=e.targets, timer=timer))
+            stack.enter_context(stage_hooks(targets=e.targets, timer=timer))
             stack.enter_context(torch.inference_mode())
             stack.enter_context(timer.counter)
             timer.reset()

@@ -6,13 +6,10 @@ score thresholds are set to 0 and the detection cap to N: every model then does 
 instances (the count each run really produced is recorded and reported). All models live in one
 process and run interleaved (round-robin per repeat), so drift (thermal, other load) hits all alike.
 
-Per-stage times come from forward pre/post hooks (or, where the work is done outside ``forward``,
-a wrapped method) on the models' submodules, with exclusive accounting: time inside a hooked module
-that is nested in another (torchvision's mask heads inside ``roi_heads``) counts for the inner one.
-Stages: ``pre`` (our padding and batching / torchvision's ``transform``), ``backbone+fpn``, ``head``
-(FCOS head / RPN + box head with its box decoding and NMS, as in torchvision's ``roi_heads``), ``mask``
-(basis + attention / mask branch / DR1 top layer, basis and predictor) and ``post`` = total − the
-others (FCOS decoding and NMS, BlendMask's blending, rescaling, mask paste).
+Per-stage times (``dynaseg/bench/stages.py``) come from forward pre/post hooks (or, where the work
+is done outside ``forward``, a wrapped method) on the parts each model names, with exclusive
+accounting: time inside a hooked module nested in another (torchvision's mask heads inside
+``roi_heads``) counts for the inner one.
 """
 
 from __future__ import annotations
@@ -29,28 +26,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynaseg.bench.peers import PEERS_WITH_MASKS, build_peer, peer_stage_targets
+from dynaseg.bench.stages import STAGES, StageTarget, StageTimer, stage_hooks
 from dynaseg.config.overrides import with_overrides
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, ExperimentConfig, RCNNConfig
 from dynaseg.inference.optimize import optimize_for_inference
+from dynaseg.modeling.blendmask.model import BlendMask
 from dynaseg.modeling.build import build_model
+from dynaseg.modeling.dr1mask.model import DR1Mask
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import PanopticSegmentation
 
 __all__ = [
-    "STAGES",
-    "OUR_STAGE_TARGETS",
-    "TORCHVISION_STAGE_TARGETS",
-    "PEERS",
-    "StageTimer",
     "parse_size",
     "check_device",
     "sync_function",
     "force_detections",
     "nondegenerate_fcos_boxes",
-    "build_peer",
     "random_image",
-    "stage_hooks",
     "count_detections",
     "our_inference_fn",
     "peer_inference_fn",
@@ -64,167 +58,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("pre", "backbone+fpn", "head", "mask", "post")
-
-# Where each stage's time is spent: dotted submodule paths (timed by forward hooks), or
-# "path:method" for a method doing its work outside ``forward``. Absent paths are skipped.
-OUR_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
-    "backbone+fpn": ("backbone",),
-    "head": (
-        "fcos_head",
-        "rpn",
-        "box_head",
-        "box_head:inference",
-    ),  # two-stage: box decoding + NMS too
-    "mask": (
-        "basis",
-        "attention",  # BlendMask (the blend itself: post)
-        "top_layer:context_factors",
-        "top_layer:embeddings_at",  # DR1Mask
-        "predictor",
-        "panoptic_layer",
-        "mask_branch:predict",
-    ),  # Mask R-CNN / DynaMask (RoIAlign included)
-}
-TORCHVISION_STAGE_TARGETS: dict[str, tuple[str, ...]] = {
-    "pre": ("transform",),  # forward only: postprocess / paste is post
-    "backbone+fpn": ("backbone",),
-    "head": ("rpn", "roi_heads", "head"),  # roi_heads (incl. box NMS) minus mask heads
-    "mask": ("roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor"),
-}
-
-PEER_DEPTHS = (18, 34, 50, 101)
-
-
-# ---------------------------------------------------------------------------------------- stage timing
-
-
-class StageTimer:
-    """Exclusive wall time per stage (seconds), fed by ``enter`` / ``exit`` calls that may nest.
-
-    Args:
-        sync: called before every clock reading (``torch.cuda.synchronize`` on CUDA), or None.
-        clock: what is accumulated: ``time.perf_counter`` (seconds), or any other monotonic
-            counter, e.g. a flop counter's running total (``bench flops``).
-    """
-
-    def __init__(
-        self,
-        *,
-        sync: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.sync, self.clock = sync, clock
-        self.totals: dict[str, float] = {}
-        self._stack: list[str] = []
-        self._since = 0.0
-
-    def reset(self) -> None:
-        """Forget the totals (and any stage left open by an exception)."""
-        self.totals, self._stack = {}, []
-        self._since = self.clock()
-
-    @property
-    def open(self) -> bool:
-        """Whether a stage is still entered."""
-        return bool(self._stack)
-
-    def _switch(self) -> None:
-        if self.sync is not None:
-            self.sync()
-        now = self.clock()
-        if self._stack:
-            stage = self._stack[-1]
-            self.totals[stage] = self.totals.get(stage, 0.0) + now - self._since
-        self._since = now
-
-    def enter(self, stage: str) -> None:
-        """Start ``stage``, pausing the stage it is nested in."""
-        self._switch()
-        self._stack.append(stage)
-
-    def exit(self) -> None:
-        """End the innermost stage, resuming the one it was nested in."""
-        self._switch()
-        if self._stack:
-            self._stack.pop()
-
-    @contextlib.contextmanager
-    def section(self, stage: str):
-        """``with timer.section("pre"): ...`` times a block as ``stage``."""
-        self.enter(stage)
-        try:
-            yield
-        finally:
-            self.exit()
-
-
-def _resolve(model: nn.Module, path: str) -> Any:
-    """``model`` itself for "", else the object at dotted ``path`` or None."""
-    obj: Any = model
-    if not path:
-        return obj
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def stage_hooks(
-    model: nn.Module, *, targets: Mapping[str, Sequence[str]], timer: StageTimer
-) -> contextlib.ExitStack:
-    """Attach ``timer`` to ``model``'s submodules: ``{stage: ("path", "path:method", ...)}``.
-
-    Module paths get a forward pre-hook (``timer.enter(stage)``) and an always-called forward hook
-    (``timer.exit()``); ``path:method`` replaces that method on the instance by a timed wrapper.
-    Paths the model does not have are skipped. Returns an ``ExitStack`` that removes everything:
-    use it in a ``with`` block or call ``.close()``.
-    """
-    stack = contextlib.ExitStack()
-    for stage, paths in targets.items():
-        for target in paths:
-            path, _, method = target.partition(":")
-            module = _resolve(model, path)
-            if not isinstance(module, nn.Module):
-                continue
-            if method:
-                if not callable(getattr(module, method, None)):
-                    continue
-                stack.callback(_wrap_method(module, method, stage, timer))
-            else:
-                pre = module.register_forward_pre_hook(
-                    lambda _m, _a, stage=stage: timer.enter(stage)
-                )
-                post = module.register_forward_hook(
-                    lambda _m, _a, _o: timer.exit(), always_call=True
-                )
-                stack.callback(pre.remove)
-                stack.callback(post.remove)
-    return stack
-
-
-def _wrap_method(module: nn.Module, name: str, stage: str, timer: StageTimer) -> Callable[[], None]:
-    """Replace ``module.name`` by a timed call of the original; returns the function that undoes it."""
-    own = name in vars(module)
-    previous = vars(module).get(name)
-    original = getattr(module, name)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        with timer.section(stage):
-            return original(*args, **kwargs)
-
-    object.__setattr__(module, name, timed)
-
-    def undo() -> None:
-        if own:
-            object.__setattr__(module, name, previous)
-        else:
-            object.__delattr__(module, name)
-
-    return undo
-
 
 # ---------------------------------------------------------------------------------------- models
 
@@ -282,81 +115,6 @@ def force_detections(cfg: ExperimentConfig, n: int) -> ExperimentConfig:
     raise TypeError(f"unsupported model config: {type(model).__name__}")
 
 
-def _tv_maskrcnn(
-    *,
-    num_classes: int,
-    depth: int,
-    image_size: tuple[int, int],
-    detections: int | None,
-    frozen_bn: bool,
-    trainable_layers: int,
-) -> nn.Module:
-    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
-    if detections is not None:
-        top = max(1000, detections)
-        kwargs |= {
-            "box_score_thresh": 0.0,
-            "box_detections_per_img": detections,
-            "rpn_pre_nms_top_n_test": top,
-            "rpn_post_nms_top_n_test": top,
-        }
-    if depth == 50 and not frozen_bn and trainable_layers == 5:
-        return maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
-        )
-    backbone = resnet_fpn_backbone(
-        backbone_name=f"resnet{depth}",
-        weights=None,
-        trainable_layers=trainable_layers,
-        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-    )
-    return MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
-
-
-def _tv_fcos(
-    *,
-    num_classes: int,
-    depth: int,
-    image_size: tuple[int, int],
-    detections: int | None,
-    frozen_bn: bool,
-    trainable_layers: int,
-) -> nn.Module:
-    from torchvision.models.detection import FCOS, fcos_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
-    if detections is not None:
-        kwargs |= {
-            "score_thresh": 0.0,
-            "detections_per_img": detections,
-            "topk_candidates": max(1000, detections),
-        }
-    if depth == 50 and not frozen_bn and trainable_layers == 5:
-        return fcos_resnet50_fpn(
-            weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
-        )
-    backbone = resnet_fpn_backbone(
-        backbone_name=f"resnet{depth}",
-        weights=None,
-        trainable_layers=trainable_layers,
-        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-        returned_layers=[2, 3, 4],
-        extra_blocks=LastLevelP6P7(256, 256),
-    )
-    return FCOS(backbone, num_classes=num_classes + 1, **kwargs)
-
-
-# FCOS box regressors (``relu(conv)``, distances in strides / anchor sizes): ours, torchvision's.
-FCOS_BOX_REGRESSORS = ("fcos_head.bbox_pred", "head.regression_head.bbox_reg")
-
-
 def nondegenerate_fcos_boxes(model: nn.Module, *, distance: float = 1.5) -> bool:
     """Give an untrained FCOS-based model boxes of real size: its box regressor's bias := ``distance``.
 
@@ -364,62 +122,19 @@ def nondegenerate_fcos_boxes(model: nn.Module, *, distance: float = 1.5) -> bool
     (fewer than N detections) and whose masks cost nothing to paste. With ``distance`` strides to every
     side, boxes are 2·distance strides wide (24-384 px on P3-P7 for 1.5, like the RPN's 32-512 px
     anchors) and neighbours overlap at IoU 0.5, under FCOS's NMS threshold of 0.6.
-    Returns whether ``model`` had an FCOS box regressor.
+    Returns whether ``model`` had an FCOS box regressor (ours or torchvision's).
     """
-    for path in FCOS_BOX_REGRESSORS:
-        conv = _resolve(model, path)
-        if isinstance(conv, nn.Conv2d) and conv.bias is not None:
-            with torch.no_grad():
-                conv.bias.fill_(distance)
-            return True
-    return False
+    from torchvision.models.detection import FCOS
 
-
-# Peer name → constructor (keyword arguments as ``build_peer``'s).
-PEERS: dict[str, Callable[..., nn.Module]] = {
-    "torchvision-maskrcnn": _tv_maskrcnn,
-    "torchvision-fcos": _tv_fcos,
-}
-PEERS_WITH_MASKS = ("torchvision-maskrcnn",)
-
-
-def build_peer(
-    name: str,
-    *,
-    num_classes: int,
-    device: torch.device | str,
-    image_size: tuple[int, int] = (800, 1216),
-    detections: int | None = None,
-    depth: int = 50,
-    frozen_bn: bool = False,
-    trainable_layers: int = 5,
-) -> nn.Module:
-    """A torchvision detector with random weights (``weights=None, weights_backbone=None``).
-
-    Args:
-        name: a key of ``PEERS``.
-        num_classes: C without background (torchvision gets C + 1).
-        image_size: (H, W) the peer will see; its transform's ``min_size`` / ``max_size`` are set to
-            it so that it does not rescale (to 800 by default).
-        detections: force exactly this many outputs (score threshold 0, cap N, ≥ max(1000, N)
-            proposals / candidates), or None for torchvision's defaults.
-        depth: ResNet depth of the FPN backbone (50: torchvision's own ``*_resnet50_fpn``).
-        frozen_bn, trainable_layers: backbone norm and trainable stages (0-5) for training benchmarks;
-            the defaults are what the constructors do without pretrained weights.
-    """
-    if name not in PEERS:
-        raise ValueError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
-    if depth not in PEER_DEPTHS:
-        raise ValueError(f"peer backbone depth must be one of {PEER_DEPTHS}, got {depth}")
-    model = PEERS[name](
-        num_classes=num_classes,
-        depth=depth,
-        image_size=image_size,
-        detections=detections,
-        frozen_bn=frozen_bn,
-        trainable_layers=trainable_layers,
-    )
-    return model.to(device)
+    if isinstance(model, (BlendMask, DR1Mask)):
+        conv = model.fcos_head.bbox_pred
+    elif isinstance(model, FCOS):
+        conv = model.head.regression_head.bbox_reg
+    else:
+        return False
+    with torch.no_grad():
+        conv.bias.fill_(distance)
+    return True
 
 
 def random_image(
@@ -595,7 +310,7 @@ class BenchModel:
     model: nn.Module
     run: Callable[[], int]
     timer: StageTimer
-    targets: Mapping[str, Sequence[str]]  # stage → submodule paths, for ``stage_hooks``
+    targets: Mapping[str, Sequence[StageTarget]]  # stage → parts, for ``stage_hooks``
     backbone: str  # ``describe_backbone`` label
     depth: int
     is_peer: bool = False
@@ -659,7 +374,7 @@ def prepare_models(
                 model,
                 run,
                 timer,
-                OUR_STAGE_TARGETS,
+                model.timing_stages(),
                 describe_backbone(model_cfg),
                 model_cfg.backbone.depth,
             )
@@ -683,7 +398,7 @@ def prepare_models(
                 peer_model,
                 peer_inference_fn(peer_model, image=image),
                 make_timer(),
-                TORCHVISION_STAGE_TARGETS,
+                peer_stage_targets(peer_model),
                 describe_backbone(depth=depth),
                 depth,
                 is_peer=True,
@@ -751,7 +466,7 @@ def run_speed_benchmark(
         )
     with contextlib.ExitStack() as hooks:
         for e in entries:
-            hooks.enter_context(stage_hooks(e.model, targets=e.targets, timer=e.timer))
+            hooks.enter_context(stage_hooks(targets=e.targets, timer=e.timer))
         logger.info("timing %s", ", ".join(e.name for e in entries))
         rows = time_inference(
             {e.name: e.run for e in entries},

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynaseg.bench.speed import build_peer, describe_backbone, sync_function, unique_names
+from dynaseg.bench.peers import build_peer
+from dynaseg.bench.speed import describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import num_stuff_classes
 from dynaseg.engine.optim import build_optimizer

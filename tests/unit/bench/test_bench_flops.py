@@ -11,7 +11,8 @@ from torch import nn
 
 from dynaseg.bench.flops import format_flops_table, run_flops_benchmark
 from dynaseg.bench.report import parse_ap_values, write_speed_report
-from dynaseg.bench.speed import STAGES, StageTimer, format_speed_table
+from dynaseg.bench.speed import format_speed_table
+from dynaseg.bench.stages import STAGES, StageTimer
 from dynaseg.cli import main
 from dynaseg.layers.flop_count import count_gmacs
 

@@ -9,18 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from dynaseg.bench.peers import build_peer, peer_stage_targets
 from dynaseg.bench.speed import (
-    STAGES,
-    TORCHVISION_STAGE_TARGETS,
-    StageTimer,
-    build_peer,
     format_speed_table,
     parse_size,
     peer_inference_fn,
     run_speed_benchmark,
-    stage_hooks,
     time_inference,
 )
+from dynaseg.bench.stages import STAGES, StageTimer, stage_hooks
 from dynaseg.bench.train_speed import format_train_table, synthetic_batch
 from dynaseg.cli import main
 
@@ -116,11 +113,11 @@ class _Toy(nn.Module):
 def test_stage_hooks_nest_and_remove():
     model, timer = _Toy(), StageTimer()
     targets = {
-        "backbone+fpn": ("backbone",),
-        "head": ("roi_heads", "missing.module"),
-        "mask": ("roi_heads.mask_head", ":predict"),
+        "backbone+fpn": (model.backbone,),
+        "head": (model.roi_heads,),
+        "mask": (model.roi_heads.mask_head, (model, "predict")),
     }
-    with stage_hooks(model, targets=targets, timer=timer):
+    with stage_hooks(targets=targets, timer=timer):
         model(torch.zeros(1, 3, 8, 8))
         assert set(timer.totals) == {"backbone+fpn", "head", "mask"} and not timer.open
     assert "predict" not in vars(model)
@@ -128,6 +125,12 @@ def test_stage_hooks_nest_and_remove():
     timer.reset()
     model(torch.zeros(1, 3, 8, 8))
     assert timer.totals == {}
+
+
+def test_stage_hooks_refuse_a_missing_method():
+    """A renamed method fails loudly instead of silently timing nothing."""
+    with pytest.raises(AttributeError):
+        stage_hooks(targets={"mask": ((_Toy(), "no_such_method"),)}, timer=StageTimer())
 
 
 def test_stage_timer_exclusive_accounting():
@@ -145,7 +148,7 @@ def test_peer_builds_and_runs_at_tiny_size(peer):
     assert model.transform.min_size == (128,) and model.transform.max_size == 160
     image = torch.randint(0, 256, (3, *SIZE), dtype=torch.uint8)
     timer = StageTimer()
-    with stage_hooks(model, targets=TORCHVISION_STAGE_TARGETS, timer=timer), torch.inference_mode():
+    with stage_hooks(targets=peer_stage_targets(model), timer=timer), torch.inference_mode():
         assert peer_inference_fn(model, image=image)() == 12
     assert {"pre", "backbone+fpn", "head"} <= set(timer.totals)
     assert ("mask" in timer.totals) == (peer == "torchvision-maskrcnn")
