@@ -5,7 +5,7 @@ It is a drop-in for :class:`dynaseg.inference.predictor.Predictor` (same call, `
 same pre- and post-processing as eager inference, with the same functions: the test resize
 (``build_test_transforms``), zero padding to the model's size divisibility (``Batch.from_images``),
 then on the graph's outputs (the model's ``predict_raw``, docs/export.md) the function the eager
-``forward`` calls next: ``blendmask_postprocess`` (BlendMask, DR1Mask), ``rcnn_postprocess``
+``forward`` calls next: ``one_stage_postprocess`` (BlendMask, DR1Mask), ``rcnn_postprocess``
 (Mask R-CNN, DynaMask) or ``dr1mask_postprocess`` (panoptic DR1Mask).
 
 Everything the model needs is in the ONNX file's ``metadata_props`` (class names, category ids,
@@ -158,8 +158,8 @@ class OnnxPredictor(Predictor):
     ) -> Instances | PanopticSegmentation:
         """The graph's outputs for an image resized to ``input_size`` → the eager model's result at
         ``output_size``, through the post-processing function the eager model calls."""
-        from dynaseg.modeling.blendmask.model import blendmask_postprocess
         from dynaseg.modeling.dr1mask.model import PanopticInference, dr1mask_postprocess
+        from dynaseg.modeling.one_stage.postprocess import one_stage_postprocess
         from dynaseg.modeling.rcnn.model import rcnn_postprocess
 
         tensors = {k: torch.from_numpy(v) for k, v in outputs.items()}
@@ -172,7 +172,7 @@ class OnnxPredictor(Predictor):
         if "mask_resolutions" in outputs:  # two-stage
             return rcnn_postprocess(raw, mask_threshold=self.mask_threshold, **sizes)
         if "panoptic_columns" not in outputs:
-            return blendmask_postprocess(*raw[:4], mask_threshold=self.mask_threshold, **sizes)
+            return one_stage_postprocess(*raw[:4], mask_threshold=self.mask_threshold, **sizes)
         maps = PanopticMaps(*(tensors[k] for k in _PANOPTIC_OUTPUTS))
         d = self.cfg.model.dr1
         panoptic = PanopticInference(

@@ -14,7 +14,6 @@ from dynaseg.modeling.backbone.resnet import ResNet
 from dynaseg.modeling.blendmask.attention import AttentionTopLayer
 from dynaseg.modeling.blendmask.basis import BasisModule
 from dynaseg.modeling.blendmask.model import BlendMask
-from dynaseg.modeling.blendmask.semantic import SemanticHead
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor
 from dynaseg.modeling.dr1mask.model import DR1Mask
@@ -23,7 +22,10 @@ from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
 from dynaseg.modeling.dynamask.head import DynaMaskHead
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule
+from dynaseg.modeling.fcos.detector import FCOSInference, FCOSTraining
 from dynaseg.modeling.fcos.head import FCOSHead
+from dynaseg.modeling.one_stage.detector import FCOSParams
+from dynaseg.modeling.one_stage.semantic import SemanticHead
 from dynaseg.modeling.rcnn.box_head import BoxHead
 from dynaseg.modeling.rcnn.fcn_mask_head import FCNMaskHead
 from dynaseg.modeling.rcnn.model import TwoStageDetector
@@ -57,6 +59,36 @@ def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
             f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels"
         )
     return "p2p6conv" if p2 else "p3p7"
+
+
+def build_fcos_head(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSHead:
+    f = cfg.fcos
+    return FCOSHead(
+        in_channels=cfg.backbone.fpn_channels,
+        num_classes=cfg.num_classes,
+        num_levels=len(f.strides),
+        num_convs=f.num_convs,
+        norm=f.norm,
+        prior_prob=f.prior_prob,
+        use_scale=f.use_scale,
+    )
+
+
+def fcos_params(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSParams:
+    f = cfg.fcos
+    return FCOSParams(
+        strides=tuple(f.strides),
+        sizes_of_interest=tuple(f.sizes_of_interest),
+        training=FCOSTraining(f.center_sampling_radius, f.focal_alpha, f.focal_gamma),
+        inference=FCOSInference(
+            score_threshold=f.score_threshold,
+            thresh_with_ctr=f.thresh_with_ctr,
+            pre_nms_topk=f.pre_nms_topk,
+            nms_threshold=f.nms_threshold,
+            class_agnostic_nms=f.class_agnostic_nms,
+            max_detections=f.max_detections,
+        ),
+    )
 
 
 def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
@@ -150,18 +182,10 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
 
 def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
     channels = cfg.backbone.fpn_channels
-    f, basis, blender = cfg.fcos, cfg.basis, cfg.blender
+    basis, blender = cfg.basis, cfg.blender
     return BlendMask(
         backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
-        fcos_head=FCOSHead(
-            in_channels=channels,
-            num_classes=cfg.num_classes,
-            num_levels=len(f.strides),
-            num_convs=f.num_convs,
-            norm=f.norm,
-            prior_prob=f.prior_prob,
-            use_scale=f.use_scale,
-        ),
+        fcos_head=build_fcos_head(cfg),
         attention=AttentionTopLayer(
             in_channels=channels, num_bases=basis.num_bases, attention_size=blender.attention_size
         ),
@@ -181,17 +205,7 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
         if basis.semantic_loss_weight > 0
         else None,
         num_classes=cfg.num_classes,
-        strides=f.strides,
-        sizes_of_interest=f.sizes_of_interest,
-        center_sampling_radius=f.center_sampling_radius,
-        focal_alpha=f.focal_alpha,
-        focal_gamma=f.focal_gamma,
-        score_threshold=f.score_threshold,
-        thresh_with_ctr=f.thresh_with_ctr,
-        pre_nms_topk=f.pre_nms_topk,
-        nms_threshold=f.nms_threshold,
-        class_agnostic_nms=f.class_agnostic_nms,
-        max_detections=f.max_detections,
+        fcos=fcos_params(cfg),
         resolution=blender.resolution,
         sampling_ratio=blender.sampling_ratio,
         mask_loss_weight=blender.mask_loss_weight,
@@ -215,15 +229,7 @@ def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
     )
     return DR1Mask(
         backbone=build_backbone(cfg, layout=fcos_layout(cfg)),
-        fcos_head=FCOSHead(
-            in_channels=channels,
-            num_classes=cfg.num_classes,
-            num_levels=len(f.strides),
-            num_convs=f.num_convs,
-            norm=f.norm,
-            prior_prob=f.prior_prob,
-            use_scale=f.use_scale,
-        ),
+        fcos_head=build_fcos_head(cfg),
         top_layer=DR1TopLayer(
             in_channels=channels,
             embedding_dim=predictor.embedding_dim,
@@ -253,17 +259,7 @@ def build_dr1mask(cfg: DR1MaskConfig) -> DR1Mask:
         if d.semantic_loss_weight > 0
         else None,
         num_classes=cfg.num_classes,
-        strides=f.strides,
-        sizes_of_interest=f.sizes_of_interest,
-        center_sampling_radius=f.center_sampling_radius,
-        focal_alpha=f.focal_alpha,
-        focal_gamma=f.focal_gamma,
-        score_threshold=f.score_threshold,
-        thresh_with_ctr=f.thresh_with_ctr,
-        pre_nms_topk=f.pre_nms_topk,
-        nms_threshold=f.nms_threshold,
-        class_agnostic_nms=f.class_agnostic_nms,
-        max_detections=f.max_detections,
+        fcos=fcos_params(cfg),
         resolution=d.resolution,
         sampling_ratio=d.sampling_ratio,
         mask_loss_weight=d.mask_loss_weight,

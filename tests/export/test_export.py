@@ -3,7 +3,7 @@
 Each model is exported once and run in onnxruntime on two images of different sizes (and
 different padding), which shows the graph's image size is dynamic. The graph's outputs are
 compared with what the eager model hands to its paste-back step (captured by patching
-``blendmask_postprocess`` / ``rcnn_postprocess``), on untrained tiny models whose last layers are
+``one_stage_postprocess`` / ``rcnn_postprocess``), on untrained tiny models whose last layers are
 re-drawn with a larger spread (``_spread``) so that scores, boxes and DynaMask's resolution choices
 are well separated, with the score thresholds at 0 so that there are many detections.
 
@@ -136,8 +136,8 @@ def _image(size: tuple[int, int], div: int, seed: int) -> torch.Tensor:
 def _eager_raw(model, kind: str, image: torch.Tensor, size: tuple[int, int]):
     """What the eager model passes to its paste-back step: boxes, scores, labels, [mask probs], sides."""
     target = {
-        "blendmask": "dynaseg.modeling.blendmask.model.blendmask_postprocess",
-        "dr1mask": "dynaseg.modeling.dr1mask.model.blendmask_postprocess",
+        "blendmask": "dynaseg.modeling.blendmask.model.one_stage_postprocess",
+        "dr1mask": "dynaseg.modeling.dr1mask.model.one_stage_postprocess",
     }.get(kind, "dynaseg.modeling.rcnn.model.rcnn_postprocess")
     module, name = target.rsplit(".", 1)
     original = getattr(importlib.import_module(module), name)

@@ -1,26 +1,13 @@
-"""BlendMask's bottom module (ProtoNet-style bases) and its auxiliary semantic head."""
+"""BlendMask's bottom module (ProtoNet-style bases)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dynaseg.layers.norm import get_norm
+from dynaseg.layers.conv_norm import conv_norm_relu
 
-__all__ = ["BasisModule", "conv_norm_relu"]
-
-
-def conv_norm_relu(
-    in_channels: int, out_channels: int, norm: str, kernel_size: int = 3
-) -> nn.Sequential:
-    """[conv (no bias when normed), norm, ReLU], kaiming-uniform (a=1) initialised."""
-    conv = nn.Conv2d(
-        in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
-    )
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return nn.Sequential(conv, get_norm(norm, out_channels), nn.ReLU(inplace=True))
+__all__ = ["BasisModule"]
 
 
 class BasisModule(nn.Module):

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dynaseg.layers.aligned_upsample import aligned_upsample
+from dynaseg.layers.conv_norm import conv_norm_relu
 from dynaseg.layers.dr1conv import DR1Conv2d
 from dynaseg.layers.norm import get_norm
-from dynaseg.modeling.blendmask.basis import conv_norm_relu
 
 __all__ = ["DR1Basis", "DynamicFactors"]
 

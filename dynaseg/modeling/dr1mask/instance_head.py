@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dynaseg.modeling.blendmask.blender import blend
+from dynaseg.modeling.one_stage.blender import blend
 
 __all__ = ["InstancePredictor", "AttentionKind", "dynamic_projection"]
 

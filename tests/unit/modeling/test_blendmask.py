@@ -8,9 +8,9 @@ from torch.nn import functional as F
 from dynaseg.config.overrides import ConfigError
 from dynaseg.config.presets import load_config
 from dynaseg.modeling.blendmask.attention import AttentionTopLayer
-from dynaseg.modeling.blendmask.blender import blend, blender_mask_loss
-from dynaseg.modeling.blendmask.semantic import IGNORE_INDEX, semantic_targets
 from dynaseg.modeling.build import build_model
+from dynaseg.modeling.one_stage.blender import blend, blender_mask_loss
+from dynaseg.modeling.one_stage.semantic import IGNORE_INDEX, semantic_targets
 from dynaseg.structures.masks import crop_and_resize, paste_masks
 
 

@@ -9,7 +9,6 @@ from torchvision.ops import FeaturePyramidNetwork
 from dynaseg.config.presets import load_config
 from dynaseg.layers.aligned_upsample import aligned_upsample, nearest_upsample_crop
 from dynaseg.layers.dr1conv import DR1Conv2d
-from dynaseg.modeling.blendmask.blender import blend
 from dynaseg.modeling.build import build_model
 from dynaseg.modeling.dr1mask.basis import DR1Basis
 from dynaseg.modeling.dr1mask.instance_head import InstancePredictor, dynamic_projection
@@ -22,6 +21,7 @@ from dynaseg.modeling.dr1mask.panoptic import (
     panoptic_targets,
 )
 from dynaseg.modeling.dr1mask.top_layer import DR1TopLayer
+from dynaseg.modeling.one_stage.blender import blend
 from dynaseg.structures import Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL, PanopticSegmentation
 

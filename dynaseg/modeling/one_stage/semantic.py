@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dynaseg.modeling.blendmask.basis import conv_norm_relu
+from dynaseg.layers.conv_norm import conv_norm_relu
 
 __all__ = ["SemanticHead", "semantic_targets", "semantic_loss", "IGNORE_INDEX"]
 

@@ -1,4 +1,5 @@
-"""The blender: per-instance attention × RoI-pooled bases → mask logits, and its loss."""
+"""BlendMask's blender (also DR1Mask's): per-instance attention × RoI-pooled bases → mask logits,
+and the centerness-weighted mask loss both models train it with."""
 
 from __future__ import annotations
 
