@@ -98,6 +98,11 @@ class BlendMaskConfig:
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
 
+    @property
+    def mask_threshold(self) -> float:
+        """The paste-back threshold on mask probabilities."""
+        return self.blender.mask_threshold
+
 
 @dataclass(frozen=True, kw_only=True)
 class RPNConfig:
@@ -203,6 +208,16 @@ class RCNNConfig:
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
 
+    @property
+    def mask_branch(self) -> FCNMaskHeadConfig | DynaMaskHeadConfig:
+        """The mask branch ``kind`` selects: ``mask_head`` (Mask R-CNN) or ``dynamask``."""
+        return self.dynamask if self.kind == "dynamask" else self.mask_head
+
+    @property
+    def mask_threshold(self) -> float:
+        """The paste-back threshold on mask probabilities."""
+        return self.mask_branch.mask_threshold
+
 
 @dataclass(frozen=True, kw_only=True)
 class DR1HeadConfig:
@@ -255,6 +270,11 @@ class DR1MaskConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 4  # paper §3.3: 4 with aligned upsampling instead of 32
+
+    @property
+    def mask_threshold(self) -> float:
+        """The paste-back threshold on mask probabilities."""
+        return self.dr1.mask_threshold
 
 
 @dataclass(frozen=True, kw_only=True)

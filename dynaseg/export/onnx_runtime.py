@@ -60,19 +60,6 @@ def _decode(props: dict[str, str]) -> dict[str, Any]:
     return {k[len(_PREFIX) :]: json.loads(v) for k, v in props.items() if k.startswith(_PREFIX)}
 
 
-def mask_threshold_of(model_cfg) -> float:
-    """The paste-back threshold the eager model of ``model_cfg`` uses."""
-    if model_cfg.kind == "blendmask":
-        return model_cfg.blender.mask_threshold
-    if model_cfg.kind == "dr1mask":
-        return model_cfg.dr1.mask_threshold
-    return (
-        model_cfg.dynamask.mask_threshold
-        if model_cfg.kind == "dynamask"
-        else model_cfg.mask_head.mask_threshold
-    )
-
-
 class OnnxPredictor(Predictor):
     """Segment images with an ONNX file written by ``dynaseg export --format onnx``.
 
@@ -129,7 +116,7 @@ class OnnxPredictor(Predictor):
         self.stuff_names: list[str] = list(meta.get("stuff_names") or [])
         self.stuff_category_ids: list[int] = list(meta.get("stuff_category_ids") or [])
         self.size_divisibility = int(meta["size_divisibility"])
-        self.mask_threshold = mask_threshold_of(cfg.model)
+        self.mask_threshold = cfg.model.mask_threshold
         self._transform = build_test_transforms(cfg.data.min_size_test, cfg.data.max_size_test)
 
     def run(self, padded: torch.Tensor, image_size: tuple[int, int]) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from dynaseg.config.overrides import ConfigError
-from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, RCNNConfig
+from dynaseg.config.schema import BlendMaskConfig, DR1MaskConfig, FCNMaskHeadConfig, RCNNConfig
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.backbone.pretrained import load_backbone_weights
 from dynaseg.modeling.backbone.resnet import ResNet
@@ -93,8 +93,8 @@ def fcos_params(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSParams:
 
 def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
     channels = cfg.backbone.fpn_channels
-    if cfg.kind == "mask_rcnn":
-        m = cfg.mask_head
+    m = cfg.mask_branch  # FCNMaskHeadConfig | DynaMaskHeadConfig
+    if isinstance(m, FCNMaskHeadConfig):
         return FCNMaskHead(
             in_channels=channels,
             num_classes=cfg.num_classes,
@@ -102,38 +102,37 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
             num_convs=m.num_convs,
             pooler_resolution=m.pooler_resolution,
         )
-    d = cfg.dynamask
     head = DynaMaskHead(
         in_channels=channels,
         num_classes=cfg.num_classes,
-        stage_channels=d.stage_channels,
-        num_instance_convs=d.num_instance_convs,
-        class_specific=d.class_specific,
-        fuse_after_upsample=d.fuse_after_upsample,
-        edge_head=d.edge_source == "head",
+        stage_channels=m.stage_channels,
+        num_instance_convs=m.num_instance_convs,
+        class_specific=m.class_specific,
+        fuse_after_upsample=m.fuse_after_upsample,
+        edge_head=m.edge_source == "head",
     )
     msm = MaskSwitchModule(
         in_channels=channels,
         num_choices=4,
-        conv_channels=d.msm_conv_channels,
-        fc_channels=d.msm_fc_channels,
-        input_size=d.pooler_resolution,
+        conv_channels=m.msm_conv_channels,
+        fc_channels=m.msm_fc_channels,
+        input_size=m.pooler_resolution,
     )
     return DynaMaskBranch(
         head=head,
         msm=msm,
         num_classes=cfg.num_classes,
-        gumbel_tau=d.gumbel_tau,
-        budget_target=d.budget_target,
-        budget_unit=d.budget_unit,
-        budget_on=d.budget_on,
-        edge_source=d.edge_source,
-        lambda_edge=d.lambda_edge,
-        lambda_reg=d.lambda_reg,
-        msm_start_iter=d.msm_start_iter,
-        policy=d.policy,
-        quota=d.quota,
-        size_reference=d.size_reference,
+        gumbel_tau=m.gumbel_tau,
+        budget_target=m.budget_target,
+        budget_unit=m.budget_unit,
+        budget_on=m.budget_on,
+        edge_source=m.edge_source,
+        lambda_edge=m.lambda_edge,
+        lambda_reg=m.lambda_reg,
+        msm_start_iter=m.msm_start_iter,
+        policy=m.policy,
+        quota=m.quota,
+        size_reference=m.size_reference,
     )
 
 
@@ -172,9 +171,7 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
         mask_branch=build_mask_branch(cfg),
         num_classes=cfg.num_classes,
         max_mask_rois_per_image=cfg.max_mask_rois_per_image,
-        mask_threshold=cfg.dynamask.mask_threshold
-        if cfg.kind == "dynamask"
-        else cfg.mask_head.mask_threshold,
+        mask_threshold=cfg.mask_threshold,
         pixel_mean=cfg.pixel_mean,
         pixel_std=cfg.pixel_std,
     )
