@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from dynaseg.config.schema import ExperimentConfig, num_stuff_classes
 from dynaseg.data.coco import CocoInstances, DatasetError, load_coco_instances
@@ -20,9 +20,12 @@ def is_panoptic(cfg: ExperimentConfig) -> bool:
 
 
 def load_split(
-    cfg: ExperimentConfig, split: Literal["train", "val"]
+    cfg: ExperimentConfig, split: Literal["train", "val"], *, parsed: dict[str, Any] | None = None
 ) -> CocoInstances | CocoPanoptic:
-    """The validated annotations of a split; checks the class counts against the model."""
+    """The validated annotations of a split; checks the class counts against the model.
+
+    parsed: the instances JSON of the split already read (``read_coco_json``), to parse it once.
+    """
     d = cfg.data
     images = d.train_images if split == "train" else d.val_images
     if is_panoptic(cfg):
@@ -37,7 +40,7 @@ def load_split(
             )
     else:
         json_path = d.train_json if split == "train" else d.val_json
-        data = load_coco_instances(json_path, images)
+        data = load_coco_instances(json_path, images, parsed=parsed)
     if data.num_classes != cfg.model.num_classes:
         raise ValueError(
             f"{json_path}: {data.num_classes} thing categories but model.num_classes="

@@ -31,6 +31,7 @@ __all__ = [
     "ImageRecord",
     "CocoInstances",
     "load_coco_instances",
+    "read_coco_json",
     "STAT_REASONS",
     "MAX_IMAGE_PIXELS",
     "rle_string_counts",
@@ -156,6 +157,7 @@ def load_coco_instances(
     image_root: str | os.PathLike,
     *,
     check_files: bool = True,
+    parsed: dict[str, Any] | None = None,
     log: logging.Logger = logger,
 ) -> CocoInstances:
     """Parse, validate and clean a COCO instances file.
@@ -164,13 +166,14 @@ def load_coco_instances(
         json_path: the annotation JSON.
         image_root: directory the images' ``file_name`` are relative to.
         check_files: raise if any listed image is missing on disk.
+        parsed: ``read_coco_json(json_path)`` if the caller already has it (not modified).
         log: where the per-reason summary lines go.
 
     Raises:
         DatasetError: the file is missing, not JSON, or inconsistent (see module docstring).
     """
     json_path, image_root = os.fspath(json_path), os.fspath(image_root)
-    data = _read_json(json_path)
+    data = parsed if parsed is not None else read_coco_json(json_path)
     category_ids, class_names = _parse_categories(data["categories"], json_path)
     images = _parse_images(data["images"], json_path, image_root)
     stats: Counter[str] = Counter({k: 0 for k in STAT_REASONS})
@@ -207,7 +210,9 @@ def load_coco_instances(
 # ----------------------------------------------------------------------------- file level
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A COCO-style JSON file as a dict with ``images``, ``annotations`` and ``categories``."""
+    path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -28,9 +28,9 @@ from dynaseg.data.coco import (
     _finite,
     _is_number,
     _parse_images,
-    _read_json,
     _require,
     _short,
+    read_coco_json,
 )
 from dynaseg.structures.panoptic import IGNORE_LABEL
 
@@ -140,7 +140,7 @@ def load_coco_panoptic(
     json_path, image_root, panoptic_root = (
         os.fspath(p) for p in (json_path, image_root, panoptic_root)
     )
-    data = _read_json(json_path)
+    data = read_coco_json(json_path)
     categories = _parse_categories(data["categories"], json_path)
     images = _parse_images(data["images"], json_path, image_root)
     per_image = _parse_annotations(

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, is_panoptic, load_split
+from dynaseg.data.coco import read_coco_json
 from dynaseg.data.samplers import build_test_loader
 from dynaseg.evaluation.coco import CategoryMap, evaluate_coco, instances_to_coco_results
 from dynaseg.evaluation.panoptic import format_panoptic_table, pq_compute
@@ -175,7 +176,8 @@ def evaluate_model(
         if metrics and output_dir is not None:
             _write_metrics(output_dir, metrics)
         return metrics
-    data = load_split(cfg, "val")
+    gt = read_coco_json(cfg.data.val_json)  # parsed once: dataset, category map, evaluation
+    data = load_split(cfg, "val", parsed=gt)
     loader = build_test_loader(
         build_dataset(cfg, data, train=False),
         batch_size=1,
@@ -184,7 +186,7 @@ def evaluate_model(
         world_size=get_world_size(),
         size_divisibility=cfg.model.size_divisibility,
     )
-    category_map = CategoryMap.from_coco_json(cfg.data.val_json)
+    category_map = CategoryMap.from_coco_json(gt)
     results = predict_coco_results(model, loader, category_map, device, progress=is_main_process())
     gathered = [r for part in all_gather_objects(results) for r in part]
     if not is_main_process():
@@ -192,9 +194,7 @@ def evaluate_model(
     box_only = bool(gathered) and not any(
         "segmentation" in r for r in gathered
     )  # detectors without masks
-    metrics = evaluate_coco(
-        cfg.data.val_json, gathered, ("bbox",) if box_only else ("bbox", "segm")
-    )
+    metrics = evaluate_coco(gt, gathered, ("bbox",) if box_only else ("bbox", "segm"))
     if output_dir is not None:
         atomic_write(
             output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(gathered))

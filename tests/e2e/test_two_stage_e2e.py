@@ -226,3 +226,23 @@ def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
     assert (second / "metrics.json").stat().st_mtime_ns == stamp
     bad = dynaseg("bench", "budget", "--config", "dynamask_tiny", "--rows", "0.4", check=False)
     assert bad.returncode == 2 and "dynaseg: error:" in bad.stderr and "C_t:lambda2" in bad.stderr
+
+
+def test_evaluation_parses_the_val_json_once(runs, tmp_path, monkeypatch):
+    """The dataset, the category map and COCOeval share one parse of ``data.val_json``."""
+    from dynaseg.engine.evaluate import evaluate_model
+    from dynaseg.inference.predictor import Predictor
+
+    result = runs("mask_rcnn_tiny")
+    predictor = Predictor(load_config(str(result.output_dir / "config.yaml")), result.weights)
+    val_json = Path(predictor.cfg.data.val_json).resolve()
+    parsed, real_load = [], json.load
+
+    def counting_load(fp, *args, **kwargs):
+        if Path(getattr(fp, "name", "")).resolve() == val_json:
+            parsed.append(fp.name)
+        return real_load(fp, *args, **kwargs)
+
+    monkeypatch.setattr(json, "load", counting_load)
+    evaluate_model(predictor.cfg, predictor.model, predictor.device, output_dir=tmp_path)
+    assert len(parsed) == 1
