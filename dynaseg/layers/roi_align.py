@@ -6,12 +6,14 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["roi_align_aligned", "boxes_with_batch_index"]
+__all__ = ["roi_align_aligned", "boxes_to_rois"]
 
 
-def boxes_with_batch_index(boxes: Tensor, batch_index: Tensor) -> Tensor:
-    """(N, 4) XYXY + (N,) image index → (N, 5) rows ``[b, x0, y0, x1, y1]`` as torchvision expects."""
-    return torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
+def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
+    """Per image (R_i, 4) XYXY boxes → (ΣR_i, 5) rows ``[image index, x0, y0, x1, y1]``, the format
+    torchvision's ``roi_align`` takes (sizes from tensor shapes, so a trace keeps them dynamic)."""
+    index = [b.new_full((b.shape[0], 1), float(i)) for i, b in enumerate(boxes_per_image)]
+    return torch.cat([torch.cat(index), torch.cat(boxes_per_image)], dim=1)
 
 
 def roi_align_aligned(

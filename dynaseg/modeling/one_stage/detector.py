@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from typing_extensions import TypedDict, Unpack
 
 from dynaseg.layers.dynamic_shapes import clip_boxes, image_size_tensor
-from dynaseg.layers.roi_align import boxes_with_batch_index
+from dynaseg.layers.roi_align import boxes_to_rois
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.fcos.detector import (
     FCOSInference,
@@ -155,23 +155,18 @@ class OneStageSegmenter(nn.Module):
         """Decode every image and clip its boxes to its valid (h, w)."""
         sizes = image_size_tensor(image_sizes, head.cls_logits[0].device)
         per_image = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
-        image_index = torch.cat([torch.full_like(d.labels, i) for i, d in enumerate(per_image)])
-        boxes = torch.cat([clip_boxes(d.boxes, size) for d, size in zip(per_image, sizes)])
+        rois = boxes_to_rois([clip_boxes(d.boxes, size) for d, size in zip(per_image, sizes)])
         return KeptDetections(
             per_image,
-            image_index,
+            rois[:, 0].long(),
             torch.cat([d.location_index for d in per_image]),
-            boxes,
-            boxes_with_batch_index(boxes, image_index),
+            rois[:, 1:],
+            rois,
         )
 
     def gt_rois(self, targets: list[Instances]) -> Tensor:
         """Every ground-truth box of the batch as a RoI: (G, 5) [image index, x0, y0, x1, y1]."""
-        boxes = torch.cat([t.boxes for t in targets])
-        image = torch.cat(
-            [torch.full((len(t),), i, device=boxes.device) for i, t in enumerate(targets)]
-        )
-        return boxes_with_batch_index(boxes, image)
+        return boxes_to_rois([t.boxes for t in targets])
 
     def gt_mask_targets(self, targets: list[Instances]) -> Tensor:
         """Every ground-truth mask cropped to its box and resized to R × R: (G, R, R)."""

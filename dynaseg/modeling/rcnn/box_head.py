@@ -19,7 +19,8 @@ from torchvision.ops import box_iou, remove_small_boxes
 
 from dynaseg.layers.dynamic_shapes import clip_boxes, image_size_tensor
 from dynaseg.layers.nms import batched_nms
-from dynaseg.modeling.rcnn.pooler import boxes_to_rois, multilevel_roi_align
+from dynaseg.layers.roi_align import boxes_to_rois
+from dynaseg.modeling.rcnn.pooler import multilevel_roi_align
 from dynaseg.structures import Instances
 
 __all__ = [

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
 from dynaseg.layers.dynamic_shapes import image_size_tensor
+from dynaseg.layers.roi_align import boxes_to_rois
 from dynaseg.modeling.backbone.fpn import ResNetFPN
 from dynaseg.modeling.preprocess import normalize_images
 from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
-from dynaseg.modeling.rcnn.pooler import boxes_to_rois
 from dynaseg.modeling.rcnn.rpn import RPN
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.detections import RawDetections

@@ -9,13 +9,7 @@ from torch import Tensor
 
 from dynaseg.layers.roi_align import roi_align_aligned
 
-__all__ = ["assign_levels", "multilevel_roi_align", "boxes_to_rois"]
-
-
-def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
-    """Per image (R_i, 4) XYXY boxes → (ΣR_i, 5) rows ``[image index, x0, y0, x1, y1]``."""
-    index = [b.new_full((b.shape[0], 1), float(i)) for i, b in enumerate(boxes_per_image)]
-    return torch.cat([torch.cat(index), torch.cat(boxes_per_image)], dim=1)
+__all__ = ["assign_levels", "multilevel_roi_align"]
 
 
 def assign_levels(
