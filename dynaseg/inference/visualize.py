@@ -423,7 +423,7 @@ def save_panoptic_overlay(
     )
 
 
-# --------------------------------------------------------------------------- loss curves
+# --------------------------------------------------------------------------- mask resolutions
 
 
 # The DynaMask paper's Fig. 7 colours: red 112, blue 56, green 28, yellow 14.
