@@ -90,7 +90,10 @@ class BlendMaskConfig:
     kind: Literal["blendmask"] = "blendmask"
     num_classes: int = 80
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    backbone_weights: str = ""  # local torchvision ResNet checkpoint (.pth / .safetensors)
+    backbone_weights: str = (
+        ""  # torchvision:resnet50[.IMAGENET1K_V2] or a local .pth / .safetensors
+    )
+    init_from: str = ""  # weights to start from, matched by name and shape (modeling/init_from.py)
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     blender: BlenderConfig = field(default_factory=BlenderConfig)
@@ -197,6 +200,7 @@ class RCNNConfig:
     num_classes: int = 80
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(freeze_at=2))
     backbone_weights: str = ""
+    init_from: str = ""
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: FCNMaskHeadConfig = field(default_factory=FCNMaskHeadConfig)
@@ -265,6 +269,7 @@ class DR1MaskConfig:
     num_stuff_classes: int = 0  # S; 0 = instance segmentation only (COCO panoptic: 53)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     backbone_weights: str = ""
+    init_from: str = ""
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     dr1: DR1HeadConfig = field(default_factory=DR1HeadConfig)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -330,6 +335,7 @@ class SolverConfig:
         "stop"  # NaN/inf loss: stop naming the term, or skip the step
     )
     max_nonfinite_skips: int = 10  # with "skip": stop after this many consecutive skipped steps
+    freeze: tuple[str, ...] = ()  # model groups trained no further, e.g. backbone,rpn,box_head
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,6 +30,7 @@ from dynaseg.engine.checkpoint import (
 )
 from dynaseg.engine.evaluate import evaluate_model
 from dynaseg.engine.events import EventWriter, read_history
+from dynaseg.engine.freeze import freeze_groups
 from dynaseg.engine.optim import build_lr_scheduler, build_optimizer
 from dynaseg.modeling.build import build_model
 from dynaseg.utils import comm
@@ -131,6 +132,15 @@ def _train(
 
     model_name = cfg.model.kind if model is None else type(model).__name__
     model = (build_model(cfg.model) if model is None else model).to(device)
+    if cfg.solver.freeze:
+        frozen = freeze_groups(model, cfg.solver.freeze)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(
+            "frozen %s: %d parameters; %d left to train",
+            ",".join(cfg.solver.freeze),
+            frozen,
+            trainable,
+        )
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.solver)

@@ -24,6 +24,7 @@ from dynaseg.modeling.dynamask.head import DynaMaskHead
 from dynaseg.modeling.dynamask.mask_switch import MaskSwitchModule
 from dynaseg.modeling.fcos.detector import FCOSInference, FCOSTraining
 from dynaseg.modeling.fcos.head import FCOSHead
+from dynaseg.modeling.init_from import init_from
 from dynaseg.modeling.one_stage.detector import FCOSParams
 from dynaseg.modeling.one_stage.semantic import SemanticHead
 from dynaseg.modeling.rcnn.box_head import BoxHead
@@ -277,15 +278,20 @@ def build_model(
 ) -> nn.Module:
     """Build the meta-architecture ``cfg`` describes (a ``match`` on the config type).
 
-    ``pretrained=False`` skips ``backbone_weights`` (weights that a checkpoint, loaded next, replaces;
-    or models that are only measured)."""
-    if not pretrained and cfg.backbone_weights:
-        cfg = dataclasses.replace(cfg, backbone_weights="")
+    ``backbone_weights`` and then ``init_from`` (matching tensors of another model) are loaded;
+    ``pretrained=False`` skips both (weights that a checkpoint, loaded next, replaces; or models
+    that are only measured)."""
+    if not pretrained:
+        cfg = dataclasses.replace(cfg, backbone_weights="", init_from="")
     match cfg:
         case BlendMaskConfig():
-            return build_blendmask(cfg)
+            model: nn.Module = build_blendmask(cfg)
         case RCNNConfig():
-            return build_rcnn(cfg)
+            model = build_rcnn(cfg)
         case DR1MaskConfig():
-            return build_dr1mask(cfg)
-    raise TypeError(f"unsupported model config: {type(cfg).__name__}")
+            model = build_dr1mask(cfg)
+        case _:
+            raise TypeError(f"unsupported model config: {type(cfg).__name__}")
+    if cfg.init_from:
+        init_from(model, cfg.init_from)
+    return model
