@@ -161,6 +161,7 @@ def _file_handler(path: Path) -> logging.Handler:
 
 def build_parser() -> argparse.ArgumentParser:
     from dynaseg.bench.commands import add_bench_parser
+    from dynaseg.convert.commands import add_convert_parser
     from dynaseg.evaluation.commands import add_eval_parser
     from dynaseg.serve.commands import add_serve_parser
 
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (16-20)")
     p.set_defaults(func=_cmd_export)
+
+    add_convert_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -129,6 +129,24 @@ def mask_rcnn_r50_fpn_1x() -> ExperimentConfig:
     )
 
 
+def mask_rcnn_r50_fpn_torchvision() -> ExperimentConfig:
+    """torchvision's ``maskrcnn_resnet50_fpn`` layer for layer (``dynaseg convert --from
+    torchvision:maskrcnn_resnet50_fpn``): RoIAlign without the half-pixel offset, 2 samples per bin
+    in the box pooler, anchor strides inferred from the padded size, torchvision's mask paste-back;
+    otherwise our R50-FPN preset."""
+    return with_overrides(
+        mask_rcnn_r50_fpn_1x(),
+        {
+            "model.box_head.pooler_aligned": False,
+            "model.box_head.sampling_ratio": 2,
+            "model.mask_head.pooler_aligned": False,
+            "model.rpn.infer_anchor_strides": True,
+            "model.mask_paste": "torchvision",
+            "output_dir": "runs/mask_rcnn_r50_fpn_torchvision",
+        },
+    )
+
+
 def dynamask_r50_fpn_1x() -> ExperimentConfig:
     """DynaMask R50-FPN 1x (paper §4.1): one epoch without the MSM, then all modules together."""
     return ExperimentConfig(
@@ -315,6 +333,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "blendmask_r18_synth_cpu": blendmask_r18_synth_cpu,
     "blendmask_tiny": blendmask_tiny,
     "mask_rcnn_r50_fpn_1x": mask_rcnn_r50_fpn_1x,
+    "mask_rcnn_r50_fpn_torchvision": mask_rcnn_r50_fpn_torchvision,
     "dynamask_r50_fpn_1x": dynamask_r50_fpn_1x,
     "mask_rcnn_r18_synth_cpu": mask_rcnn_r18_synth_cpu,
     "dynamask_r18_synth_cpu": dynamask_r18_synth_cpu,

@@ -120,11 +120,14 @@ class RPNConfig:
     positive_fraction: float = 0.5
     fg_iou_threshold: float = 0.7
     bg_iou_threshold: float = 0.3
+    infer_anchor_strides: bool = False  # True: torchvision's anchor strides (padded size // grid)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BoxHeadConfig:
     pooler_resolution: int = 7
+    sampling_ratio: int = 0  # RoIAlign samples per bin; 0 = adaptive (detectron2), 2 = torchvision
+    pooler_aligned: bool = True  # half-pixel RoIAlign (detectron2); False = torchvision's models
     fc_dim: int = 1024
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
@@ -141,6 +144,7 @@ class FCNMaskHeadConfig:
     """Mask R-CNN's mask head: 4 convs, deconv ×2, class-specific 28×28 masks."""
 
     pooler_resolution: int = 14
+    pooler_aligned: bool = True  # half-pixel RoIAlign (detectron2); False = torchvision's models
     num_convs: int = 4
     conv_dim: int = 256
     mask_threshold: float = 0.5
@@ -208,6 +212,7 @@ class RCNNConfig:
     max_mask_rois_per_image: int = (
         0  # cap positive RoIs fed to the mask branch (CPU presets); 0 = all
     )
+    mask_paste: Literal["aligned", "torchvision"] = "aligned"  # torchvision: its paste-back
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32

@@ -157,7 +157,9 @@ class OnnxPredictor(Predictor):
         raw = RawDetections(tensors["boxes"], tensors["scores"], tensors["labels"], probs, sides)
         sizes = dict(input_size=input_size, output_size=output_size)
         if "mask_resolutions" in outputs:  # two-stage
-            return rcnn_postprocess(raw, mask_threshold=self.mask_threshold, **sizes)
+            return rcnn_postprocess(
+                raw, mask_threshold=self.mask_threshold, paste=self.cfg.model.mask_paste, **sizes
+            )
         if "panoptic_columns" not in outputs:
             return one_stage_postprocess(*raw[:4], mask_threshold=self.mask_threshold, **sizes)
         maps = PanopticMaps(*(tensors[k] for k in _PANOPTIC_OUTPUTS))

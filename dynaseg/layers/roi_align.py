@@ -17,12 +17,19 @@ def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
 
 
 def roi_align_aligned(
-    features: Tensor, rois: Tensor, *, output_size: int, spatial_scale: float, sampling_ratio: int
+    features: Tensor,
+    rois: Tensor,
+    *,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = True,
 ) -> Tensor:
-    """RoIAlign with ``aligned=True`` (half-pixel offset, detectron2's ROIAlignV2).
+    """RoIAlign with ``aligned=True`` (half-pixel offset, detectron2's ROIAlignV2) by default.
 
-    torchvision defaults to ``aligned=False``; we always pass True so a box [0, W] covers exactly
-    the image. features: (B, C, H, W); rois: (N, 5) → (N, C, output_size, output_size).
+    torchvision's op defaults to ``aligned=False``; we pass True so a box [0, W] covers exactly
+    the image. ``aligned=False`` reproduces torchvision's detection models (their
+    ``MultiScaleRoIAlign``). features: (B, C, H, W); rois: (N, 5) → (N, C, output_size, output_size).
     """
     return roi_align(
         features,
@@ -30,5 +37,5 @@ def roi_align_aligned(
         output_size=output_size,
         spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio,
-        aligned=True,
+        aligned=aligned,
     )

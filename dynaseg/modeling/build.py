@@ -102,6 +102,7 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
             conv_dim=m.conv_dim,
             num_convs=m.num_convs,
             pooler_resolution=m.pooler_resolution,
+            pooler_aligned=m.pooler_aligned,
         )
     head = DynaMaskHead(
         in_channels=channels,
@@ -151,6 +152,7 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
             post_nms_topk_train=r.post_nms_topk_train,
             post_nms_topk_test=r.post_nms_topk_test,
             nms_threshold=r.nms_threshold,
+            infer_anchor_strides=r.infer_anchor_strides,
             batch_size_per_image=r.batch_size_per_image,
             positive_fraction=r.positive_fraction,
             fg_iou_threshold=r.fg_iou_threshold,
@@ -161,6 +163,8 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
             num_classes=cfg.num_classes,
             fc_dim=b.fc_dim,
             pooler_resolution=b.pooler_resolution,
+            sampling_ratio=b.sampling_ratio,
+            pooler_aligned=b.pooler_aligned,
             batch_size_per_image=b.batch_size_per_image,
             positive_fraction=b.positive_fraction,
             iou_threshold=b.iou_threshold,
@@ -173,6 +177,7 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
         num_classes=cfg.num_classes,
         max_mask_rois_per_image=cfg.max_mask_rois_per_image,
         mask_threshold=cfg.mask_threshold,
+        mask_paste=cfg.mask_paste,
         pixel_mean=cfg.pixel_mean,
         pixel_std=cfg.pixel_std,
     )

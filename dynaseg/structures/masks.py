@@ -8,7 +8,13 @@ from torch.nn import functional as F
 
 from dynaseg.layers.roi_align import roi_align_aligned
 
-__all__ = ["crop_and_resize", "roi_mask_targets", "paste_masks", "scale_boxes"]
+__all__ = [
+    "crop_and_resize",
+    "roi_mask_targets",
+    "paste_masks",
+    "paste_masks_torchvision",
+    "scale_boxes",
+]
 
 
 def crop_and_resize(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -89,6 +95,18 @@ def paste_masks(
         ):
             out[index, y0:y1, x0:x1] = crop[: y1 - y0, : x1 - x0]  # a copy, no compute
     return out
+
+
+def paste_masks_torchvision(
+    mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5
+) -> Tensor:
+    """torchvision's Mask R-CNN paste-back (``paste_masks_in_image``: each mask padded by one cell,
+    its box grown to match and rounded to whole pixels, bilinear resize), thresholded like
+    ``paste_masks``. mask_probs: (N, R, R); boxes: (N, 4) → (N, H, W) bool."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    probs = paste_masks_in_image(mask_probs[:, None].float(), boxes.float(), image_size, padding=1)
+    return probs[:, 0] >= threshold
 
 
 def roi_mask_targets(gt_masks: list[Tensor], rois: Tensor, gt_index: Tensor, size: int) -> Tensor:

@@ -19,6 +19,7 @@ __all__ = [
     "load_backbone_weights",
     "read_state_dict",
     "resolve_weights_file",
+    "cached_torchvision_weights",
     "TORCHVISION_PREFIX",
 ]
 
@@ -46,7 +47,11 @@ def resolve_weights_file(spec: str) -> Path:
     """
     if not spec.startswith(TORCHVISION_PREFIX):
         return Path(spec)
-    weights = _torchvision_weights(spec)
+    return cached_torchvision_weights(_torchvision_weights(spec), spec)
+
+
+def cached_torchvision_weights(weights, spec: str) -> Path:
+    """The file of a torchvision weights enum member in torch's cache, downloaded when missing."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     if cached.is_file():
         return cached

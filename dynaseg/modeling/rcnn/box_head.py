@@ -193,6 +193,7 @@ class BoxHead(nn.Module):
     Args:
         in_channels: FPN width. num_classes: C (no background). fc_dim: MLP width.
         pooler_resolution, sampling_ratio: RoIAlign output side and samples per bin (0 = adaptive, detectron2).
+        pooler_aligned: half-pixel RoIAlign (detectron2); False as torchvision's Faster / Mask R-CNN.
         batch_size_per_image, positive_fraction, iou_threshold, bbox_reg_weights: training RoI sampling.
         cls_loss_weight, reg_loss_weight: loss weights.
         score_threshold, nms_threshold, detections_per_image: inference.
@@ -206,6 +207,7 @@ class BoxHead(nn.Module):
         fc_dim: int = 1024,
         pooler_resolution: int = 7,
         sampling_ratio: int = 0,
+        pooler_aligned: bool = True,
         # Loss parameters
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
@@ -221,6 +223,7 @@ class BoxHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.pooler_resolution, self.sampling_ratio = pooler_resolution, sampling_ratio
+        self.pooler_aligned = pooler_aligned
         self.mlp = TwoMLPHead(in_channels * pooler_resolution**2, fc_dim)
         self.predictor = FastRCNNPredictor(fc_dim, num_classes + 1)
         self.sampling_params = dict(
@@ -240,7 +243,11 @@ class BoxHead(nn.Module):
     def forward(self, features: dict[str, Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
         """rois: (R, 5) → class logits (R, C+1) and deltas (R, 4(C+1)), torchvision column order."""
         x = multilevel_roi_align(
-            features, rois, output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio
+            features,
+            rois,
+            output_size=self.pooler_resolution,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.pooler_aligned,
         )  # (R, F, 7, 7)
         return self.predictor(self.mlp(x))
 

@@ -41,6 +41,7 @@ class FCNMaskHead(nn.Module):
         in_channels: FPN width. num_classes: C (class-specific masks, no background channel).
         conv_dim, num_convs: FCN width and depth. resolution: mask side (2 × pooler_resolution).
         pooler_resolution, sampling_ratio: RoIAlign output side and samples per bin (2: fixed cost per RoI).
+        pooler_aligned: half-pixel RoIAlign (detectron2); False as torchvision's Mask R-CNN.
         loss_weight: weight of ``loss_mask``.
     """
 
@@ -54,6 +55,7 @@ class FCNMaskHead(nn.Module):
         resolution: int = 28,
         pooler_resolution: int = 14,
         sampling_ratio: int = 2,
+        pooler_aligned: bool = True,
         loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
@@ -66,7 +68,7 @@ class FCNMaskHead(nn.Module):
             pooler_resolution,
             sampling_ratio,
         )
-        self.loss_weight = loss_weight
+        self.pooler_aligned, self.loss_weight = pooler_aligned, loss_weight
         self.convs = MaskRCNNHeads(in_channels, [conv_dim] * num_convs, dilation=1)
         self.predictor = MaskRCNNPredictor(
             conv_dim if num_convs else in_channels, conv_dim, num_classes
@@ -90,7 +92,11 @@ class FCNMaskHead(nn.Module):
     def forward(self, features: dict[str, Tensor], rois: Tensor) -> Tensor:
         """rois: (N, 5) [b, x0, y0, x1, y1] → class-specific mask logits (N, C, 28, 28)."""
         x = multilevel_roi_align(
-            features, rois, output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio
+            features,
+            rois,
+            output_size=self.pooler_resolution,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.pooler_aligned,
         )  # (N, F, 14, 14)
         return self.predictor(self.convs(x))
 

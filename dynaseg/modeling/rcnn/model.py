@@ -7,6 +7,7 @@ positive RoIs (training) or on the final detections (inference).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from dynaseg.modeling.rcnn.box_head import BoxHead, ProposalSamples
 from dynaseg.modeling.rcnn.rpn import RPN
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.detections import RawDetections
-from dynaseg.structures.masks import paste_masks, scale_boxes
+from dynaseg.structures.masks import paste_masks, paste_masks_torchvision, scale_boxes
 
 __all__ = ["RCNNInstances", "TwoStageDetector", "rcnn_postprocess"]
 
@@ -59,6 +60,8 @@ class TwoStageDetector(nn.Module):
         max_mask_rois_per_image: cap on positive RoIs per image fed to the mask branch in training
             (a random subset); 0 = all positives.
         mask_threshold: paste-back threshold on mask probabilities.
+        mask_paste: "aligned" (``paste_masks``: exact box coordinates) or "torchvision"
+            (``paste_masks_torchvision``: boxes rounded to pixels, as torchvision's Mask R-CNN).
         pixel_mean, pixel_std: RGB normalisation (0-255 scale).
     """
 
@@ -72,6 +75,7 @@ class TwoStageDetector(nn.Module):
         num_classes: int,
         max_mask_rois_per_image: int = 0,
         mask_threshold: float = 0.5,
+        mask_paste: Literal["aligned", "torchvision"] = "aligned",
         pixel_mean: tuple[float, float, float],
         pixel_std: tuple[float, float, float],
     ) -> None:
@@ -88,7 +92,7 @@ class TwoStageDetector(nn.Module):
         )
         self.num_classes = num_classes
         self.max_mask_rois_per_image = max_mask_rois_per_image
-        self.mask_threshold = mask_threshold
+        self.mask_threshold, self.mask_paste = mask_threshold, mask_paste
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False
         )
@@ -129,6 +133,7 @@ class TwoStageDetector(nn.Module):
                 input_size=input_size,
                 output_size=output_size,
                 mask_threshold=self.mask_threshold,
+                paste=self.mask_paste,
             )
             for r, input_size, output_size in zip(raw, batch.image_sizes, batch.original_sizes)
         ]
@@ -211,6 +216,7 @@ def rcnn_postprocess(
     input_size: tuple[int, int],
     output_size: tuple[int, int],
     mask_threshold: float,
+    paste: Literal["aligned", "torchvision"] = "aligned",
 ) -> RCNNInstances:
     """Rescale one image's detections to its original size and paste their masks.
 
@@ -224,7 +230,8 @@ def rcnn_postprocess(
     masks = torch.zeros((len(keep), *output_size), dtype=torch.bool, device=boxes.device)
     for r in resolutions.unique().tolist():
         group = (resolutions == r).nonzero().squeeze(1)
-        masks[group] = paste_masks(probs[group, :r, :r], boxes[group], output_size, mask_threshold)
+        paste_fn = paste_masks if paste == "aligned" else paste_masks_torchvision
+        masks[group] = paste_fn(probs[group, :r, :r], boxes[group], output_size, mask_threshold)
     return RCNNInstances(
         image_size=tuple(output_size),
         boxes=boxes,

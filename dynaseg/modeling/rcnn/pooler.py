@@ -40,8 +40,10 @@ def multilevel_roi_align(
     canonical_level: int = 4,
     min_level: int = 2,
     max_level: int = 5,
+    aligned: bool = True,
 ) -> Tensor:
-    """Pool each RoI from the FPN level its size selects (aligned RoIAlign at scale 1/2^k on ``p{k}``).
+    """Pool each RoI from the FPN level its size selects (RoIAlign at scale 1/2^k on ``p{k}``;
+    ``aligned=False``: torchvision's ``MultiScaleRoIAlign``).
 
     features: {"p2": (B, C, H/4, W/4), ..., "p5": (B, C, H/32, W/32)} (others ignored);
     rois: (N, 5) [b, x0, y0, x1, y1] input pixels → (N, C, S, S), S = output_size, in RoI order.
@@ -63,6 +65,7 @@ def multilevel_roi_align(
             output_size=output_size,
             spatial_scale=math.ldexp(1.0, -k),
             sampling_ratio=sampling_ratio,
+            aligned=aligned,
         )
         out = out.index_put((index,), pooled.to(out.dtype))
     return out

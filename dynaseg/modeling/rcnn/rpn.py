@@ -59,6 +59,8 @@ class RPN(nn.Module):
         in_channels: FPN width. in_features: level names, in order. strides: their strides (input pixels).
         anchor_sizes: one anchor side per level. aspect_ratios: h/w ratios, the same on every level.
         pre_nms_topk_*, post_nms_topk_*, nms_threshold: proposal filtering (train / test).
+        infer_anchor_strides: torchvision's ``AnchorGenerator`` (stride = padded size // grid size,
+            off for P6 when Hp/32 is odd) instead of the given strides; reproduces torchvision's models.
         batch_size_per_image, positive_fraction, fg_iou_threshold, bg_iou_threshold: anchor sampling.
         cls_loss_weight, loc_loss_weight: loss weights.
     """
@@ -77,6 +79,7 @@ class RPN(nn.Module):
         post_nms_topk_train: int = 1000,
         post_nms_topk_test: int = 1000,
         nms_threshold: float = 0.7,
+        infer_anchor_strides: bool = False,
         # Loss parameters
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
@@ -89,10 +92,14 @@ class RPN(nn.Module):
         if not len(in_features) == len(strides) == len(anchor_sizes):
             raise ValueError("in_features, strides and anchor_sizes need one entry per level")
         self.in_features = in_features
-        anchors = _StridedAnchorGenerator(
-            sizes=tuple((s,) for s in anchor_sizes),
-            aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes),
-            strides=strides,
+        sizes, ratios = (
+            tuple((s,) for s in anchor_sizes),
+            (tuple(aspect_ratios),) * len(anchor_sizes),
+        )
+        anchors = (
+            AnchorGenerator(sizes, ratios)
+            if infer_anchor_strides
+            else _StridedAnchorGenerator(sizes=sizes, aspect_ratios=ratios, strides=strides)
         )
         self.rpn = RegionProposalNetwork(
             anchors,

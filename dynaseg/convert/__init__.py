@@ -1,0 +1,1 @@
+"""Checkpoints of other libraries → dynaseg weights files (``dynaseg convert``)."""
