@@ -147,6 +147,22 @@ def mask_rcnn_r50_fpn_torchvision() -> ExperimentConfig:
     )
 
 
+def mask_rcnn_r50_fpn_detectron2() -> ExperimentConfig:
+    """detectron2's model-zoo Mask R-CNN R50-FPN (``dynaseg convert --from detectron2 FILE``):
+    MSRA's ResNet (stride in the first 1×1 conv, mean-only normalisation; the conversion turns its
+    BGR stem into RGB), unrounded anchors, mask RoIAlign sampling adaptive; otherwise our preset."""
+    return with_overrides(
+        mask_rcnn_r50_fpn_1x(),
+        {
+            "model.backbone.stride_in_1x1": True,
+            "model.pixel_std": (1.0, 1.0, 1.0),
+            "model.rpn.round_anchors": False,
+            "model.mask_head.sampling_ratio": 0,
+            "output_dir": "runs/mask_rcnn_r50_fpn_detectron2",
+        },
+    )
+
+
 def dynamask_r50_fpn_1x() -> ExperimentConfig:
     """DynaMask R50-FPN 1x (paper §4.1): one epoch without the MSM, then all modules together."""
     return ExperimentConfig(
@@ -334,6 +350,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "blendmask_tiny": blendmask_tiny,
     "mask_rcnn_r50_fpn_1x": mask_rcnn_r50_fpn_1x,
     "mask_rcnn_r50_fpn_torchvision": mask_rcnn_r50_fpn_torchvision,
+    "mask_rcnn_r50_fpn_detectron2": mask_rcnn_r50_fpn_detectron2,
     "dynamask_r50_fpn_1x": dynamask_r50_fpn_1x,
     "mask_rcnn_r18_synth_cpu": mask_rcnn_r18_synth_cpu,
     "dynamask_r18_synth_cpu": dynamask_r18_synth_cpu,

@@ -42,6 +42,7 @@ class BackboneConfig:
     freeze_at: int = 2  # 0: train all; 1: freeze stem; k: freeze stem + stages res2..res{k}
     fpn_channels: int = 256
     fpn_norm: Norm = "none"
+    stride_in_1x1: bool = False  # stride in each stage's first 1×1 conv (MSRA / detectron2 weights)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +122,7 @@ class RPNConfig:
     fg_iou_threshold: float = 0.7
     bg_iou_threshold: float = 0.3
     infer_anchor_strides: bool = False  # True: torchvision's anchor strides (padded size // grid)
+    round_anchors: bool = True  # cell anchors rounded to pixels (torchvision); False: detectron2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +147,7 @@ class FCNMaskHeadConfig:
 
     pooler_resolution: int = 14
     pooler_aligned: bool = True  # half-pixel RoIAlign (detectron2); False = torchvision's models
+    sampling_ratio: int = 2  # RoIAlign samples per bin (2: fixed cost per RoI; detectron2 uses 0)
     num_convs: int = 4
     conv_dim: int = 256
     mask_threshold: float = 0.5

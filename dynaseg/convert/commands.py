@@ -3,64 +3,88 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dynaseg.errors import UserError
 
 __all__ = ["add_convert_parser"]
 
-_DEFAULT_CONFIG = {"maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn_torchvision"}
+# the preset whose switches reproduce each source's model
+_DEFAULT_CONFIG = {
+    "torchvision:maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn_torchvision",
+    "detectron2": "mask_rcnn_r50_fpn_detectron2",
+}
+
+
+def _coco_metadata(num_rows: int, num_classes: int) -> dict[str, Any]:
+    """Class names and COCO category ids for a COCO checkpoint (names from torchvision's list)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    from dynaseg.convert.torchvision_detection import coco_ids
+
+    categories = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    if num_classes == 80 and num_rows in (81, 91):
+        labels = coco_ids(categories)
+    elif num_rows == 91:
+        labels = list(range(1, 91))
+    else:
+        return {"category_ids": list(range(1, num_classes + 1))}
+    return {"class_names": [categories[i] for i in labels], "category_ids": labels}
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from torchvision.models import get_model_weights
-
     from dynaseg.config.presets import load_config
-    from dynaseg.convert.torchvision_detection import (
-        TORCHVISION_MODELS,
-        UNSUPPORTED,
-        ConversionError,
-        coco_ids,
-        convert_torchvision,
-    )
     from dynaseg.engine.checkpoint import save_weights
-    from dynaseg.modeling.backbone.pretrained import (
-        TORCHVISION_PREFIX,
-        cached_torchvision_weights,
-        read_state_dict,
-    )
     from dynaseg.modeling.build import build_model
 
-    if not args.source.startswith(TORCHVISION_PREFIX):
-        raise UserError(
-            f"--from {args.source}: expected torchvision:NAME "
-            f"({', '.join(TORCHVISION_MODELS)}; detectron2 checkpoints are not supported yet)"
-        )
-    name = args.source[len(TORCHVISION_PREFIX) :]
-    if name in UNSUPPORTED or name not in TORCHVISION_MODELS:
-        convert_torchvision(name, {}, None, coco_labels=[], source=args.source)  # raises
-    cfg = load_config(args.config or _DEFAULT_CONFIG[name], args.overrides)
-    model = build_model(cfg.model, pretrained=False)
-    weights = get_model_weights(name).DEFAULT  # its metadata; its file unless --weights is given
-    path = args.weights or cached_torchvision_weights(weights, args.source)
-    categories = list(weights.meta["categories"])
-    state = read_state_dict(path)
-    converted = convert_torchvision(
-        name, state, model, coco_labels=coco_ids(categories), source=str(path)
-    )
-    model.load_state_dict(converted)
-    rows = state["roi_heads.box_predictor.cls_score.bias"].shape[0]
-    num_classes = cfg.model.num_classes
-    if rows == 91:  # a COCO checkpoint: torchvision's label index is the COCO category id
-        labels = coco_ids(categories) if num_classes == 80 else list(range(1, 91))
-        metadata = {"class_names": [categories[i] for i in labels], "category_ids": labels}
-    else:
-        metadata = {"category_ids": list(range(1, num_classes + 1))}
+    source, *rest = args.source
+    if len(rest) > 1 or (rest and args.weights):
+        raise UserError("--from takes a source and at most one checkpoint file (or use --weights)")
+    weights_file = rest[0] if rest else args.weights
+    if source not in _DEFAULT_CONFIG:
+        known = ", ".join(_DEFAULT_CONFIG)
+        if source.startswith("torchvision:"):
+            from dynaseg.convert.torchvision_detection import convert_torchvision
+
+            convert_torchvision(source.split(":", 1)[1], {}, None, coco_labels=[], source=source)
+        raise UserError(f"--from {source}: expected one of {known}")
     if not args.to.endswith(".safetensors"):
-        raise ConversionError(f"--to {args.to}: write a .safetensors file")
-    save_weights(model, args.to, {**metadata, "converted_from": args.source})
+        raise UserError(f"--to {args.to}: write a .safetensors file")
+    config = args.config or _DEFAULT_CONFIG[source]
+    cfg = load_config(config, args.overrides)
+    model = build_model(cfg.model, pretrained=False)
+    if source == "detectron2":
+        from dynaseg.convert.detectron2 import convert_detectron2, read_detectron2_checkpoint
+
+        if not weights_file:
+            raise UserError("--from detectron2 needs the checkpoint file: --from detectron2 FILE")
+        state = read_detectron2_checkpoint(weights_file)
+        converted = convert_detectron2(state, model, source=str(weights_file))
+        rows = state["roi_heads.box_predictor.cls_score.bias"].shape[0]
+    else:
+        from torchvision.models import get_model_weights
+
+        from dynaseg.convert.torchvision_detection import coco_ids, convert_torchvision
+        from dynaseg.modeling.backbone.pretrained import cached_torchvision_weights, read_state_dict
+
+        name = source.split(":", 1)[1]
+        weights = get_model_weights(name).DEFAULT  # its file unless --weights is given
+        path = weights_file or cached_torchvision_weights(weights, source)
+        state = read_state_dict(path)
+        converted = convert_torchvision(
+            name,
+            state,
+            model,
+            coco_labels=coco_ids(list(weights.meta["categories"])),
+            source=str(path),
+        )
+        rows = state["roi_heads.box_predictor.cls_score.bias"].shape[0]
+    model.load_state_dict(converted)
+    metadata = _coco_metadata(rows, cfg.model.num_classes) | {"converted_from": source}
+    save_weights(model, args.to, metadata)
     print(
-        f"wrote {args.to} ({len(converted)} tensors from {path}); use it with "
-        f"--config {args.config or _DEFAULT_CONFIG[name]} --weights {args.to}"
+        f"wrote {args.to} ({len(converted)} tensors); use it with "
+        f"--config {config} --weights {args.to}"
     )
     return 0
 
@@ -70,15 +94,18 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="another library's checkpoint → a dynaseg .safetensors (torchvision:maskrcnn_resnet50_fpn)",
+        help="a torchvision or detectron2 Mask R-CNN checkpoint → a dynaseg .safetensors",
     )
     p.add_argument(
         "--from",
         dest="source",
+        nargs="+",
         required=True,
-        help="torchvision:NAME (its COCO weights from torch's cache, or --weights)",
+        metavar="SOURCE [FILE]",
+        help="torchvision:maskrcnn_resnet50_fpn (its COCO weights from torch's cache, or --weights) "
+        "or detectron2 FILE (.pkl from the model zoo, or a .pth of detectron2's checkpointer)",
     )
-    p.add_argument("--weights", help="the checkpoint file (default: torchvision's, cached)")
+    p.add_argument("--weights", help="the checkpoint file (torchvision: default, torch's cache)")
     p.add_argument("--to", required=True, help="output .safetensors")
     _add_config(p, required=False)
     p.set_defaults(func=_cmd_convert)

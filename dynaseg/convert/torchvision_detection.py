@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dynaseg.errors import UserError
+from dynaseg.convert.mapping import ConversionError, raise_unless_complete
 
 __all__ = [
     "ConversionError",
@@ -26,10 +26,6 @@ __all__ = [
     "convert_torchvision",
     "coco_ids",
 ]
-
-
-class ConversionError(UserError, ValueError):
-    """A checkpoint that does not map onto the model; the message lists the tensors concerned."""
 
 
 # torchvision key prefix → ours, for each supported model
@@ -130,16 +126,7 @@ def convert_torchvision(
             continue
         converted[ours] = value
     missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
-    problems = [
-        (f"{len(unmapped)} tensors with no place in the model", unmapped),
-        (f"{len(wrong)} tensors of the wrong shape", wrong),
-        (f"{len(missing)} model tensors missing from the checkpoint", missing),
-    ]
-    found = [
-        f"{what}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-        for what, names in problems
-        if names
-    ]
-    if found:
-        raise ConversionError(f"{source} (torchvision:{name}): " + "; ".join(found))
+    raise_unless_complete(
+        f"{source} (torchvision:{name})", unmapped=unmapped, wrong=wrong, missing=missing
+    )
     return converted

@@ -39,7 +39,9 @@ def build_backbone(
     cfg: BlendMaskConfig | RCNNConfig | DR1MaskConfig, layout: str = "p3p7"
 ) -> ResNetFPN:
     b = cfg.backbone
-    body = ResNet(depth=b.depth, width=b.width, norm=b.norm, freeze_at=0)
+    body = ResNet(
+        depth=b.depth, width=b.width, norm=b.norm, freeze_at=0, stride_in_1x1=b.stride_in_1x1
+    )
     if cfg.backbone_weights:
         load_backbone_weights(body, cfg.backbone_weights)
     body._freeze(b.freeze_at)
@@ -102,6 +104,7 @@ def build_mask_branch(cfg: RCNNConfig) -> nn.Module:
             conv_dim=m.conv_dim,
             num_convs=m.num_convs,
             pooler_resolution=m.pooler_resolution,
+            sampling_ratio=m.sampling_ratio,
             pooler_aligned=m.pooler_aligned,
         )
     head = DynaMaskHead(
@@ -153,6 +156,7 @@ def build_rcnn(cfg: RCNNConfig) -> TwoStageDetector:
             post_nms_topk_test=r.post_nms_topk_test,
             nms_threshold=r.nms_threshold,
             infer_anchor_strides=r.infer_anchor_strides,
+            round_anchors=r.round_anchors,
             batch_size_per_image=r.batch_size_per_image,
             positive_fraction=r.positive_fraction,
             fg_iou_threshold=r.fg_iou_threshold,

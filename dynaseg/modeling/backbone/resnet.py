@@ -29,10 +29,18 @@ class ResNet(nn.Module):
         width: channels of the stem and of the first stage's bottleneck (64 in the standard nets).
         norm: name for ``get_norm`` (FrozenBN, BN, GN, SyncBN).
         freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res{k}.
+        stride_in_1x1: a stage's stride in its first block's 1×1 conv (the original ResNet, MSRA's
+            and detectron2's weights) instead of its 3×3 conv (torchvision's "v1.5").
     """
 
     def __init__(
-        self, *, depth: int, width: int = 64, norm: str = "FrozenBN", freeze_at: int = 0
+        self,
+        *,
+        depth: int,
+        width: int = 64,
+        norm: str = "FrozenBN",
+        freeze_at: int = 0,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:
@@ -52,6 +60,9 @@ class ResNet(nn.Module):
             layer, in_channels = self._make_stage(
                 block, in_channels, planes, count, 1 if i == 0 else 2, norm_layer
             )
+            if stride_in_1x1 and i > 0 and block is Bottleneck:
+                first = layer[0]  # torchvision's block reads its convs' strides in forward
+                first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
             setattr(self, f"layer{i + 1}", layer)
             self.out_channels[f"c{i + 2}"] = in_channels
         self._init_weights()

@@ -25,6 +25,8 @@ class _StridedAnchorGenerator(AnchorGenerator):
 
     torchvision infers a level's stride as ``padded_size // grid_size``, which is wrong for P6 whenever
     Hp/32 is odd (Hp = 96: P5 has 3 rows, P6 has 2, inferred stride 48 instead of 64).
+    ``round_anchors=False`` keeps the cell anchors' half-sides unrounded, as detectron2 does
+    (torchvision rounds them to whole pixels: 22.63 → 23 for a 32² anchor of ratio 0.5).
     """
 
     def __init__(
@@ -33,9 +35,20 @@ class _StridedAnchorGenerator(AnchorGenerator):
         sizes: tuple[tuple[int, ...], ...],
         aspect_ratios: tuple[tuple[float, ...], ...],
         strides: tuple[int, ...],
+        round_anchors: bool = True,
     ) -> None:
+        object.__setattr__(self, "round_anchors", round_anchors)  # read by the base's __init__
         super().__init__(sizes, aspect_ratios)
         self.strides = strides
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=None) -> Tensor:
+        if self.round_anchors:
+            return super().generate_anchors(scales, aspect_ratios, dtype=dtype, device=device)
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device).sqrt()
+        ws = (scales[None, :] / h_ratios[:, None]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         """→ per image (A, 4) XYXY anchors, all levels concatenated in level order."""
@@ -61,6 +74,7 @@ class RPN(nn.Module):
         pre_nms_topk_*, post_nms_topk_*, nms_threshold: proposal filtering (train / test).
         infer_anchor_strides: torchvision's ``AnchorGenerator`` (stride = padded size // grid size,
             off for P6 when Hp/32 is odd) instead of the given strides; reproduces torchvision's models.
+        round_anchors: cell anchors rounded to whole pixels (torchvision); False: detectron2's.
         batch_size_per_image, positive_fraction, fg_iou_threshold, bg_iou_threshold: anchor sampling.
         cls_loss_weight, loc_loss_weight: loss weights.
     """
@@ -80,6 +94,7 @@ class RPN(nn.Module):
         post_nms_topk_test: int = 1000,
         nms_threshold: float = 0.7,
         infer_anchor_strides: bool = False,
+        round_anchors: bool = True,
         # Loss parameters
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
@@ -99,7 +114,9 @@ class RPN(nn.Module):
         anchors = (
             AnchorGenerator(sizes, ratios)
             if infer_anchor_strides
-            else _StridedAnchorGenerator(sizes=sizes, aspect_ratios=ratios, strides=strides)
+            else _StridedAnchorGenerator(
+                sizes=sizes, aspect_ratios=ratios, strides=strides, round_anchors=round_anchors
+            )
         )
         self.rpn = RegionProposalNetwork(
             anchors,

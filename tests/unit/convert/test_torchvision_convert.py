@@ -20,7 +20,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dynaseg.cli import main
 from dynaseg.config.presets import load_config
-from dynaseg.convert.torchvision_detection import ConversionError, convert_torchvision
+from dynaseg.convert.mapping import ConversionError
+from dynaseg.convert.torchvision_detection import convert_torchvision
 from dynaseg.engine.checkpoint import read_metadata
 from dynaseg.inference.predictor import Predictor
 from dynaseg.modeling.build import build_model

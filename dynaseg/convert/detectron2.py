@@ -1,0 +1,157 @@
+"""detectron2's Mask R-CNN R50-FPN checkpoints → our Mask R-CNN (``dynaseg convert --from detectron2``).
+
+Names follow detectron2's modules (detectron2@02b5c4e: ``modeling/backbone/resnet.py`` BasicStem /
+BottleneckBlock with a ``norm`` inside each ``Conv2d``, ``backbone/fpn.py`` ``fpn_lateral{2-5}`` /
+``fpn_output{2-5}``, ``proposal_generator/rpn.py`` StandardRPNHead, ``roi_heads/box_head.py``
+``fc1`` / ``fc2``, ``roi_heads/fast_rcnn.py`` (background is the *last* class score; boxes are
+regressed for the C classes only), ``roi_heads/mask_head.py`` ``mask_fcn{k}`` / ``deconv`` /
+``predictor``). Its model-zoo ResNets are MSRA's: BGR input with the per-channel mean only (no
+std), the stride in each stage's first 1×1 conv. The conversion flips the stem's input channels so
+the model takes RGB like every dynaseg model; the ``mask_rcnn_r50_fpn_detectron2`` preset sets the
+rest (``stride_in_1x1``, ``pixel_std`` 1, unrounded anchors, mask RoIAlign sampling 0).
+
+Files: the zoo's ``.pkl`` (a pickle of numpy arrays, read with an unpickler that builds arrays
+and nothing else) or a ``.pth`` written by detectron2's checkpointer (``torch.load`` with
+``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynaseg.convert.mapping import ConversionError, raise_unless_complete
+from dynaseg.modeling.backbone.pretrained import read_state_dict
+
+__all__ = ["read_detectron2_checkpoint", "convert_detectron2"]
+
+# (detectron2 name pattern, ours); applied in order, the first match wins
+_RULES: tuple[tuple[str, str], ...] = (
+    (r"backbone\.bottom_up\.stem\.conv1\.weight", "backbone.body.conv1.weight"),
+    (r"backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)", r"backbone.body.bn1.\1"),
+    (
+        r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight",
+        r"backbone.body.layer{\1-1}.\2.conv\3.weight",
+    ),
+    (
+        r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)",
+        r"backbone.body.layer{\1-1}.\2.bn\3.\4",
+    ),
+    (
+        r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight",
+        r"backbone.body.layer{\1-1}.\2.downsample.0.weight",
+    ),
+    (
+        r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)",
+        r"backbone.body.layer{\1-1}.\2.downsample.1.\3",
+    ),
+    (r"backbone\.fpn_lateral(\d)\.(\w+)", r"backbone.fpn.inner_blocks.{\1-2}.0.\2"),
+    (r"backbone\.fpn_output(\d)\.(\w+)", r"backbone.fpn.layer_blocks.{\1-2}.0.\2"),
+    (r"proposal_generator\.rpn_head\.conv\.(\w+)", r"rpn.rpn.head.conv.0.0.\1"),
+    (r"proposal_generator\.rpn_head\.objectness_logits\.(\w+)", r"rpn.rpn.head.cls_logits.\1"),
+    (r"proposal_generator\.rpn_head\.anchor_deltas\.(\w+)", r"rpn.rpn.head.bbox_pred.\1"),
+    (r"roi_heads\.box_head\.fc1\.(\w+)", r"box_head.mlp.fc6.\1"),
+    (r"roi_heads\.box_head\.fc2\.(\w+)", r"box_head.mlp.fc7.\1"),
+    (r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(\w+)", r"box_head.predictor.\1.\2"),
+    (r"roi_heads\.mask_head\.mask_fcn(\d)\.(\w+)", r"mask_branch.convs.{\1-1}.0.\2"),
+    (r"roi_heads\.mask_head\.deconv\.(\w+)", r"mask_branch.predictor.conv5_mask.\1"),
+    (r"roi_heads\.mask_head\.predictor\.(\w+)", r"mask_branch.predictor.mask_fcn_logits.\1"),
+)
+_ARRAY_BUILDERS = {  # what a pickle of numpy arrays may construct
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol 2 writes bytes as _codecs.encode(text, "latin1")
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, strings and numpy arrays; anything else is refused unbuilt."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_BUILDERS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The model tensors of a detectron2 ``.pkl`` (model zoo) or ``.pth`` (checkpointer) file."""
+    path = Path(path)
+    if path.suffix != ".pkl":
+        return read_state_dict(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        with path.open("rb") as f:
+            data = _ArraysOnly(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path}: refused: the pickle would build {e} (code), not arrays; nothing was run"
+        ) from None
+    except Exception as e:  # truncated or not a pickle
+        raise ConversionError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    model = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(v, np.ndarray) for v in model.values()):
+        raise ConversionError(f"{path}: not a detectron2 checkpoint (no 'model' dict of arrays)")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.items()}
+
+
+def _rename(key: str) -> str | None:
+    for pattern, target in _RULES:
+        m = re.fullmatch(pattern, key)
+        if m:
+            name = m.expand(target)
+            return re.sub(r"\{(\d+)-(\d+)\}", lambda g: str(int(g[1]) - int(g[2])), name)
+    return None
+
+
+def _ours(name: str, value: Tensor, num_classes: int) -> Tensor:
+    """detectron2's layout → ours where they differ (stem channels, class rows)."""
+    if name == "backbone.body.conv1.weight":
+        return value.flip(1)  # BGR → RGB input
+    if name.startswith("box_head.predictor.cls_score."):  # background last → first
+        return torch.cat([value[num_classes:], value[:num_classes]])
+    if name.startswith("box_head.predictor.bbox_pred."):  # no background row → a zero row first
+        return torch.cat([value.new_zeros((4, *value.shape[1:])), value])
+    return value
+
+
+def convert_detectron2(
+    state: dict[str, Tensor], model: nn.Module, *, source: str
+) -> dict[str, Tensor]:
+    """A detectron2 Mask R-CNN R50-FPN state → ``model``'s state dict, every tensor mapped; tensors
+    with no place, missing tensors and shapes that differ are errors naming them."""
+    cls = state.get("roi_heads.box_predictor.cls_score.bias")
+    if cls is None:
+        raise ConversionError(f"{source}: no roi_heads.box_predictor.cls_score: not a Mask R-CNN")
+    if cls.shape[0] != model.num_classes + 1:
+        raise ConversionError(
+            f"{source}: the checkpoint has {cls.shape[0] - 1} classes, the config "
+            f"model.num_classes={model.num_classes}: set model.num_classes={cls.shape[0] - 1}"
+        )
+    own = model.state_dict()
+    converted, unmapped, wrong = {}, [], []
+    for key, value in state.items():
+        ours = _rename(key)
+        if ours is None or ours not in own:
+            unmapped.append(key)
+            continue
+        value = _ours(ours, value.float(), model.num_classes)
+        if value.shape != own[ours].shape:
+            wrong.append(f"{key} {tuple(value.shape)} → {ours} {tuple(own[ours].shape)}")
+            continue
+        converted[ours] = value
+    missing = [k for k in own if k not in converted]
+    raise_unless_complete(f"{source} (detectron2)", unmapped=unmapped, wrong=wrong, missing=missing)
+    return converted
