@@ -29,6 +29,20 @@ def blendmask_r50_fpn_1x() -> ExperimentConfig:
     return ExperimentConfig(output_dir="runs/blendmask_r50_fpn_1x")
 
 
+def blendmask_r50_fpn_adelaidet() -> ExperimentConfig:
+    """AdelaiDet's BlendMask R_50 checkpoints (``dynaseg convert --from detectron2 FILE``): MSRA's
+    ResNet (stride in the first 1×1 conv, mean-only normalisation; the conversion turns its BGR
+    stem into RGB); otherwise our R_50_1x preset, which follows AdelaiDet's config."""
+    return with_overrides(
+        blendmask_r50_fpn_1x(),
+        {
+            "model.backbone.stride_in_1x1": True,
+            "model.pixel_std": (1.0, 1.0, 1.0),
+            "output_dir": "runs/blendmask_r50_fpn_adelaidet",
+        },
+    )
+
+
 def blendmask_r50_fpn_3x() -> ExperimentConfig:
     return with_overrides(
         blendmask_r50_fpn_1x(),
@@ -351,6 +365,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "mask_rcnn_r50_fpn_1x": mask_rcnn_r50_fpn_1x,
     "mask_rcnn_r50_fpn_torchvision": mask_rcnn_r50_fpn_torchvision,
     "mask_rcnn_r50_fpn_detectron2": mask_rcnn_r50_fpn_detectron2,
+    "blendmask_r50_fpn_adelaidet": blendmask_r50_fpn_adelaidet,
     "dynamask_r50_fpn_1x": dynamask_r50_fpn_1x,
     "mask_rcnn_r18_synth_cpu": mask_rcnn_r18_synth_cpu,
     "dynamask_r18_synth_cpu": dynamask_r18_synth_cpu,

@@ -50,18 +50,28 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(f"--from {source}: expected one of {known}")
     if not args.to.endswith(".safetensors"):
         raise UserError(f"--to {args.to}: write a .safetensors file")
-    config = args.config or _DEFAULT_CONFIG[source]
-    cfg = load_config(config, args.overrides)
-    model = build_model(cfg.model, pretrained=False)
     if source == "detectron2":
         from dynaseg.convert.detectron2 import convert_detectron2, read_detectron2_checkpoint
 
         if not weights_file:
             raise UserError("--from detectron2 needs the checkpoint file: --from detectron2 FILE")
         state = read_detectron2_checkpoint(weights_file)
+        blendmask = any(k.startswith("basis_module.") for k in state)  # AdelaiDet's BlendMask
+        config = args.config or (
+            "blendmask_r50_fpn_adelaidet" if blendmask else _DEFAULT_CONFIG[source]
+        )
+        cfg = load_config(config, args.overrides)
+        model = build_model(cfg.model, pretrained=False)
         converted = convert_detectron2(state, model, source=str(weights_file))
-        rows = state["roi_heads.box_predictor.cls_score.bias"].shape[0]
+        rows = (
+            state["proposal_generator.fcos_head.cls_logits.bias"].shape[0] + 1
+            if blendmask
+            else state["roi_heads.box_predictor.cls_score.bias"].shape[0]
+        )
     else:
+        config = args.config or _DEFAULT_CONFIG[source]
+        cfg = load_config(config, args.overrides)
+        model = build_model(cfg.model, pretrained=False)
         from torchvision.models import get_model_weights
 
         from dynaseg.convert.torchvision_detection import coco_ids, convert_torchvision

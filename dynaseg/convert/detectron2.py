@@ -30,8 +30,8 @@ from dynaseg.modeling.backbone.pretrained import read_state_dict
 
 __all__ = ["read_detectron2_checkpoint", "convert_detectron2"]
 
-# (detectron2 name pattern, ours); applied in order, the first match wins
-_RULES: tuple[tuple[str, str], ...] = (
+# (detectron2 name pattern, ours), applied in order, the first match wins. ``{a-b}`` is arithmetic.
+_RESNET_RULES: tuple[tuple[str, str], ...] = (
     (r"backbone\.bottom_up\.stem\.conv1\.weight", "backbone.body.conv1.weight"),
     (r"backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)", r"backbone.body.bn1.\1"),
     (
@@ -50,6 +50,9 @@ _RULES: tuple[tuple[str, str], ...] = (
         r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)",
         r"backbone.body.layer{\1-1}.\2.downsample.1.\3",
     ),
+)
+# Mask R-CNN R50-FPN (detectron2): FPN on res2-res5, P6 by max-pooling.
+_MASK_RCNN_RULES = _RESNET_RULES + (
     (r"backbone\.fpn_lateral(\d)\.(\w+)", r"backbone.fpn.inner_blocks.{\1-2}.0.\2"),
     (r"backbone\.fpn_output(\d)\.(\w+)", r"backbone.fpn.layer_blocks.{\1-2}.0.\2"),
     (r"proposal_generator\.rpn_head\.conv\.(\w+)", r"rpn.rpn.head.conv.0.0.\1"),
@@ -61,6 +64,25 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"roi_heads\.mask_head\.mask_fcn(\d)\.(\w+)", r"mask_branch.convs.{\1-1}.0.\2"),
     (r"roi_heads\.mask_head\.deconv\.(\w+)", r"mask_branch.predictor.conv5_mask.\1"),
     (r"roi_heads\.mask_head\.predictor\.(\w+)", r"mask_branch.predictor.mask_fcn_logits.\1"),
+)
+# AdelaiDet's BlendMask (adet/modeling/blendmask, fcos/fcos.py, backbone/fpn.py): FPN on res3-res5,
+# P6 / P7 = ``top_block`` convs on P5; FCOS towers as Sequential [conv, GN, ReLU] × n; the bottom
+# module's ``tower`` = [conv blocks × n, Upsample, conv block, 1×1 conv]; ``seg_head`` the semantic
+# head [conv, BN, ReLU] × 2 + 1×1 conv; ``top_layer`` the attention conv.
+_BLENDMASK_RULES = _RESNET_RULES + (
+    (r"backbone\.fpn_lateral(\d)\.(\w+)", r"backbone.fpn.inner_blocks.{\1-3}.0.\2"),
+    (r"backbone\.fpn_output(\d)\.(\w+)", r"backbone.fpn.layer_blocks.{\1-3}.0.\2"),
+    (r"backbone\.top_block\.(p6|p7)\.(\w+)", r"backbone.fpn.extra_blocks.\1.\2"),
+    (r"proposal_generator\.fcos_head\.(cls|bbox)_tower\.(\d+)\.(\w+)", "{tower}"),
+    (r"proposal_generator\.fcos_head\.(cls_logits|bbox_pred|ctrness)\.(\w+)", r"fcos_head.\1.\2"),
+    (r"top_layer\.(\w+)", r"attention.conv.\1"),
+    (r"basis_module\.refine\.(\d)\.([01])\.(\w+)", r"basis.refine.\1.\2.\3"),
+    (r"basis_module\.seg_head\.0\.(\w+)", r"semantic_head.tower.0.0.\1"),
+    (r"basis_module\.seg_head\.1\.(\w+)", r"semantic_head.tower.0.1.\1"),
+    (r"basis_module\.seg_head\.3\.(\w+)", r"semantic_head.tower.1.0.\1"),
+    (r"basis_module\.seg_head\.4\.(\w+)", r"semantic_head.tower.1.1.\1"),
+    (r"basis_module\.seg_head\.6\.(\w+)", r"semantic_head.predictor.\1"),
+    (r"basis_module\.tower\.(\d+)\.(\w+(?:\.\w+)?)", "{basis}"),
 )
 _ARRAY_BUILDERS = {  # what a pickle of numpy arrays may construct
     ("numpy.core.multiarray", "_reconstruct"),
@@ -107,12 +129,35 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.items()}
 
 
-def _rename(key: str) -> str | None:
-    for pattern, target in _RULES:
+def _tower_name(match: re.Match[str]) -> str:
+    """AdelaiDet's tower index 3i (conv) / 3i + 1 (GN) → our convs[i] / norms[i][0]."""
+    tower, index, param = match[1], int(match[2]), match[3]
+    ours = "cls_tower" if tower == "cls" else "box_tower"
+    part = f"convs.{index // 3}" if index % 3 == 0 else f"norms.{index // 3}.0"
+    return f"fcos_head.{ours}.{part}.{param}"
+
+
+def _basis_name(match: re.Match[str], num_convs: int) -> str:
+    """AdelaiDet's bottom-module tower: n conv blocks, Upsample, a conv block, a 1×1 conv."""
+    index, param = int(match[1]), match[2]
+    if index < num_convs:
+        return f"basis.tower.{index}.{param}"
+    if index == num_convs + 1:
+        return f"basis.post_upsample.{param}"
+    return f"basis.predictor.{param}" if index == num_convs + 2 else f"basis.unknown.{index}"
+
+
+def _rename(key: str, rules: tuple[tuple[str, str], ...], basis_convs: int) -> str | None:
+    for pattern, target in rules:
         m = re.fullmatch(pattern, key)
-        if m:
-            name = m.expand(target)
-            return re.sub(r"\{(\d+)-(\d+)\}", lambda g: str(int(g[1]) - int(g[2])), name)
+        if m is None:
+            continue
+        if target == "{tower}":
+            return _tower_name(m)
+        if target == "{basis}":
+            return _basis_name(m, basis_convs)
+        name = m.expand(target)
+        return re.sub(r"\{(\d+)-(\d+)\}", lambda g: str(int(g[1]) - int(g[2])), name)
     return None
 
 
@@ -130,20 +175,40 @@ def _ours(name: str, value: Tensor, num_classes: int) -> Tensor:
 def convert_detectron2(
     state: dict[str, Tensor], model: nn.Module, *, source: str
 ) -> dict[str, Tensor]:
-    """A detectron2 Mask R-CNN R50-FPN state → ``model``'s state dict, every tensor mapped; tensors
-    with no place, missing tensors and shapes that differ are errors naming them."""
-    cls = state.get("roi_heads.box_predictor.cls_score.bias")
-    if cls is None:
-        raise ConversionError(f"{source}: no roi_heads.box_predictor.cls_score: not a Mask R-CNN")
-    if cls.shape[0] != model.num_classes + 1:
+    """A detectron2 Mask R-CNN R50-FPN or AdelaiDet BlendMask state → ``model``'s state dict, every
+    tensor mapped; tensors with no place, missing tensors and shapes that differ are errors naming
+    them. BatchNorm's ``num_batches_tracked`` counters are skipped."""
+    from dynaseg.modeling.blendmask.model import BlendMask
+    from dynaseg.modeling.rcnn.model import TwoStageDetector
+
+    if isinstance(model, TwoStageDetector):
+        rules, basis_convs, classes_key, background = (
+            _MASK_RCNN_RULES,
+            0,
+            "roi_heads.box_predictor.cls_score.bias",
+            1,
+        )
+    elif isinstance(model, BlendMask):
+        rules, basis_convs = _BLENDMASK_RULES, len(model.basis.tower)
+        classes_key, background = "proposal_generator.fcos_head.cls_logits.bias", 0
+    else:
         raise ConversionError(
-            f"{source}: the checkpoint has {cls.shape[0] - 1} classes, the config "
-            f"model.num_classes={model.num_classes}: set model.num_classes={cls.shape[0] - 1}"
+            f"detectron2 checkpoints convert into Mask R-CNN or BlendMask, not {type(model).__name__}"
+        )
+    rows = state.get(classes_key)
+    if rows is None:
+        raise ConversionError(f"{source}: no {classes_key}: not a checkpoint of this model")
+    if rows.shape[0] != model.num_classes + background:
+        raise ConversionError(
+            f"{source}: the checkpoint has {rows.shape[0] - background} classes, the config "
+            f"model.num_classes={model.num_classes}: set model.num_classes={rows.shape[0] - background}"
         )
     own = model.state_dict()
     converted, unmapped, wrong = {}, [], []
     for key, value in state.items():
-        ours = _rename(key)
+        if key.endswith("num_batches_tracked"):
+            continue
+        ours = _rename(key, rules, basis_convs)
         if ours is None or ours not in own:
             unmapped.append(key)
             continue
@@ -152,6 +217,6 @@ def convert_detectron2(
             wrong.append(f"{key} {tuple(value.shape)} → {ours} {tuple(own[ours].shape)}")
             continue
         converted[ours] = value
-    missing = [k for k in own if k not in converted]
+    missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
     raise_unless_complete(f"{source} (detectron2)", unmapped=unmapped, wrong=wrong, missing=missing)
     return converted

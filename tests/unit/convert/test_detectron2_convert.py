@@ -212,3 +212,108 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("dynaseg: error:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "exploited").exists()
+
+
+def adelaidet_blendmask_r50(num_classes: int = 80) -> dict[str, tuple[int, ...]]:
+    """Name → shape of AdelaiDet's BlendMask R_50 (AdelaiDet@36721221eb572256206e60df6e9095ed00b2e08c):
+    detectron2's ResNet as above; adet/modeling/backbone/fpn.py: ``fpn_lateral{3..5}``,
+    ``fpn_output{3..5}`` and ``top_block.p6`` / ``p7`` (3×3 stride-2 on P5); adet/modeling/fcos/fcos.py
+    ``FCOSHead``: ``cls_tower`` / ``bbox_tower`` Sequential of [conv (bias), GroupNorm(32), ReLU] × 4
+    (indices 3i, 3i + 1), ``share_tower`` empty, ``cls_logits`` (C), ``bbox_pred`` (4), ``ctrness``
+    (1), no ``scales`` (BlendMask's USE_SCALE False); adet/modeling/blendmask/blendmask.py
+    ``top_layer`` (3×3 → K·M² = 4·14²); adet/modeling/blendmask/basis_module.py: ``refine``
+    [conv (no bias), BN, ReLU] per P3-P5 to 128, ``tower`` = 3 such blocks, Upsample, a block and a
+    1×1 conv to 4 bases, ``seg_head`` [conv, BN, ReLU, conv, BN, ReLU, 1×1 conv to C + 1]."""
+    shapes = {
+        k: v
+        for k, v in detectron2_mask_rcnn_r50_fpn(num_classes).items()
+        if k.startswith("backbone.bottom_up.")
+    }
+
+    def bn(name, c):
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{stat}"] = (c,)
+        shapes[f"{name}.num_batches_tracked"] = ()
+
+    for level, c in zip(range(3, 6), (512, 1024, 2048)):
+        shapes[f"backbone.fpn_lateral{level}.weight"] = (256, c, 1, 1)
+        shapes[f"backbone.fpn_lateral{level}.bias"] = (256,)
+        shapes[f"backbone.fpn_output{level}.weight"] = (256, 256, 3, 3)
+        shapes[f"backbone.fpn_output{level}.bias"] = (256,)
+    for p in ("p6", "p7"):
+        shapes[f"backbone.top_block.{p}.weight"] = (256, 256, 3, 3)
+        shapes[f"backbone.top_block.{p}.bias"] = (256,)
+    head = "proposal_generator.fcos_head"
+    for tower in ("cls_tower", "bbox_tower"):
+        for i in range(4):
+            shapes[f"{head}.{tower}.{3 * i}.weight"] = (256, 256, 3, 3)
+            shapes[f"{head}.{tower}.{3 * i}.bias"] = (256,)
+            shapes[f"{head}.{tower}.{3 * i + 1}.weight"] = (256,)
+            shapes[f"{head}.{tower}.{3 * i + 1}.bias"] = (256,)
+    for name, out in (("cls_logits", num_classes), ("bbox_pred", 4), ("ctrness", 1)):
+        shapes[f"{head}.{name}.weight"] = (out, 256, 3, 3)
+        shapes[f"{head}.{name}.bias"] = (out,)
+    shapes["top_layer.weight"] = (4 * 14 * 14, 256, 3, 3)
+    shapes["top_layer.bias"] = (4 * 14 * 14,)
+    for i in range(3):
+        shapes[f"basis_module.refine.{i}.0.weight"] = (128, 256, 3, 3)
+        bn(f"basis_module.refine.{i}.1", 128)
+    for i in (0, 1, 2, 4):
+        shapes[f"basis_module.tower.{i}.0.weight"] = (128, 128, 3, 3)
+        bn(f"basis_module.tower.{i}.1", 128)
+    shapes["basis_module.tower.5.weight"] = (4, 128, 1, 1)
+    shapes["basis_module.tower.5.bias"] = (4,)
+    shapes["basis_module.seg_head.0.weight"] = (128, 256, 3, 3)
+    bn("basis_module.seg_head.1", 128)
+    shapes["basis_module.seg_head.3.weight"] = (128, 128, 3, 3)
+    bn("basis_module.seg_head.4", 128)
+    shapes["basis_module.seg_head.6.weight"] = (num_classes + 1, 128, 1, 1)
+    shapes["basis_module.seg_head.6.bias"] = (num_classes + 1,)
+    return shapes
+
+
+def test_adelaidet_blendmask_maps_and_runs(tmp_path, capsys):
+    arrays = _fake(adelaidet_blendmask_r50())
+    arrays = {
+        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
+        for k, v in arrays.items()
+    }
+    path = tmp_path / "R_50_1x.pkl"
+    _save_zoo_pickle(path, arrays)
+    out = tmp_path / "blendmask.safetensors"
+    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
+    assert "--config blendmask_r50_fpn_adelaidet" in capsys.readouterr().out  # recognised
+    ours = load_file(str(out))
+    counters = sum(k.endswith("num_batches_tracked") for k in arrays)
+    assert len(ours) == len(arrays) - counters + sum(
+        k.endswith("num_batches_tracked") for k in ours
+    )
+
+    def theirs(name):
+        return torch.from_numpy(arrays[name])
+
+    assert torch.equal(
+        ours["fcos_head.box_tower.convs.2.bias"],
+        theirs("proposal_generator.fcos_head.bbox_tower.6.bias"),
+    )
+    assert torch.equal(
+        ours["fcos_head.cls_tower.norms.3.0.weight"],
+        theirs("proposal_generator.fcos_head.cls_tower.10.weight"),
+    )
+    assert torch.equal(
+        ours["basis.post_upsample.1.running_var"], theirs("basis_module.tower.4.1.running_var")
+    )
+    assert torch.equal(ours["basis.predictor.weight"], theirs("basis_module.tower.5.weight"))
+    assert torch.equal(
+        ours["semantic_head.tower.1.0.weight"], theirs("basis_module.seg_head.3.weight")
+    )
+    assert torch.equal(
+        ours["backbone.fpn.extra_blocks.p7.bias"], theirs("backbone.top_block.p7.bias")
+    )
+    assert torch.equal(ours["attention.conv.weight"], theirs("top_layer.weight"))
+    cfg = load_config(
+        "blendmask_r50_fpn_adelaidet",
+        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
+    )
+    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
+    assert result.image_size == (120, 150)
