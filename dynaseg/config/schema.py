@@ -43,6 +43,8 @@ class BackboneConfig:
     fpn_channels: int = 256
     fpn_norm: Norm = "none"
     stride_in_1x1: bool = False  # stride in each stage's first 1×1 conv (MSRA / detectron2 weights)
+    deform_stages: tuple[int, ...] = ()  # DCNv2 3×3 convs in these stages (3, 4, 5 = res3-res5)
+    deform_interval: int = 1  # in every k-th block of those stages (AdelaiDet's dcni3: 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,9 @@ class FCOSConfig:
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)  # P3..P7
     sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512)
     num_convs: int = 4  # per tower (cls and box)
+    num_share_convs: int = (
+        0  # convs shared by both towers, before them (AdelaiDet's real-time heads)
+    )
     norm: Norm = "GN"
     prior_prob: float = 0.01
     center_sampling_radius: float = 1.5  # in strides; 0 disables centre sampling

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from dynaseg.errors import UserError
@@ -33,7 +34,7 @@ def _coco_metadata(num_rows: int, num_classes: int) -> dict[str, Any]:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from dynaseg.config.presets import load_config
+    from dynaseg.config.presets import load_config, save_config
     from dynaseg.engine.checkpoint import save_weights
     from dynaseg.modeling.build import build_model
 
@@ -51,7 +52,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not args.to.endswith(".safetensors"):
         raise UserError(f"--to {args.to}: write a .safetensors file")
     if source == "detectron2":
-        from dynaseg.convert.detectron2 import convert_detectron2, read_detectron2_checkpoint
+        from dynaseg.convert.detectron2 import (
+            architecture_overrides,
+            convert_detectron2,
+            read_detectron2_checkpoint,
+        )
 
         if not weights_file:
             raise UserError("--from detectron2 needs the checkpoint file: --from detectron2 FILE")
@@ -60,7 +65,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         config = args.config or (
             "blendmask_r50_fpn_adelaidet" if blendmask else _DEFAULT_CONFIG[source]
         )
-        cfg = load_config(config, args.overrides)
+        cfg = load_config(config, [*architecture_overrides(state), *args.overrides])
         model = build_model(cfg.model, pretrained=False)
         converted = convert_detectron2(state, model, source=str(weights_file))
         rows = (
@@ -92,9 +97,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     model.load_state_dict(converted)
     metadata = _coco_metadata(rows, cfg.model.num_classes) | {"converted_from": source}
     save_weights(model, args.to, metadata)
+    config_file = Path(args.to).with_suffix(".yaml")
+    save_config(cfg, config_file)
     print(
-        f"wrote {args.to} ({len(converted)} tensors); use it with "
-        f"--config {config} --weights {args.to}"
+        f"wrote {args.to} ({len(converted)} tensors) and its config {config_file} "
+        f"({config} with the checkpoint's switches); use them with "
+        f"--config {config_file} --weights {args.to}"
     )
     return 0
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from dynaseg.convert.mapping import ConversionError, raise_unless_complete
 from dynaseg.modeling.backbone.pretrained import read_state_dict
 
-__all__ = ["read_detectron2_checkpoint", "convert_detectron2"]
+__all__ = ["read_detectron2_checkpoint", "convert_detectron2", "architecture_overrides"]
 
 # (detectron2 name pattern, ours), applied in order, the first match wins. ``{a-b}`` is arithmetic.
 _RESNET_RULES: tuple[tuple[str, str], ...] = (
@@ -41,6 +41,10 @@ _RESNET_RULES: tuple[tuple[str, str], ...] = (
     (
         r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)",
         r"backbone.body.layer{\1-1}.\2.bn\3.\4",
+    ),
+    (
+        r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv2_offset\.(\w+)",
+        r"backbone.body.layer{\1-1}.\2.conv2.offset.\3",
     ),
     (
         r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight",
@@ -73,7 +77,7 @@ _BLENDMASK_RULES = _RESNET_RULES + (
     (r"backbone\.fpn_lateral(\d)\.(\w+)", r"backbone.fpn.inner_blocks.{\1-3}.0.\2"),
     (r"backbone\.fpn_output(\d)\.(\w+)", r"backbone.fpn.layer_blocks.{\1-3}.0.\2"),
     (r"backbone\.top_block\.(p6|p7)\.(\w+)", r"backbone.fpn.extra_blocks.\1.\2"),
-    (r"proposal_generator\.fcos_head\.(cls|bbox)_tower\.(\d+)\.(\w+)", "{tower}"),
+    (r"proposal_generator\.fcos_head\.(cls|bbox|share)_tower\.(\d+)\.(?:(\d+)\.)?(\w+)", "{tower}"),
     (r"proposal_generator\.fcos_head\.(cls_logits|bbox_pred|ctrness)\.(\w+)", r"fcos_head.\1.\2"),
     (r"top_layer\.(\w+)", r"attention.conv.\1"),
     (r"basis_module\.refine\.(\d)\.([01])\.(\w+)", r"basis.refine.\1.\2.\3"),
@@ -130,10 +134,11 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 def _tower_name(match: re.Match[str]) -> str:
-    """AdelaiDet's tower index 3i (conv) / 3i + 1 (GN) → our convs[i] / norms[i][0]."""
-    tower, index, param = match[1], int(match[2]), match[3]
-    ours = "cls_tower" if tower == "cls" else "box_tower"
-    part = f"convs.{index // 3}" if index % 3 == 0 else f"norms.{index // 3}.0"
+    """AdelaiDet's tower index 3i (conv) / 3i + 1 (GN, or per-level BN ``3i+1.{level}``) → our
+    convs[i] / norms[i][level]."""
+    tower, index, level, param = match[1], int(match[2]), match[3] or "0", match[4]
+    ours = {"cls": "cls_tower", "bbox": "box_tower", "share": "share_tower"}[tower]
+    part = f"convs.{index // 3}" if index % 3 == 0 else f"norms.{index // 3}.{level}"
     return f"fcos_head.{ours}.{part}.{param}"
 
 
@@ -145,6 +150,49 @@ def _basis_name(match: re.Match[str], num_convs: int) -> str:
     if index == num_convs + 1:
         return f"basis.post_upsample.{param}"
     return f"basis.predictor.{param}" if index == num_convs + 2 else f"basis.unknown.{index}"
+
+
+def architecture_overrides(state: dict[str, Tensor]) -> list[str]:
+    """Config overrides that build the checkpoint's architecture: the ResNet's depth (number of
+    res4 blocks) and DCNv2 stages and interval (the blocks with ``conv2_offset``); for AdelaiDet's
+    BlendMask also its FCOS levels (``top_block`` P6 / P7 present or not), tower depths (shared,
+    per branch) and bottom-module depth."""
+
+    def count(pattern: str) -> int:
+        return sum(bool(re.fullmatch(pattern, k)) and state[k].dim() == 4 for k in state)
+
+    blocks = {int(m[1]) for k in state if (m := re.match(r"backbone\.bottom_up\.res4\.(\d+)\.", k))}
+    depth = {6: 50, 23: 101}.get(len(blocks))
+    overrides = [f"model.backbone.depth={depth}"] if depth else []
+    deformable: dict[int, list[int]] = {}
+    for k in state:
+        if m := re.match(r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv2_offset\.weight", k):
+            deformable.setdefault(int(m[1]), []).append(int(m[2]))
+    if deformable:
+        gaps = {b - a for idx in deformable.values() for a, b in zip(sorted(idx), sorted(idx)[1:])}
+        overrides += [
+            f"model.backbone.deform_stages={','.join(map(str, sorted(deformable)))}",
+            f"model.backbone.deform_interval={min(gaps) if gaps else 1}",
+        ]
+    if not any(k.startswith("basis_module.") for k in state):
+        return overrides
+    top = {p for p in ("p6", "p7") if f"backbone.top_block.{p}.weight" in state}
+    strides, sizes = {
+        frozenset({"p6", "p7"}): ("8,16,32,64,128", "64,128,256,512"),
+        frozenset({"p6"}): ("8,16,32,64", "64,128,256"),
+        frozenset(): ("8,16,32", "64,128"),
+    }[frozenset(top)]
+    head = r"proposal_generator\.fcos_head\."
+    shared = count(head + r"share_tower\.\d+\.weight")
+    per_branch = count(head + r"cls_tower\.\d+\.weight")
+    basis_convs = count(r"basis_module\.tower\.\d+\.0\.weight") - 1  # less the post-upsample block
+    return overrides + [
+        f"model.fcos.strides={strides}",
+        f"model.fcos.sizes_of_interest={sizes}",
+        f"model.fcos.num_share_convs={shared}",
+        f"model.fcos.num_convs={per_branch}",
+        f"model.basis.num_convs={basis_convs}",
+    ]
 
 
 def _rename(key: str, rules: tuple[tuple[str, str], ...], basis_convs: int) -> str | None:

@@ -40,7 +40,13 @@ def build_backbone(
 ) -> ResNetFPN:
     b = cfg.backbone
     body = ResNet(
-        depth=b.depth, width=b.width, norm=b.norm, freeze_at=0, stride_in_1x1=b.stride_in_1x1
+        depth=b.depth,
+        width=b.width,
+        norm=b.norm,
+        freeze_at=0,
+        stride_in_1x1=b.stride_in_1x1,
+        deform_stages=b.deform_stages,
+        deform_interval=b.deform_interval,
     )
     if cfg.backbone_weights:
         load_backbone_weights(body, cfg.backbone_weights)
@@ -49,19 +55,21 @@ def build_backbone(
 
 
 def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
-    """The FPN layout FCOS's strides need: P3-P7 (8 … 128), or for BlendMask P2-P6 (4 … 64)."""
+    """The FPN layout FCOS's strides need: P3-P7 (8 … 128), AdelaiDet's lighter P3-P6 / P3-P5 for
+    BlendMask, or for BlendMask P2-P6 (4 … 64)."""
     s, soi = tuple(cfg.fcos.strides), cfg.fcos.sizes_of_interest
-    p2 = isinstance(cfg, BlendMaskConfig) and s == (4, 8, 16, 32, 64)
-    if s != (8, 16, 32, 64, 128) and not p2:
+    layouts = {(8, 16, 32, 64, 128): "p3p7"}
+    if isinstance(cfg, BlendMaskConfig):
+        layouts |= {(8, 16, 32, 64): "p3p6", (8, 16, 32): "p3p5", (4, 8, 16, 32, 64): "p2p6conv"}
+    if s not in layouts:
         raise ConfigError(
-            f"model.fcos.strides={list(s)}: expected [8, 16, 32, 64, 128]"
-            + (" or [4, 8, 16, 32, 64]" if isinstance(cfg, BlendMaskConfig) else "")
+            f"model.fcos.strides={list(s)}: expected one of {', '.join(str(list(k)) for k in layouts)}"
         )
     if len(soi) != len(s) - 1:
         raise ConfigError(
             f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels"
         )
-    return "p2p6conv" if p2 else "p3p7"
+    return layouts[s]
 
 
 def build_fcos_head(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSHead:
@@ -71,6 +79,7 @@ def build_fcos_head(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSHead:
         num_classes=cfg.num_classes,
         num_levels=len(f.strides),
         num_convs=f.num_convs,
+        num_share_convs=f.num_share_convs,
         norm=f.norm,
         prior_prob=f.prior_prob,
         use_scale=f.use_scale,

@@ -1,4 +1,5 @@
-"""ResNet + FPN in two layouts: P3-P7 (FCOS / BlendMask) and P2-P6 (Mask R-CNN)."""
+"""ResNet + FPN in the layouts the models need: P3-P7 (FCOS / BlendMask), P2-P6 (Mask R-CNN), and
+AdelaiDet's lighter P3-P6 / P3-P5 (550 px and real-time BlendMask)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class _LastLevelP6(ExtraFPNBlock):
         return [*results, self.p6(results[-1])], [*names, "p6"]
 
 
+_LAST_LEVEL = {"p3p7": 7, "p3p6": 6, "p3p5": 5, "p2p6": 6, "p2p6conv": 6}
+
+
 class ResNetFPN(nn.Module):
     """FPN on a ResNet, every level ``out_channels`` wide.
 
@@ -59,6 +63,8 @@ class ResNetFPN(nn.Module):
     returns ``{"p3": stride 8, ..., "p7": stride 128}``.
     ``layout="p2p6"`` (R-CNN): FPN on res2-res5, P6 = stride-2 subsampling of P5 (torchvision
     ``LastLevelMaxPool``, no parameters); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
+    ``layout="p3p6"`` / ``"p3p5"`` (AdelaiDet's ``TOP_LEVELS`` 1 / 0): FPN on res3-res5, P6 = 3×3
+    stride-2 conv on P5 / no extra level.
     ``layout="p2p6conv"`` (FCOS with a stride-4 level): FPN on res2-res5, P6 = 3×3 stride-2 conv on P5
     (AdelaiDet's ``TOP_LEVELS=1``); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
     Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
@@ -70,21 +76,24 @@ class ResNetFPN(nn.Module):
         body: ResNet,
         out_channels: int,
         norm: str = "none",
-        layout: Literal["p3p7", "p2p6", "p2p6conv"] = "p3p7",
+        layout: Literal["p3p7", "p3p6", "p3p5", "p2p6", "p2p6conv"] = "p3p7",
     ) -> None:
         super().__init__()
-        if layout not in ("p3p7", "p2p6", "p2p6conv"):
+        if layout not in _LAST_LEVEL:
             raise ValueError(
-                f"unknown FPN layout '{layout}'; expected 'p3p7', 'p2p6' or 'p2p6conv'"
+                f"unknown FPN layout '{layout}'; expected one of {', '.join(_LAST_LEVEL)}"
             )
         self.body = body
         self.layout = layout
-        self.in_features = ("c3", "c4", "c5") if layout == "p3p7" else ("c2", "c3", "c4", "c5")
-        self.first_level = 3 if layout == "p3p7" else 2
-        if layout == "p3p7":
-            extra: ExtraFPNBlock = LastLevelP6P7(out_channels, out_channels)
-        else:
-            extra = LastLevelMaxPool() if layout == "p2p6" else _LastLevelP6(out_channels)
+        self.first_level = 3 if layout.startswith("p3") else 2
+        self.in_features = tuple(f"c{i}" for i in range(self.first_level, 6))
+        extra: ExtraFPNBlock | None = {
+            "p3p7": lambda: LastLevelP6P7(out_channels, out_channels),
+            "p3p6": lambda: _LastLevelP6(out_channels),
+            "p3p5": lambda: None,
+            "p2p6": LastLevelMaxPool,
+            "p2p6conv": lambda: _LastLevelP6(out_channels),
+        }[layout]()
         self.fpn = _CroppingFPN(
             in_channels_list=[body.out_channels[k] for k in self.in_features],
             out_channels=out_channels,
@@ -92,7 +101,7 @@ class ResNetFPN(nn.Module):
             norm_layer=None if norm == "none" else norm_factory(norm),
         )
         self.out_channels = out_channels
-        last_level = 7 if layout == "p3p7" else 6
+        last_level = _LAST_LEVEL[layout]
         self.strides = {f"p{i}": 2**i for i in range(self.first_level, last_level + 1)}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from dynaseg.layers.deform_conv import ModulatedDeformConv3x3
 from dynaseg.layers.norm import get_norm, norm_factory
 
 __all__ = ["ResNet", "RESNET_LAYERS"]
@@ -31,6 +32,9 @@ class ResNet(nn.Module):
         freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res{k}.
         stride_in_1x1: a stage's stride in its first block's 1×1 conv (the original ResNet, MSRA's
             and detectron2's weights) instead of its 3×3 conv (torchvision's "v1.5").
+        deform_stages: stages (3, 4, 5 = res3-res5) whose blocks' 3×3 convs are DCNv2
+            (``ModulatedDeformConv3x3``, bottleneck ResNets); deform_interval: every k-th block of
+            those stages, from the first (AdelaiDet's "dcni3" = 3).
     """
 
     def __init__(
@@ -41,6 +45,8 @@ class ResNet(nn.Module):
         norm: str = "FrozenBN",
         freeze_at: int = 0,
         stride_in_1x1: bool = False,
+        deform_stages: tuple[int, ...] = (),
+        deform_interval: int = 1,
     ) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:
@@ -63,6 +69,16 @@ class ResNet(nn.Module):
             if stride_in_1x1 and i > 0 and block is Bottleneck:
                 first = layer[0]  # torchvision's block reads its convs' strides in forward
                 first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
+            if i + 2 in deform_stages:
+                if block is not Bottleneck:
+                    raise ValueError(
+                        f"deformable stages need a bottleneck ResNet, not depth {depth}"
+                    )
+                for b in range(0, count, deform_interval):
+                    conv = layer[b].conv2
+                    layer[b].conv2 = ModulatedDeformConv3x3(
+                        conv.in_channels, conv.out_channels, stride=conv.stride[0]
+                    )
             setattr(self, f"layer{i + 1}", layer)
             self.out_channels[f"c{i + 2}"] = in_channels
         self._init_weights()
@@ -88,6 +104,10 @@ class ResNet(nn.Module):
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():  # DCNv2 starts as the plain conv: zero offsets and logits
+            if isinstance(m, ModulatedDeformConv3x3):
+                nn.init.zeros_(m.offset.weight)
+                nn.init.zeros_(m.offset.bias)
 
     def _freeze(self, freeze_at: int) -> None:
         frozen = [self.conv1, self.bn1] if freeze_at >= 1 else []

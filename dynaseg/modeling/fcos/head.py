@@ -56,7 +56,8 @@ class FCOSHead(nn.Module):
         in_channels: FPN width F.
         num_classes: C, foreground classes (no background channel: sigmoid outputs).
         num_levels: number of pyramid levels the head is applied to.
-        num_convs: depth of each tower.
+        num_convs: depth of each tower. num_share_convs: convs both towers share, run first
+            (AdelaiDet's ``share_tower``; its real-time BlendMask has 3 shared and 0 per tower).
         norm: tower norm (GN default; BN gets per-level statistics).
         prior_prob: initial foreground probability of the classifier.
         use_scale: learnable per-level multiplier on the regression output.
@@ -69,11 +70,13 @@ class FCOSHead(nn.Module):
         num_classes: int,
         num_levels: int,
         num_convs: int = 4,
+        num_share_convs: int = 0,
         norm: str = "GN",
         prior_prob: float = 0.01,
         use_scale: bool = False,
     ) -> None:
         super().__init__()
+        self.share_tower = _Tower(in_channels, num_share_convs, norm, num_levels)
         self.cls_tower = _Tower(in_channels, num_convs, norm, num_levels)
         self.box_tower = _Tower(in_channels, num_convs, norm, num_levels)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
@@ -89,6 +92,7 @@ class FCOSHead(nn.Module):
     def forward(self, features: list[Tensor]) -> FCOSOutputs:
         cls_logits, box_ltrb, centerness, box_tower, cls_tower = [], [], [], [], []
         for level, x in enumerate(features):
+            x = self.share_tower(x, level)
             cls_feat = self.cls_tower(x, level)
             box_feat = self.box_tower(x, level)
             reg = self.bbox_pred(box_feat)

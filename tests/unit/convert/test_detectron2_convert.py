@@ -282,7 +282,7 @@ def test_adelaidet_blendmask_maps_and_runs(tmp_path, capsys):
     _save_zoo_pickle(path, arrays)
     out = tmp_path / "blendmask.safetensors"
     assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
-    assert "--config blendmask_r50_fpn_adelaidet" in capsys.readouterr().out  # recognised
+    assert "(blendmask_r50_fpn_adelaidet with" in capsys.readouterr().out  # recognised
     ours = load_file(str(out))
     counters = sum(k.endswith("num_batches_tracked") for k in arrays)
     assert len(ours) == len(arrays) - counters + sum(
@@ -314,6 +314,95 @@ def test_adelaidet_blendmask_maps_and_runs(tmp_path, capsys):
     cfg = load_config(
         "blendmask_r50_fpn_adelaidet",
         ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
+    )
+    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
+    assert result.image_size == (120, 150)
+
+
+def test_adelaidet_dcn_backbone_is_recognised(tmp_path, capsys):
+    """R_50_dcni3: DCNv2 (detectron2's ``DeformBottleneckBlock``: ``conv2_offset`` 3×3 → 27 =
+    18 offsets + 9 modulation logits) in blocks 0, 3, ... of res3-res5 (AdelaiDet's
+    ``make_stage_intervals``, adet/modeling/backbone/resnet_interval.py)."""
+    shapes = adelaidet_blendmask_r50()
+    for stage, blocks in zip(range(3, 6), (4, 6, 3)):
+        width = 64 * 2 ** (stage - 2)
+        for b in range(0, blocks, 3):
+            shapes[f"backbone.bottom_up.res{stage}.{b}.conv2_offset.weight"] = (27, width, 3, 3)
+            shapes[f"backbone.bottom_up.res{stage}.{b}.conv2_offset.bias"] = (27,)
+    arrays = _fake(shapes)
+    arrays = {
+        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
+        for k, v in arrays.items()
+    }
+    path = tmp_path / "R_50_dcni3_5x.pkl"
+    _save_zoo_pickle(path, arrays)
+    out = tmp_path / "blendmask_dcn.safetensors"
+    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
+    cfg = load_config(
+        str(out.with_suffix(".yaml")),
+        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
+    )
+    assert cfg.model.backbone.deform_stages == (3, 4, 5) and cfg.model.backbone.deform_interval == 3
+    ours = load_file(str(out))
+    assert torch.equal(
+        ours["backbone.body.layer3.3.conv2.offset.weight"],
+        torch.from_numpy(arrays["backbone.bottom_up.res4.3.conv2_offset.weight"]),
+    )
+    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
+    assert result.image_size == (120, 150)
+
+
+def test_adelaidet_real_time_blendmask_is_recognised(tmp_path, capsys):
+    """RT_R_50 (configs/BlendMask/Base-RT.yaml, RT_R_50_4x_syncbn_shtw.yaml): FCOS on P3-P5
+    (TOP_LEVELS 0: no ``top_block``), NUM_SHARE_CONVS 3 with 0 per-branch convs (``share_tower``
+    indices 3i / 3i + 1), a 2-conv bottom module (``tower`` = 2 blocks, Upsample, block, 1×1)."""
+    shapes = {
+        k: v
+        for k, v in adelaidet_blendmask_r50().items()
+        if not k.startswith(
+            (
+                "backbone.top_block.",
+                "proposal_generator.fcos_head.cls_tower",
+                "proposal_generator.fcos_head.bbox_tower",
+            )
+        )
+        and not k.startswith(
+            ("basis_module.tower.2.", "basis_module.tower.4.", "basis_module.tower.5.")
+        )
+    }
+    for i in range(3):
+        shapes[f"proposal_generator.fcos_head.share_tower.{3 * i}.weight"] = (256, 256, 3, 3)
+        shapes[f"proposal_generator.fcos_head.share_tower.{3 * i}.bias"] = (256,)
+        shapes[f"proposal_generator.fcos_head.share_tower.{3 * i + 1}.weight"] = (256,)
+        shapes[f"proposal_generator.fcos_head.share_tower.{3 * i + 1}.bias"] = (256,)
+    shapes["basis_module.tower.3.0.weight"] = (128, 128, 3, 3)  # after the Upsample at index 2
+    for stat in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"basis_module.tower.3.1.{stat}"] = (128,)
+    shapes["basis_module.tower.4.weight"] = (4, 128, 1, 1)
+    shapes["basis_module.tower.4.bias"] = (4,)
+    arrays = _fake(shapes)
+    arrays = {
+        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
+        for k, v in arrays.items()
+    }
+    path = tmp_path / "RT_R_50_4x_syncbn_shtw.pkl"
+    _save_zoo_pickle(path, arrays)
+    out = tmp_path / "rt.safetensors"
+    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
+    cfg = load_config(
+        str(out.with_suffix(".yaml")),
+        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
+    )
+    assert cfg.model.fcos.strides == (8, 16, 32) and cfg.model.fcos.num_share_convs == 3
+    assert cfg.model.fcos.num_convs == 0 and cfg.model.basis.num_convs == 2
+    ours = load_file(str(out))
+    assert torch.equal(
+        ours["fcos_head.share_tower.norms.2.0.bias"],
+        torch.from_numpy(arrays["proposal_generator.fcos_head.share_tower.7.bias"]),
+    )
+    assert torch.equal(
+        ours["basis.post_upsample.0.weight"],
+        torch.from_numpy(arrays["basis_module.tower.3.0.weight"]),
     )
     result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
     assert result.image_size == (120, 150)

@@ -51,3 +51,25 @@ def test_module_keeps_torchvision_parameters_and_dispatches():
     assert torch.allclose(ours(x, offset), reference(x, offset), atol=1e-5)
     strided = DeformConv2d(4, 6, 3, padding=1, stride=2)  # falls back to torchvision's op
     assert strided(x, torch.randn(3, 18, 4, 4)).shape == (3, 6, 4, 4)
+
+
+def test_modulated_deform_conv_layout_and_start():
+    """DCNv2's 3×3 conv: zero offsets and logits = the plain conv at half weight (σ(0)); an offset
+    of Δx = +1 on every tap with modulation ≈ 1 = the plain conv of the input shifted one pixel left
+    (channel 2k is Δy, 2k + 1 is Δx of tap k, torchvision's and detectron2's layout)."""
+    from torch.nn import functional as F
+
+    from dynaseg.layers.deform_conv import ModulatedDeformConv3x3
+
+    torch.manual_seed(0)
+    conv = ModulatedDeformConv3x3(4, 6)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), 0.5 * F.conv2d(x, conv.weight, padding=1))
+        conv.offset.bias[1:18:2] = 1.0  # Δx = +1
+        conv.offset.bias[18:] = 30.0  # modulation σ(30) ≈ 1
+        shifted = F.pad(x[..., 1:], (0, 1))
+        # column 0 differs by construction: there the deformable conv reads x[..., 0], the shifted
+        # input's zero padding
+        expected = F.conv2d(shifted, conv.weight, padding=1)
+        torch.testing.assert_close(conv(x)[..., 1:], expected[..., 1:])
