@@ -52,9 +52,8 @@ class FCOSConfig:
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)  # P3..P7
     sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512)
     num_convs: int = 4  # per tower (cls and box)
-    num_share_convs: int = (
-        0  # convs shared by both towers, before them (AdelaiDet's real-time heads)
-    )
+    num_share_convs: int = 0  # convs both towers share, before them (AdelaiDet's real-time heads)
+    location_offset: float = 0.5  # locations at cell centres; 0 = cell corners (torchvision's FCOS)
     norm: Norm = "GN"
     prior_prob: float = 0.01
     center_sampling_radius: float = 1.5  # in strides; 0 disables centre sampling
@@ -70,6 +69,7 @@ class FCOSConfig:
         False  # one NMS over all classes: one box per object (AP: lower, measured)
     )
     max_detections: int = 100
+    clip_before_nms: bool = False  # clip boxes to the image before NMS (torchvision's FCOS)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ __all__ = ["add_convert_parser"]
 # the preset whose switches reproduce each source's model
 _DEFAULT_CONFIG = {
     "torchvision:maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn_torchvision",
+    "torchvision:fcos_resnet50_fpn": "blendmask_r50_fpn_1x",
     "detectron2": "mask_rcnn_r50_fpn_detectron2",
 }
 
@@ -74,8 +75,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             else state["roi_heads.box_predictor.cls_score.bias"].shape[0]
         )
     else:
+        from dynaseg.convert.torchvision_detection import TORCHVISION_MODELS
+
+        spec = TORCHVISION_MODELS[source.split(":", 1)[1]]
         config = args.config or _DEFAULT_CONFIG[source]
-        cfg = load_config(config, args.overrides)
+        cfg = load_config(config, [*spec.overrides, *args.overrides])
         model = build_model(cfg.model, pretrained=False)
         from torchvision.models import get_model_weights
 
@@ -93,8 +97,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             coco_labels=coco_ids(list(weights.meta["categories"])),
             source=str(path),
         )
-        rows = state["roi_heads.box_predictor.cls_score.bias"].shape[0]
-    model.load_state_dict(converted)
+        rows = state[spec.classes_key].shape[0]
+        untouched = sorted({k.split(".")[0] for k in model.state_dict() if k not in converted})
+        if untouched:
+            print(f"not in the checkpoint, kept as built (train them next): {', '.join(untouched)}")
+    model.load_state_dict(converted, strict=False)  # strict where the source covers the model
     metadata = _coco_metadata(rows, cfg.model.num_classes) | {"converted_from": source}
     save_weights(model, args.to, metadata)
     config_file = Path(args.to).with_suffix(".yaml")

@@ -6,13 +6,22 @@ rows change. With the ``mask_rcnn_r50_fpn_torchvision`` preset (RoIAlign without
 offset, 2 samples per bin in the box pooler, torchvision's anchor strides) the converted model
 gives torchvision's boxes, scores and labels (``tests/unit/convert``).
 
+``fcos_resnet50_fpn`` maps onto the FCOS part of BlendMask or DR1Mask (backbone, FPN with P6 / P7
+from P5, the two towers of [conv, GroupNorm, ReLU] × 4, the three predictors); the rest of the
+model (bases, attention, ...) keeps its initialisation and is reported, to be trained next
+(``model.init_from``). Its switches: locations at cell corners (``model.fcos.location_offset=0``),
+boxes clipped before NMS, and its score threshold 0.2 on √(p_cls·p_ctr) = ours 0.04 on the product.
+
 Class rows: torchvision's heads have a background row 0 and one row per label; ours have C rows
-(the box predictor keeps torchvision's background column). A checkpoint with C + 1 rows maps label
-c + 1 → our class c; the COCO checkpoints (91 rows: COCO category ids, 11 of them unused) map onto
-an 80-class model through the COCO category ids.
+(the box predictor keeps torchvision's background column; FCOS's sigmoid classifier has none). A
+checkpoint with C + 1 rows maps label c + 1 → our class c; the COCO checkpoints (91 rows: COCO
+category ids, 11 of them unused) map onto an 80-class model through the COCO category ids.
 """
 
 from __future__ import annotations
+
+import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,16 +37,56 @@ __all__ = [
 ]
 
 
-# torchvision key prefix → ours, for each supported model
-TORCHVISION_MODELS: dict[str, tuple[tuple[str, str], ...]] = {
-    "maskrcnn_resnet50_fpn": (
-        ("backbone.body.", "backbone.body."),
-        ("backbone.fpn.", "backbone.fpn."),
-        ("rpn.head.", "rpn.rpn.head."),
-        ("roi_heads.box_head.", "box_head.mlp."),
-        ("roi_heads.box_predictor.", "box_head.predictor."),
-        ("roi_heads.mask_head.", "mask_branch.convs."),
-        ("roi_heads.mask_predictor.", "mask_branch.predictor."),
+class _Spec(NamedTuple):
+    """How one torchvision model maps: key prefixes, the tensor whose rows are the classes, and the
+    prefixes of ours the checkpoint must cover (None: all of the model)."""
+
+    prefixes: tuple[tuple[str, str], ...]
+    classes_key: str
+    covers: tuple[str, ...] | None
+    overrides: tuple[str, ...]  # config switches that reproduce the model
+
+
+TORCHVISION_MODELS: dict[str, _Spec] = {
+    "maskrcnn_resnet50_fpn": _Spec(
+        prefixes=(
+            ("backbone.body.", "backbone.body."),
+            ("backbone.fpn.", "backbone.fpn."),
+            ("rpn.head.", "rpn.rpn.head."),
+            ("roi_heads.box_head.", "box_head.mlp."),
+            ("roi_heads.box_predictor.", "box_head.predictor."),
+            ("roi_heads.mask_head.", "mask_branch.convs."),
+            ("roi_heads.mask_predictor.", "mask_branch.predictor."),
+        ),
+        classes_key="roi_heads.box_predictor.cls_score.bias",
+        covers=None,
+        overrides=(),
+    ),
+    "fcos_resnet50_fpn": _Spec(
+        prefixes=(
+            ("backbone.body.", "backbone.body."),
+            ("backbone.fpn.", "backbone.fpn."),
+            ("head.classification_head.conv.", "fcos_head.cls_tower."),
+            ("head.classification_head.cls_logits.", "fcos_head.cls_logits."),
+            ("head.regression_head.conv.", "fcos_head.box_tower."),
+            ("head.regression_head.bbox_reg.", "fcos_head.bbox_pred."),
+            ("head.regression_head.bbox_ctrness.", "fcos_head.ctrness."),
+        ),
+        classes_key="head.classification_head.cls_logits.bias",
+        covers=(
+            "backbone.",
+            "fcos_head.cls_tower.",
+            "fcos_head.box_tower.",
+            "fcos_head.cls_logits",
+            "fcos_head.bbox_pred",
+            "fcos_head.ctrness",
+        ),
+        overrides=(
+            "model.fcos.location_offset=0",
+            "model.fcos.clip_before_nms=true",
+            "model.fcos.score_threshold=0.04",
+            "model.fcos.thresh_with_ctr=true",
+        ),
     ),
 }
 
@@ -69,10 +118,16 @@ def _rows(num_rows: int, num_classes: int, coco_labels: list[int]) -> list[int]:
 
 
 def _rename(key: str, prefixes: tuple[tuple[str, str], ...]) -> str | None:
-    """Our name of a torchvision tensor, or None when no prefix maps it."""
-    return next(
+    """Our name of a torchvision tensor, or None when no prefix maps it. FCOS towers: torchvision's
+    Sequential index 3i (conv) / 3i + 1 (GroupNorm) → our ``convs[i]`` / ``norms[i][0]``."""
+    name = next(
         (ours + key[len(theirs) :] for theirs, ours in prefixes if key.startswith(theirs)), None
     )
+    if name is not None and (m := re.fullmatch(r"fcos_head\.(cls|box)_tower\.(\d+)\.(\w+)", name)):
+        index = int(m[2])
+        part = f"convs.{index // 3}" if index % 3 == 0 else f"norms.{index // 3}.0"
+        return f"fcos_head.{m[1]}_tower.{part}.{m[3]}"
+    return name
 
 
 def _class_rows(name: str, value: Tensor, labels: list[int]) -> Tensor:
@@ -82,7 +137,7 @@ def _class_rows(name: str, value: Tensor, labels: list[int]) -> Tensor:
     if name.startswith("box_head.predictor.bbox_pred."):
         index = torch.tensor([4 * r + k for r in [0, *labels] for k in range(4)])
         return value[index]
-    if name.startswith("mask_branch.predictor.mask_fcn_logits."):
+    if name.startswith(("mask_branch.predictor.mask_fcn_logits.", "fcos_head.cls_logits.")):
         return value[labels]
     return value
 
@@ -95,9 +150,10 @@ def convert_torchvision(
     coco_labels: list[int],
     source: str,
 ) -> dict[str, Tensor]:
-    """``state`` (a torchvision ``name`` state dict) → ``model``'s state dict, every tensor mapped.
+    """``state`` (a torchvision ``name`` state dict) → the part of ``model``'s state dict it covers,
+    every tensor mapped (all of the model for Mask R-CNN; the backbone and FCOS head for FCOS).
 
-    Tensors of ``state`` no prefix maps, tensors ``model`` needs that ``state`` lacks, and shapes
+    Tensors of ``state`` no prefix maps, tensors of the covered part that ``state`` lacks, and shapes
     that differ are errors naming them (``source`` is the file, for the message).
     """
     if name in UNSUPPORTED:
@@ -106,17 +162,17 @@ def convert_torchvision(
         raise ConversionError(
             f"unknown torchvision model '{name}'; supported: {', '.join(TORCHVISION_MODELS)}"
         )
-    prefixes = TORCHVISION_MODELS[name]
-    cls_rows = state.get("roi_heads.box_predictor.cls_score.bias")
+    spec = TORCHVISION_MODELS[name]
+    cls_rows = state.get(spec.classes_key)
     if cls_rows is None:
-        raise ConversionError(f"{source}: no roi_heads.box_predictor.cls_score: not a {name}")
+        raise ConversionError(f"{source}: no {spec.classes_key}: not a {name}")
     labels = _rows(cls_rows.shape[0], model.num_classes, coco_labels)
     own = model.state_dict()
     converted, unmapped, wrong = {}, [], []
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):  # BatchNorm's step counter (a model trained from
             continue  # scratch has BatchNorm; the COCO checkpoints FrozenBatchNorm2d)
-        ours = _rename(key, prefixes)
+        ours = _rename(key, spec.prefixes)
         if ours is None or ours not in own:
             unmapped.append(key)
             continue
@@ -126,6 +182,8 @@ def convert_torchvision(
             continue
         converted[ours] = value
     missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
+    if spec.covers is not None:  # the rest of the model is not in this checkpoint
+        missing = [k for k in missing if k.startswith(spec.covers)]
     raise_unless_complete(
         f"{source} (torchvision:{name})", unmapped=unmapped, wrong=wrong, missing=missing
     )

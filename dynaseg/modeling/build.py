@@ -99,7 +99,9 @@ def fcos_params(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSParams:
             nms_threshold=f.nms_threshold,
             class_agnostic_nms=f.class_agnostic_nms,
             max_detections=f.max_detections,
+            clip_before_nms=f.clip_before_nms,
         ),
+        location_offset=f.location_offset,
     )
 
 

@@ -46,6 +46,7 @@ class FCOSInference(NamedTuple):
     nms_threshold: float
     class_agnostic_nms: bool
     max_detections: int
+    clip_before_nms: bool = False
 
 
 class FCOSPositives(NamedTuple):
@@ -60,12 +61,15 @@ class FCOSPositives(NamedTuple):
 
 
 def fcos_locations(
-    head: FCOSOutputs, strides: list[int], size_ranges: list[tuple[float, float]]
+    head: FCOSOutputs,
+    strides: list[int],
+    size_ranges: list[tuple[float, float]],
+    location_offset: float = 0.5,
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Locations of every level: (per-level (R_l, 2), all (R, 2), stride (R,), size range (R, 2))."""
     sizes = [tuple(x.shape[-2:]) for x in head.cls_logits]
     device = head.cls_logits[0].device
-    per_level = compute_locations(sizes, strides, device)
+    per_level = compute_locations(sizes, strides, device, location_offset)
     counts = [len(p) for p in per_level]
     stride = torch.cat([torch.full((n,), float(s), device=device) for n, s in zip(counts, strides)])
     ranges = torch.cat(
@@ -82,9 +86,10 @@ def fcos_training(
     size_ranges: list[tuple[float, float]],
     num_classes: int,
     params: FCOSTraining,
+    location_offset: float = 0.5,
 ) -> FCOSPositives:
     """Assign targets to every location of the batch, compute the FCOS losses, return the positives."""
-    _, locations, stride, ranges = fcos_locations(head, strides, size_ranges)
+    _, locations, stride, ranges = fcos_locations(head, strides, size_ranges, location_offset)
     num_loc = locations.shape[0]
     assigned = [
         assign_fcos_targets(
@@ -130,11 +135,17 @@ def fcos_training(
 
 
 def fcos_detections(
-    head: FCOSOutputs, *, strides: list[int], params: FCOSInference
+    head: FCOSOutputs,
+    *,
+    strides: list[int],
+    params: FCOSInference,
+    location_offset: float = 0.5,
+    image_sizes: Tensor | None = None,
 ) -> list[FCOSDetections]:
-    """Decode every image of the batch (network-input pixels, boxes not clipped)."""
+    """Decode every image of the batch (network-input pixels; boxes clipped to ``image_sizes``
+    (B, 2) before NMS only with ``params.clip_before_nms``)."""
     sizes = [x.shape[-2:] for x in head.cls_logits]
-    per_level = compute_locations(sizes, strides, head.cls_logits[0].device)
+    per_level = compute_locations(sizes, strides, head.cls_logits[0].device, location_offset)
     return [
         decode_fcos(
             cls_logits=[x[i].flatten(1).T for x in head.cls_logits],
@@ -142,6 +153,7 @@ def fcos_detections(
             centerness=[x[i].flatten() for x in head.centerness],
             locations=per_level,
             strides=strides,
+            image_size=None if image_sizes is None else image_sizes[i],
             **params._asdict(),
         )
         for i in range(head.cls_logits[0].shape[0])

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dynaseg.layers.dynamic_shapes import topk_at_most
+from dynaseg.layers.dynamic_shapes import clip_boxes, topk_at_most
 from dynaseg.layers.nms import batched_nms
 
 __all__ = ["FCOSDetections", "decode_fcos"]
@@ -35,6 +35,8 @@ def decode_fcos(
     nms_threshold: float,
     max_detections: int,
     class_agnostic_nms: bool = False,
+    clip_before_nms: bool = False,
+    image_size: Tensor | None = None,
 ) -> FCOSDetections:
     """Decode one image's head outputs.
 
@@ -43,6 +45,8 @@ def decode_fcos(
         locations: (H_l·W_l, 2) (x, y).
         class_agnostic_nms: one NMS over all classes (FCOS's sigmoid classifier can keep several
             classes on one object; AdelaiDet's NMS is per class).
+        clip_before_nms: clip the boxes to ``image_size`` ((2,) [h, w]) before NMS, as
+            torchvision's FCOS does (otherwise they are returned unclipped).
     """
     boxes_all, scores_all, labels_all, index_all = [], [], [], []
     offset = 0
@@ -65,6 +69,8 @@ def decode_fcos(
         offset = offset + cls.shape[0]
     boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
     labels, index = torch.cat(labels_all), torch.cat(index_all)
+    if clip_before_nms and image_size is not None:
+        boxes = clip_boxes(boxes, image_size)
     if class_agnostic_nms:
         keep = batched_nms(boxes, scores, torch.zeros_like(labels), nms_threshold, num_groups=1)
     else:

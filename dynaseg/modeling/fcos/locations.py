@@ -9,16 +9,17 @@ __all__ = ["compute_locations", "flatten_levels"]
 
 
 def compute_locations(
-    sizes: list[tuple[int, int]], strides: list[int], device: torch.device
+    sizes: list[tuple[int, int]], strides: list[int], device: torch.device, offset: float = 0.5
 ) -> list[Tensor]:
-    """Cell (i, j) of a stride-s map sits at (x, y) = (j·s + s//2, i·s + s//2).
+    """Cell (i, j) of a stride-s map sits at (x, y) = (j·s + offset·s, i·s + offset·s): the cell
+    centre (FCOS, AdelaiDet) by default, its corner with ``offset=0`` (torchvision's FCOS anchors).
 
     Returns per level an (H_l·W_l, 2) float tensor of (x, y), row-major.
     """
     out = []
     for (h, w), s in zip(sizes, strides):
-        ys = torch.arange(h, device=device, dtype=torch.float32) * s + s // 2
-        xs = torch.arange(w, device=device, dtype=torch.float32) * s + s // 2
+        ys = torch.arange(h, device=device, dtype=torch.float32) * s + offset * s
+        xs = torch.arange(w, device=device, dtype=torch.float32) * s + offset * s
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         out.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
     return out

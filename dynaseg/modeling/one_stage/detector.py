@@ -37,12 +37,14 @@ __all__ = ["FCOSParams", "KeptDetections", "OneStageArgs", "OneStageSegmenter"]
 
 
 class FCOSParams(NamedTuple):
-    """FCOS's levels (strides, sizes of interest), targets and losses, and decoding."""
+    """FCOS's levels (strides, sizes of interest), targets and losses, and decoding; locations at
+    ``location_offset`` strides into their cell (0.5: centres; 0: torchvision's corners)."""
 
     strides: tuple[int, ...]
     sizes_of_interest: tuple[int, ...]
     training: FCOSTraining
     inference: FCOSInference
+    location_offset: float = 0.5
 
 
 class KeptDetections(NamedTuple):
@@ -98,6 +100,7 @@ class OneStageSegmenter(nn.Module):
             level_size_ranges(fcos.sizes_of_interest),
         )
         self.fcos_training, self.fcos_inference = fcos.training, fcos.inference
+        self.location_offset = fcos.location_offset
         self.resolution, self.sampling_ratio = args["resolution"], args["sampling_ratio"]
         self.mask_loss_weight = args["mask_loss_weight"]
         self.semantic_loss_weight = args["semantic_loss_weight"]
@@ -147,6 +150,7 @@ class OneStageSegmenter(nn.Module):
             size_ranges=self.size_ranges,
             num_classes=self.num_classes,
             params=self.fcos_training,
+            location_offset=self.location_offset,
         )
 
     def detections(
@@ -154,7 +158,13 @@ class OneStageSegmenter(nn.Module):
     ) -> KeptDetections:
         """Decode every image and clip its boxes to its valid (h, w)."""
         sizes = image_size_tensor(image_sizes, head.cls_logits[0].device)
-        per_image = fcos_detections(head, strides=self.strides, params=self.fcos_inference)
+        per_image = fcos_detections(
+            head,
+            strides=self.strides,
+            params=self.fcos_inference,
+            location_offset=self.location_offset,
+            image_sizes=sizes,
+        )
         rois = boxes_to_rois([clip_boxes(d.boxes, size) for d, size in zip(per_image, sizes)])
         return KeptDetections(
             per_image,

@@ -197,3 +197,62 @@ def test_coco_checkpoint_maps_category_ids_onto_80_classes(tmp_path, capsys):
         tensors["box_head.predictor.bbox_pred.weight"][4:],
         source["roi_heads.box_predictor.bbox_pred.weight"][rows],
     )
+
+
+def test_fcos_checkpoint_drives_blendmask_detections(tmp_path, capsys):
+    """torchvision's ``fcos_resnet50_fpn`` into BlendMask's FCOS part: the same detections (boxes,
+    scores, labels) as torchvision's FCOS, with the switches convert writes to OUT.yaml (locations
+    at cell corners, clip before NMS, threshold 0.2 on √(p·c) = 0.04 on p·c). An image whose sides
+    are multiples of 128, since torchvision infers each level's stride as padded size // grid."""
+    from torchvision.models.detection import FCOS
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    body = resnet50(norm_layer=FrozenBatchNorm2d, zero_init_residual=True)
+    backbone = _resnet_fpn_extractor(
+        body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+    )
+    tv = FCOS(backbone, num_classes=NUM_CLASSES + 1, min_size=256, max_size=384).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        head = tv.head
+        head.classification_head.cls_logits.weight.copy_(
+            torch.randn(head.classification_head.cls_logits.weight.shape, generator=generator)
+            * 0.05
+        )
+        head.classification_head.cls_logits.bias[
+            0
+        ] = -30.0  # torchvision's unused background column
+        head.regression_head.bbox_reg.weight.copy_(
+            torch.randn(head.regression_head.bbox_reg.weight.shape, generator=generator) * 0.02
+        )
+        head.regression_head.bbox_reg.bias.fill_(1.5)
+    torch.save(tv.state_dict(), tmp_path / "fcos.pth")
+    out = tmp_path / "blendmask_from_fcos.safetensors"
+    args = [
+        "convert",
+        "--from",
+        "torchvision:fcos_resnet50_fpn",
+        "--weights",
+        str(tmp_path / "fcos.pth"),
+    ]
+    assert main([*args, "--to", str(out), f"model.num_classes={NUM_CLASSES}"]) == 0
+    assert (
+        "kept as built (train them next): attention, basis, semantic_head"
+        in capsys.readouterr().out
+    )
+    cfg = load_config(
+        str(out.with_suffix(".yaml")),
+        ["data.min_size_test=256", "data.max_size_test=384", "device=cpu"],
+    )
+    image = torch.randint(0, 256, (3, 256, 384), generator=torch.Generator().manual_seed(5)).to(
+        torch.uint8
+    )
+    with torch.no_grad():
+        expected = tv([image.float() / 255])[0]
+    got = Predictor(cfg, out)(image)
+    n = len(expected["boxes"])
+    assert n > 20 and len(got) == n
+    assert torch.equal(got.labels, expected["labels"] - 1)
+    torch.testing.assert_close(got.boxes, expected["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.scores, expected["scores"], atol=1e-5, rtol=0)
