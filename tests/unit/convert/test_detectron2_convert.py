@@ -94,7 +94,30 @@ def _fake(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     for k in arrays:
         if k.endswith("running_var"):
             arrays[k] = np.abs(arrays[k]) + 1.0
+        if k.endswith("num_batches_tracked"):
+            arrays[k] = np.array(0, np.int64)
     return arrays
+
+
+def _convert(tmp_path, shapes: dict[str, tuple[int, ...]], name: str):
+    """A fake zoo pickle of ``shapes`` converted by the CLI → (its arrays, our tensors, the config
+    convert wrote, at a small test size)."""
+    arrays = _fake(shapes)
+    path = tmp_path / f"{name}.pkl"
+    _save_zoo_pickle(path, arrays)
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
+    cfg = load_config(
+        str(out.with_suffix(".yaml")),
+        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
+    )
+    return arrays, load_file(str(out)), cfg, out
+
+
+def _runs(cfg, weights) -> None:
+    """The converted model segments an image with no further step."""
+    result = Predictor(cfg, weights)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
+    assert result.image_size == (120, 150)
 
 
 def _save_zoo_pickle(path, arrays) -> None:
@@ -151,8 +174,7 @@ def test_every_tensor_maps(zoo_file, tmp_path, capsys):
         "mask_rcnn_r50_fpn_detectron2",
         ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
     )
-    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
-    assert result.image_size == (120, 150)
+    _runs(cfg, out)
 
 
 def test_stem_flip_makes_rgb_input_equal_bgr_input():
@@ -273,18 +295,9 @@ def adelaidet_blendmask_r50(num_classes: int = 80) -> dict[str, tuple[int, ...]]
 
 
 def test_adelaidet_blendmask_maps_and_runs(tmp_path, capsys):
-    arrays = _fake(adelaidet_blendmask_r50())
-    arrays = {
-        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
-        for k, v in arrays.items()
-    }
-    path = tmp_path / "R_50_1x.pkl"
-    _save_zoo_pickle(path, arrays)
-    out = tmp_path / "blendmask.safetensors"
-    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
+    arrays, ours, cfg, out = _convert(tmp_path, adelaidet_blendmask_r50(), "R_50_1x")
     assert "(blendmask_r50_fpn_adelaidet with" in capsys.readouterr().out  # recognised
-    ours = load_file(str(out))
-    counters = sum(k.endswith("num_batches_tracked") for k in arrays)
+    counters = sum(k.endswith("num_batches_tracked") for k in arrays)  # skipped: BN step counts
     assert len(ours) == len(arrays) - counters + sum(
         k.endswith("num_batches_tracked") for k in ours
     )
@@ -311,12 +324,7 @@ def test_adelaidet_blendmask_maps_and_runs(tmp_path, capsys):
         ours["backbone.fpn.extra_blocks.p7.bias"], theirs("backbone.top_block.p7.bias")
     )
     assert torch.equal(ours["attention.conv.weight"], theirs("top_layer.weight"))
-    cfg = load_config(
-        "blendmask_r50_fpn_adelaidet",
-        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
-    )
-    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
-    assert result.image_size == (120, 150)
+    _runs(cfg, out)
 
 
 def test_adelaidet_dcn_backbone_is_recognised(tmp_path, capsys):
@@ -329,27 +337,13 @@ def test_adelaidet_dcn_backbone_is_recognised(tmp_path, capsys):
         for b in range(0, blocks, 3):
             shapes[f"backbone.bottom_up.res{stage}.{b}.conv2_offset.weight"] = (27, width, 3, 3)
             shapes[f"backbone.bottom_up.res{stage}.{b}.conv2_offset.bias"] = (27,)
-    arrays = _fake(shapes)
-    arrays = {
-        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
-        for k, v in arrays.items()
-    }
-    path = tmp_path / "R_50_dcni3_5x.pkl"
-    _save_zoo_pickle(path, arrays)
-    out = tmp_path / "blendmask_dcn.safetensors"
-    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
-    cfg = load_config(
-        str(out.with_suffix(".yaml")),
-        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
-    )
+    arrays, ours, cfg, out = _convert(tmp_path, shapes, "R_50_dcni3_5x")
     assert cfg.model.backbone.deform_stages == (3, 4, 5) and cfg.model.backbone.deform_interval == 3
-    ours = load_file(str(out))
     assert torch.equal(
         ours["backbone.body.layer3.3.conv2.offset.weight"],
         torch.from_numpy(arrays["backbone.bottom_up.res4.3.conv2_offset.weight"]),
     )
-    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
-    assert result.image_size == (120, 150)
+    _runs(cfg, out)
 
 
 def test_adelaidet_real_time_blendmask_is_recognised(tmp_path, capsys):
@@ -380,22 +374,9 @@ def test_adelaidet_real_time_blendmask_is_recognised(tmp_path, capsys):
         shapes[f"basis_module.tower.3.1.{stat}"] = (128,)
     shapes["basis_module.tower.4.weight"] = (4, 128, 1, 1)
     shapes["basis_module.tower.4.bias"] = (4,)
-    arrays = _fake(shapes)
-    arrays = {
-        k: (np.array(0, np.int64) if k.endswith("num_batches_tracked") else v)
-        for k, v in arrays.items()
-    }
-    path = tmp_path / "RT_R_50_4x_syncbn_shtw.pkl"
-    _save_zoo_pickle(path, arrays)
-    out = tmp_path / "rt.safetensors"
-    assert main(["convert", "--from", "detectron2", str(path), "--to", str(out)]) == 0
-    cfg = load_config(
-        str(out.with_suffix(".yaml")),
-        ["data.min_size_test=128", "data.max_size_test=160", "device=cpu"],
-    )
+    arrays, ours, cfg, out = _convert(tmp_path, shapes, "RT_R_50_4x_syncbn_shtw")
     assert cfg.model.fcos.strides == (8, 16, 32) and cfg.model.fcos.num_share_convs == 3
     assert cfg.model.fcos.num_convs == 0 and cfg.model.basis.num_convs == 2
-    ours = load_file(str(out))
     assert torch.equal(
         ours["fcos_head.share_tower.norms.2.0.bias"],
         torch.from_numpy(arrays["proposal_generator.fcos_head.share_tower.7.bias"]),
@@ -404,5 +385,4 @@ def test_adelaidet_real_time_blendmask_is_recognised(tmp_path, capsys):
         ours["basis.post_upsample.0.weight"],
         torch.from_numpy(arrays["basis_module.tower.3.0.weight"]),
     )
-    result = Predictor(cfg, out)(torch.randint(0, 256, (3, 120, 150), dtype=torch.uint8))
-    assert result.image_size == (120, 150)
+    _runs(cfg, out)
