@@ -15,6 +15,25 @@ __all__ = ["PEERS", "PEERS_WITH_MASKS", "PEER_DEPTHS", "build_peer", "peer_stage
 PEER_DEPTHS = (18, 34, 50, 101)
 
 
+def _tv_backbone(depth: int, frozen_bn: bool, trainable_layers: int, **fpn: Any) -> nn.Module:
+    """torchvision's ResNet-FPN with random weights (``fpn``: its returned layers / extra blocks)."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return resnet_fpn_backbone(
+        backbone_name=f"resnet{depth}",
+        weights=None,
+        trainable_layers=trainable_layers,
+        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+        **fpn,
+    )
+
+
+def _is_builder_default(depth: int, frozen_bn: bool, trainable_layers: int) -> bool:
+    """Whether torchvision's own ``*_resnet50_fpn`` builder makes this backbone (weights=None)."""
+    return depth == 50 and not frozen_bn and trainable_layers == 5
+
+
 def _tv_maskrcnn(
     *,
     num_classes: int,
@@ -25,8 +44,6 @@ def _tv_maskrcnn(
     trainable_layers: int,
 ) -> nn.Module:
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
     kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
     if detections is not None:
@@ -37,16 +54,11 @@ def _tv_maskrcnn(
             "rpn_pre_nms_top_n_test": top,
             "rpn_post_nms_top_n_test": top,
         }
-    if depth == 50 and not frozen_bn and trainable_layers == 5:
+    if _is_builder_default(depth, frozen_bn, trainable_layers):
         return maskrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
         )
-    backbone = resnet_fpn_backbone(
-        backbone_name=f"resnet{depth}",
-        weights=None,
-        trainable_layers=trainable_layers,
-        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-    )
+    backbone = _tv_backbone(depth, frozen_bn, trainable_layers)
     return MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
 
 
@@ -60,9 +72,7 @@ def _tv_fcos(
     trainable_layers: int,
 ) -> nn.Module:
     from torchvision.models.detection import FCOS, fcos_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
     kwargs: dict[str, Any] = {"min_size": min(image_size), "max_size": max(image_size)}
     if detections is not None:
@@ -71,15 +81,14 @@ def _tv_fcos(
             "detections_per_img": detections,
             "topk_candidates": max(1000, detections),
         }
-    if depth == 50 and not frozen_bn and trainable_layers == 5:
+    if _is_builder_default(depth, frozen_bn, trainable_layers):
         return fcos_resnet50_fpn(
             weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs
         )
-    backbone = resnet_fpn_backbone(
-        backbone_name=f"resnet{depth}",
-        weights=None,
-        trainable_layers=trainable_layers,
-        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+    backbone = _tv_backbone(
+        depth,
+        frozen_bn,
+        trainable_layers,
         returned_layers=[2, 3, 4],
         extra_blocks=LastLevelP6P7(256, 256),
     )
