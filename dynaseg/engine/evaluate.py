@@ -135,7 +135,7 @@ def _evaluate_panoptic(
     logger.info("panoptic quality:\n%s", format_panoptic_table(panoptic))
     metrics: dict[str, Any] = {"panoptic": panoptic}
     if cfg.data.val_json and Path(cfg.data.val_json).is_file():
-        metrics |= evaluate_coco(cfg.data.val_json, results, ("bbox", "segm"))
+        metrics |= evaluate_coco(cfg.data.val_json, results, ("bbox", "segm", "boundary"))
     if output_dir is not None:
         atomic_write(
             output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(results))
@@ -194,7 +194,7 @@ def evaluate_model(
     box_only = bool(gathered) and not any(
         "segmentation" in r for r in gathered
     )  # detectors without masks
-    metrics = evaluate_coco(gt, gathered, ("bbox",) if box_only else ("bbox", "segm"))
+    metrics = evaluate_coco(gt, gathered, ("bbox",) if box_only else ("bbox", "segm", "boundary"))
     if output_dir is not None:
         atomic_write(
             output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(gathered))

@@ -45,7 +45,10 @@ __all__ = [
 
 #: The six headline numbers, in COCOeval ``stats`` order.
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-_IOU_TYPES = ("bbox", "segm")
+# boundary: Boundary AP (Cheng et al. 2021), IoU = min(mask IoU, boundary IoU) with boundaries of
+# width 2 % of the image diagonal; faster-coco-eval computes it (pycocotools has no boundary type).
+_IOU_TYPES = ("bbox", "segm", "boundary")
+BOUNDARY_DILATION_RATIO = 0.02
 _BACKENDS = ("faster", "pycocotools")
 
 
@@ -255,7 +258,7 @@ def _validate_results(
     required = ["image_id", "category_id", "score"]
     if "bbox" in iou_types:
         required.append("bbox")
-    if "segm" in iou_types:
+    if "segm" in iou_types or "boundary" in iou_types:
         required.append("segmentation")
     sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
     cat_ids = {int(c["id"]) for c in gt["categories"]}
@@ -308,7 +311,13 @@ def _run_faster(
     log = print if verbose else _silent
     coco_gt = COCO(gt, print_function=log)
     coco_dt = coco_gt.loadRes(dets)
-    ev = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=log)
+    ev = COCOeval_faster(
+        coco_gt,
+        coco_dt,
+        iou_type,
+        print_function=log,
+        boundary_dilation_ratio=BOUNDARY_DILATION_RATIO,
+    )
     return _evaluate(ev, image_ids, verbose)
 
 
@@ -389,9 +398,9 @@ def _empty_metrics(gt: dict, cmap: CategoryMap, image_ids: list[int] | None) -> 
 def _prepare_dets(results: list[dict], iou_type: str) -> list[dict]:
     """Per-iou-type shallow copies (loadRes mutates entries).
 
-    For segm the bbox is dropped so area ranges use the mask area, not the box area.
+    For segm and boundary the bbox is dropped so area ranges use the mask area, not the box area.
     """
-    drop = "bbox" if iou_type == "segm" else "segmentation"
+    drop = "bbox" if iou_type in ("segm", "boundary") else "segmentation"
     return [{k: v for k, v in r.items() if k != drop} for r in results]
 
 
@@ -409,7 +418,8 @@ def evaluate_coco(
     Args:
         gt: COCO annotation file or its loaded dict (never modified).
         results: COCO result dicts, or a JSON file holding them (never modified).
-        iou_types: subset of ``("bbox", "segm")``; ``segm`` needs ``segmentation`` RLEs.
+        iou_types: subset of ``("bbox", "segm", "boundary")``; ``segm`` and ``boundary`` (Boundary
+            AP, faster-coco-eval only) need ``segmentation`` RLEs.
         backend: ``"faster"`` (faster_coco_eval) or ``"pycocotools"``.
         image_ids: evaluate only these GT images (default: all of them).
         verbose: let the backend print its progress and summary tables.
@@ -428,6 +438,10 @@ def evaluate_coco(
             raise ValueError(f"unknown iou_type {t!r}; choose from {_IOU_TYPES}")
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {_BACKENDS}")
+    if backend == "pycocotools" and "boundary" in iou_types:
+        raise EvaluationError(
+            "boundary AP needs the faster-coco-eval backend (pycocotools has none)"
+        )
     gt_dict, gt_name = _load_gt(gt)
     dets, res_name = _load_results(results)
     _validate_results(dets, res_name, gt_dict, gt_name, iou_types)

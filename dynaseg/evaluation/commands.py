@@ -134,7 +134,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gt", help="COCO ground-truth JSON (file mode)")
     p.add_argument("--results", help="COCO results JSON (file mode)")
-    p.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
+    p.add_argument(
+        "--iou-types",
+        nargs="+",
+        default=["bbox", "segm"],
+        choices=["bbox", "segm", "boundary"],
+        help="boundary: Boundary AP (Cheng et al. 2021; with a model it is computed by default)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     p.add_argument(
         "--class-report",

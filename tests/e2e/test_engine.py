@@ -44,7 +44,7 @@ def test_run_folder_contents(tiny_run):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").iterdir())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"}
+    assert set(metrics) == {"bbox", "segm", "boundary"}
     assert set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     history = read_history(out / "metrics.jsonl")
     assert [h["iter"] for h in history] == [5, 10, 15, 20]

@@ -40,7 +40,11 @@ def test_trains_and_reports_resolutions(two_stage_run):
     from dynaseg.modeling.build import build_model
 
     name, result = two_stage_run
-    assert set(json.loads((result.output_dir / "metrics.json").read_text())) == {"bbox", "segm"}
+    assert set(json.loads((result.output_dir / "metrics.json").read_text())) == {
+        "bbox",
+        "segm",
+        "boundary",
+    }
     stats = json.loads((result.output_dir / "mask_resolutions.json").read_text())
     # the statistics agree with the side each detection in results_val.json carries
     results = json.loads((result.output_dir / "results_val.json").read_text())
