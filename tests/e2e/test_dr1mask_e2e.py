@@ -54,7 +54,7 @@ def panoptic_run(panoptic_synth, tmp_path_factory):
 
 def test_panoptic_training_reports_pq_and_mask_ap(panoptic_run):
     metrics = json.loads((panoptic_run.output_dir / "metrics.json").read_text())
-    assert set(metrics) == {"panoptic", "bbox", "segm"}
+    assert set(metrics) == {"panoptic", "bbox", "segm", "boundary"}
     pq = metrics["panoptic"]
     assert (
         pq["Stuff"]["N"] == 2
