@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	# Test-only oracle for PQ (the COCO panoptic API); its metadata pins numpy<2, which it does not need.
 	$(BIN)/python -m pip install -q --no-deps panopticapi-lite==0.2.0
+	# Test-only oracle for LVIS AP (the official LVIS API); its pins (opencv, Cython) serve its visualiser only.
+	$(BIN)/python -m pip install -q --no-deps lvis==0.5.3
 	touch $(STAMP)
 
 install: $(STAMP)

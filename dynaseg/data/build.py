@@ -40,7 +40,7 @@ def load_split(
             )
     else:
         json_path = d.train_json if split == "train" else d.val_json
-        data = load_coco_instances(json_path, images, parsed=parsed)
+        data = load_coco_instances(json_path, images, parsed=parsed, dataset_format=d.format)
     if data.num_classes != cfg.model.num_classes:
         raise ValueError(
             f"{json_path}: {data.num_classes} thing categories but model.num_classes="

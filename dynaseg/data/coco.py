@@ -21,8 +21,9 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from dynaseg.data.lvis import is_lvis, lvis_file_name
 from dynaseg.errors import UserError
 
 __all__ = [
@@ -158,15 +159,19 @@ def load_coco_instances(
     *,
     check_files: bool = True,
     parsed: dict[str, Any] | None = None,
+    dataset_format: Literal["auto", "coco", "lvis"] = "auto",
     log: logging.Logger = logger,
 ) -> CocoInstances:
-    """Parse, validate and clean a COCO instances file.
+    """Parse, validate and clean a COCO instances file (or an LVIS v1 one).
 
     Args:
         json_path: the annotation JSON.
-        image_root: directory the images' ``file_name`` are relative to.
+        image_root: directory the images' ``file_name`` are relative to (LVIS: the COCO root,
+            see :mod:`dynaseg.data.lvis`).
         check_files: raise if any listed image is missing on disk.
         parsed: ``read_coco_json(json_path)`` if the caller already has it (not modified).
+        dataset_format: "lvis" reads images without ``file_name`` from their ``coco_url``;
+            "auto" recognises LVIS files by their content.
         log: where the per-reason summary lines go.
 
     Raises:
@@ -174,8 +179,9 @@ def load_coco_instances(
     """
     json_path, image_root = os.fspath(json_path), os.fspath(image_root)
     data = parsed if parsed is not None else read_coco_json(json_path)
+    lvis = dataset_format == "lvis" or (dataset_format == "auto" and is_lvis(data))
     category_ids, class_names = _parse_categories(data["categories"], json_path)
-    images = _parse_images(data["images"], json_path, image_root)
+    images = _parse_images(data["images"], json_path, image_root, lvis=lvis)
     stats: Counter[str] = Counter({k: 0 for k in STAT_REASONS})
     per_image = _parse_annotations(
         data["annotations"], json_path, images, {c: i for i, c in enumerate(category_ids)}, stats
@@ -320,11 +326,15 @@ def _parse_categories(cats: list, path: str) -> tuple[list[int], list[str]]:
     return ids, [names[c] for c in ids]
 
 
-def _parse_images(imgs: list, path: str, image_root: str) -> dict[int, dict[str, Any]]:
+def _parse_images(
+    imgs: list, path: str, image_root: str, *, lvis: bool
+) -> dict[int, dict[str, Any]]:
     images: dict[int, dict[str, Any]] = {}
     for k, im in enumerate(imgs):
         where = f"{path}: images[{k}]"
-        _require(im, ("id", "file_name", "height", "width"), where)
+        _require(
+            im, ("id", "height", "width") if lvis else ("id", "file_name", "height", "width"), where
+        )
         iid = _as_int(im["id"], "id", where)
         where = f"{path}: image id={iid}"
         if iid in images:
@@ -334,10 +344,15 @@ def _parse_images(imgs: list, path: str, image_root: str) -> dict[int, dict[str,
             raise DatasetError(f"{where}: non-positive size {h}x{w}")
         if h * w > MAX_IMAGE_PIXELS:
             raise DatasetError(f"{where}: size {h}x{w} exceeds {MAX_IMAGE_PIXELS} pixels")
-        if not isinstance(im["file_name"], str) or not im["file_name"]:
-            raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
+        name = lvis_file_name(im) if lvis else im["file_name"]
+        if not isinstance(name, str) or not name:
+            raise DatasetError(
+                f"{where}: needs a 'file_name' or a 'coco_url' ending in <folder>/<file>"
+                if lvis
+                else f"{where}: 'file_name' must be a non-empty string"
+            )
         images[iid] = {
-            "file_name": os.path.abspath(os.path.join(image_root, im["file_name"])),
+            "file_name": os.path.abspath(os.path.join(image_root, name)),
             "height": h,
             "width": w,
         }

@@ -194,7 +194,12 @@ def evaluate_model(
     box_only = bool(gathered) and not any(
         "segmentation" in r for r in gathered
     )  # detectors without masks
-    metrics = evaluate_coco(gt, gathered, ("bbox",) if box_only else ("bbox", "segm", "boundary"))
+    metrics = evaluate_coco(
+        gt,
+        gathered,
+        ("bbox",) if box_only else ("bbox", "segm", "boundary"),
+        dataset_format=cfg.data.format,
+    )
     if output_dir is not None:
         atomic_write(
             output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(gathered))

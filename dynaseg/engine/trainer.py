@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dynaseg.config.presets import save_config
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, dataset_metadata, load_split
-from dynaseg.data.samplers import build_train_loader
+from dynaseg.data.samplers import build_train_loader, repeat_factors
 from dynaseg.engine import distributed as dist_utils
 from dynaseg.engine.checkpoint import (
     CheckpointError,
@@ -87,6 +87,29 @@ def _nonfinite(
     if flags[0]:
         return f"non-finite loss at iteration {iteration}: {terms}"
     return f"non-finite gradients at iteration {iteration} (total grad norm {grad_norm.item()}) with finite losses"
+
+
+def _repeat_factors(data, threshold: float) -> list[float] | None:
+    """LVIS repeat-factor sampling of the training images (``data.repeat_threshold``), or None."""
+    if threshold <= 0:
+        return None
+    factors = repeat_factors(
+        [
+            [(s.isthing, s.category) for s in r.segments if not s.iscrowd]  # panoptic
+            if hasattr(r, "segments")
+            else [a.category for a in r.annotations if not a.iscrowd]
+            for r in data.records
+        ],
+        threshold,
+    )
+    logger.info(
+        "repeat-factor sampling (t=%g): %.0f images per epoch instead of %d (max factor %.1f)",
+        threshold,
+        sum(factors),
+        len(factors),
+        max(factors),
+    )
+    return factors
 
 
 def train(
@@ -190,6 +213,7 @@ def _train(
         world_size=world,
         start_iter=start_iter,
         size_divisibility=cfg.model.size_divisibility,
+        repeat=_repeat_factors(data, cfg.data.repeat_threshold),
     )
     # The record of the resumed iteration itself was written before its checkpoint: keep it.
     events = EventWriter(out, start_iter=start_iter + 1 if start_iter else 0) if main else None

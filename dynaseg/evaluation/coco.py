@@ -23,13 +23,14 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from dynaseg.errors import UserError
+from dynaseg.evaluation import lvis
+from dynaseg.evaluation.errors import EvaluationError
 from dynaseg.structures.instances import Instances
 
 __all__ = [
@@ -50,10 +51,6 @@ STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _IOU_TYPES = ("bbox", "segm", "boundary")
 BOUNDARY_DILATION_RATIO = 0.02
 _BACKENDS = ("faster", "pycocotools")
-
-
-class EvaluationError(UserError, ValueError):
-    """Bad ground truth or results given to :func:`evaluate_coco`."""
 
 
 # --------------------------------------------------------------------------- categories
@@ -207,6 +204,10 @@ def _load_json(path: str | Path, what: str) -> Any:
         raise EvaluationError(f"{what} '{p}' is not valid JSON: {e}") from None
     except UnicodeDecodeError:
         raise EvaluationError(f"{what} '{p}' is not valid JSON: not UTF-8 text") from None
+    except RecursionError:
+        raise EvaluationError(f"{what} '{p}': JSON nested too deeply to parse") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise EvaluationError(f"{what} '{p}' cannot be read: {e}") from None
 
 
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
@@ -222,6 +223,7 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise EvaluationError(f"ground truth {name}: missing '{key}' list")
+    _validate_gt(gt, name)
     anns = []
     for a in gt["annotations"]:
         a = dict(a)  # backends write 'ignore', RLEs, ... into annotation dicts
@@ -232,6 +234,47 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     out = {k: v for k, v in gt.items() if k != "annotations"}
     out["annotations"] = anns
     return out, name
+
+
+def _validate_gt(gt: Mapping[str, Any], name: str) -> None:
+    """Raise :class:`EvaluationError` on the first malformed entry: ids that are not integers,
+    non-positive image sizes, unknown image or category ids, ``iscrowd`` not 0/1, and boxes or
+    areas that are not finite numbers (ground truth is never cleaned: that would change the AP)."""
+    where = f"ground truth {name}"
+    sizes = {}
+    for k, img in enumerate(gt["images"]):
+        if not isinstance(img, Mapping) or not _is_int(img.get("id")):
+            raise EvaluationError(f"{where}: images[{k}] needs an integer 'id'")
+        h, w = img.get("height"), img.get("width")
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            raise EvaluationError(
+                f"{where}: image id {img['id']} needs positive integer 'height' and 'width', "
+                f"got {_short(h)} x {_short(w)}"
+            )
+        sizes[img["id"]] = (h, w)
+    cat_ids = set()
+    for k, cat in enumerate(gt["categories"]):
+        if not isinstance(cat, Mapping) or not _is_int(cat.get("id")):
+            raise EvaluationError(f"{where}: categories[{k}] needs an integer 'id'")
+        cat_ids.add(cat["id"])
+    for k, a in enumerate(gt["annotations"]):
+        at = f"{where}: annotations[{k}]"
+        if not isinstance(a, Mapping):
+            raise EvaluationError(f"{at} is a {type(a).__name__}, expected an object")
+        if not _is_int(a.get("image_id")) or a["image_id"] not in sizes:
+            raise EvaluationError(f"{at} has image_id {_short(a.get('image_id'))} not in 'images'")
+        if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
+            raise EvaluationError(f"{at} has unknown category_id {_short(a.get('category_id'))}")
+        if a.get("iscrowd", 0) not in (0, 1):
+            raise EvaluationError(f"{at}: 'iscrowd' must be 0 or 1, got {_short(a['iscrowd'])}")
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_finite_number, bbox))):
+            raise EvaluationError(f"{at}: 'bbox' must be 4 finite numbers, got {_short(bbox)}")
+        if "area" in a and not _is_finite_number(a["area"]):
+            raise EvaluationError(f"{at}: 'area' must be a finite number, got {_short(a['area'])}")
+        seg = a.get("segmentation")
+        if isinstance(seg, Mapping):
+            _check_rle(seg, sizes[a["image_id"]], at)
 
 
 def _load_results(results: Sequence[dict] | str | Path) -> tuple[list, str]:
@@ -274,22 +317,52 @@ def _validate_results(
                 else ""
             )
             raise EvaluationError(f"{where}: entry {i} is missing key(s) {missing}{hint}")
-        if r["image_id"] not in sizes:
+        if not _is_int(r["image_id"]) or r["image_id"] not in sizes:
             raise EvaluationError(
-                f"{where}: entry {i} has image_id {r['image_id']!r} "
+                f"{where}: entry {i} has image_id {_short(r['image_id'])} "
                 f"which is not in ground truth {gt_name}"
             )
-        if r["category_id"] not in cat_ids:
+        if not _is_int(r["category_id"]) or r["category_id"] not in cat_ids:
             raise EvaluationError(
                 f"{where}: entry {i} has unknown category_id "
-                f"{r['category_id']!r} (ground truth has {sorted(cat_ids)})"
+                f"{_short(r['category_id'])} (ground truth has {sorted(cat_ids)[:20]})"
             )
-        if "bbox" in required and (not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4):
+        if not _is_finite_number(r["score"]):
             raise EvaluationError(
-                f"{where}: entry {i} bbox must be [x, y, w, h], got {r['bbox']!r}"
+                f"{where}: entry {i} score must be a finite number, got {_short(r['score'])}"
+            )
+        if "bbox" in required and not (
+            isinstance(r["bbox"], (list, tuple))
+            and len(r["bbox"]) == 4
+            and all(map(_is_finite_number, r["bbox"]))
+        ):
+            raise EvaluationError(
+                f"{where}: entry {i} bbox must be 4 finite numbers [x, y, w, h], "
+                f"got {_short(r['bbox'])}"
             )
         if "segmentation" in required:
             _check_rle(r["segmentation"], sizes[r["image_id"]], f"{where}: entry {i}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for one-line messages."""
+    text = (
+        repr(v) if not isinstance(v, int) or abs(v) < 10**40 else f"<{v.bit_length()}-bit integer>"
+    )
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_rle(seg: Any, hw: tuple[int, int], where: str) -> None:
@@ -304,7 +377,12 @@ def _check_rle(seg: Any, hw: tuple[int, int], where: str) -> None:
 
 # --------------------------------------------------------------------------- backends
 def _run_faster(
-    gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None, verbose: bool
+    gt: dict,
+    dets: list[dict],
+    iou_type: str,
+    image_ids: list[int] | None,
+    verbose: bool,
+    lvis_style: bool,
 ) -> tuple[np.ndarray, Any]:
     from faster_coco_eval import COCO, COCOeval_faster
 
@@ -316,13 +394,21 @@ def _run_faster(
         coco_dt,
         iou_type,
         print_function=log,
+        lvis_style=lvis_style,
         boundary_dilation_ratio=BOUNDARY_DILATION_RATIO,
     )
+    if lvis_style:
+        ev.params.maxDets = [lvis.MAX_DETECTIONS]
     return _evaluate(ev, image_ids, verbose)
 
 
 def _run_pycocotools(
-    gt: dict, dets: list[dict], iou_type: str, image_ids: list[int] | None, verbose: bool
+    gt: dict,
+    dets: list[dict],
+    iou_type: str,
+    image_ids: list[int] | None,
+    verbose: bool,
+    lvis_style: bool,
 ) -> tuple[np.ndarray, Any]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -356,9 +442,10 @@ def _mean_valid(x: np.ndarray) -> float:
 
 
 def _stats_from_precision(precision: np.ndarray, params: Any) -> dict[str, float]:
-    """The six COCO AP numbers (×100) from precision [T, R, K, A, M]; NaN where no GT."""
+    """The six COCO AP numbers (×100) from precision [T, R, K, A, M] at the largest maxDets
+    (COCO 100, LVIS 300); NaN where no GT."""
     iou_thrs = np.asarray(params.iouThrs)
-    m = list(params.maxDets).index(100)
+    m = len(params.maxDets) - 1
     area = {lbl: i for i, lbl in enumerate(params.areaRngLbl)}
     t50 = int(np.argmin(np.abs(iou_thrs - 0.5)))
     t75 = int(np.argmin(np.abs(iou_thrs - 0.75)))
@@ -372,8 +459,20 @@ def _stats_from_precision(precision: np.ndarray, params: Any) -> dict[str, float
     }
 
 
+def _frequency_stats(
+    precision: np.ndarray, params: Any, frequencies: dict[int, str]
+) -> dict[str, float]:
+    """LVIS's APr, APc, APf (×100): AP over the rare, common and frequent categories."""
+    m = len(params.maxDets) - 1
+    out = {}
+    for label, name in lvis.FREQUENCY_METRICS.items():
+        ks = [k for k, c in enumerate(params.catIds) if frequencies[int(c)] == label]
+        out[name] = _mean_valid(precision[:, :, ks, 0, m]) if ks else math.nan
+    return out
+
+
 def _per_class(precision: np.ndarray, params: Any, cmap: CategoryMap) -> dict[str, float]:
-    m = list(params.maxDets).index(100)
+    m = len(params.maxDets) - 1
     k_of = {int(c): k for k, c in enumerate(params.catIds)}
     return {
         name: _mean_valid(precision[:, :, k_of[cid], 0, m]) if cid in k_of else math.nan
@@ -381,7 +480,9 @@ def _per_class(precision: np.ndarray, params: Any, cmap: CategoryMap) -> dict[st
     }
 
 
-def _empty_metrics(gt: dict, cmap: CategoryMap, image_ids: list[int] | None) -> dict:
+def _empty_metrics(
+    gt: dict, cmap: CategoryMap, image_ids: list[int] | None, frequencies: dict[int, str] | None
+) -> dict:
     keep = None if image_ids is None else set(image_ids)
     with_gt = {
         a["category_id"]
@@ -389,6 +490,10 @@ def _empty_metrics(gt: dict, cmap: CategoryMap, image_ids: list[int] | None) -> 
         if not a.get("iscrowd", 0) and (keep is None or a["image_id"] in keep)
     }
     out: dict[str, Any] = {k: 0.0 for k in STAT_NAMES}
+    if frequencies is not None:
+        for label, name in lvis.FREQUENCY_METRICS.items():
+            group = {c for c, f in frequencies.items() if f == label}
+            out[name] = 0.0 if group & with_gt else math.nan
     out["per_class"] = {
         n: (0.0 if c in with_gt else math.nan) for c, n in zip(cmap.category_ids, cmap.names)
     }
@@ -411,6 +516,7 @@ def evaluate_coco(
     *,
     backend: str = "faster",
     image_ids: Iterable[int] | None = None,
+    dataset_format: Literal["auto", "coco", "lvis"] = "auto",
     verbose: bool = False,
 ) -> dict[str, dict]:
     """Run COCO evaluation.
@@ -422,12 +528,16 @@ def evaluate_coco(
             AP, faster-coco-eval only) need ``segmentation`` RLEs.
         backend: ``"faster"`` (faster_coco_eval) or ``"pycocotools"``.
         image_ids: evaluate only these GT images (default: all of them).
+        dataset_format: "lvis" evaluates the federated way, "coco" as COCO, "auto" decides by
+            the ground truth's content.
         verbose: let the backend print its progress and summary tables.
 
     Returns:
         ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl": float ×100,
         "per_class": {name: AP ×100}}}``. NaN marks a number with no ground truth
-        (e.g. APs when there are no small objects); empty results give 0.0.
+        (e.g. APs when there are no small objects); empty results give 0.0. An LVIS ground truth
+        (recognised by its content, :mod:`dynaseg.evaluation.lvis`) is evaluated the federated
+        way, at 300 detections per image, and adds ``APr``, ``APc`` and ``APf``.
 
     Raises:
         EvaluationError: (a ``ValueError``) with a one-line message naming the file.
@@ -446,6 +556,15 @@ def evaluate_coco(
     dets, res_name = _load_results(results)
     _validate_results(dets, res_name, gt_dict, gt_name, iou_types)
     cmap = CategoryMap.from_coco_json(gt_dict)
+    frequencies = None
+    if dataset_format == "lvis" or (dataset_format == "auto" and lvis.is_lvis(gt_dict)):
+        lvis.check_lvis_fields(gt_dict, gt_name)
+        if backend == "pycocotools":
+            raise EvaluationError(
+                f"{gt_name} is LVIS: its federated evaluation needs the faster-coco-eval backend"
+            )
+        frequencies = lvis.category_frequencies(gt_dict)
+        dets = lvis.top_detections_per_image(dets)
     ids = None if image_ids is None else [int(i) for i in image_ids]
     if ids is not None:
         unknown = sorted(set(ids) - {int(img["id"]) for img in gt_dict["images"]})
@@ -456,12 +575,21 @@ def evaluate_coco(
     metrics: dict[str, dict] = {}
     for iou_type in iou_types:
         if not dets:
-            metrics[iou_type] = _empty_metrics(gt_dict, cmap, ids)
+            metrics[iou_type] = _empty_metrics(gt_dict, cmap, ids, frequencies)
             continue
         stdout = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with stdout:
-            precision, params = run(gt_dict, _prepare_dets(dets, iou_type), iou_type, ids, verbose)
+            precision, params = run(
+                gt_dict,
+                _prepare_dets(dets, iou_type),
+                iou_type,
+                ids,
+                verbose,
+                frequencies is not None,
+            )
         out: dict[str, Any] = _stats_from_precision(precision, params)
+        if frequencies is not None:
+            out |= _frequency_stats(precision, params, frequencies)
         out["per_class"] = _per_class(precision, params, cmap)
         metrics[iou_type] = out
     return metrics
@@ -473,19 +601,30 @@ def _fmt(v: float, width: int) -> str:
 
 
 def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    """Plain-text table: one row per iou type, columns AP AP50 AP75 APs APm APl (one decimal)."""
-    header = f"{'':<6}" + "".join(f"{s:>7}" for s in STAT_NAMES)
+    """Plain-text table: one row per iou type, columns AP AP50 AP75 APs APm APl (one decimal),
+    and APr APc APf for LVIS."""
+    names = STAT_NAMES + tuple(
+        n for n in lvis.FREQUENCY_METRICS.values() if any(n in m for m in metrics.values())
+    )
+    header = f"{'':<9}" + "".join(f"{s:>7}" for s in names)
     lines = [header, "-" * len(header)]
     for iou_type in [t for t in _IOU_TYPES if t in metrics]:
         row = metrics[iou_type]
-        lines.append(f"{iou_type:<6}" + "".join(_fmt(row.get(s, math.nan), 7) for s in STAT_NAMES))
+        lines.append(f"{iou_type:<9}" + "".join(_fmt(row.get(s, math.nan), 7) for s in names))
     return "\n".join(lines)
 
 
 def format_per_class_table(
-    metrics: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox", columns: int = 3
+    metrics: Mapping[str, Mapping[str, Any]],
+    iou_type: str = "bbox",
+    columns: int = 3,
+    *,
+    groups: Mapping[str, str] | None = None,
 ) -> str:
-    """Plain-text per-class AP table for one iou type, ``columns`` (name, AP) pairs per row."""
+    """Plain-text per-class AP table for one iou type, ``columns`` (name, AP) pairs per row.
+
+    groups: class name -> group title (LVIS: rare / common / frequent); one block per group.
+    """
     if iou_type not in metrics:
         raise KeyError(f"no {iou_type!r} metrics; have {list(metrics)}")
     items = list(metrics[iou_type]["per_class"].items())
@@ -495,6 +634,12 @@ def format_per_class_table(
     ncol = min(columns, len(items))
     header = "   ".join(f"{'category':<{width}}{'AP':>6}" for _ in range(ncol))
     lines = [f"per-class {iou_type} AP", header, "-" * len(header)]
-    for i in range(0, len(items), columns):
-        lines.append("   ".join(f"{n:<{width}}{_fmt(v, 6)}" for n, v in items[i : i + columns]))
+    blocks: dict[str, list] = {}
+    for name, value in items:
+        blocks.setdefault(groups.get(name, "") if groups else "", []).append((name, value))
+    for title, block in blocks.items():
+        if title:
+            lines.append(f"[{title}: {len(block)} classes]")
+        for i in range(0, len(block), columns):
+            lines.append("   ".join(f"{n:<{width}}{_fmt(v, 6)}" for n, v in block[i : i + columns]))
     return "\n".join(lines)

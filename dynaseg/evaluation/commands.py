@@ -111,8 +111,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         metrics = {t: m for t, m in metrics.items() if t != "panoptic"}
         print(format_metrics_table(metrics))
+        groups = None
+        if any("APr" in m for m in metrics.values()):  # LVIS: per-class tables by frequency
+            from dynaseg.evaluation.lvis import frequency_titles
+
+            groups = frequency_titles(json.loads(Path(gt_json).read_text()))
         for iou_type in metrics:
-            print(format_per_class_table(metrics, iou_type))
+            print(format_per_class_table(metrics, iou_type, groups=groups))
         if report:
             from dynaseg.evaluation.class_report import format_class_report
 
@@ -124,7 +129,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the top-level subparsers."""
     p = sub.add_parser(
         "eval",
-        help="COCO box/mask AP of a model, or of an existing results file "
+        help="COCO box/mask AP of a model, or of an existing results file (LVIS files: "
+        "federated AP with APr/APc/APf) "
         "(--panoptic: PQ of COCO panoptic prediction files)",
     )
     _add_config(p, required=False)
