@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	# Test-only oracle for PQ (the COCO panoptic API); its metadata pins numpy<2, which it does not need.
 	$(BIN)/python -m pip install -q --no-deps panopticapi-lite==0.2.0
+	# Test-only oracle for Cityscapes (official instance AP, instance reader); its metadata pulls in
+	# matplotlib, requests, coloredlogs, appdirs and the old `typing` backport, none of which its
+	# evaluation imports. pyquaternion is imported by its helpers.
+	$(BIN)/python -m pip install -q --no-deps cityscapesscripts==2.3.0 pyquaternion==0.9.9
 	# Test-only oracle for LVIS AP (the official LVIS API); its pins (opencv, Cython) serve its visualiser only.
 	$(BIN)/python -m pip install -q --no-deps lvis==0.5.3
 	touch $(STAMP)

@@ -138,6 +138,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cityscapes(args: argparse.Namespace) -> int:
+    from dynaseg.data.cityscapes import convert_cityscapes
+
+    paths = convert_cityscapes(
+        args.root, args.out, num_workers=args.workers, progress=sys.stderr.isatty()
+    )
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -226,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-objects", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+    s = data_sub.add_parser(
+        "cityscapes",
+        help="convert Cityscapes gtFine instances to COCO JSON (train, val; see docs/datasets.md)",
+    )
+    s.add_argument("--root", required=True, help="Cityscapes folder with gtFine/ and leftImg8bit/")
+    s.add_argument("--out", required=True, help="writes OUT/annotations/instances_<split>.json")
+    s.add_argument("--workers", type=int, default=4, help="processes (0: this one)")
+    s.set_defaults(func=_cmd_cityscapes)
 
     add_bench_parser(sub)
 
