@@ -215,6 +215,34 @@ def _cmd_bench_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    """``bench data``: see :mod:`dynaseg.bench.data_memory`."""
+    from dynaseg.bench.data_memory import format_data_report, run_data_benchmark
+
+    size = None
+    if args.size:
+        try:
+            size = tuple(int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"--size must be IMAGESxINSTANCES (e.g. 2000x15000), got {args.size!r}")
+    if args.workers < 1 or args.detections < 1 or args.eval_images < 0:
+        raise UserError("--workers and --detections must be >= 1, --eval-images >= 0")
+    report = run_data_benchmark(
+        args.out,
+        lvis=args.lvis,
+        layouts=tuple(args.layouts),
+        num_workers=args.workers,
+        eval_images=args.eval_images,
+        per_image=args.detections,
+        size=size,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps(report) if args.json else format_data_report(report))
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its subcommands to the top-level subparsers."""
     from dynaseg.config.schema import DYNAMASK_POLICIES
@@ -372,3 +400,35 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="print the rows as JSON (also in output_dir/table5.json)",
     )
     b.set_defaults(func=_cmd_bench_budget)
+    b = bench_sub.add_parser(
+        "data",
+        help="load, sample (4 workers) and evaluate a generated dataset of COCO's size: time, "
+        "and memory of the main process and of each worker (PSS / USS)",
+    )
+    b.add_argument(
+        "--synthetic-coco-size",
+        action="store_true",
+        required=True,
+        help="generate the annotations of a COCO-sized dataset (118 287 images, 860 001 "
+        "instances; with --lvis LVIS v1's 100 170 / 1 270 141) and measure on them",
+    )
+    b.add_argument("--lvis", action="store_true", help="LVIS v1-style file and size")
+    b.add_argument(
+        "--out", default="runs/bench_data", help="folder for the generated files (reused)"
+    )
+    b.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    b.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["objects", "packed"],
+        choices=["objects", "packed"],
+        help="records as packed arrays (ours) and as a list of Python objects (before)",
+    )
+    b.add_argument("--eval-images", type=int, default=5000, help="0: no evaluation")
+    b.add_argument("--detections", type=int, default=100, help="per evaluated image")
+    b.add_argument(
+        "--size",
+        help="IMAGESxINSTANCES of the training file instead of COCO's (e.g. 2000x15000)",
+    )
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=_cmd_bench_data)

@@ -34,7 +34,7 @@ def load_split(
             json_path, images, d.panoptic_train_dir if split == "train" else d.panoptic_val_dir
         )
         if data.num_stuff_classes != cfg.model.num_stuff_classes:  # type: ignore[union-attr]
-            raise ValueError(
+            raise DatasetError(
                 f"{json_path}: {data.num_stuff_classes} stuff categories but model.num_stuff_classes="
                 f"{cfg.model.num_stuff_classes}; set model.num_stuff_classes={data.num_stuff_classes}"
             )
@@ -42,7 +42,7 @@ def load_split(
         json_path = d.train_json if split == "train" else d.val_json
         data = load_coco_instances(json_path, images, parsed=parsed, dataset_format=d.format)
     if data.num_classes != cfg.model.num_classes:
-        raise ValueError(
+        raise DatasetError(
             f"{json_path}: {data.num_classes} thing categories but model.num_classes="
             f"{cfg.model.num_classes}; set model.num_classes={data.num_classes}"
         )

@@ -20,11 +20,18 @@ import operator
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
+import numpy as np
+import pycocotools.mask as mask_util
+
 from dynaseg.data.lvis import is_lvis, lvis_file_name
+from dynaseg.data.packed import PackedRecords, pack_strings
 from dynaseg.errors import UserError
+from dynaseg.utils.json_files import read_json
 
 __all__ = [
     "DatasetError",
@@ -135,14 +142,15 @@ class CocoInstances:
     """A validated dataset.
 
     Attributes:
-        records: one per image, in the JSON's image order.
+        records: one per image, in the JSON's image order: a :class:`PackedRecords` (flat arrays;
+            each ``records[i]`` is built on access) or, built by hand, a list.
         category_ids: COCO category id of each contiguous id (sorted ascending).
         class_names: name of each contiguous id.
         stats: counts per reason (see ``STAT_REASONS``) plus ``images``, ``annotations`` (kept),
             ``crowd_annotations`` and ``images_without_annotations``.
     """
 
-    records: list[ImageRecord]
+    records: Sequence[ImageRecord]
     category_ids: list[int]
     class_names: list[str]
     stats: dict[str, int] = field(default_factory=dict)
@@ -183,26 +191,17 @@ def load_coco_instances(
     category_ids, class_names = _parse_categories(data["categories"], json_path)
     images = _parse_images(data["images"], json_path, image_root, lvis=lvis)
     stats: Counter[str] = Counter({k: 0 for k in STAT_REASONS})
-    per_image = _parse_annotations(
+    columns = _parse_annotations(
         data["annotations"], json_path, images, {c: i for i, c in enumerate(category_ids)}, stats
     )
+    del data  # the parsed JSON is the bulk of the memory: let it go before packing
     if check_files:
         _check_files(json_path, image_root, [im["file_name"] for im in images.values()])
-
-    records = [
-        ImageRecord(
-            image_id=i,
-            file_name=im["file_name"],
-            height=im["height"],
-            width=im["width"],
-            annotations=tuple(per_image.get(i, ())),
-        )
-        for i, im in images.items()
-    ]
+    records = _pack(images, columns, stats)
     stats["images"] = len(records)
-    stats["annotations"] = sum(len(r.annotations) for r in records)
-    stats["crowd_annotations"] = sum(a.iscrowd for r in records for a in r.annotations)
-    stats["images_without_annotations"] = sum(not r.annotations for r in records)
+    stats["annotations"] = len(records.categories)
+    stats["crowd_annotations"] = int(records.iscrowd.sum())
+    stats["images_without_annotations"] = int((np.diff(records.ann_offsets) == 0).sum())
     _log_stats(log, json_path, stats)
     return CocoInstances(
         records=records,
@@ -220,8 +219,7 @@ def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
     """A COCO-style JSON file as a dict with ``images``, ``annotations`` and ``categories``."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
     except IsADirectoryError:
@@ -234,6 +232,8 @@ def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
         raise DatasetError(f"{path}: JSON nested too deeply to parse") from None
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise DatasetError(f"{path}: cannot read JSON ({e})") from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
     if not isinstance(data, dict):
@@ -327,7 +327,7 @@ def _parse_categories(cats: list, path: str) -> tuple[list[int], list[str]]:
 
 
 def _parse_images(
-    imgs: list, path: str, image_root: str, *, lvis: bool
+    imgs: list, path: str, image_root: str, *, lvis: bool = False
 ) -> dict[int, dict[str, Any]]:
     images: dict[int, dict[str, Any]] = {}
     for k, im in enumerate(imgs):
@@ -362,77 +362,166 @@ def _parse_images(
 # ----------------------------------------------------------------------------- annotations
 
 
+@dataclass
+class _Columns:
+    """Kept annotations, one row each in file order, while parsing (see :func:`_pack`).
+
+    ``parts`` are the polygon parts that passed the per-part screen, ``part_row`` the row of each;
+    ``rle_row`` / ``rle_counts`` the compressed counts of the RLE rows.
+    """
+
+    image_ids: list[int] = field(default_factory=list)
+    categories: list[int] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    iscrowd: list[bool] = field(default_factory=list)
+    parts: list[list] = field(default_factory=list)
+    part_row: list[int] = field(default_factory=list)
+    rle_row: list[int] = field(default_factory=list)
+    rle_counts: list[str] = field(default_factory=list)
+
+
 def _parse_annotations(
     anns: list,
     path: str,
     images: dict[int, dict[str, Any]],
     cat_to_contiguous: dict[int, int],
     stats: Counter[str],
-) -> dict[int, list[AnnotationRecord]]:
-    per_image: dict[int, list[AnnotationRecord]] = {}
+) -> _Columns:
+    columns = _Columns()
     seen_ids: set[Any] = set()
     for k, ann in enumerate(anns):
-        where = f"{path}: annotations[{k}]"
-        _require(ann, ("image_id", "category_id", "bbox"), where)
+        if not (
+            isinstance(ann, dict) and "image_id" in ann and "category_id" in ann and "bbox" in ann
+        ):
+            _require(ann, ("image_id", "category_id", "bbox"), f"{path}: annotations[{k}]")
         if "id" in ann:
             if not isinstance(ann["id"], (int, float, str)):
                 raise DatasetError(
-                    f"{where}: 'id' must be a number or a string, got {_short(ann['id'])}"
+                    f"{path}: annotations[{k}]: 'id' must be a number or a string, "
+                    f"got {_short(ann['id'])}"
                 )
-            where = f"{path}: annotation id={_short(ann['id'], 40)}"
             if ann["id"] in seen_ids:
                 stats["duplicate_annotation_ids"] += 1
             seen_ids.add(ann["id"])
         image_id = ann["image_id"]
         if not _is_number(image_id) or image_id not in images:
-            raise DatasetError(f"{where}: image_id {_short(image_id)} is not in 'images'")
+            raise DatasetError(
+                f"{_where(path, k, ann)}: image_id {_short(image_id)} is not in 'images'"
+            )
         category_id = ann["category_id"]
         if not _is_number(category_id) or category_id not in cat_to_contiguous:
             raise DatasetError(
-                f"{where}: unknown category_id {_short(category_id)} "
+                f"{_where(path, k, ann)}: unknown category_id {_short(category_id)} "
                 f"(known: {sorted(cat_to_contiguous)[:20]})"
             )
-        record = _parse_annotation(
-            ann, where, images[image_id], cat_to_contiguous[category_id], stats
+        _parse_annotation(
+            ann,
+            path,
+            k,
+            images[image_id],
+            int(image_id),
+            cat_to_contiguous[category_id],
+            stats,
+            columns,
         )
-        if record is not None:
-            per_image.setdefault(int(image_id), []).append(record)
-    return per_image
+    return columns
+
+
+def _where(path: str, k: int, ann: dict) -> str:
+    """How messages name annotation ``k``: by its id when it has one."""
+    if "id" in ann:
+        return f"{path}: annotation id={_short(ann['id'], 40)}"
+    return f"{path}: annotations[{k}]"
 
 
 def _parse_annotation(
-    ann: dict, where: str, image: dict[str, Any], category: int, stats: Counter[str]
-) -> AnnotationRecord | None:
-    """One annotation -> record, or None (counted in stats) when it is degenerate."""
+    ann: dict,
+    path: str,
+    k: int,
+    image: dict[str, Any],
+    image_id: int,
+    category: int,
+    stats: Counter[str],
+    columns: _Columns,
+) -> None:
+    """Append annotation ``k`` to ``columns``, or count why it is dropped. Its polygon parts get
+    the per-part screen here and the geometric checks with all the others in :func:`_pack`."""
     h, w = image["height"], image["width"]
-    box = _clip_bbox(ann["bbox"], h, w, where, stats)
+    box = _inside_box(ann["bbox"], h, w)  # the common case, cheaply
     if box is None:
-        return None
+        box = _clip_bbox(ann["bbox"], h, w, _where(path, k, ann), stats)
+        if box is None:
+            return
     seg = ann.get("segmentation")
+    row = len(columns.categories)
+    parts: list[list] = []
+    counts = None
     if seg is None:
         stats["dropped_missing_segmentation"] += 1
-        return None
-    if isinstance(seg, dict):
-        seg = _check_rle(seg, h, w, where)
+        return
+    if isinstance(seg, list):
+        parts, bad_part = _screen_polygon_parts(seg, stats)
+        if bad_part is not None:
+            raise DatasetError(
+                f"{_where(path, k, ann)}: polygon parts must be lists of numbers "
+                f"[x0, y0, x1, y1, ...], got {_short(bad_part, 80)}"
+            )
+        if not parts:
+            stats["dropped_no_valid_polygon"] += 1
+            return
+    elif isinstance(seg, dict):
+        seg = _check_rle(seg, h, w, _where(path, k, ann))
         if seg is None:
             stats["dropped_empty_rle"] += 1
-            return None
-    elif isinstance(seg, list):
-        seg = _valid_polygons(seg, h, w, where, stats)
-        if not seg:
-            stats["dropped_no_valid_polygon"] += 1
-            return None
+            return
+        counts = seg["counts"]
+        if isinstance(counts, list):  # uncompressed: stored compressed, as one string
+            counts = mask_util.frPyObjects(seg, h, w)["counts"].decode("ascii")
     else:
         raise DatasetError(
-            f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
+            f"{_where(path, k, ann)}: 'segmentation' must be a list of polygons or an RLE dict, "
             f"got {type(seg).__name__}"
         )
     iscrowd = ann.get("iscrowd", 0)
     if iscrowd not in (0, 1, True, False):
-        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
-    return AnnotationRecord(
-        category=category, bbox_xyxy=box, segmentation=seg, iscrowd=bool(iscrowd)
-    )
+        raise DatasetError(
+            f"{_where(path, k, ann)}: 'iscrowd' must be 0 or 1, got {_short(iscrowd)}"
+        )
+    columns.image_ids.append(image_id)
+    columns.categories.append(category)
+    columns.boxes.append(box)
+    columns.iscrowd.append(bool(iscrowd))
+    if counts is not None:
+        columns.rle_row.append(row)
+        columns.rle_counts.append(counts)
+    columns.parts += parts
+    columns.part_row += [row] * len(parts)
+
+
+_NUMBER_TYPES = (float, int)
+
+
+def _inside_box(bbox: Any, h: int, w: int) -> tuple[float, float, float, float] | None:
+    """XYWH -> XYXY when ``bbox`` is 4 numbers (not bools) inside the image with a positive
+    extent, the common case; None otherwise (then :func:`_clip_bbox` decides)."""
+    if type(bbox) is not list or len(bbox) != 4:
+        return None
+    x, y, bw, bh = bbox
+    if not (
+        type(x) in _NUMBER_TYPES
+        and type(y) in _NUMBER_TYPES
+        and type(bw) in _NUMBER_TYPES
+        and type(bh) in _NUMBER_TYPES
+    ):
+        return None
+    try:
+        x, y = float(x), float(y)
+        x1, y1 = x + float(bw), y + float(bh)
+    except OverflowError:  # integers beyond float range
+        return None
+    if 0.0 <= x and 0.0 <= y and x1 <= w and y1 <= h and x1 - x > 0 and y1 - y > 0:
+        return x, y, x1, y1  # comparisons with NaN are false: NaN never gets here
+    return None
 
 
 def _clip_bbox(
@@ -460,47 +549,127 @@ def _clip_bbox(
     return box
 
 
-def _valid_polygons(
-    polys: list, h: int, w: int, where: str, stats: Counter[str]
-) -> list[list[float]]:
-    """Keep polygon parts with >= 3 finite points, non-zero area, overlapping the image and within
-    one image size of it (pycocotools' rasterisation time grows with the coordinates); count the
-    others."""
+def _screen_polygon_parts(polys: list, stats: Counter[str]) -> tuple[list[list], Any]:
+    """(the parts with >= 3 points, an even length and finite coordinates, the first part that is
+    not a list of numbers or None); the others are counted. The geometry is checked in
+    :func:`_pack`."""
     kept = []
     for part in polys:
         try:  # sum() doubles as a fast type check: it raises TypeError on non-numbers
-            total = sum(part) if isinstance(part, list) else None
+            total = sum(part) if type(part) is list else None
         except TypeError:
             total = None
         except OverflowError:  # a float plus an integer beyond float range
             total = math.inf
         if total is None:
-            raise DatasetError(
-                f"{where}: polygon parts must be lists of numbers "
-                f"[x0, y0, x1, y1, ...], got {_short(part, 80)}"
-            )
-        if (
-            len(part) < 6 or len(part) % 2 or not _finite(total)
-        ):  # a NaN/inf coordinate makes the sum so
-            stats["dropped_polygon_parts"] += 1
-            continue
-        xs, ys = part[0::2], part[1::2]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)  # exact, also for huge integers
-        if (
-            x0 >= w
-            or y0 >= h
-            or x1 <= 0
-            or y1 <= 0
-            or x0 < -w
-            or y0 < -h
-            or x1 > 2 * w
-            or y1 > 2 * h
-            or _polygon_area(part) < 1e-6
-        ):
+            return kept, part
+        if len(part) < 6 or len(part) % 2 or not _finite(total):  # NaN/inf make the sum so
             stats["dropped_polygon_parts"] += 1
             continue
         kept.append(part)
-    return kept
+    return kept, None
+
+
+def _pack(
+    images: dict[int, dict[str, Any]], columns: _Columns, stats: Counter[str]
+) -> PackedRecords:
+    """The parsed images and annotation rows as :class:`PackedRecords`, after the geometric
+    checks of the polygon parts (a part must overlap the image, lie within one image size of it,
+    and have a non-zero area; an annotation left without parts is dropped, both counted)."""
+    index_of = {image_id: i for i, image_id in enumerate(images)}
+    sizes = np.array([(im["height"], im["width"]) for im in images.values()], np.int64).reshape(
+        -1, 2
+    )
+    rows = len(columns.categories)
+    image_index = np.fromiter((index_of[i] for i in columns.image_ids), np.int64, rows)
+    part_row = np.asarray(columns.part_row, np.int64)
+    lengths = np.fromiter(map(len, columns.parts), np.int64, len(columns.parts))
+    ok, coords = _check_polygon_parts(columns.parts, lengths, sizes[image_index[part_row]])
+    del columns.parts
+    stats["dropped_polygon_parts"] += int((~ok).sum())
+    kept_parts = np.bincount(part_row[ok], minlength=rows)
+    has_parts = np.bincount(part_row, minlength=rows) > 0
+    keep = ~(has_parts & (kept_parts == 0))
+    stats["dropped_no_valid_polygon"] += int((~keep).sum())
+
+    coords = coords[np.repeat(ok, lengths)] if len(coords) else coords
+    part_offsets = np.zeros(int(ok.sum()) + 1, np.int64)
+    np.cumsum(lengths[ok], out=part_offsets[1:])
+    part_first = np.zeros(rows, np.int64)
+    np.cumsum(kept_parts[:-1], out=part_first[1:])
+    rle_index = np.full(rows, -1, np.int64)
+    rle_index[np.asarray(columns.rle_row, np.int64)] = np.arange(len(columns.rle_row))
+    rle_bytes, rle_offsets = pack_strings(columns.rle_counts)
+
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(image_index[order], kind="stable")]  # grouped by image, file order
+    ann_offsets = np.zeros(len(images) + 1, np.int64)
+    np.cumsum(np.bincount(image_index[order], minlength=len(images)), out=ann_offsets[1:])
+    name_bytes, name_offsets = pack_strings([im["file_name"] for im in images.values()])
+    return PackedRecords(
+        image_ids=np.fromiter(images, np.int64, len(images)),
+        heights=sizes[:, 0].astype(np.int32),
+        widths=sizes[:, 1].astype(np.int32),
+        name_bytes=name_bytes,
+        name_offsets=name_offsets,
+        ann_offsets=ann_offsets,
+        categories=np.asarray(columns.categories, np.int32).reshape(-1)[order],
+        boxes=np.asarray(columns.boxes, np.float64).reshape(-1, 4)[order],
+        iscrowd=np.asarray(columns.iscrowd, bool).reshape(-1)[order],
+        part_first=part_first[order],
+        part_count=kept_parts[order],
+        part_offsets=part_offsets,
+        coords=coords,
+        rle_index=rle_index[order],
+        rle_bytes=rle_bytes,
+        rle_offsets=rle_offsets,
+    )
+
+
+def _check_polygon_parts(
+    parts: list[list], lengths: np.ndarray, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P,) bool: which parts overlap their image, lie within one image size of it (pycocotools'
+    rasterisation time grows with the coordinates) and have a non-zero area; and all the parts'
+    coordinates, flat (float64). ``sizes`` (P, 2): (h, w) of each part's image."""
+    try:
+        flat = np.fromiter(chain.from_iterable(parts), np.float64, int(lengths.sum()))
+    except OverflowError:  # integers beyond float range whose sum is finite: exact arithmetic
+        ok = [_polygon_part_fits(p, h, w) for p, (h, w) in zip(parts, sizes.tolist())]
+        kept = (p if fits else [0.0] * len(p) for p, fits in zip(parts, ok))
+        flat = np.fromiter(chain.from_iterable(kept), np.float64, int(lengths.sum()))
+        return np.array(ok, bool).reshape(-1), flat
+    if not len(parts):
+        return np.zeros(0, bool), flat
+    xs, ys = flat[0::2], flat[1::2]
+    starts = np.zeros(len(parts), np.int64)
+    np.cumsum(lengths[:-1] // 2, out=starts[1:])
+    following = np.arange(1, len(xs) + 1)
+    following[starts + lengths // 2 - 1] = starts  # the vertex after the last is the first
+    twice_area = np.add.reduceat(xs * ys[following] - ys * xs[following], starts)
+    x0, x1 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    y0, y1 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
+    h, w = sizes[:, 0], sizes[:, 1]
+    outside = (x0 >= w) | (y0 >= h) | (x1 <= 0) | (y1 <= 0)
+    too_far = (x0 < -w) | (y0 < -h) | (x1 > 2 * w) | (y1 > 2 * h)
+    return ~(outside | too_far | (np.abs(twice_area) / 2.0 < 1e-6)), flat
+
+
+def _polygon_part_fits(part: list, h: int, w: int) -> bool:
+    """:func:`_check_polygon_parts` for one part, in exact arithmetic (huge integers)."""
+    xs, ys = part[0::2], part[1::2]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    return not (
+        x0 >= w
+        or y0 >= h
+        or x1 <= 0
+        or y1 <= 0
+        or x0 < -w
+        or y0 < -h
+        or x1 > 2 * w
+        or y1 > 2 * h
+        or _polygon_area(part) < 1e-6
+    )
 
 
 def _polygon_area(coords: list[float]) -> float:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from torchvision import tv_tensors
 
 from dynaseg.data.coco import AnnotationRecord, CocoInstances, DatasetError, ImageRecord
 from dynaseg.data.image_io import ImageReadError, read_image
+from dynaseg.data.packed import PackedRecords
 from dynaseg.structures.instances import Instances
 
 __all__ = ["Sample", "InstanceDataset", "derive_seed", "rasterize_masks", "SAMPLE_ERRORS"]
@@ -137,7 +138,7 @@ class InstanceDataset(torch.utils.data.Dataset):
     ) -> None:
         if on_error not in ("stop", "skip"):
             raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-        self.records: list[ImageRecord] = instances.records
+        self.records: Sequence[ImageRecord] = instances.records
         self.class_names = instances.class_names
         self.json_path = instances.json_path
         self.transforms = transforms
@@ -157,6 +158,8 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def aspect_ratios(self) -> list[float]:
         """width / height of each record (from the annotations, no image reads)."""
+        if isinstance(self.records, PackedRecords):  # from the arrays, no record built
+            return self.records.aspect_ratios().tolist()
         return [r.width / r.height for r in self.records]
 
     def decode_index(self, index: int) -> tuple[int, int]:

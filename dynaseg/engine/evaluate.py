@@ -17,6 +17,7 @@ from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, is_panoptic, load_split
 from dynaseg.data.coco import read_coco_json
 from dynaseg.data.samplers import build_test_loader
+from dynaseg.evaluation.cityscapes import evaluate_cityscapes, is_cityscapes
 from dynaseg.evaluation.coco import CategoryMap, evaluate_coco, instances_to_coco_results
 from dynaseg.evaluation.panoptic import format_panoptic_table, pq_compute
 from dynaseg.evaluation.panoptic_io import panoptic_to_coco
@@ -200,6 +201,8 @@ def evaluate_model(
         ("bbox",) if box_only else ("bbox", "segm", "boundary"),
         dataset_format=cfg.data.format,
     )
+    if not box_only and is_cityscapes(gt):  # the official metric of Cityscapes' benchmark
+        metrics["cityscapes"] = evaluate_cityscapes(gt, gathered)
     if output_dir is not None:
         atomic_write(
             output_dir / "results_val.json", lambda tmp: Path(tmp).write_text(json.dumps(gathered))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dynaseg.config.presets import save_config
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.data.build import build_dataset, dataset_metadata, load_split
+from dynaseg.data.packed import PackedRecords
 from dynaseg.data.samplers import build_train_loader, repeat_factors
 from dynaseg.engine import distributed as dist_utils
 from dynaseg.engine.checkpoint import (
@@ -34,6 +35,7 @@ from dynaseg.engine.freeze import freeze_groups
 from dynaseg.engine.optim import build_lr_scheduler, build_optimizer
 from dynaseg.modeling.build import build_model
 from dynaseg.utils import comm
+from dynaseg.utils.files import check_output_folder
 
 __all__ = ["train", "TrainingResult"]
 
@@ -93,15 +95,16 @@ def _repeat_factors(data, threshold: float) -> list[float] | None:
     """LVIS repeat-factor sampling of the training images (``data.repeat_threshold``), or None."""
     if threshold <= 0:
         return None
-    factors = repeat_factors(
-        [
+    if isinstance(data.records, PackedRecords):
+        categories = data.records.categories_per_image()
+    else:
+        categories = [
             [(s.isthing, s.category) for s in r.segments if not s.iscrowd]  # panoptic
             if hasattr(r, "segments")
             else [a.category for a in r.annotations if not a.iscrowd]
             for r in data.records
-        ],
-        threshold,
-    )
+        ]
+    factors = repeat_factors(categories, threshold)
     logger.info(
         "repeat-factor sampling (t=%g): %.0f images per epoch instead of %d (max factor %.1f)",
         threshold,
@@ -121,10 +124,12 @@ def train(
     ``model_XXXXXXX.pt`` training states (resumable), ``model_final.safetensors``, and after the
     final evaluation ``metrics.json`` and ``results_val.json``. With ``resume`` it continues from the
     last readable training state in the output directory. Under DDP an error on one rank ends all
-    ranks (see ``distributed.spread_failures``). Non-finite losses or gradients stop the run or skip
+    ranks (see ``distributed.spread_failures``). An ``output_dir`` that is empty, a file or under
+    one is refused (UserError) before any work. Non-finite losses or gradients stop the run or skip
     the step (``solver.on_nonfinite``); see docs/reliability.md. ``model`` replaces the one
     ``cfg.model`` describes (reference models of the benchmarks, e.g. ``bench fcos-peer``).
     """
+    check_output_folder(cfg.output_dir, option="output_dir")
     device = dist_utils.init_distributed(cfg.device)
     with dist_utils.spread_failures():
         return _train(cfg, resume=resume, device=device, model=model)
@@ -355,6 +360,8 @@ def _metric_scalars(metrics: dict) -> dict[str, float]:
         for k, v in metrics[t].items()
         if k != "per_class"
     }
+    if "cityscapes" in metrics:
+        out |= {f"cityscapes/{k}": metrics["cityscapes"][k] for k in ("AP", "AP50")}
     for group, values in metrics.get("panoptic", {}).items():
         if group != "per_class":
             suffix = "" if group == "All" else f"_{group}"

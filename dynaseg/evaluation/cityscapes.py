@@ -30,7 +30,6 @@ positive at some threshold) makes the official script fail (an IndexError); here
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -43,9 +42,9 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from dynaseg.data.cityscapes import VOID_KEY
-from dynaseg.evaluation.coco import EvaluationError
+from dynaseg.evaluation.inputs import EvaluationError, load_json
 
-__all__ = ["OVERLAPS", "MIN_REGION_SIZE", "evaluate_cityscapes"]
+__all__ = ["OVERLAPS", "MIN_REGION_SIZE", "is_cityscapes", "evaluate_cityscapes"]
 
 #: The official overlap thresholds (a match needs IoU strictly above one).
 OVERLAPS: np.ndarray = np.arange(0.5, 1.0, 0.05)
@@ -78,6 +77,13 @@ class _Curve:
     scores: list[np.ndarray] = field(default_factory=list)
     is_true: list[np.ndarray] = field(default_factory=list)
     misses: int = 0
+
+
+def is_cityscapes(gt: Mapping[str, Any]) -> bool:
+    """Whether a ground-truth dict was written by ``dynaseg data cityscapes`` (its images carry
+    the void pixels the official metric needs)."""
+    images = gt.get("images") or []
+    return bool(images) and isinstance(images[0], Mapping) and VOID_KEY in images[0]
 
 
 def evaluate_cityscapes(
@@ -258,13 +264,7 @@ def _load(source: Any, what: str, kind: type, *, default_name: str) -> tuple[Any
     if not isinstance(source, (str, Path)):
         data, name = source, default_name
     else:
-        name, path = str(source), Path(source)
-        if not path.is_file():
-            raise EvaluationError(f"{what} '{path}' does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvaluationError(f"{what} '{path}' is not valid JSON: {e}") from None
+        name, data = str(source), load_json(source, what)
     if not isinstance(data, kind):
         raise EvaluationError(f"{name}: expected a JSON {kind.__name__}, got {type(data).__name__}")
     return data, name

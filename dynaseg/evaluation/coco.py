@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ import pycocotools.mask as mask_utils
 import torch
 
 from dynaseg.evaluation import lvis
-from dynaseg.evaluation.errors import EvaluationError
+from dynaseg.evaluation.inputs import EvaluationError, load_json
 from dynaseg.structures.instances import Instances
 
 __all__ = [
@@ -84,7 +83,7 @@ class CategoryMap:
         name = "<gt dict>"
         if not isinstance(path_or_dict, Mapping):
             name = str(path_or_dict)
-            path_or_dict = _load_json(path_or_dict, "annotation file")
+            path_or_dict = load_json(path_or_dict, "annotation file")
         cats = path_or_dict.get("categories")
         if not isinstance(cats, list) or not cats:
             raise EvaluationError(f"{name}: no 'categories' list")
@@ -193,29 +192,12 @@ def _labels_to_category_ids(labels: np.ndarray, category_map: CategoryMap | None
 
 
 # --------------------------------------------------------------------------- loading / validation
-def _load_json(path: str | Path, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise EvaluationError(f"{what} '{p}' does not exist")
-    try:
-        with p.open() as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{what} '{p}' is not valid JSON: {e}") from None
-    except UnicodeDecodeError:
-        raise EvaluationError(f"{what} '{p}' is not valid JSON: not UTF-8 text") from None
-    except RecursionError:
-        raise EvaluationError(f"{what} '{p}': JSON nested too deeply to parse") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise EvaluationError(f"{what} '{p}' cannot be read: {e}") from None
-
-
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     """Private copy of the GT dict (backends may mutate its annotations) and its name."""
     name = "<gt dict>"
     if not isinstance(gt, Mapping):
         name = str(gt)
-        gt = _load_json(gt, "ground-truth file")
+        gt = load_json(gt, "ground-truth file")
     if not isinstance(gt, Mapping):
         raise EvaluationError(
             f"ground truth {name}: expected a JSON object, got {type(gt).__name__}"
@@ -280,7 +262,7 @@ def _validate_gt(gt: Mapping[str, Any], name: str) -> None:
 def _load_results(results: Sequence[dict] | str | Path) -> tuple[list, str]:
     if isinstance(results, (str, Path)):
         name = str(results)
-        data = _load_json(results, "results file")
+        data = load_json(results, "results file")
     else:
         name, data = "<results list>", results
     if not isinstance(data, list):

@@ -47,6 +47,18 @@ def _cmd_eval_panoptic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cityscapes_metrics(gt_json: str, results_json: str, iou_types: list[str]) -> dict:
+    """``{"cityscapes": official AP / AP50}`` when the ground truth comes from
+    ``dynaseg data cityscapes`` and masks are evaluated; else {}."""
+    from dynaseg.evaluation.cityscapes import evaluate_cityscapes, is_cityscapes
+    from dynaseg.evaluation.inputs import load_json
+
+    if "segm" not in iou_types:
+        return {}
+    gt = load_json(gt_json, "ground-truth file")
+    return {"cityscapes": evaluate_cityscapes(gt, results_json)} if is_cityscapes(gt) else {}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
 
@@ -64,6 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise UserError("--gt and --results go together")
         metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
         gt_json, results_json = args.gt, args.results
+        metrics |= _cityscapes_metrics(gt_json, results_json, args.iou_types)
     else:
         if not (args.config and args.weights):
             raise UserError(
@@ -93,7 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from dynaseg.evaluation.panoptic import format_panoptic_table
 
             print(format_panoptic_table(panoptic))
-        metrics = {t: metrics[t] for t in args.iou_types if t in metrics}
+        metrics = {t: metrics[t] for t in [*args.iou_types, "cityscapes"] if t in metrics}
         if panoptic is not None:
             metrics["panoptic"] = panoptic
         if not args.json:
@@ -109,8 +122,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out_json = {t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}
         print(json.dumps(out_json | ({"class_report": report} if report else {})))
     else:
-        metrics = {t: m for t, m in metrics.items() if t != "panoptic"}
+        cityscapes = metrics.get("cityscapes")
+        metrics = {t: m for t, m in metrics.items() if t not in ("panoptic", "cityscapes")}
         print(format_metrics_table(metrics))
+        if cityscapes is not None:
+            print(
+                f"Cityscapes instance AP {cityscapes['AP']:.1f}, AP50 {cityscapes['AP50']:.1f} "
+                "(the official benchmark's metric)"
+            )
         groups = None
         if any("APr" in m for m in metrics.values()):  # LVIS: per-class tables by frequency
             from dynaseg.evaluation.lvis import frequency_titles

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dynaseg.data.lvis import LVIS_IMAGE_LISTS, is_lvis
-from dynaseg.evaluation.errors import EvaluationError
+from dynaseg.evaluation.inputs import EvaluationError
 
 __all__ = [
     "MAX_DETECTIONS",

@@ -302,3 +302,23 @@ def test_no_results_and_bad_inputs(tmp_path):
         evaluate_cityscapes(no_void, results)
     with pytest.raises(EvaluationError, match="does not exist"):
         evaluate_cityscapes(tmp_path / "missing.json", results)
+
+
+def test_eval_cli_adds_the_official_metric_for_cityscapes_files(tmp_path, capsys):
+    from dynaseg.cli import main
+
+    paths, results = _single_car_gt(
+        tmp_path, [(box(10, 30, 10, 30), CAR, 0.9), (box(40, 60, 40, 60), CAR, 0.95)]
+    )
+    for r in results:  # COCO's bbox AP needs boxes
+        r["bbox"] = mask_utils.toBbox(
+            {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+        ).tolist()
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    args = ["eval", "--gt", str(paths["val_json"]), "--results", str(tmp_path / "r.json")]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cityscapes"] == {"AP": 25.0, "AP50": 25.0}
+    assert set(out) == {"bbox", "segm", "cityscapes"}
+    assert main([*args, "--iou-types", "bbox", "--json"]) == 0  # no masks evaluated: no metric
+    assert "cityscapes" not in json.loads(capsys.readouterr().out)
