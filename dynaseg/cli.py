@@ -46,13 +46,18 @@ def _run_training(cfg: ExperimentConfig, *, resume: bool, model: nn.Module | Non
     from dynaseg.engine.trainer import train
     from dynaseg.evaluation.coco import format_metrics_table
     from dynaseg.utils.comm import is_main_process
+    from dynaseg.utils.files import check_output_folder
 
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    logging.getLogger().addHandler(_file_handler(Path(cfg.output_dir) / "log.txt"))
+    out = check_output_folder(cfg.output_dir, option="output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    log = _file_handler(out / "log.txt")
+    logging.getLogger().addHandler(log)
     try:
         result = train(cfg, resume=resume, model=model)
     finally:
         cleanup()
+        logging.getLogger().removeHandler(log)
+        log.close()
     if is_main_process():
         if result.metrics:
             print(format_metrics_table(result.metrics))
@@ -70,9 +75,15 @@ def _run_training(cfg: ExperimentConfig, *, resume: bool, model: nn.Module | Non
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from dynaseg.config.presets import load_config
-    from dynaseg.inference.predict_folder import image_files, predict_folder
+    from dynaseg.inference.predict_folder import (
+        check_output_for_images,
+        image_files,
+        predict_folder,
+    )
     from dynaseg.inference.predictor import Predictor
 
+    files = image_files(Path(args.input))  # input and output checked before loading a model
+    out = check_output_for_images(args.output, files)
     if args.onnx:
         if args.weights:
             raise UserError("give --weights (eager model) or --onnx (exported model), not both")
@@ -89,8 +100,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(
             "--color-by resolution needs a two-stage instance model, not a panoptic one"
         )
-    files = image_files(Path(args.input))
-    out = Path(args.output)
     num_results, panoptic = predict_folder(
         predictor, files, out, score_threshold=args.score_threshold, color_by=args.color_by
     )
@@ -165,7 +174,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _file_handler(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as e:  # e.g. a folder named log.txt
+        raise UserError(f"{path}: cannot write the log: {e.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     return handler
 
@@ -203,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "instead (--config optional: the file holds its config)",
     )
     p.add_argument("--input", required=True, help="an image or a folder of images")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output folder (not the images' own): one overlay NAME.png per image NAME.EXT; "
+        "images sharing a NAME (a.png, a.jpg) get a.png.png, a.jpg.png",
+    )
     p.add_argument(
         "--score-threshold", type=float, default=0.3, help="keep instances scoring at least this"
     )

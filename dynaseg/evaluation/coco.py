@@ -28,6 +28,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from dynaseg.data.coco import MAX_IMAGE_PIXELS, rle_string_counts
+from dynaseg.data.rle_strings import rle_strings_cover
 from dynaseg.evaluation import lvis
 from dynaseg.evaluation.inputs import EvaluationError, load_json
 from dynaseg.structures.instances import Instances
@@ -192,8 +194,9 @@ def _labels_to_category_ids(labels: np.ndarray, category_map: CategoryMap | None
 
 
 # --------------------------------------------------------------------------- loading / validation
-def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
-    """Private copy of the GT dict (backends may mutate its annotations) and its name."""
+def _load_gt(gt: str | Path | Mapping[str, Any], *, masks: bool) -> tuple[dict, str]:
+    """Private copy of the GT dict (backends may mutate its annotations) and its name; ``masks``:
+    its segmentations will be evaluated (and so are checked)."""
     name = "<gt dict>"
     if not isinstance(gt, Mapping):
         name = str(gt)
@@ -205,7 +208,7 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise EvaluationError(f"ground truth {name}: missing '{key}' list")
-    _validate_gt(gt, name)
+    _validate_gt(gt, name, masks=masks)
     anns = []
     for a in gt["annotations"]:
         a = dict(a)  # backends write 'ignore', RLEs, ... into annotation dicts
@@ -218,31 +221,43 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     return out, name
 
 
-def _validate_gt(gt: Mapping[str, Any], name: str) -> None:
-    """Raise :class:`EvaluationError` on the first malformed entry: ids that are not integers,
-    non-positive image sizes, unknown image or category ids, ``iscrowd`` not 0/1, and boxes or
-    areas that are not finite numbers (ground truth is never cleaned: that would change the AP)."""
+def _validate_gt(gt: Mapping[str, Any], name: str, *, masks: bool) -> None:
+    """Raise :class:`EvaluationError` on the first malformed entry: ids that are not integers or
+    used twice, non-positive image sizes, unknown image or category ids, ``iscrowd`` not 0/1,
+    boxes or areas that are not finite numbers and, with ``masks``, segmentations that are neither
+    polygons nor an RLE of the image's size (ground truth is never cleaned: that would change the
+    AP)."""
     where = f"ground truth {name}"
     sizes = {}
     for k, img in enumerate(gt["images"]):
         if not isinstance(img, Mapping) or not _is_int(img.get("id")):
             raise EvaluationError(f"{where}: images[{k}] needs an integer 'id'")
         h, w = img.get("height"), img.get("width")
-        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+        if not (_is_int(h) and _is_int(w) and 0 < h * w <= MAX_IMAGE_PIXELS and h > 0):
             raise EvaluationError(
-                f"{where}: image id {img['id']} needs positive integer 'height' and 'width', "
-                f"got {_short(h)} x {_short(w)}"
+                f"{where}: image id {img['id']} needs positive integer 'height' and 'width' of "
+                f"at most {MAX_IMAGE_PIXELS} pixels together, got {_short(h)} x {_short(w)}"
             )
+        if img["id"] in sizes:
+            raise EvaluationError(f"{where}: image id {img['id']} is used twice")
         sizes[img["id"]] = (h, w)
     cat_ids = set()
     for k, cat in enumerate(gt["categories"]):
         if not isinstance(cat, Mapping) or not _is_int(cat.get("id")):
             raise EvaluationError(f"{where}: categories[{k}] needs an integer 'id'")
+        if cat["id"] in cat_ids:
+            raise EvaluationError(f"{where}: category id {cat['id']} is used twice")
         cat_ids.add(cat["id"])
+    ann_ids = set()
     for k, a in enumerate(gt["annotations"]):
         at = f"{where}: annotations[{k}]"
         if not isinstance(a, Mapping):
             raise EvaluationError(f"{at} is a {type(a).__name__}, expected an object")
+        if not _is_int(a.get("id")) or a["id"] in ann_ids:
+            raise EvaluationError(
+                f"{at} needs an integer 'id' used once, got {_short(a.get('id'))}"
+            )
+        ann_ids.add(a["id"])
         if not _is_int(a.get("image_id")) or a["image_id"] not in sizes:
             raise EvaluationError(f"{at} has image_id {_short(a.get('image_id'))} not in 'images'")
         if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
@@ -254,9 +269,8 @@ def _validate_gt(gt: Mapping[str, Any], name: str) -> None:
             raise EvaluationError(f"{at}: 'bbox' must be 4 finite numbers, got {_short(bbox)}")
         if "area" in a and not _is_finite_number(a["area"]):
             raise EvaluationError(f"{at}: 'area' must be a finite number, got {_short(a['area'])}")
-        seg = a.get("segmentation")
-        if isinstance(seg, Mapping):
-            _check_rle(seg, sizes[a["image_id"]], at)
+        if masks:
+            _check_segmentation(a.get("segmentation"), sizes[a["image_id"]], at)
 
 
 def _load_results(results: Sequence[dict] | str | Path) -> tuple[list, str]:
@@ -288,6 +302,7 @@ def _validate_results(
     sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
     cat_ids = {int(c["id"]) for c in gt["categories"]}
     where = f"results {_q(name)}"
+    strings: list[tuple[str, int, str]] = []  # compressed RLEs, checked together at the end
     for i, r in enumerate(results):
         if not isinstance(r, Mapping):
             raise EvaluationError(f"{where}: entry {i} is a {type(r).__name__}, expected an object")
@@ -323,7 +338,8 @@ def _validate_results(
                 f"got {_short(r['bbox'])}"
             )
         if "segmentation" in required:
-            _check_rle(r["segmentation"], sizes[r["image_id"]], f"{where}: entry {i}")
+            _check_rle(r["segmentation"], sizes[r["image_id"]], f"{where}: entry {i}", strings)
+    _check_rle_strings(strings)
 
 
 def _is_int(v: Any) -> bool:
@@ -347,14 +363,64 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_rle(seg: Any, hw: tuple[int, int], where: str) -> None:
+def _check_segmentation(seg: Any, hw: tuple[int, int], where: str) -> None:
+    """Ground truth: polygons (lists of >= 3 points of finite numbers) or an RLE."""
+    if isinstance(seg, list):
+        for part in seg:
+            if not (
+                isinstance(part, list)
+                and len(part) >= 6
+                and len(part) % 2 == 0
+                and all(map(_is_finite_number, part))
+            ):
+                raise EvaluationError(
+                    f"{where}: polygon parts must be lists of >= 6 finite numbers "
+                    f"[x0, y0, x1, y1, ...], got {_short(part)}"
+                )
+        return
+    _check_rle(seg, hw, where)
+
+
+def _check_rle(seg: Any, hw: tuple[int, int], where: str, strings: list | None = None) -> None:
+    """An RLE dict of the image's size whose run lengths cover the image exactly. ``strings``:
+    compressed counts are appended there as (counts, h·w, where) for :func:`_check_rle_strings`
+    instead of being decoded now."""
     if not isinstance(seg, Mapping) or "counts" not in seg or "size" not in seg:
         raise EvaluationError(f"{where}: segmentation must be an RLE dict with 'size' and 'counts'")
-    if tuple(seg["size"]) != hw:
+    size = seg["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and tuple(size) == hw):
         raise EvaluationError(
-            f"{where}: mask size {list(seg['size'])} != image size {list(hw)} "
+            f"{where}: mask size {_short(size)} != image size {list(hw)} "
             "(masks must be at the original image resolution)"
         )
+    counts = seg["counts"]
+    if isinstance(counts, str) and strings is not None:
+        strings.append((counts, hw[0] * hw[1], where))
+        return
+    if isinstance(counts, str):
+        runs = rle_string_counts(counts)
+    elif isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts):
+        runs = counts
+    else:
+        runs = None
+    if runs is None or sum(runs) != hw[0] * hw[1]:
+        raise EvaluationError(
+            f"{where}: RLE counts {_short(counts, 40)} do not decode to run lengths covering "
+            f"the {hw[0]}x{hw[1]} image"
+        )
+
+
+def _check_rle_strings(strings: list[tuple[str, int, str]]) -> None:
+    """All the collected compressed counts at once; the first bad one named if any."""
+    if rle_strings_cover([c for c, _, _ in strings], [t for _, t, _ in strings]):
+        return
+    for counts, total, where in strings:  # find it (the slow, per-string decoder)
+        runs = rle_string_counts(counts)
+        if runs is None or sum(runs) != total:
+            raise EvaluationError(
+                f"{where}: RLE counts {_short(counts, 40)} do not decode to run lengths "
+                f"covering the image ({total} pixels)"
+            )
 
 
 # --------------------------------------------------------------------------- backends
@@ -534,7 +600,7 @@ def evaluate_coco(
         raise EvaluationError(
             "boundary AP needs the faster-coco-eval backend (pycocotools has none)"
         )
-    gt_dict, gt_name = _load_gt(gt)
+    gt_dict, gt_name = _load_gt(gt, masks="segm" in iou_types or "boundary" in iou_types)
     dets, res_name = _load_results(results)
     _validate_results(dets, res_name, gt_dict, gt_name, iou_types)
     cmap = CategoryMap.from_coco_json(gt_dict)
@@ -546,7 +612,7 @@ def evaluate_coco(
                 f"{gt_name} is LVIS: its federated evaluation needs the faster-coco-eval backend"
             )
         frequencies = lvis.category_frequencies(gt_dict)
-        dets = lvis.top_detections_per_image(dets)
+        dets = lvis.checked_detections(gt_dict, lvis.top_detections_per_image(dets))
     ids = None if image_ids is None else [int(i) for i in image_ids]
     if ids is not None:
         unknown = sorted(set(ids) - {int(img["id"]) for img in gt_dict["images"]})

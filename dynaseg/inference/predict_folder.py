@@ -4,12 +4,16 @@ Works with any predictor that returns ``Instances`` or ``PanopticSegmentation`` 
 names its classes (the eager ``Predictor`` and the ONNX ``OnnxPredictor``). Writes, under ``out``:
 one overlay PNG per image, ``results.json`` (COCO instance results with the image's ``file_name``),
 and for panoptic models ``panoptic.json`` with its PNGs in ``panoptic/`` (COCO panoptic format).
+An image's overlay and panoptic PNG are named ``<stem>.png`` (``a.jpg`` -> ``a.png``), or
+``<name>.png`` (``a.jpg.png``, ``a.png.png``) when another image shares the stem, so that none
+overwrites another (see ``overlay_names``).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,15 @@ from dynaseg.evaluation.panoptic_io import panoptic_to_coco, write_panoptic_pred
 from dynaseg.inference.predictor import stuff_categories
 from dynaseg.inference.visualize import resolution_style, save_overlay, save_panoptic_overlay
 from dynaseg.structures.panoptic import PanopticSegmentation
+from dynaseg.utils.files import check_output_folder
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "predict_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "check_output_for_images",
+    "image_files",
+    "overlay_names",
+    "predict_folder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -42,6 +53,32 @@ def image_files(source: Path) -> list[Path]:
     return files
 
 
+def check_output_for_images(out: str | Path, files: Sequence[Path]) -> Path:
+    """``out`` as a Path if it can take the outputs of ``files``, else a one-line UserError naming
+    ``--output``: an empty path, a file (or under one), or the folder of the images themselves
+    (overlays would overwrite them, or be read as images by the next run)."""
+    out = check_output_folder(out, option="--output")
+    if out.resolve() in {f.parent.resolve() for f in files}:
+        raise UserError(
+            f"--output '{out}' is the folder of the input images: the overlays would overwrite "
+            "or mix with them; give another folder"
+        )
+    return out
+
+
+def overlay_names(files: Sequence[Path]) -> list[str]:
+    """The output PNG name of each image (of one folder): ``<stem>.png``, or ``<name>.png`` where
+    the stem is shared with another image (``a.png`` and ``a.jpg`` -> ``a.png.png``, ``a.jpg.png``)
+    or is another image's name. Names are compared ignoring case, as macOS and Windows do."""
+    stems = Counter(f.stem.casefold() for f in files)
+    names = {f.name.casefold() for f in files}
+
+    def unique_stem(f: Path) -> bool:
+        return stems[f.stem.casefold()] == 1 and f.stem.casefold() not in names
+
+    return [f"{f.stem if unique_stem(f) else f.name}.png" for f in files]
+
+
 def predict_folder(
     predictor: Any,
     files: Sequence[Path],
@@ -53,8 +90,10 @@ def predict_folder(
     """Segment ``files`` and write the overlays and results under ``out``.
 
     ``color_by="resolution"`` colours each instance by its mask side (two-stage models).
+    Overlays are named by ``overlay_names``; ``out`` is checked by ``check_output_for_images``.
     Returns (number of instance results written, whether panoptic files were written).
     """
+    out = check_output_for_images(out, files)
     out.mkdir(parents=True, exist_ok=True)
     category_map = CategoryMap(category_ids=predictor.category_ids, names=predictor.class_names)
     stuff_ids, stuff_names = stuff_categories(predictor)
@@ -67,7 +106,10 @@ def predict_folder(
     def predict_all() -> Iterator[tuple[dict[str, Any], Any]]:
         """Overlays written, thing detections into ``results``; yields the (annotation, png) of each
         panoptic prediction (the panoptic map is final: no threshold)."""
-        for image_id, path in enumerate(tqdm(files, desc="predict", mininterval=5), start=1):
+        named = zip(files, overlay_names(files))
+        for image_id, (path, name) in enumerate(
+            tqdm(named, total=len(files), desc="predict", mininterval=5), start=1
+        ):
             image = read_image(path)
             prediction = predictor(image)
             panoptic = isinstance(prediction, PanopticSegmentation)
@@ -80,13 +122,13 @@ def predict_folder(
                 png, ann = panoptic_to_coco(
                     prediction,
                     image_id=image_id,
-                    file_name=path.name,
+                    file_name=name,
                     thing_category_ids=predictor.category_ids,
                     stuff_category_ids=stuff_ids,
                 )
                 yield ann, png
                 save_panoptic_overlay(
-                    out / f"{path.stem}.png",
+                    out / name,
                     image,
                     prediction,
                     thing_names=predictor.class_names,
@@ -94,9 +136,7 @@ def predict_folder(
                 )
             else:
                 style = resolution_style(instances, path) if color_by == "resolution" else {}
-                save_overlay(
-                    out / f"{path.stem}.png", image, instances, predictor.class_names, **style
-                )
+                save_overlay(out / name, image, instances, predictor.class_names, **style)
 
     # Instance models run to the end in next(); panoptic ones stream their PNGs to disk.
     steps = predict_all()

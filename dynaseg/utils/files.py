@@ -1,4 +1,4 @@
-"""Files that readers never see half-written."""
+"""Files that readers never see half-written; output folders checked before a command does any work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write"]
+from dynaseg.errors import UserError
+
+__all__ = ["atomic_write", "check_output_folder"]
 
 _UMASK = os.umask(
     0o022
@@ -41,3 +43,24 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_output_folder(path: str | os.PathLike, *, option: str) -> Path:
+    """``path`` as a Path if a command can write its files there, else a one-line UserError.
+
+    Refused: an empty path (it would write into the current folder), a path that is a file or lies
+    under one, and a folder that cannot be created or written in. Creates nothing. ``option`` names
+    where the path came from (``output_dir``, ``--output``) in the message.
+    """
+    if not os.fspath(path).strip():
+        raise UserError(f"{option} is empty: give the folder to write to")
+    out = Path(path)
+    for folder in (out, *out.parents):  # the first one that exists must be a writable folder
+        if folder.is_dir():
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"{option} '{out}': cannot write in {folder} (permission denied)")
+            return out
+        if os.path.lexists(folder):
+            where = "" if folder == out else f" lies under {folder}, which"
+            raise UserError(f"{option} '{out}'{where} is a file, not a folder")
+    return out
