@@ -13,7 +13,6 @@ per reason on the ``dynaseg.data`` logger, so nothing disappears silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
@@ -31,7 +30,7 @@ import pycocotools.mask as mask_util
 from dynaseg.data.lvis import is_lvis, lvis_file_name
 from dynaseg.data.packed import PackedRecords, pack_strings
 from dynaseg.errors import UserError
-from dynaseg.utils.json_files import read_json
+from dynaseg.utils.json_files import JSONFileError, read_json
 
 __all__ = [
     "DatasetError",
@@ -224,16 +223,8 @@ def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
         raise DatasetError(f"{path}: annotation file not found") from None
     except IsADirectoryError:
         raise DatasetError(f"{path}: is a directory, expected a COCO JSON file") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from None
-    except RecursionError:
-        raise DatasetError(f"{path}: JSON nested too deeply to parse") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text)") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise DatasetError(f"{path}: cannot read JSON ({e})") from None
+    except JSONFileError as e:
+        raise DatasetError(f"{path}: {e}") from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
     if not isinstance(data, dict):

@@ -27,7 +27,6 @@ writes 0.0 there; both leave them out of the averages).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaseg.evaluation.coco import EvaluationError
+from dynaseg.evaluation.inputs import EvaluationError, load_json
 from dynaseg.structures.panoptic import rgb_to_id
 
 __all__ = [
@@ -325,17 +324,7 @@ def pq_compute_arrays(
 # --------------------------------------------------------------------------- files
 def _load_panoptic_json(path: str | Path, what: str, *, need_categories: bool) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise PanopticEvalError(
-            f"{what} file '{p}' does not exist" + (" (it is a folder)" if p.is_dir() else "")
-        )
-    try:
-        with p.open() as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise PanopticEvalError(f"{what} file '{p}' is not valid JSON: {e}") from None
-    except UnicodeDecodeError:
-        raise PanopticEvalError(f"{what} file '{p}' is not valid JSON: not UTF-8 text") from None
+    data = load_json(p, f"{what} file", error=PanopticEvalError)
     if not isinstance(data, Mapping):
         raise PanopticEvalError(
             f"{what} file '{p}': expected a JSON object, got {type(data).__name__}"

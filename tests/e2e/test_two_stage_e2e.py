@@ -239,14 +239,16 @@ def test_evaluation_parses_the_val_json_once(runs, tmp_path, monkeypatch):
 
     result = runs("mask_rcnn_tiny")
     predictor = Predictor(load_config(str(result.output_dir / "config.yaml")), result.weights)
+    from dynaseg.utils import json_files
+
     val_json = Path(predictor.cfg.data.val_json).resolve()
-    parsed, real_load = [], json.load
+    parsed = []
 
-    def counting_load(fp, *args, **kwargs):
-        if Path(getattr(fp, "name", "")).resolve() == val_json:
-            parsed.append(fp.name)
-        return real_load(fp, *args, **kwargs)
+    def counting_open(path, *args, **kwargs):  # read_json's open: every JSON file we parse
+        if Path(path).resolve() == val_json:
+            parsed.append(path)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(json, "load", counting_load)
+    monkeypatch.setattr(json_files, "open", counting_open, raising=False)
     evaluate_model(predictor.cfg, predictor.model, predictor.device, output_dir=tmp_path)
     assert len(parsed) == 1

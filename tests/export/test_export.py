@@ -23,6 +23,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -413,6 +414,9 @@ def test_export_cli_errors(tmp_path, capsys):
         == 2
     )
     assert "opset" in capsys.readouterr().err
+    images = tmp_path / "images"  # inputs are checked first: give a readable one
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
     assert (
         cli.main(
             [
@@ -420,7 +424,7 @@ def test_export_cli_errors(tmp_path, capsys):
                 "--onnx",
                 str(tmp_path / "missing.onnx"),
                 "--input",
-                str(tmp_path),
+                str(images),
                 "--output",
                 str(tmp_path / "o"),
             ]
@@ -435,7 +439,7 @@ def test_export_cli_errors(tmp_path, capsys):
                 "--config",
                 "blendmask_tiny",
                 "--input",
-                str(tmp_path),
+                str(images),
                 "--output",
                 str(tmp_path / "o"),
             ]

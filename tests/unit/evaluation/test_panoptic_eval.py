@@ -375,7 +375,7 @@ def _edit_pred(pred_json: Path, fn) -> None:
         ("unknown_category", "unknown category_id 42"),
         ("missing_image", "has no annotation for image_id 2"),
         ("size_mismatch", "prediction size 10x5"),
-        ("malformed_json", "is not valid JSON"),
+        ("malformed_json", "not valid JSON"),
         ("missing_png", "does not exist"),
     ],
 )
