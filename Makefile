@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps cityscapesscripts==2.3.0 pyquaternion==0.9.9
 	# Test-only oracle for LVIS AP (the official LVIS API); its pins (opencv, Cython) serve its visualiser only.
 	$(BIN)/python -m pip install -q --no-deps lvis==0.5.3
+	# Test-only: headless Chromium for the page test (Playwright drives Debian's package; root, as CI).
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	touch $(STAMP)
 
 install: $(STAMP)

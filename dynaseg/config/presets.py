@@ -398,6 +398,8 @@ def _rcnn_tiny(kind: str) -> ExperimentConfig:
             "model.rpn.post_nms_topk_test": 50,
             "model.box_head.fc_dim": 64,
             "model.box_head.batch_size_per_image": 32,
+            # an untrained test model keeps every candidate: 30 per image bound its mask work
+            "model.box_head.detections_per_image": 30,
             "model.mask_head.conv_dim": 16,
             "model.mask_head.num_convs": 2,
             "model.dynamask.stage_channels": (32, 16, 8, 8),

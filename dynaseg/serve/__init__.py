@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RequestError", "ServeLimits", "create_app"]
+__all__ = ["RequestError", "ServeLimits", "create_app", "listen", "make_server"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from dynaseg.serve.app import create_app
 
         return create_app
+    if name in ("listen", "make_server"):
+        from dynaseg.serve import server
+
+        return getattr(server, name)
     if name in ("RequestError", "ServeLimits"):
         from dynaseg.serve import limits
 

@@ -46,18 +46,18 @@ def probe_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (EXIF orientation applied, first frame, alpha dropped, 16-bit reduced to
-    8); 422 when the data is truncated or corrupt. Call :func:`probe_image` first."""
+    """(H, W, 3) uint8 RGB, writable (EXIF orientation applied, first frame, alpha dropped, 16-bit
+    reduced to 8); 422 when the data is truncated or corrupt. Call :func:`probe_image` first."""
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                gray = np.asarray(im, dtype=np.float64)
+                gray = np.asarray(im, dtype=np.float32)
                 if gray.max(initial=0) > 255:
                     gray = gray / 256
                 return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except Image.DecompressionBombError as e:
         raise _bomb(e) from None
     except Exception as e:

@@ -1,28 +1,35 @@
-"""Request limits of the inference service: body size, content type, and the 4xx errors they raise."""
+"""What one service instance accepts, and the 4xx errors its checks raise."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import anyio
 from starlette.datastructures import Headers
-from starlette.requests import Request
 
-__all__ = ["RequestError", "ServeLimits", "request_kind", "check_declared_length", "read_body"]
+__all__ = ["RequestError", "ServeLimits", "request_kind", "check_declared_length"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServeLimits:
-    """What one service instance accepts.
+    """What one service instance accepts (docs/serve.md, "Limits and errors" and "Bounded memory").
 
     Attributes:
         max_bytes: largest request body (raw image or whole multipart upload).
         max_pixels: largest ``width * height``, read from the image header before decoding.
-        max_concurrency: images decoded and segmented at once.
-        queue_size: further requests admitted (reading their body or waiting for a slot) before
-            new ones are refused with 503.
-        read_timeout_s: time an admitted request has to send its whole body (408 beyond), so
-            stalled uploads cannot hold queue places forever.
+        max_concurrency: images decoded, segmented and encoded at once.
+        queue_size: further requests admitted once their body is in (waiting for a slot, or
+            sending their reply) before new ones are refused with 503.
+        read_timeout_s: the longest a request may take to send its whole body (408 beyond).
+        min_upload_rate: bytes per second a body must average once ``upload_grace_s`` has passed
+            (408 as soon as it falls behind), so a trickling body is cut early.
+        upload_grace_s: time a body may take before ``min_upload_rate`` applies.
+        max_connections: open connections; at the cap a new one replaces the oldest connection
+            with no request in progress, or is closed at once when there is none.
+        header_timeout_s: time a connection has to send a complete request head, from its
+            opening or from the end of its previous reply; closed beyond.
+        keep_alive_s: an idle keep-alive connection is closed after this (uvicorn's
+            ``timeout_keep_alive``).
+        send_timeout_s: a client that takes no more of its reply for this long is disconnected.
     """
 
     max_bytes: int = 16 * 2**20
@@ -30,15 +37,36 @@ class ServeLimits:
     max_concurrency: int = 1
     queue_size: int = 16
     read_timeout_s: float = 60.0
+    min_upload_rate: int = 16_384
+    upload_grace_s: float = 5.0
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    send_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_concurrency"):
+        for name in ("max_bytes", "max_pixels", "max_concurrency", "min_upload_rate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_connections < 2:
+            raise ValueError(f"max_connections must be at least 2, got {self.max_connections}")
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be at least 0, got {self.queue_size}")
-        if not self.read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
+        for name in ("read_timeout_s", "header_timeout_s", "keep_alive_s", "send_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.upload_grace_s < 0:
+            raise ValueError(f"upload_grace_s must be at least 0, got {self.upload_grace_s}")
+
+    @property
+    def places(self) -> int:
+        """Requests admitted at once: running, queued or sending their reply."""
+        return self.max_concurrency + self.queue_size
+
+    @property
+    def upload_budget(self) -> int:
+        """Bytes that bodies still arriving may hold together."""
+        return self.places * self.max_bytes
 
 
 class RequestError(Exception):
@@ -51,6 +79,7 @@ class RequestError(Exception):
         self.headers = headers or {}
 
 
+CLOSE = {"Connection": "close"}
 _RAW_TYPES = ("application/octet-stream",)
 
 
@@ -66,7 +95,7 @@ def request_kind(content_type: str | None) -> str:
         415,
         f"{got}: send the image as image/* (or "
         "application/octet-stream) or as multipart/form-data with a 'file' field",
-        headers={"Connection": "close"},
+        headers=CLOSE,
     )
 
 
@@ -76,36 +105,10 @@ def check_declared_length(headers: Headers, *, max_bytes: int) -> None:
     if declared is None:
         return
     if not declared.strip().isdigit():
-        raise RequestError(400, f"invalid Content-Length header {declared!r}")
+        raise RequestError(400, f"invalid Content-Length header {declared!r}", headers=CLOSE)
     if int(declared) > max_bytes:
         raise RequestError(
             413,
             f"request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes",
-            headers={"Connection": "close"},
+            headers=CLOSE,
         )
-
-
-async def read_body(request: Request, *, max_bytes: int, timeout_s: float) -> bytes:
-    """The request body, counted while it streams in: 413 as soon as it passes ``max_bytes``
-    (whatever Content-Length said, chunked bodies included), 408 when it takes over ``timeout_s``,
-    400 when it is empty."""
-    check_declared_length(request.headers, max_bytes=max_bytes)
-    body = bytearray()
-    with anyio.move_on_after(timeout_s) as scope:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                raise RequestError(
-                    413,
-                    f"request body exceeds the limit of {max_bytes} bytes",
-                    headers={"Connection": "close"},
-                )
-    if scope.cancelled_caught:
-        raise RequestError(
-            408,
-            f"request body not received within {timeout_s:g} s",
-            headers={"Connection": "close"},
-        )
-    if not body:
-        raise RequestError(400, "empty request body: send an image")
-    return bytes(body)

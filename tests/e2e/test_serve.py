@@ -7,6 +7,7 @@ the service needs: the tests check the HTTP contract, the limits and bounded con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import socket
@@ -25,7 +26,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from helpers import REPO
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -35,7 +35,7 @@ from dynaseg.config.presets import load_config
 from dynaseg.engine.checkpoint import save_weights
 from dynaseg.inference.predictor import Predictor
 from dynaseg.modeling.build import build_model
-from dynaseg.serve import RequestError, ServeLimits, create_app
+from dynaseg.serve import RequestError, ServeLimits, create_app, listen, make_server
 from dynaseg.serve.images import probe_image
 
 MAX_BYTES, MAX_PIXELS = 200_000, 256 * 256
@@ -82,18 +82,17 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _serving(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread on a free port; yields its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
+def _serving(app, limits: ServeLimits = LIMITS) -> Iterator[str]:
+    """Run ``app`` as ``dynaseg serve`` runs it (uvicorn, the service's connection limits) in a
+    background thread on a free port; yields its base URL."""
+    server = make_server(app, limits=limits, listener=listen("127.0.0.1", 0), log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    port = server.address[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -101,43 +100,57 @@ def _serving(app) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+class _HookedModel:
+    """A model whose ``predict_raw`` (what the service runs per image) goes through ``hook``."""
+
+    def __init__(self, inner, hook) -> None:
+        self._inner, self._hook = inner, hook
+
+    def predict_raw(self, *args, **kwargs):
+        return self._hook(self._inner.predict_raw, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
 class CountingPredictor:
-    """Wraps a predictor and records the most calls that ever ran at once."""
+    """Wraps a predictor and records the most images that were ever in its model at once."""
 
     def __init__(self, inner: Predictor) -> None:
         self.inner = inner
         self.active = self.max_active = self.calls = 0
         self._lock = threading.Lock()
+        self.model = _HookedModel(inner.model, self.run_model)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def __call__(self, image):
+    def run_model(self, predict_raw, *args, **kwargs):
         with self._lock:
             self.active += 1
             self.calls += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            return self.inner(image)
+            return predict_raw(*args, **kwargs)
         finally:
             with self._lock:
                 self.active -= 1
 
 
 class BlockingPredictor(CountingPredictor):
-    """Blocks every call until ``release`` is set (deterministic queue tests)."""
+    """Blocks every image until ``release`` is set (deterministic queue tests)."""
 
     def __init__(self, inner: Predictor) -> None:
         super().__init__(inner)
         self.release = threading.Event()
 
-    def __call__(self, image):
+    def run_model(self, predict_raw, *args, **kwargs):
         assert self.release.wait(timeout=30)
-        return super().__call__(image)
+        return super().run_model(predict_raw, *args, **kwargs)
 
 
 class FailingPredictor(CountingPredictor):
-    def __call__(self, image):
+    def run_model(self, predict_raw, *args, **kwargs):
         raise RuntimeError("secret internal state /home/model")
 
 
@@ -192,7 +205,14 @@ def client(url) -> Iterator[httpx.Client]:
 def test_health_and_model(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_loaded"] is True
-    assert health["queue"] == {"running": 0, "waiting": 0, "max_concurrency": 2, "queue_size": 32}
+    assert health["queue"] == {
+        "running": 0,
+        "waiting": 0,
+        "sending": 0,
+        "max_concurrency": 2,
+        "queue_size": 32,
+    }
+    assert health["uploads"] == {"count": 0, "bytes": 0}
     info = client.get("/model").json()
     assert (
         info["config"]["model"]["kind"] == "blendmask"
@@ -417,31 +437,35 @@ def test_content_length_shorter_than_body(url, client):
     _assert_healthy(client)
 
 
-def test_stalled_upload_times_out(predictor):
-    """A body that stops arriving is answered 408 after read_timeout_s and frees its queue place."""
-    limits = ServeLimits(
-        max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue_size=0, read_timeout_s=0.5
+def test_stalled_upload_times_out_and_holds_no_place(predictor):
+    """A body that stops arriving holds no admission place (the only one serves others) and is
+    answered 408 once it falls behind the minimum rate, after the grace period."""
+    limits = dataclasses.replace(
+        LIMITS, max_concurrency=1, queue_size=0, upload_grace_s=0.5, min_upload_rate=1000
     )
     with (
-        _serving(create_app(predictor, limits=limits)) as base,
+        _serving(create_app(predictor, limits=limits), limits) as base,
         httpx.Client(base_url=base, timeout=30) as c,
     ):
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as s:
+            t0 = time.monotonic()
             s.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                 b"Content-Length: 1000\r\n\r\n" + b"\x00" * 10
             )
-            _wait_for(c, waiting=1)
-            assert (
-                _post(c, _encode(_image())).status_code == 503
-            )  # the stalled upload holds the only place
+            deadline = time.monotonic() + 10
+            while c.get("/health").json()["uploads"]["count"] != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert _post(c, _encode(_image(40, 48))).status_code == 200
             answer = b""
             while chunk := s.recv(65536):  # the server closes the connection after the 408
                 answer += chunk
-        assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 0.5 s" in answer
-        _wait_for(c, waiting=0)
-        assert _post(c, _encode(_image(40, 48))).status_code == 200
+            waited = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request body too slow: 10 bytes" in answer
+        assert 0.5 <= waited < 3, waited
+        assert c.get("/health").json()["uploads"] == {"count": 0, "bytes": 0}
 
 
 def test_probe_rejects_bomb_even_above_max_pixels():
@@ -462,6 +486,10 @@ def test_limits_validation():
         ServeLimits(queue_size=-1)
     with pytest.raises(ValueError, match="read_timeout_s"):
         ServeLimits(read_timeout_s=0)
+    with pytest.raises(ValueError, match="max_connections"):
+        ServeLimits(max_connections=1)
+    with pytest.raises(ValueError, match="min_upload_rate"):
+        ServeLimits(min_upload_rate=0)
 
 
 # --------------------------------------------------------------------------- errors and queueing
@@ -514,7 +542,7 @@ def test_queue_overflow_is_503(predictor):
     )
     image = _encode(_image(48, 64))
     with (
-        _serving(create_app(blocking, limits=limits, score_threshold=0.0)) as base,
+        _serving(create_app(blocking, limits=limits, score_threshold=0.0), limits) as base,
         httpx.Client(base_url=base, timeout=30) as c,
         ThreadPoolExecutor(2) as pool,
     ):
@@ -665,6 +693,12 @@ def test_cli_serve_end_to_end(instance_model, tmp_path):
                 "max_concurrency": 1,
                 "queue_size": 4,
                 "read_timeout_s": 60.0,
+                "min_upload_rate": 16384,
+                "upload_grace_s": 5.0,
+                "max_connections": 256,
+                "header_timeout_s": 10.0,
+                "keep_alive_s": 5.0,
+                "send_timeout_s": 30.0,
             }
             r = _post(c, _encode(_image(96, 128)))
             assert r.status_code == 200 and r.json()["instances"], r.text
@@ -700,3 +734,26 @@ def test_cli_serve_bad_flags_are_one_line_errors(capsys):
         cli.main(["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors"]) == 2
     )
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "99999"], "--port must be in 0..65535 (0: any free port), got 99999"),
+        (["--device", "cuda:7"], "--device cuda:7: "),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}: "),
+    ],
+)
+def test_cli_serve_checks_port_and_device_before_loading(capsys, flags, message):
+    """One line, exit status 2, before the model loads (its weights file does not even exist)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        flags = [f.replace("{busy}", port) for f in flags]
+        argv = ["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors", *flags]
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynaseg: error: " + message.replace("{busy}", port)), err
+    assert err.count("\n") == 1 and "missing.safetensors" not in err

@@ -197,7 +197,9 @@ def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
     # checkpoint_period 15 does not land on msm_start_iter = 10: the first row must add that checkpoint
     cfg = load_config(
         "dynamask_tiny",
-        data_overrides(synth_dir) + [f"output_dir={tmp_path}", "solver.checkpoint_period=15"],
+        data_overrides(synth_dir)
+        + [f"output_dir={tmp_path}", "solver.checkpoint_period=15", "solver.max_iter=14"]
+        + ["model.box_head.detections_per_image=20"],  # 4 phase-2 steps, small evaluations
     )
     table = run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path)
     first, second = tmp_path / "ct1_l0.4", tmp_path / "ct0.4_l0.5"
