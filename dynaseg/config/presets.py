@@ -406,7 +406,7 @@ def _rcnn_tiny(kind: str) -> ExperimentConfig:
             "model.dynamask.msm_conv_channels": 8,
             "model.dynamask.msm_fc_channels": 32,
             "model.dynamask.msm_start_iter": 10,
-            "model.max_mask_rois_per_image": 8,
+            "model.max_mask_rois_per_image": 4,
         },
     )
 

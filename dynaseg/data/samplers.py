@@ -220,7 +220,7 @@ def build_train_loader(
         batches = GroupedBatchSampler(
             sampler, group_ids, batch_size_per_rank, skip_batches=start_iter
         )
-    else:  # plain chunking: skipping indices is O(1)
+    else:  # plain chunking: the sampler skips whole epochs, no batches replayed
         sampler = TrainingSampler(
             size,
             seed=seed,

@@ -107,7 +107,9 @@ def test_dynamask_policy_switch_without_retraining(runs, policy, tmp_path):
 def test_bench_commands_json_shapes():
     from helpers import dynaseg
 
-    flops = json.loads(dynaseg("bench", "flops", "--config", "dynamask_tiny", "--json").stdout)
+    flops = json.loads(
+        dynaseg("bench", "flops", "--config", "dynamask_tiny", "--size", "128x160", "--json").stdout
+    )
     per_side = flops["mask_head_gmac_per_instance"]
     assert list(per_side) == ["14", "28", "56", "112"]
     assert per_side["14"] < per_side["28"] < per_side["56"] < per_side["112"]

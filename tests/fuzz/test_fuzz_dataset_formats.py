@@ -101,7 +101,7 @@ def _one_line(error: Exception) -> None:
     assert "\n" not in str(error) and str(error), repr(error)
 
 
-@fuzz(200)
+@fuzz(150)
 @given(data=st.data(), docs=lvis_documents(), target=st.sampled_from(["gt", "results", "both"]))
 def test_fuzz_lvis_and_results_in_evaluation(data, docs, target):
     gt, results = copy.deepcopy(docs)
@@ -120,7 +120,7 @@ def test_fuzz_lvis_and_results_in_evaluation(data, docs, target):
         count("evaluation_ok")
 
 
-@fuzz(200)
+@fuzz(120)
 @given(data=st.data(), docs=lvis_documents())
 def test_fuzz_lvis_as_training_data(data, docs):
     gt = copy.deepcopy(docs[0])
