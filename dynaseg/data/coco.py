@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import os
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
 import pycocotools.mask as mask_util
 
 from dynaseg.data.lvis import is_lvis, lvis_file_name
-from dynaseg.data.packed import PackedRecords, pack_strings
+from dynaseg.data.packed import RecordColumns, pack_records
+from dynaseg.data.rle_strings import rle_string_counts
 from dynaseg.errors import UserError
 from dynaseg.utils.json_files import JSONFileError, read_json
 
@@ -41,7 +40,6 @@ __all__ = [
     "read_coco_json",
     "STAT_REASONS",
     "MAX_IMAGE_PIXELS",
-    "rle_string_counts",
     "unwrap_worker_message",
 ]
 
@@ -196,7 +194,7 @@ def load_coco_instances(
     del data  # the parsed JSON is the bulk of the memory: let it go before packing
     if check_files:
         _check_files(json_path, image_root, [im["file_name"] for im in images.values()])
-    records = _pack(images, columns, stats)
+    records = pack_records(images, columns, stats)
     stats["images"] = len(records)
     stats["annotations"] = len(records.categories)
     stats["crowd_annotations"] = int(records.iscrowd.sum())
@@ -353,32 +351,14 @@ def _parse_images(
 # ----------------------------------------------------------------------------- annotations
 
 
-@dataclass
-class _Columns:
-    """Kept annotations, one row each in file order, while parsing (see :func:`_pack`).
-
-    ``parts`` are the polygon parts that passed the per-part screen, ``part_row`` the row of each;
-    ``rle_row`` / ``rle_counts`` the compressed counts of the RLE rows.
-    """
-
-    image_ids: list[int] = field(default_factory=list)
-    categories: list[int] = field(default_factory=list)
-    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
-    iscrowd: list[bool] = field(default_factory=list)
-    parts: list[list] = field(default_factory=list)
-    part_row: list[int] = field(default_factory=list)
-    rle_row: list[int] = field(default_factory=list)
-    rle_counts: list[str] = field(default_factory=list)
-
-
 def _parse_annotations(
     anns: list,
     path: str,
     images: dict[int, dict[str, Any]],
     cat_to_contiguous: dict[int, int],
     stats: Counter[str],
-) -> _Columns:
-    columns = _Columns()
+) -> RecordColumns:
+    columns = RecordColumns()
     seen_ids: set[Any] = set()
     for k, ann in enumerate(anns):
         if not (
@@ -433,10 +413,11 @@ def _parse_annotation(
     image_id: int,
     category: int,
     stats: Counter[str],
-    columns: _Columns,
+    columns: RecordColumns,
 ) -> None:
     """Append annotation ``k`` to ``columns``, or count why it is dropped. Its polygon parts get
-    the per-part screen here and the geometric checks with all the others in :func:`_pack`."""
+    the per-part screen here and the geometric checks with all the others in
+    :func:`~dynaseg.data.packed.pack_records`."""
     h, w = image["height"], image["width"]
     box = _inside_box(ann["bbox"], h, w)  # the common case, cheaply
     if box is None:
@@ -543,7 +524,7 @@ def _clip_bbox(
 def _screen_polygon_parts(polys: list, stats: Counter[str]) -> tuple[list[list], Any]:
     """(the parts with >= 3 points, an even length and finite coordinates, the first part that is
     not a list of numbers or None); the others are counted. The geometry is checked in
-    :func:`_pack`."""
+    :func:`~dynaseg.data.packed.pack_records`."""
     kept = []
     for part in polys:
         try:  # sum() doubles as a fast type check: it raises TypeError on non-numbers
@@ -559,116 +540,6 @@ def _screen_polygon_parts(polys: list, stats: Counter[str]) -> tuple[list[list],
             continue
         kept.append(part)
     return kept, None
-
-
-def _pack(
-    images: dict[int, dict[str, Any]], columns: _Columns, stats: Counter[str]
-) -> PackedRecords:
-    """The parsed images and annotation rows as :class:`PackedRecords`, after the geometric
-    checks of the polygon parts (a part must overlap the image, lie within one image size of it,
-    and have a non-zero area; an annotation left without parts is dropped, both counted)."""
-    index_of = {image_id: i for i, image_id in enumerate(images)}
-    sizes = np.array([(im["height"], im["width"]) for im in images.values()], np.int64).reshape(
-        -1, 2
-    )
-    rows = len(columns.categories)
-    image_index = np.fromiter((index_of[i] for i in columns.image_ids), np.int64, rows)
-    part_row = np.asarray(columns.part_row, np.int64)
-    lengths = np.fromiter(map(len, columns.parts), np.int64, len(columns.parts))
-    ok, coords = _check_polygon_parts(columns.parts, lengths, sizes[image_index[part_row]])
-    del columns.parts
-    stats["dropped_polygon_parts"] += int((~ok).sum())
-    kept_parts = np.bincount(part_row[ok], minlength=rows)
-    has_parts = np.bincount(part_row, minlength=rows) > 0
-    keep = ~(has_parts & (kept_parts == 0))
-    stats["dropped_no_valid_polygon"] += int((~keep).sum())
-
-    coords = coords[np.repeat(ok, lengths)] if len(coords) else coords
-    part_offsets = np.zeros(int(ok.sum()) + 1, np.int64)
-    np.cumsum(lengths[ok], out=part_offsets[1:])
-    part_first = np.zeros(rows, np.int64)
-    np.cumsum(kept_parts[:-1], out=part_first[1:])
-    rle_index = np.full(rows, -1, np.int64)
-    rle_index[np.asarray(columns.rle_row, np.int64)] = np.arange(len(columns.rle_row))
-    rle_bytes, rle_offsets = pack_strings(columns.rle_counts)
-
-    order = np.flatnonzero(keep)
-    order = order[np.argsort(image_index[order], kind="stable")]  # grouped by image, file order
-    ann_offsets = np.zeros(len(images) + 1, np.int64)
-    np.cumsum(np.bincount(image_index[order], minlength=len(images)), out=ann_offsets[1:])
-    name_bytes, name_offsets = pack_strings([im["file_name"] for im in images.values()])
-    return PackedRecords(
-        image_ids=np.fromiter(images, np.int64, len(images)),
-        heights=sizes[:, 0].astype(np.int32),
-        widths=sizes[:, 1].astype(np.int32),
-        name_bytes=name_bytes,
-        name_offsets=name_offsets,
-        ann_offsets=ann_offsets,
-        categories=np.asarray(columns.categories, np.int32).reshape(-1)[order],
-        boxes=np.asarray(columns.boxes, np.float64).reshape(-1, 4)[order],
-        iscrowd=np.asarray(columns.iscrowd, bool).reshape(-1)[order],
-        part_first=part_first[order],
-        part_count=kept_parts[order],
-        part_offsets=part_offsets,
-        coords=coords,
-        rle_index=rle_index[order],
-        rle_bytes=rle_bytes,
-        rle_offsets=rle_offsets,
-    )
-
-
-def _check_polygon_parts(
-    parts: list[list], lengths: np.ndarray, sizes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(P,) bool: which parts overlap their image, lie within one image size of it (pycocotools'
-    rasterisation time grows with the coordinates) and have a non-zero area; and all the parts'
-    coordinates, flat (float64). ``sizes`` (P, 2): (h, w) of each part's image."""
-    try:
-        flat = np.fromiter(chain.from_iterable(parts), np.float64, int(lengths.sum()))
-    except OverflowError:  # integers beyond float range whose sum is finite: exact arithmetic
-        ok = [_polygon_part_fits(p, h, w) for p, (h, w) in zip(parts, sizes.tolist())]
-        kept = (p if fits else [0.0] * len(p) for p, fits in zip(parts, ok))
-        flat = np.fromiter(chain.from_iterable(kept), np.float64, int(lengths.sum()))
-        return np.array(ok, bool).reshape(-1), flat
-    if not len(parts):
-        return np.zeros(0, bool), flat
-    xs, ys = flat[0::2], flat[1::2]
-    starts = np.zeros(len(parts), np.int64)
-    np.cumsum(lengths[:-1] // 2, out=starts[1:])
-    following = np.arange(1, len(xs) + 1)
-    following[starts + lengths // 2 - 1] = starts  # the vertex after the last is the first
-    twice_area = np.add.reduceat(xs * ys[following] - ys * xs[following], starts)
-    x0, x1 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
-    y0, y1 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
-    h, w = sizes[:, 0], sizes[:, 1]
-    outside = (x0 >= w) | (y0 >= h) | (x1 <= 0) | (y1 <= 0)
-    too_far = (x0 < -w) | (y0 < -h) | (x1 > 2 * w) | (y1 > 2 * h)
-    return ~(outside | too_far | (np.abs(twice_area) / 2.0 < 1e-6)), flat
-
-
-def _polygon_part_fits(part: list, h: int, w: int) -> bool:
-    """:func:`_check_polygon_parts` for one part, in exact arithmetic (huge integers)."""
-    xs, ys = part[0::2], part[1::2]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    return not (
-        x0 >= w
-        or y0 >= h
-        or x1 <= 0
-        or y1 <= 0
-        or x0 < -w
-        or y0 < -h
-        or x1 > 2 * w
-        or y1 > 2 * h
-        or _polygon_area(part) < 1e-6
-    )
-
-
-def _polygon_area(coords: list[float]) -> float:
-    xs, ys = coords[0::2], coords[1::2]  # shoelace formula
-    twice = sum(map(operator.mul, xs, ys[1:] + ys[:1])) - sum(
-        map(operator.mul, ys, xs[1:] + xs[:1])
-    )
-    return abs(twice) / 2.0
 
 
 def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
@@ -702,28 +573,3 @@ def _check_rle(rle: dict, h: int, w: int, where: str) -> dict | None:
             f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}"
         )
     return {"size": [h, w], "counts": counts} if sum(runs[1::2]) > 0 else None
-
-
-def rle_string_counts(text: str) -> list[int] | None:
-    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``), or None when
-    the string is malformed: a character outside '0'..'o', a number of more than 6 characters
-    (beyond ``MAX_IMAGE_PIXELS``), a truncated last number, or a negative run length."""
-    runs: list[int] = []
-    value, shift = 0, 0
-    for ch in text:
-        c = ord(ch) - 48
-        if not 0 <= c < 64 or shift >= 30:
-            return None
-        value |= (c & 0x1F) << shift
-        shift += 5
-        if c & 0x20:  # more 5-bit groups follow
-            continue
-        if c & 0x10:  # sign bit of the last group
-            value -= 1 << shift
-        if len(runs) > 2:  # from the fourth run on, counts are stored as differences
-            value += runs[-2]
-        if value < 0:
-            return None
-        runs.append(value)
-        value, shift = 0, 0
-    return runs if shift == 0 else None

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dynaseg.data.coco import MAX_IMAGE_PIXELS, rle_string_counts
-from dynaseg.data.rle_strings import rle_strings_cover
+from dynaseg.data.coco import MAX_IMAGE_PIXELS
+from dynaseg.data.rle_strings import rle_string_counts, rle_strings_cover
 from dynaseg.errors import UserError
 from dynaseg.utils.json_files import JSONFileError, read_json
 

@@ -37,9 +37,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycocotools import mask as mask_util
 
-from dynaseg.data.coco import STAT_REASONS, DatasetError, load_coco_instances, rle_string_counts
+from dynaseg.data.coco import STAT_REASONS, DatasetError, load_coco_instances
 from dynaseg.data.coco_panoptic import load_coco_panoptic
 from dynaseg.data.dataset import InstanceDataset
+from dynaseg.data.rle_strings import rle_string_counts
 from dynaseg.data.transforms import build_train_transforms, resized_shape
 
 pytestmark = WARNING_FILTERS

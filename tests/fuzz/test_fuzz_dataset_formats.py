@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dynaseg.data.cityscapes import convert_cityscapes
-from dynaseg.data.coco import DatasetError, load_coco_instances, rle_string_counts
-from dynaseg.data.rle_strings import rle_strings_cover
+from dynaseg.data.coco import DatasetError, load_coco_instances
+from dynaseg.data.rle_strings import rle_string_counts, rle_strings_cover
 from dynaseg.evaluation.cityscapes import evaluate_cityscapes
 from dynaseg.evaluation.coco import EvaluationError, evaluate_coco
 
