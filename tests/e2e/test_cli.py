@@ -55,25 +55,19 @@ def test_eval_ground_truth_as_results_is_100(synth_dir, tmp_path):
     assert metrics["bbox"]["AP"] == 100 and metrics["segm"]["AP"] == 100
 
 
-def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path):
-    weights = tiny_run.weights
-    config = tiny_run.output_dir / "config.yaml"
-    proc = dynaseg("eval", "--config", config, "--weights", weights, "--output", tmp_path / "ev")
-    assert "AP50" in proc.stdout and (tmp_path / "ev" / "results_val.json").is_file()
-    out = tmp_path / "pred"
-    dynaseg(
-        "predict",
-        "--config",
-        config,
-        "--weights",
-        weights,
-        "--input",
-        synth_dir / "val",
-        "--output",
-        out,
-        "--score-threshold",
-        "0.0",
+def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path, capsys):
+    from dynaseg.cli import main
+
+    weights = str(tiny_run.weights)
+    config = str(tiny_run.output_dir / "config.yaml")
+    assert (
+        main(["eval", "--config", config, "--weights", weights, "--output", str(tmp_path / "ev")])
+        == 0
     )
+    assert "AP50" in capsys.readouterr().out and (tmp_path / "ev" / "results_val.json").is_file()
+    out = tmp_path / "pred"
+    args = ["--config", config, "--weights", weights, "--input", str(synth_dir / "val")]
+    assert main(["predict", *args, "--output", str(out), "--score-threshold", "0.0"]) == 0
     assert len(list(out.glob("*.png"))) == 8
     results = json.loads((out / "results.json").read_text())
     assert all(

@@ -104,34 +104,36 @@ def test_dynamask_policy_switch_without_retraining(runs, policy, tmp_path):
     assert len(set(expected)) > 1  # the val set has boxes on both sides of a bound
 
 
-def test_bench_commands_json_shapes():
+def test_bench_commands_json_shapes(capsys):
     from helpers import dynaseg
 
-    flops = json.loads(
-        dynaseg("bench", "flops", "--config", "dynamask_tiny", "--size", "128x160", "--json").stdout
-    )
+    from dynaseg.cli import main
+
+    def run(*args: str) -> dict:
+        assert main(list(args)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    flops = run("bench", "flops", "--config", "dynamask_tiny", "--size", "128x160", "--json")
     per_side = flops["mask_head_gmac_per_instance"]
     assert list(per_side) == ["14", "28", "56", "112"]
     assert per_side["14"] < per_side["28"] < per_side["56"] < per_side["112"]
     assert flops["mask_rcnn_28_gmac_per_instance"] > 0
-    timing = json.loads(
-        dynaseg(
-            "bench",
-            "maskhead",
-            "--config",
-            "dynamask_tiny",
-            "--policy",
-            "msm",
-            "--mix",
-            "0.35,0.34,0.21,0.10",
-            "--instances",
-            "20",
-            "--size",
-            "128x128",
-            "--repeats",
-            "1",
-            "--json",
-        ).stdout
+    timing = run(
+        "bench",
+        "maskhead",
+        "--config",
+        "dynamask_tiny",
+        "--policy",
+        "msm",
+        "--mix",
+        "0.35,0.34,0.21,0.10",
+        "--instances",
+        "20",
+        "--size",
+        "128x128",
+        "--repeats",
+        "1",
+        "--json",
     )
     assert timing["ms_per_instance"] > 0 and timing["resolution_counts"] == {
         "14": 7,

@@ -302,7 +302,7 @@ COCO_MUTATIONS = [
 ]
 
 
-@fuzz(300)
+@fuzz(200)
 @given(doc=coco_documents(), sizes=TRANSFORM_SIZES)
 def test_fuzz_coco_valid(doc, sizes):
     _run_coco(
@@ -311,7 +311,7 @@ def test_fuzz_coco_valid(doc, sizes):
     _count("coco_valid")
 
 
-@fuzz(500)
+@fuzz(350)
 @given(data=st.data(), doc=coco_documents(), sizes=TRANSFORM_SIZES)
 def test_fuzz_coco_invalid(data, doc, sizes):
     raw_images = json.loads(json.dumps(doc["images"]))

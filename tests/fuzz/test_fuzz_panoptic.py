@@ -220,7 +220,7 @@ def _run_panoptic(
             assert torch.equal(s.sem_seg, expected)
 
 
-@fuzz(200)
+@fuzz(150)
 @given(doc_maps=panoptic_documents(), sizes=TRANSFORM_SIZES)
 def test_fuzz_panoptic_valid(doc_maps, sizes):
     doc, maps = doc_maps
@@ -229,7 +229,7 @@ def test_fuzz_panoptic_valid(doc_maps, sizes):
     _count("panoptic_valid")
 
 
-@fuzz(400)
+@fuzz(300)
 @given(data=st.data(), doc_maps=panoptic_documents(), sizes=TRANSFORM_SIZES)
 def test_fuzz_panoptic_invalid(data, doc_maps, sizes):
     doc, maps = doc_maps
