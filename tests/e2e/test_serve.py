@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, serving
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -35,7 +35,7 @@ from dynaseg.config.presets import load_config
 from dynaseg.engine.checkpoint import save_weights
 from dynaseg.inference.predictor import Predictor
 from dynaseg.modeling.build import build_model
-from dynaseg.serve import RequestError, ServeLimits, create_app, listen, make_server
+from dynaseg.serve import RequestError, ServeLimits, create_app
 from dynaseg.serve.images import probe_image
 
 MAX_BYTES, MAX_PIXELS = 200_000, 256 * 256
@@ -81,23 +81,8 @@ def _png_declaring(width: int, height: int) -> bytes:
     )
 
 
-@contextlib.contextmanager
-def _serving(app, limits: ServeLimits = LIMITS) -> Iterator[str]:
-    """Run ``app`` as ``dynaseg serve`` runs it (uvicorn, the service's connection limits) in a
-    background thread on a free port; yields its base URL."""
-    server = make_server(app, limits=limits, listener=listen("127.0.0.1", 0), log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.address[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def _serving(app, limits: ServeLimits = LIMITS):
+    return serving(app, limits)
 
 
 class _HookedModel:

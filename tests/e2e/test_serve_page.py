@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import serving
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 from pycocotools import mask as mask_utils
@@ -29,7 +28,7 @@ from dynaseg.config.presets import load_config
 from dynaseg.engine.checkpoint import save_weights
 from dynaseg.inference.predictor import Predictor
 from dynaseg.modeling.build import build_model
-from dynaseg.serve import ServeLimits, create_app, listen, make_server
+from dynaseg.serve import ServeLimits, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 H, W = 96, 128
@@ -62,20 +61,8 @@ def served(tmp_path_factory) -> Iterator[Served]:
     scores = predictor(np.asarray(Image.open(io.BytesIO(PICKED)))).scores
     default = round(float(scores.median()), 3)
     app = create_app(predictor, limits=ServeLimits(), score_threshold=default)
-    server = make_server(
-        app, limits=ServeLimits(), listener=listen("127.0.0.1", 0), log_level="warning"
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield Served(f"http://127.0.0.1:{server.address[1]}", default)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving(app, ServeLimits()) as base:
+        yield Served(base, default)
 
 
 @pytest.fixture(scope="module")
