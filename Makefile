@@ -33,6 +33,9 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/instances_val.json
 	$(BIN)/dynaseg train --config blendmask_r18_synth_cpu output_dir=runs/demo
 	$(BIN)/dynaseg predict --config runs/demo/config.yaml --weights runs/demo/model_final.safetensors \
 		--input $(DEMO_DATA)/val --output runs/demo/predictions model.fcos.class_agnostic_nms=true
+	@# What the overlays show at predict's default threshold (0.5): right instances, found objects.
+	$(BIN)/dynaseg eval --gt $(DEMO_DATA)/annotations/instances_val.json \
+		--results runs/demo/predictions/results.json --drawn-at 0.5
 	@echo "demo run folder: runs/demo (metrics.json, loss_curve.png, predictions/*.png)"
 
 test: $(STAMP)

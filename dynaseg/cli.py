@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dynaseg.errors import USER_ERRORS, UserError
+from dynaseg.inference import DRAW_SCORE_THRESHOLD
 
 if TYPE_CHECKING:
     from torch import nn
@@ -222,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "images sharing a NAME (a.png, a.jpg) get a.png.png, a.jpg.png",
     )
     p.add_argument(
-        "--score-threshold", type=float, default=0.3, help="keep instances scoring at least this"
+        "--score-threshold",
+        type=float,
+        default=DRAW_SCORE_THRESHOLD,
+        help=f"keep instances scoring at least this (default {DRAW_SCORE_THRESHOLD})",
     )
     p.add_argument(
         "--color-by",

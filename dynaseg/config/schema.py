@@ -331,8 +331,9 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SolverConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: decoupled weight decay, betas (0.9, 0.999)
     base_lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
     max_iter: int = 90_000

@@ -1,4 +1,4 @@
-"""SGD with per-group weight decay, and warm-up + multi-step / cosine learning-rate schedules."""
+"""SGD or AdamW with per-group weight decay, and warm-up + multi-step / cosine learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ __all__ = ["build_optimizer", "build_lr_scheduler", "lr_factor"]
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, nn.LayerNorm)
 
 
-def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
-    """SGD with momentum; norm-layer parameters use ``weight_decay_norm``."""
+def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (``cfg.optimizer``); norm-layer parameters use ``weight_decay_norm``."""
     norm_params, other = [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -25,6 +25,8 @@ def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
     groups = [{"params": other, "weight_decay": cfg.weight_decay}]
     if norm_params:
         groups.append({"params": norm_params, "weight_decay": cfg.weight_decay_norm})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr)
     return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
 
 

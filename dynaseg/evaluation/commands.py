@@ -63,9 +63,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
 
     if args.panoptic:
-        if args.class_report:
+        if args.class_report or args.drawn_at is not None:
+            flag = "--class-report" if args.class_report else "--drawn-at"
             raise UserError(
-                "--class-report reports on instance detections; it does not go with --panoptic"
+                f"{flag} reports on instance detections; it does not go with --panoptic"
             )
         return _cmd_eval_panoptic(args)
     used = [flag for attr, flag in _PANOPTIC_FLAGS if getattr(args, attr)]
@@ -74,6 +75,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.gt or args.results:
         if not (args.gt and args.results):
             raise UserError("--gt and --results go together")
+        if args.drawn_at is not None:
+            return _print_drawn(args.gt, args.results, args.drawn_at, as_json=args.json)
         metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
         gt_json, results_json = args.gt, args.results
         metrics |= _cityscapes_metrics(gt_json, results_json, args.iou_types)
@@ -118,9 +121,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = class_report(
             json.loads(Path(gt_json).read_text()), json.loads(Path(results_json).read_text())
         )
+    drawn = None
+    if args.drawn_at is not None:
+        from dynaseg.evaluation.drawn import drawn_agreement
+
+        drawn = drawn_agreement(gt_json, results_json, score_threshold=args.drawn_at)
     if args.json:
         out_json = {t: {k: v for k, v in m.items() if k != "per_class"} for t, m in metrics.items()}
-        print(json.dumps(out_json | ({"class_report": report} if report else {})))
+        out_json |= {"class_report": report} if report else {}
+        print(json.dumps(out_json | ({"drawn": drawn} if drawn else {})))
     else:
         cityscapes = metrics.get("cityscapes")
         metrics = {t: m for t, m in metrics.items() if t not in ("panoptic", "cityscapes")}
@@ -141,6 +150,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from dynaseg.evaluation.class_report import format_class_report
 
             print(format_class_report(report))
+        if drawn:
+            from dynaseg.evaluation.drawn import format_drawn_agreement
+
+            print(format_drawn_agreement(drawn))
+    return 0
+
+
+def _print_drawn(gt_json: str, results_json: str, score_threshold: float, *, as_json: bool) -> int:
+    """``eval --gt --results --drawn-at``: only the drawn-instance check (see evaluation/drawn.py)."""
+    from dynaseg.evaluation.drawn import drawn_agreement, format_drawn_agreement
+
+    drawn = drawn_agreement(gt_json, results_json, score_threshold=score_threshold)
+    print(json.dumps({"drawn": drawn}) if as_json else format_drawn_agreement(drawn))
     return 0
 
 
@@ -172,6 +194,15 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also report, per object size, whether each found object's best detection has the right "
         "class, and the other-class duplicates (JSON key 'class_report')",
+    )
+    p.add_argument(
+        "--drawn-at",
+        type=float,
+        metavar="SCORE",
+        help="report what an overlay drawn at this score threshold shows: the share of drawn instances "
+        "that match an object of their class (mask IoU >= 0.5) and of objects found (JSON key "
+        "'drawn'); with --gt/--results only this is reported, and entries with a file_name (predict's "
+        "results.json) are matched to the ground-truth image of that name",
     )
     p.add_argument(
         "--panoptic",

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dynaseg import __version__
 from dynaseg.config.overrides import to_dict
+from dynaseg.inference import DRAW_SCORE_THRESHOLD
 from dynaseg.inference.predictor import stuff_categories
 from dynaseg.serve.encoding import json_bytes, prediction_json
 from dynaseg.serve.forms import multipart_image
@@ -104,7 +105,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(
-    predictor: Any, *, limits: ServeLimits = ServeLimits(), score_threshold: float = 0.3
+    predictor: Any,
+    *,
+    limits: ServeLimits = ServeLimits(),
+    score_threshold: float = DRAW_SCORE_THRESHOLD,
 ) -> FastAPI:
     """An app serving ``predictor`` (a loaded :class:`~dynaseg.inference.predictor.Predictor`).
 

@@ -7,6 +7,7 @@ import re
 
 from dynaseg.cli import _add_config
 from dynaseg.errors import UserError
+from dynaseg.inference import DRAW_SCORE_THRESHOLD
 
 __all__ = ["add_serve_parser", "check_device", "check_port"]
 
@@ -107,8 +108,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--score-threshold",
         type=float,
-        default=0.3,
-        help="default of /predict's score_threshold query parameter",
+        default=DRAW_SCORE_THRESHOLD,
+        help=f"default of /predict's score_threshold query parameter ({DRAW_SCORE_THRESHOLD})",
     )
     p.add_argument(
         "--max-bytes",

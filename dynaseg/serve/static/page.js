@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { answer: null, bitmap: null, base: null, instances: [], threshold: 0.3 };
+const state = { answer: null, bitmap: null, base: null, instances: [], threshold: 0.5 };
 
 // COCO compressed RLE ("counts" string) -> run lengths, alternating 0s and 1s, column-major.
 function decodeCounts(text) {
