@@ -30,13 +30,24 @@ __all__ = ["drawn_agreement", "format_drawn_agreement"]
 def _by_file_name(results: list, gt: Mapping[str, Any], name: str) -> list:
     """``predict``'s results number images in folder order and carry ``file_name``: re-key them by
     the ground-truth image of that file name."""
-    ids = {PurePath(str(img["file_name"])).name: int(img["id"]) for img in gt["images"]}
+    ids: dict[str, int] = {}
+    twice = set()
+    for img in gt["images"]:
+        key = PurePath(str(img.get("file_name", ""))).name
+        if key in ids:
+            twice.add(key)
+        ids[key] = int(img["id"])
     out = []
     for i, r in enumerate(results):
         if not isinstance(r, Mapping) or "file_name" not in r:
             out.append(r)
             continue
         key = PurePath(str(r["file_name"])).name
+        if key in twice:
+            raise EvaluationError(
+                f"results file '{name}': entry {i} is for '{key}', a name several ground-truth "
+                "images share; give image ids instead of file names"
+            )
         if key not in ids:
             raise EvaluationError(
                 f"results file '{name}': entry {i} is for '{key}', which is not an image of the "

@@ -8,6 +8,7 @@ from helpers import data_overrides, dynaseg
 from PIL import Image
 
 from dynaseg import Predictor
+from dynaseg.evaluation.drawn import drawn_agreement
 from dynaseg.structures import Instances
 
 
@@ -53,6 +54,10 @@ def test_eval_ground_truth_as_results_is_100(synth_dir, tmp_path):
     )
     metrics = json.loads(proc.stdout)
     assert metrics["bbox"]["AP"] == 100 and metrics["segm"]["AP"] == 100
+    drawn = drawn_agreement(
+        synth_dir / "annotations/instances_val.json", results, score_threshold=1
+    )
+    assert drawn["right"] == drawn["found"] == drawn["objects"] == len(results)
 
 
 def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path, capsys):
@@ -73,6 +78,14 @@ def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path, capsys):
     assert all(
         {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r) for r in results
     )
+    # predict numbers the images 1, 2, ... and names them: --drawn-at matches them by file name
+    gt = synth_dir / "annotations/instances_val.json"
+    capsys.readouterr()
+    args = ["eval", "--gt", str(gt), "--results", str(out / "results.json"), "--json"]
+    assert main([*args, "--drawn-at", "0"]) == 0
+    drawn = json.loads(capsys.readouterr().out)["drawn"]
+    num_objects = sum(not a["iscrowd"] for a in json.loads(gt.read_text())["annotations"])
+    assert (drawn["drawn"], drawn["objects"]) == (len(results), num_objects)
 
 
 def test_python_predictor(tiny_run, synth_dir):

@@ -101,6 +101,9 @@ def test_predict_results_are_matched_by_file_name():
     assert drawn_agreement(GT, moved, score_threshold=0.1)["found"] == 4
     with pytest.raises(EvaluationError, match="'c.png', which is not an image"):
         drawn_agreement(GT, [{**moved[0], "file_name": "c.png"}], score_threshold=0.3)
+    same_name = {**GT, "images": [GT["images"][0], {**GT["images"][1], "file_name": "x/a.png"}]}
+    with pytest.raises(EvaluationError, match="'a.png', a name several ground-truth images share"):
+        drawn_agreement(same_name, moved, score_threshold=0.3)
 
 
 def test_eval_cli_drawn_at(tmp_path, capsys):
