@@ -69,6 +69,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"{flag} reports on instance detections; it does not go with --panoptic"
             )
         return _cmd_eval_panoptic(args)
+    if args.drawn_at is not None and not 0 <= args.drawn_at <= 1:
+        raise UserError(f"--drawn-at must be a score in [0, 1], got {args.drawn_at}")
     used = [flag for attr, flag in _PANOPTIC_FLAGS if getattr(args, attr)]
     if used:
         raise UserError(f"{', '.join(used)} go with --panoptic")
@@ -76,6 +78,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not (args.gt and args.results):
             raise UserError("--gt and --results go together")
         if args.drawn_at is not None:
+            if args.class_report:
+                raise UserError("with --gt/--results, --drawn-at and --class-report are two runs")
             return _print_drawn(args.gt, args.results, args.drawn_at, as_json=args.json)
         metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
         gt_json, results_json = args.gt, args.results

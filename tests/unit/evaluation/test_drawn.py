@@ -118,3 +118,6 @@ def test_eval_cli_drawn_at(tmp_path, capsys):
     assert main([*bad, "--drawn-at", "0.3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dynaseg: error: results file") and "score" in err
+    for score in ("nan", "1.5"):
+        assert main([*args, "--drawn-at", score]) == 2
+        assert "--drawn-at must be a score in [0, 1]" in capsys.readouterr().err
