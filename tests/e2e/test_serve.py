@@ -13,8 +13,6 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,44 +24,21 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, serving
+from helpers import serving
 from PIL import Image
-from pycocotools import mask as mask_utils
+from serve_cases import INSTANCE, LIMITS, MAX_BYTES, MAX_PIXELS
+from serve_cases import decode_rle as _decode_rle
+from serve_cases import encode as _encode
+from serve_cases import image as _image
+from serve_cases import post as _post
+from serve_cases import weights as _weights
 
-from dynaseg import cli
-from dynaseg.config.presets import load_config
-from dynaseg.engine.checkpoint import save_weights
 from dynaseg.inference.predictor import Predictor
-from dynaseg.modeling.build import build_model
 from dynaseg.serve import RequestError, ServeLimits, create_app
 from dynaseg.serve.images import probe_image
 
-MAX_BYTES, MAX_PIXELS = 200_000, 256 * 256
-LIMITS = ServeLimits(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_concurrency=2, queue_size=32)
-INSTANCE = ("blendmask_tiny", ["model.fcos.score_threshold=0.0"])
-PANOPTIC = ("dr1mask_panoptic_tiny", ["model.fcos.score_threshold=0.0"])
-
 
 # --------------------------------------------------------------------------- helpers
-def _weights(directory: Path, preset: str, overrides: list[str]) -> tuple[object, Path]:
-    torch.manual_seed(0)
-    cfg = load_config(preset, overrides)
-    path = directory / f"{preset}.safetensors"
-    names = [f"thing{i}" for i in range(cfg.model.num_classes)]
-    save_weights(build_model(cfg.model), path, metadata={"class_names": names})
-    return cfg, path
-
-
-def _encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _image(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
 def _png_declaring(width: int, height: int) -> bytes:
     """A ~100-byte PNG whose header declares width x height RGB pixels (a decompression bomb)."""
 
@@ -139,13 +114,6 @@ class FailingPredictor(CountingPredictor):
         raise RuntimeError("secret internal state /home/model")
 
 
-def _post(
-    client: httpx.Client, body: bytes, content_type: str | None = "image/png", **kwargs
-) -> httpx.Response:
-    headers = {"Content-Type": content_type} if content_type else {}
-    return client.post("/predict", content=body, headers=headers, **kwargs)
-
-
 def _post_once(base: str, body: bytes) -> httpx.Response:
     with httpx.Client(base_url=base, timeout=30) as c:
         return _post(c, body)
@@ -156,10 +124,6 @@ def _assert_healthy(client: httpx.Client) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
     r = _post(client, _encode(_image(40, 48, seed=9)))
     assert r.status_code == 200, r.text
-
-
-def _decode_rle(rle: dict) -> np.ndarray:
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -585,160 +549,3 @@ def test_load_bounded_concurrency(url, predictor):
         f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {len(results) / wall:.1f} requests/s; "
         f"one client alone: p50 {statistics.median(alone) * 1e3:.0f} ms"
     )
-
-
-# --------------------------------------------------------------------------- panoptic
-def test_panoptic_model(tmp_path):
-    cfg, weights = _weights(tmp_path, *PANOPTIC)
-    panoptic = Predictor(cfg, weights, device="cpu")
-    assert panoptic.is_panoptic
-    h, w = 80, 96
-    with (
-        _serving(create_app(panoptic, limits=LIMITS, score_threshold=0.0)) as base,
-        httpx.Client(base_url=base, timeout=30) as c,
-    ):
-        info = c.get("/model").json()
-        assert info["panoptic"] is True and info["stuff_names"] == ["stuff_0", "stuff_1"]
-        assert info["stuff_category_ids"] == [8, 9]
-        body = _post(c, _encode(_image(h, w))).json()
-        segments = body["segments"]
-        assert segments and {s["isthing"] for s in segments} >= {False}
-        covered = np.zeros((h, w), np.int64)
-        for s in segments:
-            m = _decode_rle(s["mask"])
-            assert m.shape == (h, w) and int(m.sum()) == s["area"]
-            covered += m
-            assert s["class_name"] == (
-                f"thing{s['class_id']}" if s["isthing"] else f"stuff_{s['class_id']}"
-            )
-        assert covered.max() <= 1  # segments do not overlap
-        assert all(_decode_rle(d["mask"]).shape == (h, w) for d in body["instances"])
-        r = _post(c, _encode(_image(h, w)), params={"format": "png"})
-        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (w, h)
-
-
-# --------------------------------------------------------------------------- CLI
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_cli_serve_end_to_end(instance_model, tmp_path):
-    """``dynaseg serve`` as a subprocess: /health comes up, /predict answers, limits apply."""
-    _, weights = instance_model
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dynaseg",
-            "serve",
-            "--config",
-            INSTANCE[0],
-            *INSTANCE[1],
-            "--weights",
-            str(weights),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--score-threshold",
-            "0",
-            "--max-bytes",
-            "100000",
-            "--max-pixels",
-            "20000",
-            "--max-concurrency",
-            "1",
-            "--queue-size",
-            "4",
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            deadline = time.monotonic() + 90
-            while True:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "dynaseg serve did not come up"
-                with contextlib.suppress(httpx.TransportError):
-                    if c.get("/health").status_code == 200:
-                        break
-                time.sleep(0.2)
-            assert c.get("/model").json()["limits"] == {
-                "max_bytes": 100000,
-                "max_pixels": 20000,
-                "max_concurrency": 1,
-                "queue_size": 4,
-                "read_timeout_s": 60.0,
-                "min_upload_rate": 16384,
-                "upload_grace_s": 5.0,
-                "max_connections": 256,
-                "header_timeout_s": 10.0,
-                "keep_alive_s": 5.0,
-                "send_timeout_s": 30.0,
-            }
-            r = _post(c, _encode(_image(96, 128)))
-            assert r.status_code == 200 and r.json()["instances"], r.text
-            assert _post(c, b"\x00" * 100_001).status_code == 413
-            r = _post(c, _encode(_image(150, 150)))
-            assert r.status_code == 413 and "20000 pixels" in r.json()["detail"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-    assert "POST /predict" in (tmp_path / "serve.log").read_text()
-
-
-def test_cli_serve_bad_flags_are_one_line_errors(capsys):
-    assert (
-        cli.main(
-            [
-                "serve",
-                "--config",
-                "blendmask_tiny",
-                "--weights",
-                "missing.safetensors",
-                "--max-concurrency",
-                "0",
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err
-    assert err.startswith("dynaseg: error: ") and "max_concurrency must be at least 1" in err
-    assert err.count("\n") == 1
-    assert (
-        cli.main(["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors"]) == 2
-    )
-    assert "missing.safetensors" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--port", "99999"], "--port must be in 0..65535 (0: any free port), got 99999"),
-        (["--device", "cuda:7"], "--device cuda:7: "),
-        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}: "),
-    ],
-)
-def test_cli_serve_checks_port_and_device_before_loading(capsys, flags, message):
-    """One line, exit status 2, before the model loads (its weights file does not even exist)."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = str(busy.getsockname()[1])
-        flags = [f.replace("{busy}", port) for f in flags]
-        argv = ["serve", "--config", "blendmask_tiny", "--weights", "missing.safetensors", *flags]
-        assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("dynaseg: error: " + message.replace("{busy}", port)), err
-    assert err.count("\n") == 1 and "missing.safetensors" not in err
