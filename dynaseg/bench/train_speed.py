@@ -22,6 +22,7 @@ from dynaseg.bench.speed import describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import num_stuff_classes
 from dynaseg.engine.optim import build_optimizer
+from dynaseg.engine.trainer import training_objective
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL
@@ -100,7 +101,7 @@ def _synthetic_sem_seg(
 def _sgd_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, losses: dict[str, Tensor]
 ) -> None:
-    total = sum(losses.values())
+    total = training_objective(losses)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()

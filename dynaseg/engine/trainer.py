@@ -37,7 +37,7 @@ from dynaseg.modeling.build import build_model
 from dynaseg.utils import comm
 from dynaseg.utils.files import check_output_folder
 
-__all__ = ["train", "TrainingResult"]
+__all__ = ["train", "TrainingResult", "training_objective"]
 
 logger = logging.getLogger("dynaseg.train")
 
@@ -49,6 +49,12 @@ class TrainingResult:
     output_dir: Path
     weights: Path  # model_final.safetensors
     metrics: dict  # evaluate_coco output ({} when there is no validation set)
+
+
+def training_objective(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scalar to minimise from a model's training outputs: the sum of the entries whose keys
+    start with "loss"; the others (e.g. DynaMask's ``msm/pick_56``) are statistics, only logged."""
+    return sum(v for k, v in outputs.items() if k.startswith("loss"))
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -263,7 +269,7 @@ def _train(
         saved_buffers = [b.detach().clone() for b in buffers] if skip_mode else None
         with autocast:
             losses = model(batch)
-        total = sum(losses.values())
+        total = training_objective(losses)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -309,7 +315,7 @@ def _train(
             reduced = {k: comm.reduce_mean(v.detach().float()).item() for k, v in losses.items()}
             if main:
                 scalars = {
-                    "loss": sum(reduced.values()),
+                    "loss": sum(v for k, v in reduced.items() if k.startswith("loss")),
                     **reduced,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": grad_norm.item(),

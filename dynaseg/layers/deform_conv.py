@@ -81,15 +81,21 @@ def deform_conv2d_sampled(
         )  # (n'·G, C/G, K·r, Wo)
         return sampled.reshape(j - i, c * k, (r1 - r0) * w_out)
 
+    def weighted(cols: Tensor) -> Tensor:
+        """(n', C·K, P) → (n', C_out, P). ``bmm`` on the expanded weight: ``matmul`` would fold the
+        batch into one product through a transposed copy of the columns, forward and backward
+        (64 RoIs of 8×112×112, one thread: 2.7 s → 1.9 s forward + backward)."""
+        return torch.bmm(wmat.expand(cols.shape[0], -1, -1), cols)
+
     if rows == h_out and per_step >= n:
-        out = torch.matmul(wmat, columns(0, n, 0, h_out)).view(n, c_out, h_out, w_out)
+        out = weighted(columns(0, n, 0, h_out)).view(n, c_out, h_out, w_out)
     else:
         out = x.new_empty(n, c_out, h_out, w_out)
         for i in range(0, n, per_step):
             j = min(n, i + per_step)
             for r0 in range(0, h_out, rows):
                 r1 = min(h_out, r0 + rows)
-                out[i:j, :, r0:r1] = torch.matmul(wmat, columns(i, j, r0, r1)).view(
+                out[i:j, :, r0:r1] = weighted(columns(i, j, r0, r1)).view(
                     j - i, c_out, r1 - r0, w_out
                 )
     return out if bias is None else out + bias.view(1, -1, 1, 1)

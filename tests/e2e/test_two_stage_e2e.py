@@ -71,6 +71,13 @@ def test_trains_and_reports_resolutions(two_stage_run):
     assert phase1 and phase2
     assert all(h.get("loss_budget", 0) == 0 for h in phase1)  # the MSM is off: no budget term
     assert all(h["loss_budget"] > 0 for h in phase2)  # on: the binding budget shows
+    # the MSM's statistics are logged in phase 2 only, and are not part of the logged loss
+    sides = (14, 28, 56, 112)
+    assert not any(k.startswith("msm/") for h in phase1 for k in h)
+    for h in phase2:
+        assert sum(h[f"msm/pick_{s}"] for s in sides) == pytest.approx(1.0)
+        assert sum(h[f"msm/prob_{s}"] for s in sides) == pytest.approx(1.0)
+        assert h["loss"] == pytest.approx(sum(v for k, v in h.items() if k.startswith("loss_")))
 
 
 @pytest.mark.parametrize("policy", ["size", "14", "112"])

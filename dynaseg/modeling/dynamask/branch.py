@@ -87,6 +87,10 @@ class DynaMaskBranch(nn.Module):
     The phase is read from the persistent buffer ``num_updates`` (calls of ``losses`` so far), so it
     survives checkpoint/resume. Every branch parameter gets a gradient in phase 2.
 
+    In phase 2 ``losses`` also returns, detached and not part of the objective (their keys do not
+    start with "loss"), what the MSM does to the batch: ``msm/pick_{side}``, the fraction of RoIs
+    whose Gumbel sample selected each side, and ``msm/prob_{side}``, the mean of p (Eq. 1).
+
     Args:
         head: the r-FPN head. msm: the MSM, on the same C×14×14 RoI features.
         num_classes: C, must equal the head's.
@@ -240,7 +244,8 @@ class DynaMaskBranch(nn.Module):
 
         features: {"p2": (B, C, Hp/4, Wp/4), ...}; rois: (P, 5) input pixels; labels: (P,) GT classes;
         gt_masks: per image (M_i, h, w) bool; gt_index: (P,) → {"loss_mask", "loss_edge",
-        "loss_budget", "loss_entropy"}: scalars. P = 0 gives zeros connected to every parameter.
+        "loss_budget", "loss_entropy"}: scalars, and in phase 2 the ``msm/*`` statistics. P = 0 gives
+        zeros connected to every parameter.
         """
         msm_on = self.msm_active
         with torch.no_grad():
@@ -248,11 +253,13 @@ class DynaMaskBranch(nn.Module):
         num_rois = rois.shape[0]
         if num_rois == 0:
             zero = sum(p.sum() for p in self.parameters()) * 0.0
+            empty = zero.new_zeros((0, self.head.num_resolutions))
             return {
                 "loss_mask": zero,
                 "loss_edge": zero.clone(),
                 "loss_budget": zero.clone(),
                 "loss_entropy": zero.clone(),
+                **(self._msm_statistics(empty, empty) if msm_on else {}),
             }
 
         roi_feats = self.roi_features(features, rois)
@@ -292,7 +299,20 @@ class DynaMaskBranch(nn.Module):
             "loss_edge": self.lambda_edge * l_edge,
             "loss_budget": self.lambda_reg * l_budget,
             "loss_entropy": self.lambda_reg * l_entropy,
+            **(self._msm_statistics(selection, probs) if msm_on else {}),
         }
+
+    def _msm_statistics(self, selection: Tensor, probs: Tensor) -> dict[str, Tensor]:
+        """selection, probs: (P, K) → ``msm/pick_{side}`` and ``msm/prob_{side}``: detached batch
+        means (zeros when P = 0, so that every rank logs the same keys)."""
+        num = max(selection.shape[0], 1)
+        picked = selection.detach().float().sum(dim=0) / num
+        mean_p = probs.detach().float().sum(dim=0) / num
+        stats = {}
+        for k, side in enumerate(self.head.sides):
+            stats[f"msm/pick_{side}"] = picked[k]
+            stats[f"msm/prob_{side}"] = mean_p[k]
+        return stats
 
     # ------------------------------------------------------------------ inference
 

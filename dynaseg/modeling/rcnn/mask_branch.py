@@ -36,7 +36,8 @@ class MaskBranch(Protocol):
         gt_masks: list[Tensor],
         gt_index: Tensor,
     ) -> dict[str, Tensor]:
-        """Weighted ``loss_*`` terms for P positive RoIs.
+        """Weighted ``loss_*`` terms for P positive RoIs; entries whose keys do not start with "loss"
+        are detached statistics the trainer logs and does not add to the objective.
 
         Args:
             features: FPN maps {"p2": (B, C, H/4, W/4), ..., "p5": (B, C, H/32, W/32)} (p6 may be present).

@@ -129,6 +129,18 @@ def test_plot_loss_curves(tmp_path: Path) -> None:
         assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
 
 
+def test_plot_loss_curves_draws_model_statistics_below(tmp_path: Path) -> None:
+    history = [{"iter": i, "loss": 1.0 / i, "loss_mask": 0.5 / i} for i in range(1, 60)]
+    plain = plot_loss_curves(history, tmp_path / "plain.png")
+    for i, entry in enumerate(history):
+        entry |= {f"msm/pick_{s}": (i % 4 == k) * 1.0 for k, s in enumerate((14, 28, 56, 112))}
+    both = plot_loss_curves(history, tmp_path / "both.png")
+    with Image.open(plain) as a, Image.open(both) as b:
+        assert b.size[0] == a.size[0] and b.size[1] > 1.4 * a.size[1]  # a second panel
+        lower = np.asarray(b.convert("L"))[b.size[1] * 2 // 3 :]
+        assert len(np.unique(lower)) > 10  # with lines in it
+
+
 def test_plot_loss_curves_empty_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty"):
         plot_loss_curves([], tmp_path / "loss.png")

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
 
+from dynaseg.engine.trainer import training_objective
 from dynaseg.layers.flop_count import count_gmacs
 from dynaseg.layers.roi_align import roi_align_aligned
 from dynaseg.modeling.dynamask.branch import DynaMaskBranch
@@ -283,8 +284,10 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     inputs = _loss_inputs(_features(requires_grad=True))
     torch.manual_seed(7)
     losses = branch.losses(**inputs)
-    assert set(losses) == {"loss_mask", "loss_edge", "loss_budget", "loss_entropy"}
-    sum(losses.values()).backward()
+    statistics = {f"msm/{q}_{s}" for q in ("pick", "prob") for s in SIDES}
+    assert set(losses) == {"loss_mask", "loss_edge", "loss_budget", "loss_entropy"} | statistics
+    assert not any(losses[k].requires_grad for k in statistics)
+    training_objective(losses).backward()
     missing = [n for n, p in branch.named_parameters() if p.grad is None]
     assert missing == []
     for module in (branch.msm, branch.head.instance_convs, *branch.head.stages):
@@ -331,6 +334,10 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     assert losses["loss_edge"].item() == pytest.approx(0.1 * l_edge.item(), rel=1e-4)
     assert losses["loss_budget"].item() == pytest.approx(0.4 * l_budget, rel=1e-4)
     assert losses["loss_entropy"].item() == pytest.approx(0.4 * l_entropy.item(), rel=1e-4)
+    # the logged statistics: the share of the 8 RoIs each side's sample took, and the mean of p
+    for k, side in enumerate(SIDES):
+        assert losses[f"msm/pick_{side}"].item() == pytest.approx(y[:, k].mean().item())
+        assert losses[f"msm/prob_{side}"].item() == pytest.approx(f[k].item(), rel=1e-5)
 
 
 def test_budget_units_and_the_soft_variant():
@@ -368,6 +375,7 @@ def test_phase1_trains_all_resolutions_and_the_msm_gets_no_gradient():
     inputs = _loss_inputs()
     losses = branch.losses(**inputs)
     assert losses["loss_budget"] == 0 and losses["loss_entropy"] == 0
+    assert not [k for k in losses if not k.startswith("loss")]  # no MSM, no MSM statistics
     with torch.no_grad():
         after = branch.losses(**inputs)  # phase 2: the same budget binds
     assert after["loss_budget"] > 0 and after["loss_entropy"] < 0
@@ -414,8 +422,13 @@ def test_empty_rois_give_zero_losses_with_a_graph():
         gt_index=torch.zeros(0, dtype=torch.long),
     )
     losses = branch.losses(**empty)
-    assert all(v.item() == 0 and v.requires_grad for v in losses.values())
-    sum(losses.values()).backward()
+    assert all(v.item() == 0 and v.requires_grad for k, v in losses.items() if k.startswith("loss"))
+    # phase 2 logs the same statistics with or without RoIs (DDP ranks all-reduce every key)
+    assert {k for k in losses if not k.startswith("loss")} == {
+        f"msm/{q}_{s}" for q in ("pick", "prob") for s in SIDES
+    }
+    assert all(losses[f"msm/pick_{s}"].item() == 0 for s in SIDES)
+    training_objective(losses).backward()
     assert all(p.grad is not None for p in branch.parameters())
     branch.eval()
     out = branch.predict(
