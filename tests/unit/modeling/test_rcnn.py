@@ -267,6 +267,15 @@ EXPECTED_DYNAMASK = {
         "loss_edge": 0.1057,
         "loss_budget": 0.0531,
         "loss_entropy": -0.1386,
+        # logged beside the losses in phase 2 (not summed): the MSM's picks and mean p
+        "msm/pick_14": 0.6,
+        "msm/pick_28": 0.2,
+        "msm/pick_56": 0.2,
+        "msm/pick_112": 0.0,
+        "msm/prob_14": 0.257,
+        "msm/prob_28": 0.2449,
+        "msm/prob_56": 0.248,
+        "msm/prob_112": 0.2501,
     },
 }
 
