@@ -55,23 +55,25 @@ def test_files_match_in_memory_result(files):
     check(got["per_class"]["cat"], 3 / 3.5, 1, 3 / 3.5)
 
 
-def test_cli_json_prints_one_object_of_the_fixed_shape(files, capsys):
+def _eval_args(files) -> list[str]:
+    """``dynaseg eval --panoptic`` on the ground truth and prediction files of the fixture."""
     gt_json, gt_dir, pred_json, pred_dir = files
-    rc = main(
-        [
-            "eval",
-            "--panoptic",
-            "--gt-json",
-            str(gt_json),
-            "--gt-dir",
-            str(gt_dir),
-            "--pred-json",
-            str(pred_json),
-            "--pred-dir",
-            str(pred_dir),
-            "--json",
-        ]
-    )
+    return [
+        "eval",
+        "--panoptic",
+        "--gt-json",
+        str(gt_json),
+        "--gt-dir",
+        str(gt_dir),
+        "--pred-json",
+        str(pred_json),
+        "--pred-dir",
+        str(pred_dir),
+    ]
+
+
+def test_cli_json_prints_one_object_of_the_fixed_shape(files, capsys):
+    rc = main(_eval_args(files) + ["--json"])
     out = capsys.readouterr().out
     assert rc == 0
     data = json.loads(out)  # exactly one JSON object, strict (no NaN)
@@ -84,21 +86,8 @@ def test_cli_json_prints_one_object_of_the_fixed_shape(files, capsys):
 
 
 def test_cli_table_and_missing_companions(files, capsys):
-    gt_json, gt_dir, pred_json, pred_dir = files
-    rc = main(
-        [
-            "eval",
-            "--panoptic",
-            "--gt-json",
-            str(gt_json),
-            "--gt-dir",
-            str(gt_dir),
-            "--pred-json",
-            str(pred_json),
-            "--pred-dir",
-            str(pred_dir),
-        ]
-    )
+    gt_json, gt_dir = files[:2]
+    rc = main(_eval_args(files))
     out = capsys.readouterr().out
     assert rc == 0
     assert out.splitlines()[0].split() == ["PQ", "SQ", "RQ", "N"]
