@@ -4,7 +4,8 @@ The first row trains from scratch and keeps a checkpoint at ``msm_start_iter`` (
 where the budget starts to act); every other row starts from a copy of that checkpoint and trains
 phase 2 with its own C_t and λ2, so the rows differ only where the paper's rows do. Each finished
 model is evaluated twice: with the MSM's argmax (the row's cost and accuracy) and with every
-instance at 112×112 (the same weights at full cost, for "AP within 1.5 of full 112").
+instance at 112×112 (the same weights at full cost, for "AP within 1.5 of full 112"). A rerun reads
+finished rows and both evaluations from the row folders.
 
 Rows are given in the paper's unit (G per instance, as Table 5 prints them) and converted to the
 config's ``budget_unit`` (a "fraction" head gets C_t / 1.40).
@@ -20,6 +21,7 @@ from typing import Any
 
 from dynaseg.config.overrides import with_overrides
 from dynaseg.config.schema import ExperimentConfig
+from dynaseg.utils.files import atomic_write
 
 __all__ = ["BudgetRow", "PAPER_TABLE5", "parse_rows", "run_budget_sweep", "format_budget_table"]
 
@@ -85,13 +87,20 @@ def _phase1_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return with_overrides(cfg, {"solver.checkpoint_period": start})
 
 
-def _evaluate_at_112(cfg: ExperimentConfig, weights: Path) -> dict[str, Any]:
+def _evaluate_at_112(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """The row's final weights with every instance at 112×112. Kept in ``metrics_at_112.json`` so that
+    a rerun of the sweep reads it instead of evaluating again."""
     from dynaseg.engine.evaluate import evaluate_model
     from dynaseg.inference.predictor import Predictor
 
+    saved = out / "metrics_at_112.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
     cfg112 = with_overrides(cfg, {"model.dynamask.policy": "112"})
-    predictor = Predictor(cfg112, weights)
-    return evaluate_model(predictor.cfg, predictor.model, predictor.device)
+    predictor = Predictor(cfg112, out / "model_final.safetensors")
+    metrics = evaluate_model(predictor.cfg, predictor.model, predictor.device)
+    atomic_write(saved, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    return metrics
 
 
 def run_budget_sweep(
@@ -130,7 +139,7 @@ def run_budget_sweep(
         stats = json.loads((out / "mask_resolutions.json").read_text())
         mix = {int(side): frac for side, frac in stats["overall"].items()}
         gmac = sum(head_costs[side] * frac for side, frac in mix.items())
-        full = _evaluate_at_112(row_cfg, out / "model_final.safetensors")
+        full = _evaluate_at_112(row_cfg, out)
         table.append(
             {
                 "C_t": row.target,

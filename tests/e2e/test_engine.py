@@ -75,7 +75,7 @@ def test_short_training_learns(synth_dir, tmp_path):
         data_overrides(synth_dir, val_split="train")
         + [
             f"output_dir={tmp_path}",
-            "solver.max_iter=300",
+            "solver.max_iter=200",  # measured: loss ratio 0.53, mask AP 29, box AP 50
             "solver.base_lr=0.02",
             "solver.warmup_iters=30",
             "solver.checkpoint_period=1000",
