@@ -89,7 +89,9 @@ class DynaMaskBranch(nn.Module):
 
     In phase 2 ``losses`` also returns, detached and not part of the objective (their keys do not
     start with "loss"), what the MSM does to the batch: ``msm/pick_{side}``, the fraction of RoIs
-    whose Gumbel sample selected each side, and ``msm/prob_{side}``, the mean of p (Eq. 1).
+    whose Gumbel sample selected each side, ``msm/prob_{side}``, the mean of p (Eq. 1),
+    ``msm/argmax_{side}``, the fraction whose most probable side it is (what inference picks), and
+    ``msm/confidence``, the mean of max_k p (how decided the MSM is: 1/K when p is uniform).
 
     Args:
         head: the r-FPN head. msm: the MSM, on the same C×14×14 RoI features.
@@ -303,15 +305,20 @@ class DynaMaskBranch(nn.Module):
         }
 
     def _msm_statistics(self, selection: Tensor, probs: Tensor) -> dict[str, Tensor]:
-        """selection, probs: (P, K) → ``msm/pick_{side}`` and ``msm/prob_{side}``: detached batch
-        means (zeros when P = 0, so that every rank logs the same keys)."""
+        """selection, probs: (P, K) → ``msm/pick_{side}``, ``msm/prob_{side}``, ``msm/argmax_{side}``
+        and ``msm/confidence``: detached batch means (zeros when P = 0, so that every rank logs the
+        same keys)."""
+        probs = probs.detach().float()
         num = max(selection.shape[0], 1)
         picked = selection.detach().float().sum(dim=0) / num
-        mean_p = probs.detach().float().sum(dim=0) / num
-        stats = {}
+        mean_p = probs.sum(dim=0) / num
+        top_p, top = probs.max(dim=1)
+        argmax = torch.bincount(top, minlength=probs.shape[1]).float() / num
+        stats = {"msm/confidence": top_p.sum() / num}
         for k, side in enumerate(self.head.sides):
             stats[f"msm/pick_{side}"] = picked[k]
             stats[f"msm/prob_{side}"] = mean_p[k]
+            stats[f"msm/argmax_{side}"] = argmax[k]
         return stats
 
     # ------------------------------------------------------------------ inference

@@ -284,7 +284,8 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     inputs = _loss_inputs(_features(requires_grad=True))
     torch.manual_seed(7)
     losses = branch.losses(**inputs)
-    statistics = {f"msm/{q}_{s}" for q in ("pick", "prob") for s in SIDES}
+    statistics = {f"msm/{q}_{s}" for q in ("pick", "prob", "argmax") for s in SIDES}
+    statistics.add("msm/confidence")
     assert set(losses) == {"loss_mask", "loss_edge", "loss_budget", "loss_entropy"} | statistics
     assert not any(losses[k].requires_grad for k in statistics)
     training_objective(losses).backward()
@@ -334,10 +335,16 @@ def test_phase2_loss_is_eq7_written_out_and_every_parameter_gets_a_gradient(edge
     assert losses["loss_edge"].item() == pytest.approx(0.1 * l_edge.item(), rel=1e-4)
     assert losses["loss_budget"].item() == pytest.approx(0.4 * l_budget, rel=1e-4)
     assert losses["loss_entropy"].item() == pytest.approx(0.4 * l_entropy.item(), rel=1e-4)
-    # the logged statistics: the share of the 8 RoIs each side's sample took, and the mean of p
+    # the logged statistics: the share of the 8 RoIs each side's sample took, the mean of p, the
+    # share each side has as the most probable one, and the mean of the largest p
+    p = logits.softmax(dim=1)
     for k, side in enumerate(SIDES):
         assert losses[f"msm/pick_{side}"].item() == pytest.approx(y[:, k].mean().item())
         assert losses[f"msm/prob_{side}"].item() == pytest.approx(f[k].item(), rel=1e-5)
+        share = sum(int(row.argmax()) == k for row in p) / 8
+        assert losses[f"msm/argmax_{side}"].item() == pytest.approx(share)
+    confidence = sum(max(row.tolist()) for row in p) / 8
+    assert losses["msm/confidence"].item() == pytest.approx(confidence, rel=1e-5)
 
 
 def test_budget_units_and_the_soft_variant():
@@ -425,9 +432,9 @@ def test_empty_rois_give_zero_losses_with_a_graph():
     assert all(v.item() == 0 and v.requires_grad for k, v in losses.items() if k.startswith("loss"))
     # phase 2 logs the same statistics with or without RoIs (DDP ranks all-reduce every key)
     assert {k for k in losses if not k.startswith("loss")} == {
-        f"msm/{q}_{s}" for q in ("pick", "prob") for s in SIDES
-    }
-    assert all(losses[f"msm/pick_{s}"].item() == 0 for s in SIDES)
+        f"msm/{q}_{s}" for q in ("pick", "prob", "argmax") for s in SIDES
+    } | {"msm/confidence"}
+    assert all(v.item() == 0 for k, v in losses.items() if k.startswith("msm/"))
     training_objective(losses).backward()
     assert all(p.grad is not None for p in branch.parameters())
     branch.eval()

@@ -267,7 +267,13 @@ EXPECTED_DYNAMASK = {
         "loss_edge": 0.1057,
         "loss_budget": 0.0531,
         "loss_entropy": -0.1386,
-        # logged beside the losses in phase 2 (not summed): the MSM's picks and mean p
+        # logged beside the losses in phase 2 (not summed): the MSM's picks, mean p, argmax shares
+        # and mean max p
+        "msm/confidence": 0.2583,
+        "msm/argmax_14": 0.6,
+        "msm/argmax_28": 0.0,
+        "msm/argmax_56": 0.2,
+        "msm/argmax_112": 0.2,
         "msm/pick_14": 0.6,
         "msm/pick_28": 0.2,
         "msm/pick_56": 0.2,
