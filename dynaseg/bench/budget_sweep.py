@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dynaseg.config.overrides import with_overrides
+from dynaseg.config.presets import dynamask_phase2_steps
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.utils.files import atomic_write
 
 __all__ = ["BudgetRow", "PAPER_TABLE5", "parse_rows", "run_budget_sweep", "format_budget_table"]
+
+logger = logging.getLogger("dynaseg.bench")
 
 PAPER_112_GFLOPS = 1.40
 # Table 5 of the paper: (C_t, λ2) → (GFLOPs, Δ vs 1.40 G in %, mask AP on COCO val)
@@ -103,6 +107,24 @@ def _evaluate_at_112(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def _warn_if_phase2_is_decayed(cfg: ExperimentConfig) -> None:
+    """The paper trains phase 2 at the full LR (a fresh 12-epoch schedule, §4.1). A schedule that has
+    already decayed when the MSM switches on leaves it undecided (docs/dynamask_budget.md)."""
+    from dynaseg.engine.optim import lr_factor
+
+    start = cfg.model.dynamask.msm_start_iter
+    factor = lr_factor(start, cfg.solver)
+    if factor < 0.5:
+        logger.warning(
+            "phase 2 starts at %.0f%% of solver.base_lr (iteration %d); the paper trains it at the "
+            "full LR with x0.1 after 8/12 and 11/12 of it: solver.lr_schedule=multistep "
+            "solver.steps=[%d,%d]",
+            100 * factor,
+            start,
+            *dynamask_phase2_steps(start, cfg.solver.max_iter),
+        )
+
+
 def run_budget_sweep(
     cfg: ExperimentConfig, rows: list[BudgetRow], root: Path
 ) -> list[dict[str, Any]]:
@@ -114,6 +136,7 @@ def run_budget_sweep(
     if cfg.model.kind != "dynamask":
         raise ValueError(f"the budget sweep needs a DynaMask config, got {cfg.model.kind}")
     start = cfg.model.dynamask.msm_start_iter
+    _warn_if_phase2_is_decayed(cfg)
     head_costs = build_model(cfg.model, pretrained=False).mask_branch.gmac_per_resolution()
     phase1: Path | None = None
     table = []

@@ -203,7 +203,7 @@ def test_dynamask_resume_is_exact_across_the_phase_switch(synth_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed DynaMask weights differ"
 
 
-def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
+def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path, caplog):
     from helpers import dynaseg
 
     from dynaseg.bench.budget_sweep import format_budget_table, parse_rows, run_budget_sweep
@@ -215,7 +215,12 @@ def test_budget_sweep_shares_phase_1_and_reports_each_row(synth_dir, tmp_path):
         + [f"output_dir={tmp_path}", "solver.checkpoint_period=15", "solver.max_iter=14"]
         + ["model.box_head.detections_per_image=20"],  # 4 phase-2 steps, small evaluations
     )
-    table = run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path)
+    with caplog.at_level("WARNING", logger="dynaseg.bench"):
+        table = run_budget_sweep(cfg, parse_rows("1.0:0.4,0.4:0.5"), tmp_path)
+    # the tiny preset's cosine over 14 iterations is at 0.5 (1 + cos(10π/14)) = 19 % when phase 2
+    # starts; the paper's shape on this length drops after 10 + 4·8/12 and 10 + 4·11/12
+    assert "phase 2 starts at 19% of solver.base_lr (iteration 10)" in caplog.text
+    assert "solver.steps=[13,14]" in caplog.text
     first, second = tmp_path / "ct1_l0.4", tmp_path / "ct0.4_l0.5"
     assert (first / "model_0000010.pt").is_file() and (second / "model_0000010.pt").is_file()
     history = [

@@ -13,6 +13,24 @@ def test_every_preset_builds_and_round_trips(name, tmp_path):
     assert load_config(str(tmp_path / "c.yaml")) == cfg
 
 
+def test_dynamask_presets_follow_the_papers_schedule():
+    """§4.1: one epoch without the MSM, then 12 epochs at the same LR, x0.1 after 8 and 11 of them."""
+    from dynaseg.engine.optim import lr_factor
+
+    coco, epoch = load_config("dynamask_r50_fpn_1x"), 7330  # COCO train2017 at batch 16
+    assert (coco.model.dynamask.msm_start_iter, coco.solver.base_lr) == (epoch, 0.02)
+    assert coco.solver.max_iter == 13 * epoch
+    assert coco.solver.steps == (9 * epoch, 12 * epoch)
+    # the CPU preset: phase 1 is 600 of 2000 iterations; the drops sit at 8/12 and 11/12 of the
+    # remaining 1400, not on a cosine that would leave phase 2 the decayed tail
+    cpu = load_config("dynamask_r18_synth_cpu").solver
+    assert cpu.steps == (1533, 1883)
+    factors = [lr_factor(it, cpu) for it in (600, 1532, 1533, 1882, 1883, 1999)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    lvis = load_config("dynamask_r50_fpn_lvis_1x").solver  # the LVIS recipe, as its Mask R-CNN
+    assert (lvis.max_iter, lvis.steps) == (90_000, (60_000, 80_000))
+
+
 def test_issue_override_keys_exist():
     keys = set(field_paths(load_config("blendmask_r50_fpn_1x")))
     for key in (
