@@ -97,7 +97,7 @@ def test_losses_empty_ground_truth():
     assert out["loss_fcos_cls"] > 0
     assert out["loss_fcos_loc"] == 0 and out["loss_fcos_ctr"] == 0
     sum(out.values()).backward()
-    assert cls.grad is not None
+    assert (cls.grad > 0).all()  # every location is background: each logit is pushed down
 
 
 def test_losses_with_ground_truth_and_perfect_box():
