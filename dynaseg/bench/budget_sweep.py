@@ -108,8 +108,8 @@ def _evaluate_at_112(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
 
 
 def _warn_if_phase2_is_decayed(cfg: ExperimentConfig) -> None:
-    """The paper trains phase 2 at the full LR (a fresh 12-epoch schedule, §4.1). A schedule that has
-    already decayed when the MSM switches on leaves it undecided (docs/dynamask_budget.md)."""
+    """The paper trains phase 2 at the full LR (a fresh 12-epoch schedule, §4.1). On a schedule that
+    has already decayed when the MSM switches on, the MSM learns little (docs/dynamask_budget.md)."""
     from dynaseg.engine.optim import lr_factor
 
     start = cfg.model.dynamask.msm_start_iter
