@@ -31,6 +31,18 @@ def test_dynamask_presets_follow_the_papers_schedule():
     assert (lvis.max_iter, lvis.steps) == (90_000, (60_000, 80_000))
 
 
+def test_synthetic_cpu_presets_share_the_demos_recipe_but_dynamask_keeps_sgd():
+    """Like-for-like comparisons (docs/one_stage_accuracy.md) need one recipe; DynaMask's budget
+    study (docs/dynamask_budget.md) was measured with the paper's SGD, LR 0.02."""
+    demo = load_config("blendmask_r18_synth_cpu").solver
+    for name in ("dr1mask_r18_synth_cpu", "mask_rcnn_r18_synth_cpu"):
+        solver = load_config(name).solver
+        assert (solver.optimizer, solver.base_lr, solver.weight_decay) == ("adamw", 0.002, 0.05)
+        assert (solver.max_iter, solver.lr_schedule) == (demo.max_iter, demo.lr_schedule)
+    dyna = load_config("dynamask_r18_synth_cpu").solver
+    assert (dyna.optimizer, dyna.base_lr, dyna.weight_decay) == ("sgd", 0.02, 1e-4)
+
+
 def test_issue_override_keys_exist():
     keys = set(field_paths(load_config("blendmask_r50_fpn_1x")))
     for key in (
