@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaseg.config.overrides import with_overrides
-from dynaseg.config.presets import dynamask_phase2_steps
+from dynaseg.config.schedules import dynamask_phase2_steps
 from dynaseg.config.schema import ExperimentConfig
 from dynaseg.utils.files import atomic_write
 
