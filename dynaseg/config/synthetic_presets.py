@@ -109,11 +109,7 @@ def _rcnn_synth_cpu(kind: str) -> ExperimentConfig:
         cfg,
         {
             "model.num_classes": _SYNTH_CLASSES,
-            "model.backbone.depth": 18,
-            "model.backbone.width": 16,
-            "model.backbone.norm": "BN",
-            "model.backbone.freeze_at": 0,
-            "model.backbone.fpn_channels": 64,
+            "model.backbone": to_dict(base.model.backbone),
             "model.rpn.anchor_sizes": (16, 32, 64, 128, 256),
             "model.rpn.pre_nms_topk_train": 600,
             "model.rpn.post_nms_topk_train": 300,
