@@ -80,6 +80,7 @@ class BasisConfig:
     norm: Norm = "BN"  # SyncBN only under DDP on CUDA (falls back to BN otherwise)
     semantic_loss_weight: float = 0.3  # 0 disables the auxiliary semantic head
     semantic_channels: int = 128
+    stride4_skip: bool = False  # add refined P2 after the ×2 upsampling (not in the paper)
 
 
 @dataclass(frozen=True, kw_only=True)

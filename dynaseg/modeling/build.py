@@ -56,7 +56,7 @@ def build_backbone(
 
 def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
     """The FPN layout FCOS's strides need: P3-P7 (8 … 128), AdelaiDet's lighter P3-P6 / P3-P5 for
-    BlendMask, or for BlendMask P2-P6 (4 … 64)."""
+    BlendMask, or for BlendMask P2-P6 (4 … 64); P2-P7 when BlendMask's bases take a P2 skip."""
     s, soi = tuple(cfg.fcos.strides), cfg.fcos.sizes_of_interest
     layouts = {(8, 16, 32, 64, 128): "p3p7"}
     if isinstance(cfg, BlendMaskConfig):
@@ -69,7 +69,15 @@ def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
         raise ConfigError(
             f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels"
         )
-    return layouts[s]
+    layout = layouts[s]
+    if isinstance(cfg, BlendMaskConfig) and cfg.basis.stride4_skip and layout.startswith("p3"):
+        if layout != "p3p7":
+            raise ConfigError(
+                f"model.basis.stride4_skip=true needs P2: model.fcos.strides={list(s)} is supported "
+                "only as [8, 16, 32, 64, 128] or [4, 8, 16, 32, 64]"
+            )
+        return "p2p7"
+    return layout
 
 
 def build_fcos_head(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSHead:
@@ -213,6 +221,7 @@ def build_blendmask(cfg: BlendMaskConfig) -> BlendMask:
             num_bases=basis.num_bases,
             num_convs=basis.num_convs,
             norm=basis.norm,
+            stride4_skip=basis.stride4_skip,
         ),
         semantic_head=SemanticHead(
             in_channels=channels,

@@ -70,6 +70,10 @@ CASES = {  # id → (preset, overrides)
             "model.fcos.sizes_of_interest=[16,32,64,128]",
         ],
     ),
+    "blendmask_stride4_skip": (
+        "blendmask_tiny",
+        ["model.fcos.score_threshold=0.0", "model.basis.stride4_skip=true"],
+    ),
     "dr1mask": ("dr1mask_tiny", ["model.fcos.score_threshold=0.0"]),
     "dr1mask_panoptic": ("dr1mask_panoptic_tiny", ["model.fcos.score_threshold=0.0"]),
     "mask_rcnn": ("mask_rcnn_tiny", ["model.box_head.score_threshold=0.0"]),

@@ -53,7 +53,7 @@ class _LastLevelP6(ExtraFPNBlock):
         return [*results, self.p6(results[-1])], [*names, "p6"]
 
 
-_LAST_LEVEL = {"p3p7": 7, "p3p6": 6, "p3p5": 5, "p2p6": 6, "p2p6conv": 6}
+_LAST_LEVEL = {"p3p7": 7, "p3p6": 6, "p3p5": 5, "p2p6": 6, "p2p6conv": 6, "p2p7": 7}
 
 
 class ResNetFPN(nn.Module):
@@ -67,6 +67,8 @@ class ResNetFPN(nn.Module):
     stride-2 conv on P5 / no extra level.
     ``layout="p2p6conv"`` (FCOS with a stride-4 level): FPN on res2-res5, P6 = 3×3 stride-2 conv on P5
     (AdelaiDet's ``TOP_LEVELS=1``); returns ``{"p2": stride 4, ..., "p6": stride 64}``.
+    ``layout="p2p7"`` (FCOS on P3-P7 with a stride-4 skip into BlendMask's bases): ``"p3p7"`` plus P2
+    from res2; returns ``{"p2": stride 4, ..., "p7": stride 128}``.
     Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
     """
 
@@ -76,7 +78,7 @@ class ResNetFPN(nn.Module):
         body: ResNet,
         out_channels: int,
         norm: str = "none",
-        layout: Literal["p3p7", "p3p6", "p3p5", "p2p6", "p2p6conv"] = "p3p7",
+        layout: Literal["p3p7", "p3p6", "p3p5", "p2p6", "p2p6conv", "p2p7"] = "p3p7",
     ) -> None:
         super().__init__()
         if layout not in _LAST_LEVEL:
@@ -93,6 +95,7 @@ class ResNetFPN(nn.Module):
             "p3p5": lambda: None,
             "p2p6": LastLevelMaxPool,
             "p2p6conv": lambda: _LastLevelP6(out_channels),
+            "p2p7": lambda: LastLevelP6P7(out_channels, out_channels),
         }[layout]()
         self.fpn = _CroppingFPN(
             in_channels_list=[body.out_channels[k] for k in self.in_features],

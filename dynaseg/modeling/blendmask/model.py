@@ -27,9 +27,9 @@ class BlendMask(OneStageSegmenter):
 
     Args:
         attention: top layer on the box tower (K·M·M logits per location).
-        basis: bottom module giving K bases at stride 4 from P3-P5.
+        basis: bottom module giving K bases at stride 4 from P3-P5 (and P2 with its stride-4 skip).
         common: ``OneStageArgs``; the backbone gives P3-P7 (P2-P6 when ``fcos.strides`` start at
-            4), ``resolution`` is the blender's R.
+            4; P2-P7 for a basis skip on P3-P7 FCOS), ``resolution`` is the blender's R.
     """
 
     def __init__(
@@ -67,7 +67,8 @@ class BlendMask(OneStageSegmenter):
         """Everything computed on whole maps: FPN features, FCOS outputs, bases (B, K, Hp/4, Wp/4)."""
         features = self.backbone(self.normalize(images, image_sizes))
         head = self.fcos_head(self.fcos_levels(features))
-        return features, head, self.basis(self.basis_levels(features))
+        p2 = features["p2"] if self.basis.skip is not None else None
+        return features, head, self.basis(self.basis_levels(features), p2)
 
     def fcos_levels(self, features: dict[str, Tensor]) -> list[Tensor]:
         """The pyramid levels the FCOS head runs on: P3-P7, or P2-P6 with a stride-4 first level."""

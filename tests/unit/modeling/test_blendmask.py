@@ -204,6 +204,48 @@ def test_stride_4_level_runs_fcos_on_p2_and_keeps_the_bases_on_p3():
     assert not missing, f"no gradient for {missing}"
 
 
+def test_stride_4_skip_feeds_p2_into_the_bases_only():
+    model, _ = tiny_model(**{"model.basis.stride4_skip": "true"})
+    assert model.backbone.strides == {f"p{i}": 2**i for i in range(2, 8)}
+    batch = make_batch(sizes=((96, 128), (90, 117)))
+    features = model.backbone(model.normalize(batch.images, batch.image_sizes))
+    assert [x.shape[-1] for x in model.fcos_levels(features)] == [16, 8, 4, 2, 1]
+    model.eval()
+    levels, p2 = model.basis_levels(features), features["p2"]
+    bases = model.basis(levels, p2)
+    assert bases.shape[-2:] == p2.shape[-2:] == (24, 32)
+    # Bases change where P2 changes and nowhere else beyond the 3×3 blocks' reach.
+    bumped = p2.clone()
+    bumped[:, :, 10, 10] += 5.0
+    diff = (model.basis(levels, bumped) - bases).abs().amax(dim=(0, 1))
+    assert diff[10, 10] > 0
+    assert diff[:, 14:].abs().max() == 0 and diff[14:].abs().max() == 0
+    with pytest.raises(ValueError, match="pass p2"):
+        model.basis(levels)
+    model.train()
+    sum(model(batch).values()).backward()
+    assert model.basis.skip[0].weight.grad.abs().sum() > 0
+
+
+def test_stride_4_skip_needs_p3p7_or_p2_fcos():
+    with pytest.raises(ConfigError, match="stride4_skip=true needs P2"):
+        tiny_model(
+            **{
+                "model.basis.stride4_skip": "true",
+                "model.fcos.strides": "[8,16,32]",
+                "model.fcos.sizes_of_interest": "[64,128]",
+            }
+        )
+    both, _ = tiny_model(
+        **{
+            "model.basis.stride4_skip": "true",
+            "model.fcos.strides": "[4,8,16,32,64]",
+            "model.fcos.sizes_of_interest": "[16,32,64,128]",
+        }
+    )
+    assert both.backbone.layout == "p2p6conv"
+
+
 def test_fcos_strides_are_checked():
     with pytest.raises(
         ConfigError,
