@@ -236,14 +236,14 @@ def test_stride_4_skip_needs_p3p7_or_p2_fcos():
                 "model.fcos.sizes_of_interest": "[64,128]",
             }
         )
-    both, _ = tiny_model(
+    p2_fcos, _ = tiny_model(
         **{
             "model.basis.stride4_skip": "true",
             "model.fcos.strides": "[4,8,16,32,64]",
             "model.fcos.sizes_of_interest": "[16,32,64,128]",
         }
     )
-    assert both.backbone.layout == "p2p6conv"
+    assert p2_fcos.backbone.layout == "p2p6conv"
 
 
 def test_fcos_strides_are_checked():
