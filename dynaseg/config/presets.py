@@ -135,9 +135,6 @@ def blendmask_r101_fpn_3x() -> ExperimentConfig:
     )
 
 
-# The recipe the CPU presets other than the demo were measured with (SGD, LR 0.05 for one-stage models).
-
-
 def mask_rcnn_r50_fpn_1x() -> ExperimentConfig:
     """detectron2's Mask R-CNN R50-FPN 1x: bs16, LR 0.02, 90k iterations, 28×28 masks."""
     return ExperimentConfig(
