@@ -205,6 +205,7 @@ def _run_faster(
     image_ids: list[int] | None,
     verbose: bool,
     lvis_style: bool,
+    use_cats: bool,
 ) -> tuple[np.ndarray, Any]:
     from faster_coco_eval import COCO, COCOeval_faster
 
@@ -221,7 +222,7 @@ def _run_faster(
     )
     if lvis_style:
         ev.params.maxDets = [lvis.MAX_DETECTIONS]
-    return _evaluate(ev, image_ids, verbose)
+    return _evaluate(ev, image_ids, verbose, use_cats)
 
 
 def _run_pycocotools(
@@ -231,6 +232,7 @@ def _run_pycocotools(
     image_ids: list[int] | None,
     verbose: bool,
     lvis_style: bool,
+    use_cats: bool,
 ) -> tuple[np.ndarray, Any]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -240,12 +242,15 @@ def _run_pycocotools(
     coco_gt.createIndex()
     coco_dt = coco_gt.loadRes(dets)
     ev = COCOeval(coco_gt, coco_dt, iou_type)
-    return _evaluate(ev, image_ids, verbose)
+    return _evaluate(ev, image_ids, verbose, use_cats)
 
 
-def _evaluate(ev: Any, image_ids: list[int] | None, verbose: bool) -> tuple[np.ndarray, Any]:
+def _evaluate(
+    ev: Any, image_ids: list[int] | None, verbose: bool, use_cats: bool
+) -> tuple[np.ndarray, Any]:
     if image_ids is not None:
         ev.params.imgIds = sorted(image_ids)
+    ev.params.useCats = int(use_cats)  # 0: one pool, a detection may match an object of any class
     ev.evaluate()
     ev.accumulate()
     if verbose:
@@ -339,6 +344,7 @@ def evaluate_coco(
     backend: str = "faster",
     image_ids: Iterable[int] | None = None,
     dataset_format: Literal["auto", "coco", "lvis"] = "auto",
+    class_agnostic: bool = False,
     verbose: bool = False,
 ) -> dict[str, dict]:
     """Run COCO evaluation.
@@ -352,6 +358,9 @@ def evaluate_coco(
         image_ids: evaluate only these GT images (default: all of them).
         dataset_format: "lvis" evaluates the federated way, "coco" as COCO, "auto" decides by
             the ground truth's content.
+        class_agnostic: ignore the categories (``COCOeval``'s ``useCats=0``): a detection may match
+            an object of any class, so the drop from this AP to the usual one is what
+            classification costs. ``per_class`` is then empty. Not for LVIS.
         verbose: let the backend print its progress and summary tables.
 
     Returns:
@@ -381,6 +390,11 @@ def evaluate_coco(
     frequencies = None
     if dataset_format == "lvis" or (dataset_format == "auto" and lvis.is_lvis(gt_dict)):
         lvis.check_lvis_fields(gt_dict, gt_name)
+        if class_agnostic:
+            raise EvaluationError(
+                f"{gt_name} is LVIS: its federated evaluation is per category, "
+                "so it has no class-agnostic form"
+            )
         if backend == "pycocotools":
             raise EvaluationError(
                 f"{gt_name} is LVIS: its federated evaluation needs the faster-coco-eval backend"
@@ -398,6 +412,8 @@ def evaluate_coco(
     for iou_type in iou_types:
         if not dets:
             metrics[iou_type] = _empty_metrics(gt_dict, cmap, ids, frequencies)
+            if class_agnostic:
+                metrics[iou_type]["per_class"] = {}
             continue
         stdout = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with stdout:
@@ -408,11 +424,12 @@ def evaluate_coco(
                 ids,
                 verbose,
                 frequencies is not None,
+                not class_agnostic,
             )
         out: dict[str, Any] = _stats_from_precision(precision, params)
         if frequencies is not None:
             out |= _frequency_stats(precision, params, frequencies)
-        out["per_class"] = _per_class(precision, params, cmap)
+        out["per_class"] = {} if class_agnostic else _per_class(precision, params, cmap)
         metrics[iou_type] = out
     return metrics
 

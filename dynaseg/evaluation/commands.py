@@ -62,11 +62,19 @@ def _cityscapes_metrics(gt_json: str, results_json: str, iou_types: list[str]) -
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dynaseg.evaluation.coco import evaluate_coco, format_metrics_table, format_per_class_table
 
+    instance_only = [
+        flag
+        for flag, given in (
+            ("--class-report", args.class_report),
+            ("--drawn-at", args.drawn_at is not None),
+            ("--class-agnostic", args.class_agnostic),
+        )
+        if given
+    ]
     if args.panoptic:
-        if args.class_report or args.drawn_at is not None:
-            flag = "--class-report" if args.class_report else "--drawn-at"
+        if instance_only:
             raise UserError(
-                f"{flag} reports on instance detections; it does not go with --panoptic"
+                f"{instance_only[0]} reports on instance detections; it does not go with --panoptic"
             )
         return _cmd_eval_panoptic(args)
     if args.drawn_at is not None and not 0 <= args.drawn_at <= 1:
@@ -78,12 +86,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not (args.gt and args.results):
             raise UserError("--gt and --results go together")
         if args.drawn_at is not None:
-            if args.class_report:
-                raise UserError("with --gt/--results, --drawn-at and --class-report are two runs")
+            if len(instance_only) > 1:
+                other = next(flag for flag in instance_only if flag != "--drawn-at")
+                raise UserError(f"with --gt/--results, --drawn-at and {other} are two runs")
             return _print_drawn(args.gt, args.results, args.drawn_at, as_json=args.json)
-        metrics = evaluate_coco(args.gt, args.results, tuple(args.iou_types))
+        metrics = evaluate_coco(
+            args.gt, args.results, tuple(args.iou_types), class_agnostic=args.class_agnostic
+        )
         gt_json, results_json = args.gt, args.results
-        metrics |= _cityscapes_metrics(gt_json, results_json, args.iou_types)
+        if not args.class_agnostic:
+            metrics |= _cityscapes_metrics(gt_json, results_json, args.iou_types)
     else:
         if not (args.config and args.weights):
             raise UserError(
@@ -114,6 +126,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
             print(format_panoptic_table(panoptic))
         metrics = {t: metrics[t] for t in [*args.iou_types, "cityscapes"] if t in metrics}
+        if args.class_agnostic:  # the file the model just wrote, evaluated with classes ignored
+            iou_types = [t for t in args.iou_types if t in metrics]
+            metrics = evaluate_coco(gt_json, results_json, iou_types, class_agnostic=True)
         if panoptic is not None:
             metrics["panoptic"] = panoptic
         if not args.json:
@@ -137,6 +152,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         cityscapes = metrics.get("cityscapes")
         metrics = {t: m for t, m in metrics.items() if t not in ("panoptic", "cityscapes")}
+        if args.class_agnostic:
+            print("classes ignored: a detection may match an object of any class")
         print(format_metrics_table(metrics))
         if cityscapes is not None:
             print(
@@ -148,7 +165,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from dynaseg.evaluation.lvis import frequency_titles
 
             groups = frequency_titles(json.loads(Path(gt_json).read_text()))
-        for iou_type in metrics:
+        for iou_type in [] if args.class_agnostic else metrics:  # agnostic: no classes
             print(format_per_class_table(metrics, iou_type, groups=groups))
         if report:
             from dynaseg.evaluation.class_report import format_class_report
@@ -198,6 +215,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also report, per object size, whether each found object's best detection has the right "
         "class, and the other-class duplicates (JSON key 'class_report')",
+    )
+    p.add_argument(
+        "--class-agnostic",
+        action="store_true",
+        help="AP with the categories ignored (COCOeval's useCats=0): a detection may match an "
+        "object of any class, so the drop to the usual AP is what classification costs "
+        "(same JSON keys; no per-class tables; not for LVIS)",
     )
     p.add_argument(
         "--drawn-at",

@@ -182,6 +182,43 @@ def test_perturbed_results_backends_agree() -> None:
             _assert_same(ap, ref[iou_type]["per_class"][name])
 
 
+# --------------------------------------------------------------------------- (b2) classes ignored
+def _swapped_classes(results: list[dict]) -> list[dict]:
+    """Every detection in place, with the other of the two GT classes (cat 3 <-> dog 7)."""
+    return [{**r, "category_id": 10 - r["category_id"]} for r in results]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_agnostic_counts_a_wrong_class_in_place_as_found(backend: str) -> None:
+    gt = _make_gt()
+    swapped = _swapped_classes(_gt_as_results(gt))
+    aware = evaluate_coco(gt, swapped, backend=backend)
+    agnostic = evaluate_coco(gt, swapped, backend=backend, class_agnostic=True)
+    for iou_type in ("bbox", "segm"):
+        assert aware[iou_type]["AP"] == pytest.approx(0.0)  # every detection has the wrong class
+        assert agnostic[iou_type]["AP"] == pytest.approx(100.0)
+        assert agnostic[iou_type]["per_class"] == {}
+    assert evaluate_coco(gt, [], ("bbox",), class_agnostic=True)["bbox"]["per_class"] == {}
+
+
+def test_eval_cli_class_agnostic(gt_file: Path, tmp_path: Path, capsys) -> None:
+    from dynaseg.cli import main
+
+    res = _write(tmp_path, "res.json", _swapped_classes(_gt_as_results(_make_gt())))
+    args = ["eval", "--gt", str(gt_file), "--results", str(res), "--iou-types", "bbox"]
+    assert main([*args, "--class-agnostic", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bbox"]["AP"] == pytest.approx(100.0)
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bbox"]["AP"] == pytest.approx(0.0)
+    assert main([*args, "--class-agnostic"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("classes ignored") and "per-class" not in text
+    assert main([*args, "--class-agnostic", "--drawn-at", "0.3"]) == 2
+    assert "--drawn-at and --class-agnostic are two runs" in capsys.readouterr().err
+    assert main(["eval", "--panoptic", "--class-agnostic"]) == 2
+    assert "--class-agnostic reports on instance detections" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- (c) round trip
 def _gt_as_instances(gt: dict, cmap: CategoryMap) -> dict[int, Instances]:
     out = {}

@@ -183,10 +183,12 @@ def test_malformed_lvis_fields_are_one_line_errors(edit, message):
         evaluate_coco(gt, results, ("bbox",))
 
 
-def test_lvis_needs_the_faster_backend():
+def test_lvis_needs_the_faster_backend_and_its_categories():
     gt, results = _fixture()
     with pytest.raises(EvaluationError, match="LVIS"):
         evaluate_coco(gt, results, ("bbox",), backend="pycocotools")
+    with pytest.raises(EvaluationError, match="no class-agnostic form"):
+        evaluate_coco(gt, results, ("bbox",), class_agnostic=True)
 
 
 def test_eval_cli_recognises_lvis_by_content(tmp_path, capsys):
