@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from helpers import data_overrides, dynaseg
 from PIL import Image
 
 from dynaseg import Predictor
+from dynaseg.evaluation.coco import evaluate_coco
 from dynaseg.evaluation.drawn import drawn_agreement
 from dynaseg.structures import Instances
 
@@ -70,6 +72,16 @@ def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path, capsys):
         == 0
     )
     assert "AP50" in capsys.readouterr().out and (tmp_path / "ev" / "results_val.json").is_file()
+    # --class-agnostic with a model: its results file, scored with the categories ignored
+    ev = ["eval", "--config", config, "--weights", weights, "--output", str(tmp_path / "ev")]
+    assert main([*ev, "--class-agnostic", "--json"]) == 0
+    agnostic = json.loads(capsys.readouterr().out)
+    aware = json.loads((tmp_path / "ev" / "metrics.json").read_text())  # with the classes
+    gt = synth_dir / "annotations/instances_val.json"
+    expected = evaluate_coco(gt, tmp_path / "ev" / "results_val.json", class_agnostic=True)
+    assert set(agnostic) == {"bbox", "segm"}
+    assert agnostic["bbox"]["AP"] == pytest.approx(expected["bbox"]["AP"])
+    assert agnostic["bbox"]["AP"] != pytest.approx(aware["bbox"]["AP"])
     out = tmp_path / "pred"
     args = ["--config", config, "--weights", weights, "--input", str(synth_dir / "val")]
     assert main(["predict", *args, "--output", str(out), "--score-threshold", "0.0"]) == 0
@@ -79,7 +91,6 @@ def test_model_eval_and_predict(tiny_run, synth_dir, tmp_path, capsys):
         {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r) for r in results
     )
     # predict numbers the images 1, 2, ... and names them: --drawn-at matches them by file name
-    gt = synth_dir / "annotations/instances_val.json"
     capsys.readouterr()
     args = ["eval", "--gt", str(gt), "--results", str(out / "results.json"), "--json"]
     assert main([*args, "--drawn-at", "0"]) == 0
