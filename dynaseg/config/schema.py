@@ -45,6 +45,7 @@ class BackboneConfig:
     stride_in_1x1: bool = False  # stride in each stage's first 1×1 conv (MSRA / detectron2 weights)
     deform_stages: tuple[int, ...] = ()  # DCNv2 3×3 convs in these stages (3, 4, 5 = res3-res5)
     deform_interval: int = 1  # in every k-th block of those stages (AdelaiDet's dcni3: 3)
+    fpn_p2_into_p3: bool = False  # P3 += conv3×3/2(P2), PANet's bottom-up step (not in papers)
 
 
 @dataclass(frozen=True, kw_only=True)

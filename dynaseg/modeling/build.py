@@ -51,12 +51,23 @@ def build_backbone(
     if cfg.backbone_weights:
         load_backbone_weights(body, cfg.backbone_weights)
     body._freeze(b.freeze_at)
-    return ResNetFPN(body=body, out_channels=b.fpn_channels, norm=b.fpn_norm, layout=layout)
+    if b.fpn_p2_into_p3 and not layout.startswith("p2"):
+        raise ConfigError(
+            f"model.backbone.fpn_p2_into_p3=true needs P2, but this model's FPN is {layout}"
+        )
+    return ResNetFPN(
+        body=body,
+        out_channels=b.fpn_channels,
+        norm=b.fpn_norm,
+        layout=layout,
+        p2_into_p3=b.fpn_p2_into_p3,
+    )
 
 
 def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
     """The FPN layout FCOS's strides need: P3-P7 (8 … 128), AdelaiDet's lighter P3-P6 / P3-P5 for
-    BlendMask, or for BlendMask P2-P6 (4 … 64); P2-P7 when BlendMask's bases take a P2 skip."""
+    BlendMask, or for BlendMask P2-P6 (4 … 64); P2-P7 when BlendMask's bases take a P2 skip or P2
+    goes into P3."""
     s, soi = tuple(cfg.fcos.strides), cfg.fcos.sizes_of_interest
     layouts = {(8, 16, 32, 64, 128): "p3p7"}
     if isinstance(cfg, BlendMaskConfig):
@@ -70,13 +81,18 @@ def fcos_layout(cfg: BlendMaskConfig | DR1MaskConfig) -> str:
             f"model.fcos.sizes_of_interest={list(soi)}: needs {len(s) - 1} bounds for {len(s)} levels"
         )
     layout = layouts[s]
-    if isinstance(cfg, BlendMaskConfig) and cfg.basis.stride4_skip and layout.startswith("p3"):
-        if layout != "p3p7":
-            raise ConfigError(
-                f"model.basis.stride4_skip=true needs P2: model.fcos.strides={list(s)} is supported "
-                "only as [8, 16, 32, 64, 128] or [4, 8, 16, 32, 64]"
-            )
-        return "p2p7"
+    skip = isinstance(cfg, BlendMaskConfig) and cfg.basis.stride4_skip
+    for wanted, name in (
+        (skip, "model.basis.stride4_skip"),
+        (cfg.backbone.fpn_p2_into_p3, "model.backbone.fpn_p2_into_p3"),
+    ):
+        if wanted and layout.startswith("p3"):
+            if layout != "p3p7":
+                raise ConfigError(
+                    f"{name}=true needs P2: model.fcos.strides={list(s)} is supported only as "
+                    "[8, 16, 32, 64, 128] or [4, 8, 16, 32, 64]"
+                )
+            return "p2p7"
     return layout
 
 

@@ -70,9 +70,13 @@ CASES = {  # id → (preset, overrides)
             "model.fcos.sizes_of_interest=[16,32,64,128]",
         ],
     ),
-    "blendmask_stride4_skip": (
+    "blendmask_stride4_skip": (  # with P2 into P3 as well: both P2 paths traced
         "blendmask_tiny",
-        ["model.fcos.score_threshold=0.0", "model.basis.stride4_skip=true"],
+        [
+            "model.fcos.score_threshold=0.0",
+            "model.basis.stride4_skip=true",
+            "model.backbone.fpn_p2_into_p3=true",
+        ],
     ),
     "dr1mask": ("dr1mask_tiny", ["model.fcos.score_threshold=0.0"]),
     "dr1mask_panoptic": ("dr1mask_panoptic_tiny", ["model.fcos.score_threshold=0.0"]),

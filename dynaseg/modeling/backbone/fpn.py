@@ -70,6 +70,10 @@ class ResNetFPN(nn.Module):
     ``layout="p2p7"`` (FCOS on P3-P7 with a stride-4 skip into BlendMask's bases): ``"p3p7"`` plus P2
     from res2; returns ``{"p2": stride 4, ..., "p7": stride 128}``.
     Each level is (B, out_channels, H/s, W/s); ``self.strides`` maps level name → s.
+
+    ``p2_into_p3`` (layouts with P2 only) adds one bottom-up step after the FPN, as PANet's path
+    aggregation does: P3 ← P3 + Conv3×3/2(P2), so a head on P3 sees stride-4 detail. Only P3
+    changes; P6 and P7 still come from P5. Not in the papers (``docs/one_stage_accuracy.md``).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ResNetFPN(nn.Module):
         out_channels: int,
         norm: str = "none",
         layout: Literal["p3p7", "p3p6", "p3p5", "p2p6", "p2p6conv", "p2p7"] = "p3p7",
+        p2_into_p3: bool = False,
     ) -> None:
         super().__init__()
         if layout not in _LAST_LEVEL:
@@ -104,10 +109,21 @@ class ResNetFPN(nn.Module):
             norm_layer=None if norm == "none" else norm_factory(norm),
         )
         self.out_channels = out_channels
+        self.p3_from_p2: nn.Conv2d | None = None
+        if p2_into_p3:
+            if self.first_level != 2:
+                raise ValueError(f"p2_into_p3 needs P2; layout '{layout}' starts at P3")
+            self.p3_from_p2 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+            nn.init.kaiming_uniform_(self.p3_from_p2.weight, a=1)
+            nn.init.zeros_(self.p3_from_p2.bias)
         last_level = _LAST_LEVEL[layout]
         self.strides = {f"p{i}": 2**i for i in range(self.first_level, last_level + 1)}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = self.body(images)
         pyramid = self.fpn(OrderedDict((k, feats[k]) for k in self.in_features))
-        return {f"p{i + self.first_level}": v for i, v in enumerate(pyramid.values())}
+        levels = {f"p{i + self.first_level}": v for i, v in enumerate(pyramid.values())}
+        if self.p3_from_p2 is not None:
+            # ResNet's res3 is a stride-2 conv on res2 too, so the sizes agree (⌈⌈H/4⌉/2⌉) at any H.
+            levels["p3"] = levels["p3"] + self.p3_from_p2(levels["p2"])
+        return levels

@@ -246,6 +246,42 @@ def test_stride_4_skip_needs_p3p7_or_p2_fcos():
     assert p2_fcos.backbone.layout == "p2p6conv"
 
 
+def test_p2_into_p3_adds_a_strided_conv_of_p2_to_p3_only():
+    model, _ = tiny_model(
+        **{"model.basis.stride4_skip": "true", "model.backbone.fpn_p2_into_p3": "true"}
+    )
+    fpn, conv = model.backbone, model.backbone.p3_from_p2
+    torch.nn.init.normal_(conv.bias)  # zero at init: make it count
+    images = torch.randn(1, 3, 90, 118)  # sizes not divisible by 8
+    with torch.no_grad():
+        out = fpn(images)
+        fpn.p3_from_p2 = None
+        plain = fpn(images)
+        fpn.p3_from_p2 = conv
+    p3 = plain["p3"]
+    expected = p3 + F.conv2d(plain["p2"], conv.weight, conv.bias, stride=2, padding=1)
+    assert torch.allclose(out["p3"], expected, atol=1e-5)
+    assert not torch.allclose(out["p3"], p3, atol=1e-3)
+    assert all(torch.equal(out[k], plain[k]) for k in plain if k != "p3")
+    model.train()
+    losses = model(make_batch())
+    losses["loss_fcos_cls"].backward()  # the FCOS head on P3 trains the new conv
+    assert conv.weight.grad.abs().sum() > 0
+
+
+def test_p2_into_p3_alone_asks_the_fpn_for_p2():
+    model, _ = tiny_model(**{"model.backbone.fpn_p2_into_p3": "true"})
+    assert model.backbone.layout == "p2p7" and model.basis.skip is None
+    with pytest.raises(ConfigError, match="fpn_p2_into_p3=true needs P2"):
+        tiny_model(
+            **{
+                "model.backbone.fpn_p2_into_p3": "true",
+                "model.fcos.strides": "[8,16,32]",
+                "model.fcos.sizes_of_interest": "[64,128]",
+            }
+        )
+
+
 def test_fcos_strides_are_checked():
     with pytest.raises(
         ConfigError,

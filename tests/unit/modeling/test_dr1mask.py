@@ -360,6 +360,15 @@ def test_every_parameter_gets_a_gradient_on_odd_sizes(name, attention):
     assert not missing, f"no gradient for {missing}"
 
 
+def test_p2_into_p3_trains_on_odd_sizes():
+    model, _ = tiny(**{"model.backbone.fpn_p2_into_p3": "true"})
+    assert model.backbone.layout == "p2p7"
+    model.train()
+    sum(model(make_batch()).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"  # P2's lateral and output conv included
+
+
 @pytest.mark.parametrize(
     ("position", "factors"), [("cls_tower", "pre"), ("fpn", "post"), ("box_tower", "none")]
 )
