@@ -351,7 +351,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         dest="configs",
         action="append",
         required=True,
-        help="preset name or YAML file (repeat for several models)",
+        help="preset name or YAML file, optionally followed by its own overrides, e.g. "
+        "'blendmask_r18_synth_cpu solver.amp=true' (bf16 autocast; repeat for several models)",
     )
     b.add_argument(
         "overrides",

@@ -22,7 +22,7 @@ from dynaseg.bench.speed import describe_backbone, sync_function, unique_names
 from dynaseg.config.presets import load_config
 from dynaseg.config.schema import num_stuff_classes
 from dynaseg.engine.optim import build_optimizer
-from dynaseg.engine.trainer import training_objective
+from dynaseg.engine.trainer import training_autocast, training_dtype, training_objective
 from dynaseg.modeling.build import build_model
 from dynaseg.structures import Batch, Instances
 from dynaseg.structures.panoptic import IGNORE_LABEL
@@ -40,6 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRAIN_PEERS = ("torchvision-maskrcnn",)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def synthetic_batch(
@@ -116,10 +117,12 @@ def our_train_step(
     size_divisibility: int,
     memory_format: torch.memory_format = torch.contiguous_format,
     num_stuff: int = 0,
+    amp: bool = False,
 ) -> Callable[[], None]:
     """One training iteration of our model on a fixed batch: images (B, 3, H, W) uint8 are padded to
     ``size_divisibility`` once (outside the timing); panoptic models (``num_stuff`` > 0) get a synthetic
-    semantic map."""
+    semantic map. ``amp``: the forward under the trainer's autocast (``solver.amp``; fp16's loss
+    scaling is left out, it does not change the cost)."""
     batch = Batch.from_images(
         list(images),
         size_divisibility=size_divisibility,
@@ -130,8 +133,12 @@ def our_train_step(
     if num_stuff:
         batch.sem_seg = _synthetic_sem_seg(targets, tuple(batch.images.shape[-2:]), num_stuff)
 
+    autocast, _ = training_autocast(batch.images.device, amp)
+
     def step() -> None:
-        _sgd_step(model, optimizer, model(batch))
+        with autocast:
+            losses = model(batch)
+        _sgd_step(model, optimizer, losses)
 
     return step
 
@@ -220,7 +227,8 @@ def run_train_benchmark(
     """``dynaseg bench train``: images/s of forward + backward + SGD step for every config and the peer.
 
     Args:
-        configs: preset names or YAML paths; ``overrides`` apply to all.
+        configs: preset names or YAML paths, each optionally followed by its own ``key=value``
+            overrides (``"blendmask_r18_synth_cpu solver.amp=true"``); ``overrides`` apply to all.
         peer: "torchvision-maskrcnn" or None; it gets the first config's ResNet depth, class count,
             backbone norm (FrozenBN or BN) and frozen stages (``freeze_at`` k → 5 − k trainable).
         image_size: (H, W), pixels; batch_size: images per iteration.
@@ -240,10 +248,12 @@ def run_train_benchmark(
     device = torch.device(device)
     steps: dict[str, Callable[[], None]] = {}
     backbones: dict[str, str] = {}
+    precisions: dict[str, str] = {}
     first = None
     images = targets = None
     for name, config in zip(unique_names(configs), configs):
-        cfg = load_config(config, list(overrides))
+        preset, *own = config.split()  # a config may carry its own overrides, as in bench speed
+        cfg = load_config(preset, [*overrides, *own])
         model_cfg = cfg.model
         first = first or cfg
         if images is None:
@@ -269,12 +279,15 @@ def run_train_benchmark(
             size_divisibility=model_cfg.size_divisibility,
             memory_format=memory_format,
             num_stuff=num_stuff_classes(model_cfg),
+            amp=cfg.solver.amp,
         )
         backbones[name] = describe_backbone(model_cfg)
+        precisions[name] = _DTYPE_NAMES[training_dtype(device, cfg.solver.amp)]
     b = first.model.backbone
     notes = [
         f"batch {batch_size}, images {image_size[0]}x{image_size[1]} (seeded random, 3 random instances each), "
-        f"{device.type}, {iters} interleaved iterations after {warmup} warm-up, SGD lr {lr:g}, fp32"
+        f"{device.type}, {iters} interleaved iterations after {warmup} warm-up, SGD lr {lr:g}; "
+        "precision: each config's solver.amp"
     ]
     if peer is not None:
         frozen_bn, trainable = b.norm == "FrozenBN", max(0, min(5, 5 - b.freeze_at))
@@ -291,6 +304,7 @@ def run_train_benchmark(
         optimizer = build_optimizer(peer_model, dataclasses.replace(first.solver, base_lr=lr))
         steps[peer] = peer_train_step(peer_model, optimizer, images=images, targets=targets)
         backbones[peer] = describe_backbone(depth=b.depth)
+        precisions[peer] = "fp32"
         notes.append(
             f"peer: ResNet-{b.depth} FPN, {'FrozenBN' if frozen_bn else 'BatchNorm'}, {trainable} of 5 "
             "backbone stages trainable (matched to the first config)"
@@ -301,6 +315,7 @@ def run_train_benchmark(
     )
     for r in rows:
         r["backbone"] = backbones[r["model"]]
+        r["precision"] = precisions[r["model"]]
     return rows, notes
 
 
@@ -320,13 +335,13 @@ def _steady_state(model: nn.Module) -> None:
 def format_train_table(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
     """Markdown table of ``time_training`` rows, followed by the notes as a list."""
     lines = [
-        "| model | backbone | ms / iter | images/s | min–max ms | × peer |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | backbone | precision | ms / iter | images/s | min–max ms | × peer |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = "—" if r.get("ratio_to_peer") is None else f"{r['ratio_to_peer']:.2f}"
         lines.append(
-            f"| {r['model']} | {r.get('backbone', '')} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.2f} | "
+            f"| {r['model']} | {r.get('backbone', '')} | {r.get('precision', 'fp32')} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.2f} | "
             f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} |"
         )
     if notes:

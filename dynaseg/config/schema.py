@@ -60,6 +60,9 @@ class FCOSConfig:
     center_sampling_radius: float = 1.5  # in strides; 0 disables centre sampling
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # "location": every positive location counts once (FCOS); "object": each object's positives
+    # share the weight of the mean object, so a 2-location object counts as much as a 9-location one.
+    cls_weighting: Literal["location", "object"] = "location"
     use_scale: bool = False  # BlendMask turns off the per-level Scale
     # Inference parameters
     score_threshold: float = 0.05  # applied to sqrt-free cls*ctr when thresh_with_ctr
@@ -345,7 +348,8 @@ class SolverConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0 disables
-    amp: bool = False  # CUDA autocast (bf16 where supported, else fp16 + GradScaler)
+    # Autocast: CUDA bf16 (fp16 + GradScaler without bf16); CPU bf16 where native, else float32.
+    amp: bool = False
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0: evaluate only at the end
     log_period: int = 20

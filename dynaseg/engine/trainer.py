@@ -37,7 +37,14 @@ from dynaseg.modeling.build import build_model
 from dynaseg.utils import comm
 from dynaseg.utils.files import check_output_folder
 
-__all__ = ["train", "TrainingResult", "training_objective"]
+__all__ = [
+    "train",
+    "TrainingResult",
+    "training_objective",
+    "training_autocast",
+    "training_dtype",
+    "cpu_has_native_bf16",
+]
 
 logger = logging.getLogger("dynaseg.train")
 
@@ -57,12 +64,31 @@ def training_objective(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(v for k, v in outputs.items() if k.startswith("loss"))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled or device.type != "cuda":
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); elsewhere it emulates it."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def training_dtype(device: torch.device, enabled: bool) -> torch.dtype:
+    """The autocast dtype ``solver.amp`` gives on ``device``: CUDA bf16 (fp16 where bf16 is
+    missing); a CPU bf16 only where it has it natively; float32 otherwise (no autocast)."""
+    if enabled and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if enabled and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def training_autocast(device: torch.device, enabled: bool):
+    """(autocast context, GradScaler for fp16 or None) for ``solver.amp`` on ``device``."""
+    dtype = training_dtype(device, enabled)
+    if dtype == torch.float32:
+        if enabled and device.type == "cpu":
+            logger.warning("solver.amp: this CPU has no native bf16; training in float32")
         return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -179,7 +205,7 @@ def _train(
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
-    autocast, scaler = _autocast(device, cfg.solver.amp)
+    autocast, scaler = training_autocast(device, cfg.solver.amp)
     start_iter, resume_rng, skips, skips_in_a_row = 0, None, 0, 0
     if resume:
         last = find_last_checkpoint(out)

@@ -115,7 +115,9 @@ def fcos_params(cfg: BlendMaskConfig | DR1MaskConfig) -> FCOSParams:
     return FCOSParams(
         strides=tuple(f.strides),
         sizes_of_interest=tuple(f.sizes_of_interest),
-        training=FCOSTraining(f.center_sampling_radius, f.focal_alpha, f.focal_gamma),
+        training=FCOSTraining(
+            f.center_sampling_radius, f.focal_alpha, f.focal_gamma, f.cls_weighting
+        ),
         inference=FCOSInference(
             score_threshold=f.score_threshold,
             thresh_with_ctr=f.thresh_with_ctr,

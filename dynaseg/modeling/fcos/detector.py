@@ -15,7 +15,7 @@ from torch import Tensor
 from dynaseg.modeling.fcos.head import FCOSOutputs
 from dynaseg.modeling.fcos.inference import FCOSDetections, decode_fcos
 from dynaseg.modeling.fcos.locations import compute_locations, flatten_levels
-from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers
+from dynaseg.modeling.fcos.losses import fcos_losses, fcos_normalizers, object_balanced_weights
 from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target
 from dynaseg.structures import Instances
 
@@ -30,11 +30,13 @@ __all__ = [
 
 
 class FCOSTraining(NamedTuple):
-    """FCOS's target and loss parameters (centre sampling radius in strides, focal α and γ)."""
+    """FCOS's target and loss parameters (centre sampling radius in strides, focal α and γ, how
+    positives are weighted in the classification loss: ``object_balanced_weights``)."""
 
     center_sampling_radius: float
     focal_alpha: float
     focal_gamma: float
+    cls_weighting: str = "location"
 
 
 class FCOSInference(NamedTuple):
@@ -123,6 +125,9 @@ def fcos_training(
         ctr_sum_avg=ctr_sum_avg,
         focal_alpha=params.focal_alpha,
         focal_gamma=params.focal_gamma,
+        positive_weights=(
+            object_balanced_weights(gt_index) if params.cls_weighting == "object" else None
+        ),
     )
     return FCOSPositives(
         losses=losses,

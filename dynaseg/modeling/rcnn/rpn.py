@@ -161,7 +161,8 @@ class RPN(nn.Module):
         anchors = net.anchor_generator(ImageList(images, [(0, 0)] * len(sizes)), feats)
         counts = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # (B·A, 1), (B·A, 4)
-        proposals = net.box_coder.decode(deltas.detach(), anchors).view(len(sizes), -1, 4)
+        # Decoded in float32: bf16 deltas (autocast) would put proposals on a 1–2 px grid at 128–512 px.
+        proposals = net.box_coder.decode(deltas.detach().float(), anchors).view(len(sizes), -1, 4)
         scores = objectness.detach().view(len(sizes), -1)
         boxes = [
             filter_proposals(

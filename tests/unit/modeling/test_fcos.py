@@ -4,11 +4,13 @@ import math
 
 import torch
 
-from dynaseg.modeling.fcos.head import FCOSHead
+from dynaseg.modeling.fcos.detector import FCOSTraining, fcos_training
+from dynaseg.modeling.fcos.head import FCOSHead, FCOSOutputs
 from dynaseg.modeling.fcos.inference import decode_fcos
 from dynaseg.modeling.fcos.locations import compute_locations
-from dynaseg.modeling.fcos.losses import fcos_losses
+from dynaseg.modeling.fcos.losses import fcos_losses, object_balanced_weights
 from dynaseg.modeling.fcos.targets import assign_fcos_targets, centerness_target, level_size_ranges
+from dynaseg.structures import Instances
 
 
 def _assign(locations, stride, boxes, labels, radius=1.5, ranges=(-1.0, float("inf"))):
@@ -167,3 +169,79 @@ def test_class_agnostic_nms_keeps_one_class_per_object():
     assert decode_fcos(**kw, class_agnostic_nms=True).labels.tolist() == [
         1
     ]  # one NMS: the better class
+
+
+def test_object_balanced_weights_give_each_object_the_mean_share():
+    # 6 positives on 2 objects: 3 per object on average; object 7 has 4 positives, object 3 has 2.
+    w = object_balanced_weights(torch.tensor([7, 7, 3, 7, 3, 7]))
+    assert w.tolist() == [0.75, 0.75, 1.5, 0.75, 1.5, 0.75]
+    assert object_balanced_weights(torch.tensor([5, 5, 5])).tolist() == [1.0, 1.0, 1.0]
+    assert object_balanced_weights(torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
+def _focal(logit: float, target: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    p_t, a_t = (p, alpha) if target else (1 - p, 1 - alpha)
+    return -a_t * (1 - p_t) ** gamma * math.log(p_t)
+
+
+def test_positive_weights_scale_each_positive_row_of_the_focal_loss():
+    labels = torch.tensor([1, 5, 3, 5])  # rows 0 and 2 are positives, C = 5 classes
+    box = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
+    cls = torch.randn(4, 5)
+    out = fcos_losses(
+        cls_logits=cls,
+        box_ltrb=box,
+        centerness=torch.zeros(2),
+        labels=labels,
+        box_targets=box,
+        ctr_targets=centerness_target(box),
+        num_pos_avg=torch.tensor(2.0),
+        ctr_sum_avg=torch.tensor(1.0),
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        positive_weights=torch.tensor([0.5, 1.5]),
+    )
+    row_weight = [0.5, 1.0, 1.5, 1.0]
+    expected = sum(
+        row_weight[r] * _focal(cls[r, c].item(), float(labels[r] == c))
+        for r in range(4)
+        for c in range(5)
+    )
+    assert math.isclose(out["loss_fcos_cls"].item(), expected / 2.0, rel_tol=1e-5)
+
+
+def _fcos_cls_loss(weighting: str, boxes: torch.Tensor) -> tuple[float, list[int]]:
+    """FCOS's classification loss on one 96² image, and the number of positives of each box."""
+    torch.manual_seed(0)
+    sizes, strides = [(12, 12), (6, 6)], [8, 16]
+    head = FCOSOutputs(
+        cls_logits=[torch.randn(1, 3, h, w) for h, w in sizes],
+        box_ltrb=[torch.rand(1, 4, h, w) + 0.5 for h, w in sizes],
+        centerness=[torch.randn(1, 1, h, w) for h, w in sizes],
+        box_tower=[],
+        cls_tower=[],
+    )
+    target = Instances(image_size=(96, 96), boxes=boxes, labels=torch.arange(len(boxes)) % 3)
+    out = fcos_training(
+        head,
+        [target],
+        strides=strides,
+        size_ranges=level_size_ranges((16,)),
+        num_classes=3,
+        params=FCOSTraining(1.5, 0.25, 2.0, weighting),
+    )
+    return out.losses["loss_fcos_cls"].item(), out.gt_index.bincount().tolist()
+
+
+def test_object_weighting_reaches_the_loss_and_is_neutral_for_equal_objects():
+    # Two objects with 1 and 9 positives (an 8 px box on stride 8; an 80 px one on stride 16).
+    unequal = torch.tensor([[8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 80.0, 80.0]])
+    by_object, counts = _fcos_cls_loss("object", unequal)
+    by_location, _ = _fcos_cls_loss("location", unequal)
+    assert counts == [1, 9]
+    assert not math.isclose(by_object, by_location, rel_tol=1e-3)
+    # One object: every weight is 1, the loss is FCOS's.
+    by_object, counts = _fcos_cls_loss("object", unequal[1:])
+    by_location, _ = _fcos_cls_loss("location", unequal[1:])
+    assert counts == [9] and math.isclose(by_object, by_location, rel_tol=1e-6)
