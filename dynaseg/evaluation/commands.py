@@ -228,9 +228,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         metavar="SCORE",
         help="report what an overlay drawn at this score threshold shows: the share of drawn instances "
-        "that match an object of their class (mask IoU >= 0.5) and of objects found (JSON key "
-        "'drawn'); with --gt/--results only this is reported, and entries with a file_name (predict's "
-        "results.json) are matched to the ground-truth image of that name",
+        "that match an object of their class (mask IoU >= 0.5) and of objects found, and why the "
+        "others are not (another class drawn on them, their class below the threshold, neither; "
+        "JSON key 'drawn'); with --gt/--results only this is reported, and entries with a "
+        "file_name (predict's results.json) are matched to the ground-truth image of that name",
     )
     p.add_argument(
         "--panoptic",

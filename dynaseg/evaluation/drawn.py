@@ -6,6 +6,13 @@ class (mask IoU ≥ ``iou_threshold``, each object matched once, best-scored ins
 matches); an object is *found* when a drawn instance of its class matches it. Instances that match
 nothing are duplicates, wrong-class or background; instances that only cover a crowd region are
 not counted.
+
+Each object not found is put under the first of three reasons that holds: a drawn instance of
+another class matches it (``other_class``: the person sees a wrong name), a result of its own class
+matches it below the threshold (``below_threshold``: the score is the problem), or neither
+(``no_match``; an undrawn instance of another class may match it). ``below_threshold`` is None when
+no result scores below the threshold (``predict``'s results.json holds only what it drew): a low
+score and a miss then look alike, and both count as ``no_match``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from dynaseg.evaluation.inputs import (
 )
 
 __all__ = ["drawn_agreement", "format_drawn_agreement"]
+
+# Why an object is (not) found; the last three in the order they are checked.
+_FOUND, _OTHER_CLASS, _BELOW_THRESHOLD, _NO_MATCH = range(4)
+_REASONS = {_OTHER_CLASS: "other_class", _BELOW_THRESHOLD: "below_threshold", _NO_MATCH: "no_match"}
 
 
 def _by_file_name(results: list, gt: Mapping[str, Any], name: str) -> list:
@@ -71,10 +82,18 @@ def _ground_truth_rles(anns: list[Mapping[str, Any]], h: int, w: int) -> list:
 
 
 def _match_image(
-    dets: list[Mapping[str, Any]], objects: list, crowd: list, h: int, w: int, iou_threshold: float
-) -> tuple[int, int, int]:
-    """(counted drawn instances, right ones, found objects) of one image."""
-    dets = sorted(dets, key=lambda r: -float(r["score"]))
+    results: list[Mapping[str, Any]],
+    objects: list,
+    crowd: list,
+    h: int,
+    w: int,
+    *,
+    score_threshold: float,
+    iou_threshold: float,
+) -> tuple[int, int, np.ndarray]:
+    """(counted drawn instances, right ones, (len(objects),) reason codes: ``_FOUND``,
+    ``_OTHER_CLASS``, ``_BELOW_THRESHOLD`` or ``_NO_MATCH``) of one image."""
+    dets = sorted(results, key=lambda r: -float(r["score"]))
     det_rles = [r["segmentation"] for r in dets]
     obj_rles = _ground_truth_rles(objects, h, w)
     iou = (
@@ -94,17 +113,26 @@ def _match_image(
         else np.zeros(len(dets), dtype=bool)
     )
     classes = np.array([int(o["category_id"]) for o in objects], dtype=np.int64)
+    det_classes = np.array([int(r["category_id"]) for r in dets], dtype=np.int64)
+    is_drawn = np.array([float(r["score"]) >= score_threshold for r in dets], dtype=bool)
     taken = np.zeros(len(objects), dtype=bool)
     counted = right = 0
-    for i, r in enumerate(dets):
-        candidates = np.where((classes == int(r["category_id"])) & ~taken, iou[i], -1.0)
+    for i in np.flatnonzero(is_drawn):
+        candidates = np.where((classes == det_classes[i]) & ~taken, iou[i], -1.0)
         j = int(candidates.argmax()) if len(objects) else -1
         if j >= 0 and candidates[j] >= iou_threshold:
             taken[j] = True
             counted, right = counted + 1, right + 1
         elif not in_crowd[i]:
             counted += 1
-    return counted, right, int(taken.sum())
+    matches = iou >= iou_threshold  # (D, O)
+    same_class = det_classes[:, None] == classes[None, :]
+    other_drawn = (matches & ~same_class & is_drawn[:, None]).any(axis=0)
+    own_below = (matches & same_class & ~is_drawn[:, None]).any(axis=0)
+    reasons = np.select(
+        [taken, other_drawn, own_below], [_FOUND, _OTHER_CLASS, _BELOW_THRESHOLD], _NO_MATCH
+    )
+    return counted, right, reasons
 
 
 def drawn_agreement(
@@ -124,33 +152,40 @@ def drawn_agreement(
 
     Returns:
         ``{"score_threshold", "iou_threshold", "drawn", "right", "objects", "found",
-        "right_fraction", "found_fraction"}`` (fractions are None when there is nothing to divide).
+        "right_fraction", "found_fraction", "not_found"}`` (fractions are None when there is
+        nothing to divide; ``not_found`` counts the objects not found by reason, module doc).
     """
     gt, gt_name = load_ground_truth(gt, masks=True)
     data, name = load_results(results)
     data = _by_file_name(data, gt, name)
     validate_results(data, name, gt, gt_name, ("segm",))
-    drawn: dict[int, list] = {}
+    by_image: dict[int, list] = {}
     for r in data:
-        if float(r["score"]) >= score_threshold:
-            drawn.setdefault(int(r["image_id"]), []).append(r)
+        by_image.setdefault(int(r["image_id"]), []).append(r)
     objects: dict[int, list] = {}
     crowd: dict[int, list] = {}
     for a in gt["annotations"]:
         (crowd if a.get("iscrowd", 0) else objects).setdefault(int(a["image_id"]), []).append(a)
-    counted = right = found = 0
+    counted = right = 0
+    reasons = np.zeros(len(_REASONS) + 1, dtype=np.int64)
     for img in gt["images"]:
         i = int(img["id"])
-        c, r, f = _match_image(
-            drawn.get(i, []),
+        c, r, why = _match_image(
+            by_image.get(i, []),
             objects.get(i, []),
             crowd.get(i, []),
             int(img["height"]),
             int(img["width"]),
-            iou_threshold,
+            score_threshold=score_threshold,
+            iou_threshold=iou_threshold,
         )
-        counted, right, found = counted + c, right + r, found + f
+        counted, right = counted + c, right + r
+        reasons += np.bincount(why, minlength=len(reasons))
     num_objects = sum(len(v) for v in objects.values())
+    found = int(reasons[_FOUND])
+    not_found = {key: int(reasons[code]) for code, key in _REASONS.items()}
+    if not any(float(r["score"]) < score_threshold for r in data):
+        not_found["below_threshold"] = None
     return {
         "score_threshold": score_threshold,
         "iou_threshold": iou_threshold,
@@ -160,19 +195,33 @@ def drawn_agreement(
         "found": found,
         "right_fraction": right / counted if counted else None,
         "found_fraction": found / num_objects if num_objects else None,
+        "not_found": not_found,
     }
 
 
 def format_drawn_agreement(report: Mapping[str, Any]) -> str:
-    """Two lines: right drawn instances and found objects, in percent."""
+    """Three lines: right drawn instances and found objects in percent, and why the others are
+    not found."""
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.0f} %"
 
     iou = report["iou_threshold"]
+    why = report["not_found"]
+    threshold = f"{report['score_threshold']:g}"
+    if why["below_threshold"] is None:
+        below = ""
+        neither = (
+            f"{why['no_match']} with no match drawn "
+            f"(results below {threshold} would tell a low score from a miss)"
+        )
+    else:
+        below = f"{why['below_threshold']} with their class below {threshold}, "
+        neither = f"{why['no_match']} neither"
     return (
         f"at score >= {report['score_threshold']:g}: {pct(report['right_fraction'])} of "
         f"{report['drawn']} drawn instances match an object of their class (mask IoU >= {iou:g})\n"
         f"at score >= {report['score_threshold']:g}: {pct(report['found_fraction'])} of "
-        f"{report['objects']} objects are found with the right class"
+        f"{report['objects']} objects are found with the right class\n"
+        f"objects not found: {why['other_class']} drawn with another class, " + below + neither
     )

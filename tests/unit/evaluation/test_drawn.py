@@ -91,6 +91,35 @@ def test_counts_right_drawn_and_found_objects():
     assert "43 % of 7 drawn instances" in text and "75 % of 4 objects" in text
 
 
+def test_objects_not_found_are_put_under_the_first_reason_that_holds():
+    # At 0.3 only image 9's object is missed, and its own class scores 0.2 on it.
+    report = drawn_agreement(GT, RESULTS, score_threshold=0.3)
+    assert report["not_found"] == {"other_class": 0, "below_threshold": 1, "no_match": 0}
+    assert (
+        "objects not found: 0 drawn with another class, 1 with their class below 0.3, 0 neither"
+        in format_drawn_agreement(report)
+    )
+    # At 0.65 object 2 shows only the class-2 instance (0.7): "other class" comes before its own
+    # class's 0.6; object 3's own class (0.5) and image 9's (0.2) are below the threshold.
+    high = drawn_agreement(GT, RESULTS, score_threshold=0.65)
+    assert high["found"] == 1
+    assert high["not_found"] == {"other_class": 1, "below_threshold": 2, "no_match": 0}
+    # At IoU 0.8 nothing of object 3's class matches it closely enough (0.7 and 0.4).
+    strict = drawn_agreement(GT, RESULTS, score_threshold=0.3, iou_threshold=0.8)
+    assert strict["not_found"] == {"other_class": 0, "below_threshold": 1, "no_match": 1}
+    # Results with nothing below the threshold (predict's) cannot tell a low score from a miss.
+    drawn_only = drawn_agreement(GT, RESULTS[:6], score_threshold=0.45)
+    assert drawn_only["not_found"] == {"other_class": 0, "below_threshold": None, "no_match": 1}
+    assert "1 with no match drawn (results below 0.45 would tell" in format_drawn_agreement(
+        drawn_only
+    )
+    assert drawn_agreement(GT, RESULTS, score_threshold=0.1)["not_found"] == {
+        "other_class": 0,
+        "below_threshold": None,  # nothing scores under 0.1
+        "no_match": 0,
+    }
+
+
 def test_predict_results_are_matched_by_file_name():
     # predict numbers images 1, 2, ... in folder order and records the file name
     names = {7: (1, "a.png"), 9: (2, "b.png")}
