@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynaseg-installed
 DEMO_DATA := datasets/synth
-# 1600 training images rather than 400: +2.7 box / +2.4 mask AP at the same 2000 iterations, for
-# 12 s more of synthesis (docs/one_stage_accuracy.md, "More training images"). The stamp names the
+# 1600 training images rather than 400: +2.7-2.9 box / +2.4-2.6 mask AP at the same 2000 iterations,
+# for 13 s more of synthesis (docs/one_stage_accuracy.md, "More training images"). The stamp names the
 # count, so a folder written with another count is rewritten.
 DEMO_TRAIN_IMAGES := 1600
 DEMO_DATA_STAMP := $(DEMO_DATA)/.synth-$(DEMO_TRAIN_IMAGES)-train-images
