@@ -322,6 +322,9 @@ class DataConfig:
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
     max_instances: int = 0  # cap per training image (largest kept); 0 = no cap
+    # Decoded training images kept in memory, GiB per loading process (each worker has its own);
+    # later epochs skip decoding. 0 = off.
+    image_cache_gb: float = 0.0
     format: Literal["auto", "coco", "lvis"] = "auto"  # auto: LVIS files recognised by content
     repeat_threshold: float = 0.0  # LVIS repeat-factor sampling threshold t (0.001); 0 = off
     on_error: Literal["stop", "skip"] = (

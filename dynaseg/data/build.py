@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from dynaseg.config.overrides import ConfigError
 from dynaseg.config.schema import ExperimentConfig, num_stuff_classes
 from dynaseg.data.coco import CocoInstances, DatasetError, load_coco_instances
 from dynaseg.data.coco_panoptic import CocoPanoptic, load_coco_panoptic
@@ -59,6 +60,9 @@ def build_dataset(
     evaluation; see :mod:`dynaseg.data.dataset`.
     """
     d = cfg.data
+    for key in ("num_workers", "image_cache_gb"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: must be >= 0, got {getattr(d, key)}")
     if not data.records:
         raise DatasetError(
             f"{data.json_path}: 'images' is empty, nothing to {'train' if train else 'evaluate'} on"
@@ -77,6 +81,7 @@ def build_dataset(
         max_instances=max_instances,
         seed=cfg.seed,  # type: ignore[arg-type]
         on_error=d.on_error,
+        image_cache_bytes=int(d.image_cache_gb * 2**30) if train else 0,
     )
 
 

@@ -45,6 +45,8 @@ class PanopticDataset(InstanceDataset):
         on_error: "stop" or "skip", as for :class:`~dynaseg.data.dataset.InstanceDataset`; "skip"
             covers both kinds of errors below (the blank stand-in of an evaluation image is all
             ``IGNORE_LABEL``).
+        image_cache_bytes: decoded images kept in memory, as for
+            :class:`~dynaseg.data.dataset.InstanceDataset` (the panoptic PNGs are read each time).
 
     Items are :class:`~dynaseg.data.dataset.Sample` with ``sem_seg`` set. Image and PNG read errors
     raise :class:`~dynaseg.data.image_io.ImageReadError`; a PNG whose size differs from its
@@ -61,6 +63,7 @@ class PanopticDataset(InstanceDataset):
         max_instances: int = 0,
         seed: int = 0,
         on_error: Literal["stop", "skip"] = "stop",
+        image_cache_bytes: int = 0,
     ) -> None:
         super().__init__(
             panoptic,
@@ -69,6 +72,7 @@ class PanopticDataset(InstanceDataset):
             max_instances=max_instances,  # type: ignore[arg-type]
             seed=seed,
             on_error=on_error,
+            image_cache_bytes=image_cache_bytes,
         )
         self.records: list[PanopticImageRecord] = panoptic.records  # type: ignore[assignment]
         self.stuff_names = panoptic.stuff_names

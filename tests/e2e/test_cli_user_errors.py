@@ -90,6 +90,12 @@ def test_train_empty_output_dir_is_refused(capsys, train_args, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("key", ["data.num_workers", "data.image_cache_gb"])
+def test_train_negative_loader_setting(capsys, train_args, tmp_path, key: str):
+    code, _, err = run_cli(capsys, *train_args, f"{key}=-1", f"output_dir={tmp_path / 'run'}")
+    assert_one_line_error(code, err, key, "must be >= 0")
+
+
 # --------------------------------------------------------------------------- predict
 @pytest.fixture
 def images(tmp_path: Path) -> Path:

@@ -12,8 +12,9 @@ from helpers import data_overrides
 from dynaseg.config.presets import load_config
 from dynaseg.engine.trainer import train
 
-# DynaMask's run uses a budget every selection exceeds (5 % of its own 112 cost), so phase 2 must log it.
-_EXTRA = {"dynamask_tiny": ["model.dynamask.budget_target=0.05"]}
+# DynaMask's run uses a budget every selection exceeds, so phase 2 must log it: 2 % of its own 112
+# cost, below its 14 path's 4.1 % (at 5 % a batch that picks 14 everywhere logs no budget).
+_EXTRA = {"dynamask_tiny": ["model.dynamask.budget_target=0.02"]}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def test_trains_and_reports_resolutions(two_stage_run):
     costs = build_model(
         load_config(str(result.output_dir / "config.yaml")).model
     ).mask_gmac_per_resolution()
+    assert min(costs.values()) > 0.02 * costs[112]  # _EXTRA's budget binds for every selection
     assert stats["mean_gmac_per_instance"] == pytest.approx(
         sum(costs[side] * n for side, n in counts.items()) / len(results)
     )

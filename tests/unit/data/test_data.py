@@ -431,6 +431,34 @@ def test_dataset_reproducible_augmentation(coco):
     assert any(not (x.shape == y.shape and torch.equal(x, y)) for x, y in zip(first[:6], first[6:]))
 
 
+def test_dataset_image_cache(coco, monkeypatch: pytest.MonkeyPatch):
+    """Cached images are decoded once, up to the byte limit, and augment as decoded ones do."""
+    import dynaseg.data.dataset as dataset_module
+
+    inst = load_coco_instances(*coco)
+    tf = build_train_transforms((24, 40, 56), 200, 0.5)
+    reads: list[str] = []
+    read = dataset_module.read_image
+    monkeypatch.setattr(
+        dataset_module, "read_image", lambda path, size: reads.append(path) or read(path, size)
+    )
+    records = inst.records
+    room = sum(3 * r.height * r.width for r in records[:2])  # the first two, not the third
+    plain = InstanceDataset(inst, tf, train=True, seed=3)
+    cached = InstanceDataset(inst, tf, train=True, seed=3, image_cache_bytes=room)
+    n = len(records)
+    expected = [plain[k] for k in range(3 * n)]  # three epochs
+    reads.clear()
+    got = [cached[k] for k in range(3 * n)]
+    for x, y in zip(expected, got):  # an in-place transform would change epochs 2 and 3
+        assert torch.equal(x.image, y.image)
+        assert torch.equal(x.target.masks, y.target.masks)
+    names = [r.file_name for r in records]
+    assert reads == names + names[2:] + names[2:]
+    with pytest.raises(ValueError, match="image_cache_bytes must be >= 0"):
+        InstanceDataset(inst, tf, train=True, image_cache_bytes=-1)
+
+
 def test_dataset_read_error_propagates(coco, tmp_path: Path):
     inst = load_coco_instances(*coco)
     Path(inst.records[2].file_name).write_bytes(b"garbage")
@@ -572,6 +600,17 @@ def test_test_loader(coco):
             for (h, w), (oh, ow) in zip(batch.image_sizes, batch.original_sizes):
                 assert (h, w) == resized_shape(oh, ow, 32, 60)
     assert ids == list(range(100, 106))
+
+
+@pytest.mark.parametrize("key", ["num_workers", "image_cache_gb"])
+def test_build_dataset_refuses_negative_loader_settings(coco, key: str):
+    from dynaseg.config.overrides import ConfigError
+    from dynaseg.config.presets import load_config
+    from dynaseg.data.build import build_dataset
+
+    cfg = load_config("blendmask_tiny", [f"data.{key}=-1"])
+    with pytest.raises(ConfigError, match=rf"data\.{key}: must be >= 0, got -1"):
+        build_dataset(cfg, load_coco_instances(*coco), train=True)
 
 
 def test_build_dataset_refuses_empty_split(tmp_path: Path):
