@@ -21,13 +21,6 @@ from dynaseg.data.transforms import (
     resized_shape,
 )
 
-pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
-    pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
-    ),
-]
-
 
 def _single_image(tmp_path: Path, anns: list[dict], size=(40, 50), check_files=True, cats=None):
     img_dir = tmp_path / "img"

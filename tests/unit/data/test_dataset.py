@@ -25,13 +25,6 @@ from dynaseg.data.transforms import (
     resized_shape,
 )
 
-pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
-    pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
-    ),
-]
-
 
 def _mask_box(mask: torch.Tensor) -> list[int]:
     ys, xs = torch.nonzero(mask, as_tuple=True)

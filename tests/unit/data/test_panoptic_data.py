@@ -21,14 +21,6 @@ from dynaseg.data.synthetic import STUFF_CLASSES, THING_CLASSES, generate_synthe
 from dynaseg.data.transforms import SanitizeInstances, build_train_transforms, resized_shape
 from dynaseg.structures.panoptic import IGNORE_LABEL, id_to_rgb, rgb_to_id
 
-pytestmark = [  # third-party deprecations that dynaseg.data already silences outside pytest
-    pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
-    ),
-]
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
