@@ -328,7 +328,11 @@ def test_replies_nobody_reads_hold_places_and_are_dropped(server):
             time.sleep(0.05)
         assert queue["sending"] == PLACES and queue["running"] == queue["waiting"] == 0, queue
         held_mb = server.status_mb("VmHWM") - idle
-        answers = [_closed_by_server(s, within=SEND_TIMEOUT + 5) for s in socks]
+        # Read nothing until the server has dropped them: reading would let the replies go out.
+        deadline = time.monotonic() + SEND_TIMEOUT + 5
+        while _queue(server.url)["queue"]["sending"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answers = [_closed_by_server(s, within=5) for s in socks]
     finally:
         for s in socks:
             s.close()

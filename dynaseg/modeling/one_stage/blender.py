@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
-from dynaseg.layers.roi_align import roi_align_aligned
+from dynaseg.layers.roi_align import roi_align_aligned, roi_align_separable
 
 __all__ = ["pool_bases", "blend", "blender_mask_loss"]
 
@@ -17,8 +17,12 @@ def pool_bases(
     """RoIAlign the bases inside each box.
 
     bases: (B, K, H/4, W/4); rois: (N, 5) [b, x0, y0, x1, y1] in input pixels → (N, K, R, R).
+    Training on a CPU pools with the separable form (same numbers, a backward of matrix products:
+    about 3× faster for these few large crops); otherwise torchvision's op (also what export traces).
     """
-    return roi_align_aligned(
+    train_on_cpu = bases.requires_grad and bases.device.type == "cpu"
+    pool = roi_align_separable if train_on_cpu else roi_align_aligned
+    return pool(
         bases,
         rois,
         output_size=resolution,
